@@ -1,0 +1,237 @@
+"""Checkpoint directories: save atomically, load without unpickling anything.
+
+    step-000500/
+      model.safetensors    weights; the model config and tokenizer spec in its metadata
+      tokenizer/           the tokenizer (see tokenizer.py)
+      config.yaml          the resolved run config
+      trainer.safetensors  optimizer moments and RNG states      (absent in export-only
+      trainer.json         step, tokens seen, best val, schedule   checkpoints)
+
+A run directory keeps them under `checkpoints/` next to `latest` and `best`: one-line text
+files naming the checkpoint, replaced atomically. A checkpoint is written under a
+temporary name and renamed into place, so a crash leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from gptcli.config import ModelConfig, config_from_dict
+from gptcli.errors import GptcliError
+from gptcli.model import GPT
+from gptcli.tokenizer import Tokenizer, load_tokenizer
+
+WEIGHTS = "model.safetensors"
+TRAINER_TENSORS = "trainer.safetensors"
+TRAINER_JSON = "trainer.json"
+CONFIG_YAML = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINTS = "checkpoints"
+LATEST, BEST = "latest", "best"
+_TIED = "lm_head.weight"  # the same tensor as wte.weight: stored once
+
+
+@dataclass
+class TrainerState:
+    """Everything beyond the weights needed to continue a run exactly."""
+
+    step: int
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    optimizer: dict | None = None  # torch optimizer state_dict
+    scaler: dict | None = None  # GradScaler state_dict (fp16 only)
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config_yaml: str,
+                    trainer: TrainerState | None = None) -> Path:
+    """Write a checkpoint directory at `target` atomically (temp dir, fsync, rename)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != _TIED}
+        metadata = {
+            "format": "gptcli/1",
+            "model_config": json.dumps(_model_dict(model.config)),
+            "tokenizer": json.dumps(tokenizer.spec),
+        }
+        save_file(weights, tmp / WEIGHTS, metadata=metadata)
+        tokenizer.save(tmp / TOKENIZER_DIR)
+        (tmp / CONFIG_YAML).write_text(config_yaml)
+        if trainer is not None:
+            _save_trainer(tmp, trainer)
+        _fsync_tree(tmp)
+        if target.exists():
+            old = target.with_name(f".old-{target.name}-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _model_dict(cfg: ModelConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ModelConfig.__dataclass_fields__}
+
+
+def _save_trainer(directory: Path, state: TrainerState) -> None:
+    """Optimizer moments and RNG states go to safetensors, the rest to JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    optimizer_json = None
+    if state.optimizer is not None:
+        for index, slots in state.optimizer["state"].items():
+            for slot, value in slots.items():
+                tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).contiguous()
+        optimizer_json = state.optimizer["param_groups"]
+    for name, value in state.rng.items():
+        tensors[f"rng.{name}"] = value.contiguous()
+    save_file(tensors, directory / TRAINER_TENSORS)
+    info = {
+        "step": state.step,
+        "tokens_seen": state.tokens_seen,
+        "best_val_loss": state.best_val_loss,
+        "optimizer_param_groups": optimizer_json,
+        "scaler": state.scaler,
+        "extra": state.extra,
+    }
+    (directory / TRAINER_JSON).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def load_trainer_state(directory: str | Path) -> TrainerState:
+    directory = Path(directory)
+    try:
+        info = json.loads((directory / TRAINER_JSON).read_text())
+        tensors = load_file(directory / TRAINER_TENSORS)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise GptcliError(f"{directory}: trainer state is missing or unreadable ({exc}); "
+                          f"this checkpoint cannot be resumed") from None
+    optimizer = None
+    if info["optimizer_param_groups"] is not None:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            kind, _, rest = key.partition(".")
+            if kind == "optimizer":
+                index, _, slot = rest.partition(".")
+                state.setdefault(int(index), {})[slot] = value
+        optimizer = {"state": state, "param_groups": info["optimizer_param_groups"]}
+    rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
+    return TrainerState(step=info["step"], tokens_seen=info["tokens_seen"],
+                        best_val_loss=info["best_val_loss"], optimizer=optimizer,
+                        scaler=info["scaler"], rng=rng, extra=info.get("extra", {}))
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    """The model config stored in a checkpoint's weights metadata."""
+    path = Path(directory) / WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        data = json.loads(metadata["model_config"])
+    except (OSError, SafetensorError, KeyError, ValueError) as exc:
+        raise GptcliError(f"{path} is not a gptcli model file ({type(exc).__name__}: {exc})") from None
+    return config_from_dict(data, ModelConfig)
+
+
+def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model (in eval mode, fp32) and tokenizer of a checkpoint directory."""
+    directory = Path(directory)
+    cfg = read_model_config(directory)
+    tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise GptcliError(f"{directory}: tokenizer has {tokenizer.vocab_size} ids but the model "
+                          f"expects {cfg.vocab_size}")
+    model = GPT(cfg)
+    try:
+        weights = load_file(directory / WEIGHTS)
+    except SafetensorError as exc:
+        raise GptcliError(f"{directory / WEIGHTS} is unreadable: {exc}") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if set(missing) - {_TIED} or unexpected:
+        raise GptcliError(f"{directory / WEIGHTS}: weights do not match the model config "
+                          f"(missing {sorted(set(missing) - {_TIED})}, unexpected {unexpected})")
+    return model.to(device).eval(), tokenizer
+
+
+def write_pointer(run_dir: str | Path, name: str, checkpoint: Path) -> None:
+    """Atomically point `checkpoints/<name>` at `checkpoint`."""
+    folder = Path(run_dir) / CHECKPOINTS
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(checkpoint.name + "\n")
+    os.replace(tmp, folder / name)
+
+
+def read_pointer(run_dir: str | Path, name: str) -> Path | None:
+    pointer = Path(run_dir) / CHECKPOINTS / name
+    if not pointer.is_file():
+        return None
+    target = pointer.parent / pointer.read_text().strip()
+    return target if (target / WEIGHTS).is_file() else None
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / WEIGHTS).is_file()
+
+
+def find_latest_run(root: str | Path = "runs") -> Path | None:
+    """The run under `root` whose latest checkpoint was written most recently."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    pointers = [p for p in root.glob(f"**/{CHECKPOINTS}/{LATEST}") if p.is_file()]
+    if not pointers:
+        return None
+    return max(pointers, key=lambda p: p.stat().st_mtime).parent.parent
+
+
+def resolve_checkpoint(path: str | Path | None, prefer: str = BEST) -> Path:
+    """A checkpoint directory from a checkpoint path, a run directory (its `prefer`red
+    checkpoint, else the latest), or nothing (the most recent run under ./runs)."""
+    if path is None:
+        run = find_latest_run()
+        if run is None:
+            raise GptcliError("no checkpoint given and no trained run found under runs/; train "
+                              "one first (gptcli pretrain configs/demo.yaml) or pass --checkpoint")
+        path = run
+    path = Path(path)
+    if not path.exists():
+        raise GptcliError(f"checkpoint {path} does not exist")
+    if is_checkpoint(path):
+        return path
+    for name in (prefer, LATEST):
+        found = read_pointer(path, name)
+        if found is not None:
+            return found
+    raise GptcliError(f"{path} is neither a checkpoint nor a run directory with checkpoints")

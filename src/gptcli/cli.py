@@ -1,0 +1,160 @@
+"""The `gptcli` command line: parse, call the library, render with rich.
+
+User mistakes (`GptcliError`) print one `error: ...` line and exit with code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gptcli.errors import GptcliError
+
+app = typer.Typer(
+    help="Train, finetune and sample GPT models.\n\n"
+         "  gptcli tokenize corpus/ --out data/mycorpus\n\n"
+         "  gptcli pretrain configs/demo.yaml\n\n"
+         "  gptcli sample --prompt 'def '",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.command()
+def tokenize(
+    inputs: Annotated[list[str], typer.Argument(help="Files, folders, globs, or `stdlib`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
+    tokenizer: Annotated[str, typer.Option(
+        help="gpt2, r50k_base, p50k_base, cl100k_base, o200k_base, PATH.tiktoken, bytes or char.")
+    ] = "gpt2",
+    train_bpe: Annotated[Optional[int], typer.Option(
+        "--train-bpe", metavar="VOCAB_SIZE",
+        help="Learn a byte-level BPE of this vocabulary size on the corpus (overrides --tokenizer).")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of documents for validation.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 1337,
+    jsonl_field: Annotated[str, typer.Option(help="Text field of .jsonl inputs.")] = "text",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+) -> None:
+    """Tokenize raw text into train.bin / val.bin / meta.json.
+
+    Example: gptcli tokenize stdlib --out data/stdlib --tokenizer bytes
+    """
+    from gptcli.display import TokenizeDisplay, console
+    from gptcli.shards import tokenize_corpus
+    from rich.table import Table
+
+    with TokenizeDisplay() as display:
+        result = tokenize_corpus(inputs, out, tokenizer=tokenizer, val_fraction=val_fraction,
+                                 seed=seed, jsonl_field=jsonl_field, train_bpe=train_bpe,
+                                 overwrite=overwrite, on_event=display)
+    table = Table(title=f"{result.out_dir}  ·  {result.tokenizer} ({result.vocab_size} ids, "
+                        f"{result.dtype})  ·  {result.sources} files  ·  {result.seconds:.1f}s",
+                  title_justify="left")
+    for column in ("split", "documents", "MB", "tokens", "bytes/token"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    total_bytes = 0
+    for split, stats in result.splits.items():
+        total_bytes += stats.bytes
+        table.add_row(split, f"{stats.documents:,}", f"{stats.bytes / 1e6:.2f}", f"{stats.tokens:,}",
+                      f"{stats.bytes / max(stats.tokens, 1):.2f}")
+    console.print(table)
+    console.print(f"{total_bytes / 1e6 / max(result.seconds, 1e-9):.1f} MB/s end to end")
+
+
+@app.command()
+def pretrain(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in out_dir from its latest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run in out_dir and start over.")] = False,
+) -> None:
+    """Train a GPT from scratch.
+
+    Example: gptcli pretrain configs/demo.yaml --set train.max_steps=100
+    """
+    from gptcli.config import load_config
+    from gptcli.display import TrainDisplay, console
+    from gptcli.pretrain import pretrain as run_pretrain
+
+    cfg = load_config(config, set_ or [])
+    display = TrainDisplay()
+    try:
+        result = run_pretrain(cfg, resume=resume, overwrite=overwrite, on_event=display)
+    finally:
+        display.close()
+    best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "-"
+    console.print(f"done: {result.steps} steps in {result.seconds:.0f}s, best val loss {best}; "
+                  f"sample with: gptcli sample --checkpoint {result.run_dir} --prompt '...'")
+
+
+@app.command()
+def sample(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (empty: start a document).")] = "",
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", "-c", help="Run or checkpoint directory (default: the latest run under runs/).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold in (0, 1].")] = None,
+    greedy: Annotated[bool, typer.Option(help="Always take the most likely token.")] = False,
+    num_samples: Annotated[int, typer.Option(help="Independent samples, generated as one batch.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible samples.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="End a sample at this string (repeatable).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Generate text from a checkpoint, streamed to stdout.
+
+    Example: gptcli sample --prompt 'def fib(n):' -n 200 --top-k 50 --stop '\\n\\n'
+    """
+    from gptcli.display import console, notice
+    from gptcli.events import Notice
+    from gptcli.sample import SampleRequest, sample as run_sample
+
+    request = SampleRequest(prompt=prompt, max_new_tokens=max_new_tokens,
+                            temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
+                            num_samples=num_samples, seed=seed, stops=stop or [], device=device)
+
+    def stream(row: int, text: str) -> None:
+        if row == 0 and not json_output:
+            sys.stdout.write(text if row or stream.started else prompt + text)
+            stream.started = True
+            sys.stdout.flush()
+
+    stream.started = False
+    path, samples = run_sample(checkpoint, request, on_text=stream,
+                               on_event=lambda e: isinstance(e, Notice) and notice(e.message))
+    console.print(f"[dim]checkpoint: {path}[/]", highlight=False)
+    if json_output:
+        for s in samples:
+            print(json.dumps({"prompt": prompt, "text": s.text, "tokens": s.tokens}, ensure_ascii=False))
+        return
+    if not stream.started:
+        sys.stdout.write(prompt)
+    sys.stdout.write("\n")
+    for s in samples[1:]:
+        sys.stdout.write(f"---\n{prompt}{s.text}\n")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    try:
+        app()
+    except GptcliError as exc:
+        from gptcli.display import console
+
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,352 @@
+"""Typed run configuration: dataclasses, strict YAML loading and `--set` overrides.
+
+Precedence is defaults < YAML < `--set key=value`. Loading is strict: unknown keys,
+wrong types and out-of-range values are all collected and reported together, each
+named by its dotted path (`train.lr: expected a number, got 'abc'`).
+
+Every field carries a `help` string in its metadata; the README's config reference
+is written from the same text. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gptcli.errors import GptcliError
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field whose `help` documents it (and whose list default is copied)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    inputs: list[str] = _field(
+        [], "Raw text files, folders, globs, `stdlib` (the Python standard library), "
+        "or one directory written by `gptcli tokenize`."
+    )
+    tokenizer: str = _field(
+        "gpt2", "`gpt2`, `r50k_base`, `p50k_base`, `cl100k_base`, `o200k_base`, a path to a "
+        "`.tiktoken` file, `bytes` or `char`. Ignored for a tokenized directory (it records its own)."
+    )
+    val_fraction: float = _field(0.1, "Share of documents held out for validation, in (0, 1).")
+    jsonl_field: str = _field("text", "Field holding the text in `.jsonl` inputs.")
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = _field(12, "Transformer blocks.")
+    n_head: int = _field(12, "Attention heads per block; must divide n_embd.")
+    n_embd: int = _field(768, "Width of the residual stream.")
+    block_size: int = _field(1024, "Context length in tokens.")
+    dropout: float = _field(0.0, "Dropout probability in [0, 1) for training.")
+    bias: bool = _field(True, "Biases in linear layers and LayerNorms (GPT-2 has them).")
+    vocab_size: int | None = _field(
+        None, "Tokenizer vocabulary size; filled in from the tokenizer when left empty."
+    )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to a multiple of 64: faster matrix products on every device."""
+        if self.vocab_size is None:
+            raise ValueError("vocab_size is not set yet")
+        return math.ceil(self.vocab_size / 64) * 64
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _field(12, "Sequences per micro-batch (per device).")
+    grad_accum: int = _field(1, "Micro-batches accumulated into one optimizer step.")
+    max_steps: int = _field(2000, "Optimizer steps to train for.")
+    lr: float = _field(6.0e-4, "Peak learning rate, reached after warmup.")
+    min_lr: float = _field(6.0e-5, "Learning rate at the end of the cosine decay.")
+    warmup_steps: int = _field(100, "Steps of linear warmup from 0 to lr.")
+    weight_decay: float = _field(0.1, "AdamW weight decay, applied to matrices only.")
+    beta1: float = _field(0.9, "AdamW beta1.")
+    beta2: float = _field(0.95, "AdamW beta2.")
+    grad_clip: float = _field(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
+    eval_every: int = _field(250, "Evaluate on the validation split every this many steps.")
+    eval_batches: int = _field(20, "Micro-batches averaged for one validation loss.")
+    save_every: int = _field(250, "Save a checkpoint every this many steps (and at the end).")
+    log_every: int = _field(10, "Record training metrics every this many steps.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
+        "auto", "`auto` picks bf16 on GPUs that support it, fp16 with loss scaling on older "
+        "GPUs, and on CPU whichever of fp32 and bf16 runs this model faster."
+    )
+    compile: Literal["auto", "true", "false"] = _field(
+        "auto", "torch.compile the model: `auto` compiles on CUDA only."
+    )
+    device: str = _field("auto", "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`.")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = _field("runs/gpt", "Run directory: config, metrics and checkpoints go here.")
+    seed: int = _field(1337, "Seed for initialisation, data order and dropout.")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation of values that types alone cannot express. Each returns a list of problems.
+
+
+def _range_problems(cfg: RunConfig) -> list[str]:
+    problems: list[str] = []
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            problems.append(message)
+
+    m, t, d = cfg.model, cfg.train, cfg.data
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        need(getattr(m, name) >= 1, f"model.{name}: must be at least 1, got {getattr(m, name)}")
+    if m.n_head >= 1 and m.n_embd >= 1:
+        need(m.n_embd % m.n_head == 0,
+             f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.vocab_size is not None:
+        need(m.vocab_size >= 1, f"model.vocab_size: must be at least 1, got {m.vocab_size}")
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                 "save_every", "log_every"):
+        need(getattr(t, name) >= 1, f"train.{name}: must be at least 1, got {getattr(t, name)}")
+    need(t.warmup_steps >= 0, f"train.warmup_steps: must be 0 or more, got {t.warmup_steps}")
+    need(t.lr > 0, f"train.lr: must be greater than 0, got {t.lr}")
+    need(0 <= t.min_lr <= t.lr, f"train.min_lr: must be in [0, train.lr={t.lr}], got {t.min_lr}")
+    need(t.weight_decay >= 0, f"train.weight_decay: must be 0 or more, got {t.weight_decay}")
+    need(0 <= t.beta1 < 1, f"train.beta1: must be in [0, 1), got {t.beta1}")
+    need(0 <= t.beta2 < 1, f"train.beta2: must be in [0, 1), got {t.beta2}")
+    need(t.grad_clip >= 0, f"train.grad_clip: must be 0 or more, got {t.grad_clip}")
+    need(0 < d.val_fraction < 1, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+    need(bool(d.jsonl_field), "data.jsonl_field: must not be empty")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------
+# Strict conversion from plain YAML data to dataclasses.
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
+    """Check `value` against the type `hint`; return it converted, or record a problem."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(value, inner, path, problems)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        text = str(value).lower() if isinstance(value, bool) else value
+        if text in choices:
+            return text
+        problems.append(f"{path}: expected one of {', '.join(choices)}; got {_describe(value)}")
+        return None
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {_describe(value)}")
+            return None
+        return [_coerce(v, item_hint, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, problems)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{path}: expected true or false, got {_describe(value)}")
+    elif hint is int:
+        number = _as_number(value)
+        if number is not None and float(number).is_integer():
+            return int(number)
+        problems.append(f"{path}: expected a whole number, got {_describe(value)}")
+    elif hint is float:
+        number = _as_number(value)
+        if number is not None and math.isfinite(number):
+            return float(number)
+        problems.append(f"{path}: expected a number, got {_describe(value)}")
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{path}: expected text, got {_describe(value)}")
+    else:  # pragma: no cover - a field type this loader was not taught
+        raise TypeError(f"unsupported config type {hint!r} at {path}")
+    return None
+
+
+def _as_number(value: Any) -> float | int | None:
+    """Numbers, and strings such as '1e-3' that YAML 1.1 leaves as text."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, recording unknown keys and bad values."""
+    where = f"{path}: " if path else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config: '}expected a mapping of keys to values, "
+                        f"got {_describe(data)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+            problems.append(f"{dotted}: unknown key{hint}")
+            continue
+        converted = _coerce(value, hints[key], dotted, problems)
+        if converted is not None or value is None:
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# YAML reading and `--set` overrides.
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """The safe loader, refusing duplicate keys (YAML would silently keep the last)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            line = key_node.start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (line {line})", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping from `path` with the safe loader; one-line errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise GptcliError(f"config file {path} does not exist (or is not a file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GptcliError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise GptcliError(f"{path}: invalid YAML: {_one_line(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GptcliError(
+            f"{path}: the top level must be a mapping of sections (out_dir, data, model, "
+            f"train, ...), got {type(data).__name__}"
+        )
+    return data
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return " ".join(f"{problem}{where}".split())
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings onto YAML data; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise GptcliError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise GptcliError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, cls: type = RunConfig) -> Any:
+    """Build and validate a config from plain data; raise one error listing every problem."""
+    problems: list[str] = []
+    cfg = _build(cls, data, "", problems)
+    if not problems and isinstance(cfg, RunConfig):
+        problems = _range_problems(cfg)
+    if problems:
+        raise GptcliError("; ".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults < YAML file < overrides, strictly checked."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain data (for YAML and JSON) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, recursing into sections: the config reference."""
+    rows = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += field_docs(type(value), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
+    return rows

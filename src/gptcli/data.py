@@ -1,0 +1,121 @@
+"""Token data for training: the tokenization cache, memory-mapped splits and batch sampling.
+
+Batches are a pure function of (seed, split, step, micro-step, rank): resuming at step N
+re-derives exactly the batches an uninterrupted run would have drawn, with no sampler
+state to save, and any number of processes can each draw a disjoint stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptcli.config import DataConfig
+from gptcli.corpus import expand_inputs
+from gptcli.errors import GptcliError
+from gptcli.events import EventSink, ignore
+from gptcli.shards import META_FILE, SPLITS, TOKENIZER_DIR, is_tokenized_dir, read_meta, tokenize_corpus
+from gptcli.tokenizer import Tokenizer, load_tokenizer
+
+_STREAMS = {"train": 0, "val": 1}
+
+
+def cache_root() -> Path:
+    """Where pretrain keeps corpora it tokenized: $GPTCLI_CACHE, else ~/.cache/gptcli."""
+    return Path(os.environ.get("GPTCLI_CACHE") or Path.home() / ".cache" / "gptcli") / "tokens"
+
+
+def _cache_key(cfg: DataConfig, seed: int) -> str:
+    """A digest of everything the tokenized result depends on: file contents, tokenizer, split."""
+    digest = hashlib.sha256()
+    tokenizer = cfg.tokenizer
+    if Path(tokenizer).is_file():  # a .tiktoken file: its contents matter, not its name
+        tokenizer = hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
+    settings = {"tokenizer": tokenizer, "val_fraction": cfg.val_fraction, "seed": seed,
+                "jsonl_field": cfg.jsonl_field}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for source in expand_inputs(cfg.inputs):
+        digest.update(str(source.path.resolve()).encode() + b"\0")
+        with open(source.path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:24]
+
+
+def prepare_dataset(cfg: DataConfig, seed: int, on_event: EventSink = ignore) -> Path:
+    """The tokenized directory for `cfg.inputs`: given directly, or made (once) in the cache."""
+    if len(cfg.inputs) == 1 and is_tokenized_dir(cfg.inputs[0]):
+        return Path(cfg.inputs[0])
+    target = cache_root() / _cache_key(cfg, seed)
+    if not is_tokenized_dir(target):
+        tokenize_corpus(cfg.inputs, target, tokenizer=cfg.tokenizer,
+                        val_fraction=cfg.val_fraction, seed=seed,
+                        jsonl_field=cfg.jsonl_field, overwrite=True, on_event=on_event)
+    return target
+
+
+@dataclass
+class TokenDataset:
+    """A tokenized directory opened for training: memory-mapped splits and the tokenizer."""
+
+    path: Path
+    tokenizer: Tokenizer
+    splits: dict[str, np.memmap]
+    bytes_per_token: dict[str, float]
+
+    @classmethod
+    def open(cls, path: str | Path) -> TokenDataset:
+        path = Path(path)
+        meta = read_meta(path)
+        tokenizer = load_tokenizer(path / TOKENIZER_DIR)
+        splits, bytes_per_token = {}, {}
+        for split in SPLITS:
+            info = meta["splits"][split]
+            file = path / info["file"]
+            expected = info["tokens"] * np.dtype(meta["dtype"]).itemsize
+            if not file.is_file() or file.stat().st_size != expected:
+                raise GptcliError(
+                    f"{file} is missing or has the wrong size (expected {expected} bytes per "
+                    f"{META_FILE}); tokenize the corpus again"
+                )
+            splits[split] = np.memmap(file, dtype=meta["dtype"], mode="r")
+            bytes_per_token[split] = info["bytes"] / max(info["tokens"], 1)
+        return cls(path, tokenizer, splits, bytes_per_token)
+
+    def check_context(self, block_size: int) -> None:
+        for split, tokens in self.splits.items():
+            if len(tokens) <= block_size:
+                raise GptcliError(
+                    f"the {split} split of {self.path} has {len(tokens)} tokens, too few for "
+                    f"model.block_size={block_size}; use more data or a smaller block_size"
+                )
+
+
+class BatchSampler:
+    """Random windows of `block_size + 1` tokens: inputs x and next-token targets y."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
+                 split: str, device: torch.device):
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.seed = seed
+        self.stream = _STREAMS[split]
+        self.device = device
+        self.pin = device.type == "cuda"
+
+    def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch for this (step, micro-step, rank): x, y of shape (B, T), int64, on device."""
+        rng = np.random.default_rng([self.seed, self.stream, step, micro, rank])
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        window = np.arange(self.block_size + 1)
+        rows = torch.from_numpy(self.tokens[starts[:, None] + window].astype(np.int64))  # (B, T+1)
+        x, y = rows[:, :-1], rows[:, 1:]
+        if self.pin:  # pinned host memory lets the copy overlap with compute
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -1,0 +1,132 @@
+"""Rich renderers for library events, all on stderr (stdout is kept for requested data).
+
+On a terminal they draw live progress bars; otherwise (CI, a log file) they print one
+plain line per logged step, so logs stay readable.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from gptcli.events import (
+    CheckpointSaved,
+    EvalDone,
+    Notice,
+    Progress as ProgressEvent,
+    RunFinished,
+    RunStarted,
+    StepLogged,
+)
+
+console = Console(stderr=True)
+
+
+def notice(message: str) -> None:
+    console.print(f"[yellow]note:[/] {message}", highlight=False)
+
+
+class TokenizeDisplay:
+    """A bar per phase (reading for a char vocabulary, BPE training, tokenizing) with MB/s
+    and tokens/s."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description:<14}"), BarColumn(), TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console, transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+
+    def __enter__(self) -> TokenizeDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, Notice):
+            self.progress.console.print(f"[yellow]note:[/] {event.message}", highlight=False)
+        if not isinstance(event, ProgressEvent):
+            return
+        if event.phase not in self.tasks:
+            self.tasks[event.phase] = self.progress.add_task(event.phase, total=event.total, rate="")
+            self.started[event.phase] = time.perf_counter()
+        elapsed = max(time.perf_counter() - self.started[event.phase], 1e-9)
+        rate = ""
+        if event.phase == "tokenizing":
+            rate = f"{event.done / elapsed / 1e6:6.1f} MB/s {event.tokens / elapsed / 1e6:6.2f}M tok/s"
+        self.progress.update(self.tasks[event.phase], completed=event.done, total=event.total,
+                             rate=rate)
+
+
+class TrainDisplay:
+    """Header table, a live step bar (loss, lr, tokens/s, MFU, ETA), eval and save lines."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task = None
+        self.live = console.is_terminal
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def _print(self, text: str) -> None:
+        (self.progress.console if self.progress else console).print(text, highlight=False)
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, ProgressEvent) and event.phase == "tokenizing":
+            if event.done == event.total:
+                self._print(f"tokenized {event.total / 1e6:.1f} MB into {event.tokens:,} tokens (cached)")
+        elif isinstance(event, Notice):
+            self._print(f"[yellow]note:[/] {event.message}")
+        elif isinstance(event, RunStarted):
+            self._start(event)
+        elif isinstance(event, StepLogged):
+            self._step(event.metrics)
+        elif isinstance(event, EvalDone):
+            m = event.metrics
+            star = " [green]best[/]" if m["best"] else ""
+            self._print(f"step {m['step']:>6}  val loss {m['val_loss']:.4f}  "
+                        f"val bpb {m['val_bpb']:.4f}{star}")
+        elif isinstance(event, CheckpointSaved) and not self.live:
+            self._print(f"saved {event.path}")
+        elif isinstance(event, RunFinished):
+            self.close()
+
+    def _start(self, event: RunStarted) -> None:
+        table = Table(title=f"pretrain → {event.run_dir}", show_header=False, title_justify="left")
+        for key, value in event.facts.items():
+            table.add_row(key, str(value))
+        console.print(table)
+        if self.live:
+            self.progress = Progress(
+                TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=event.max_steps,
+                                               completed=event.start_step, info="")
+
+    def _step(self, m: dict) -> None:
+        info = (f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_sec']:,.0f} tok/s  "
+                f"MFU {100 * m['mfu']:.1f}%")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=m["step"], info=info)
+        else:
+            self._print(f"step {m['step']:>6}  {info}")

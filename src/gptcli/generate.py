@@ -1,0 +1,143 @@
+"""Generation as small functions: logits -> probabilities -> token, prefill, decode step,
+and a loop over them using the model's preallocated KV cache.
+
+When a sequence fills the context (`block_size`), the cache is rebuilt from the last half
+of the context (a sliding window), so generation can run past the context length.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from gptcli.model import GPT
+from gptcli.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def logits_to_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """(B, V) logits -> (B, V) probabilities after temperature, top-k and top-p filtering."""
+    logits = logits.float() / settings.temperature
+    if settings.top_k is not None and settings.top_k < logits.size(-1):
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if settings.top_p is not None and settings.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= settings.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def next_token(logits: torch.Tensor, settings: SamplingSettings,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if settings.greedy:
+        return logits.argmax(dim=-1)
+    probs = logits_to_probs(logits, settings)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def prefill(model: GPT, tokens: torch.Tensor) -> torch.Tensor:
+    """Fill the KV cache with `tokens` (B, T) at positions 0..T-1; logits (B, V) of the last."""
+    positions = torch.arange(tokens.size(1), device=tokens.device)
+    hidden = model.hidden_states(tokens, positions)
+    return model.lm_head(hidden[:, -1])
+
+
+def decode_step(model: GPT, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One token per row (B,) at cache `position` (1,) -> logits (B, V) for the next."""
+    hidden = model.hidden_states(token[:, None], position)
+    return model.lm_head(hidden[:, -1])
+
+
+@torch.inference_mode()
+def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, settings: SamplingSettings,
+                    num_samples: int = 1, generator: torch.Generator | None = None
+                    ) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sample, (num_samples,), `max_new_tokens` times.
+
+    `prompt` must fit the context (at most block_size tokens). Logits of padded vocabulary
+    slots are dropped, so only real token ids come out.
+    """
+    context = model.config.block_size
+    vocab = model.config.vocab_size
+    device = model.wte.weight.device
+    history = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, T)
+    model.setup_kv_cache(num_samples, context)
+    try:
+        logits = prefill(model, history)
+        position = history.size(1)
+        for _ in range(max_new_tokens):
+            token = next_token(logits[:, :vocab], settings, generator)
+            yield token
+            history = torch.cat([history, token[:, None]], dim=1)
+            if position == context:  # the cache is full: keep the last half of the context
+                history = history[:, -(context // 2):]
+                logits = prefill(model, history)
+                position = history.size(1)
+            else:
+                logits = decode_step(model, token, torch.tensor([position], device=device))
+                position += 1
+    finally:
+        model.clear_kv_cache()
+
+
+class SampleText:
+    """The text of one sample as its tokens arrive: releases only complete UTF-8 characters
+    and holds back anything that could still become a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.tokens: list[int] = []
+        self.released = 0
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Take one generated token; return the text that may now be shown."""
+        if self.stopped:
+            return ""
+        if token == self.tokenizer.eot_id:
+            return self.finish()
+        self.tokens.append(token)
+        self.text += self._decoder.decode(self.tokenizer.decode_bytes([token]))
+        search_from = max(self.released - self._hold, 0)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            return self._release(len(self.text))
+        return self._release(len(self.text) - self._hold)
+
+    def finish(self) -> str:
+        """End the sample (end-of-text or the token budget); return the rest of its text."""
+        if not self.stopped:
+            self.text += self._decoder.decode(b"", final=True)
+            self.stopped = True
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        if upto <= self.released:
+            return ""
+        delta, self.released = self.text[self.released:upto], upto
+        return delta

@@ -1,0 +1,168 @@
+"""The GPT: GPT-2's architecture and parameter names, smallest pieces first.
+
+Names match GPT-2 (`wte, wpe, h.N.ln_1, h.N.attn.c_attn, ..., ln_f, lm_head`) so that
+importing OpenAI's weights is a key match plus a transpose of Conv1D matrices.
+Pre-LayerNorm blocks, tanh-approximated GELU (as GPT-2), tied input/output embeddings,
+attention through `scaled_dot_product_attention` (flash kernels on GPU), and a
+preallocated KV cache for generation.
+
+Shapes in comments: B batch, T time (tokens), C n_embd, nh heads, hs head size, L the
+KV cache length, V the padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptcli.config import ModelConfig
+
+IGNORE_INDEX = -1  # target id that contributes no loss (padding, prompt tokens)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer: (B, nh, L, hs) each."""
+
+    def __init__(self, batch_size: int, n_head: int, length: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape = (batch_size, n_head, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, nh, T, hs) at positions `input_pos` (T,); return the whole cache."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_embd = cfg.n_embd
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v together
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.kv_cache is None:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            # Attend over the whole cache (B, nh, L, hs); `mask` (T, L) hides future and unwritten slots.
+            k, v = self.kv_cache.update(input_pos, k, v)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set before building the model")
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
+        self.register_buffer("causal_mask", None, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), as each block adds two.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, include_positions: bool = True) -> int:
+        """Parameters counted once (the tied lm_head is wte)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n if include_positions else n - self.wpe.weight.numel()
+
+    def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, C) for token ids (B, T).
+
+        Without `input_pos`: a full causal pass over positions 0..T-1 (training).
+        With `input_pos` (T,): positions of these tokens in the KV cache (generation).
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            pos = torch.arange(T, device=idx.device)
+            mask = None
+        else:
+            pos = input_pos
+            mask = self.causal_mask[input_pos]  # (T, L): True where attention is allowed
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.h:
+            x = block(x, input_pos, mask)
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for `idx` (B, T); or, given `targets` (B, T), the summed
+        cross-entropy over targets that are not IGNORE_INDEX (divide by their count)."""
+        logits = self.lm_head(self.hidden_states(idx))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def setup_kv_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache of `length` positions (at most block_size) in every layer."""
+        length = min(length, self.config.block_size)
+        device = self.wte.weight.device
+        dtype = dtype or self.wte.weight.dtype
+        for block in self.h:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, length,
+                                          self.config.head_dim, dtype, device)
+        self.causal_mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+    def clear_kv_cache(self) -> None:
+        for block in self.h:
+            block.attn.kv_cache = None
+        self.causal_mask = None

@@ -1,0 +1,201 @@
+"""`gptcli pretrain`: build data, model and optimizer from a RunConfig and run the loop.
+
+Run directory layout:
+
+    OUT_DIR/
+      config.yaml            the resolved config (defaults < YAML < --set, vocab filled in)
+      metrics.jsonl          one JSON object per logged step and per evaluation
+      checkpoints/
+        step-000250/ ...     see checkpoint.py
+        latest, best         text files naming a checkpoint directory
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gptcli.checkpoint import (
+    CHECKPOINTS,
+    CONFIG_YAML,
+    LATEST,
+    TrainerState,
+    load_trainer_state,
+    read_model_config,
+    read_pointer,
+    save_checkpoint,
+    step_name,
+    write_pointer,
+)
+from gptcli.config import RunConfig, dump_yaml
+from gptcli.data import BatchSampler, TokenDataset, prepare_dataset
+from gptcli.errors import GptcliError
+from gptcli.events import EventSink, RunFinished, RunStarted, ignore
+from gptcli.model import GPT
+from gptcli.optim import build_optimizer
+from gptcli.runtime import (
+    Precision,
+    configure_matmul,
+    peak_flops,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    should_compile,
+)
+from gptcli.train import LoopSetup, restore_rng_state, train_loop, trim_metrics
+
+
+class PretrainData:
+    """Random windows from the train split; a fixed set of windows from the val split."""
+
+    def __init__(self, dataset: TokenDataset, cfg: RunConfig, device: torch.device):
+        t, block = cfg.train, cfg.model.block_size
+        self.train = BatchSampler(dataset.splits["train"], t.batch_size, block, cfg.seed, "train", device)
+        self.val = BatchSampler(dataset.splits["val"], t.batch_size, block, cfg.seed, "val", device)
+        self.eval_batches = t.eval_batches
+        self.val_bytes_per_token = dataset.bytes_per_token["val"]
+
+    def train_batch(self, step: int, micro: int):
+        return self.train.batch(step, micro)
+
+    def val_batches(self):
+        return (self.val.batch(i) for i in range(self.eval_batches))
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    steps: int
+    best_val_loss: float | None
+    seconds: float
+
+
+def flops_per_token(model: GPT) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's
+    12 * layers * context * width (the PaLM appendix estimate, as nanoGPT uses)."""
+    c = model.config
+    return 6 * model.num_params(include_positions=False) + 12 * c.n_layer * c.block_size * c.n_embd
+
+
+def _run_state(run_dir: Path) -> str:
+    """'empty', 'resumable' (has a latest checkpoint) or 'used' (files but no checkpoint)."""
+    if not run_dir.exists():
+        return "empty"
+    if not run_dir.is_dir():
+        raise GptcliError(f"out_dir {run_dir} is a file; choose a directory path")
+    if read_pointer(run_dir, LATEST) is not None:
+        return "resumable"
+    return "used" if any(run_dir.iterdir()) else "empty"
+
+
+def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerState) -> None:
+    """Refuse changes that would break an exact continuation."""
+    saved = read_model_config(checkpoint)
+    if dataclasses.asdict(saved) != dataclasses.asdict(cfg.model):
+        changed = [k for k, v in dataclasses.asdict(cfg.model).items() if getattr(saved, k) != v]
+        raise GptcliError(f"--resume: model settings differ from the checkpoint ({', '.join(changed)}); "
+                          f"resume with the original values or start a new run with --overwrite")
+    saved_batch = state.extra.get("batch_size"), state.extra.get("grad_accum")
+    if saved_batch != (cfg.train.batch_size, cfg.train.grad_accum):
+        raise GptcliError(f"--resume: batch_size/grad_accum were {saved_batch[0]}/{saved_batch[1]}, "
+                          f"now {cfg.train.batch_size}/{cfg.train.grad_accum}; keep them to resume")
+
+
+def _cpu_step_timer(model: GPT, data: PretrainData):
+    """A trial for `precision: auto` on CPU: seconds per forward+backward in a precision."""
+    x, y = data.train_batch(0, 0)
+
+    def seconds_per_step(precision: Precision) -> float:
+        with torch.random.fork_rng():  # dropout draws must not shift the run's RNG stream
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                with precision.autocast():
+                    model(x, y).backward()
+                times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+        return min(times[1:])
+
+    return seconds_per_step
+
+
+def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
+             on_event: EventSink = ignore) -> PretrainResult:
+    started = time.perf_counter()
+    if resume and overwrite:
+        raise GptcliError("--resume and --overwrite contradict each other; pick one")
+    run_dir = Path(cfg.out_dir)
+    run_state = _run_state(run_dir)
+    if resume and run_state != "resumable":
+        raise GptcliError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if run_state != "empty" and not (resume or overwrite):
+        raise GptcliError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                          f"--overwrite to start over")
+
+    device = resolve_device(cfg.train.device)
+    configure_matmul(device)
+    dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event))
+    vocab = dataset.tokenizer.vocab_size
+    if cfg.model.vocab_size not in (None, vocab):
+        raise GptcliError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer of "
+                          f"{dataset.path} has {vocab} ids; remove model.vocab_size or retokenize")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    dataset.check_context(cfg.model.block_size)
+
+    seed_everything(cfg.seed)
+    model = GPT(cfg.model).to(device)
+    state = TrainerState(step=0, extra={"batch_size": cfg.train.batch_size,
+                                        "grad_accum": cfg.train.grad_accum})
+    checkpoint = read_pointer(run_dir, LATEST) if resume else None
+    if checkpoint is not None:
+        state = load_trainer_state(checkpoint)
+        _check_resume_compatible(cfg, checkpoint, state)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(checkpoint / "model.safetensors", device=str(device)),
+                              strict=False)
+    optimizer = build_optimizer(model, cfg.train, device)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    data = PretrainData(dataset, cfg, device)
+    precision = resolve_precision(cfg.train.precision, device, _cpu_step_timer(model, data))
+    compile_model = should_compile(cfg.train.compile, device)
+
+    if overwrite and run_state != "empty":
+        shutil.rmtree(run_dir)
+    (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    config_yaml = dump_yaml(cfg)
+    (run_dir / CONFIG_YAML).write_text(config_yaml)
+    if checkpoint is not None:
+        trim_metrics(run_dir, state.step)
+        restore_rng_state(state.rng)
+
+    setup = LoopSetup(
+        cfg=cfg.train, optimizer=optimizer, precision=precision, device=device, run_dir=run_dir,
+        save=lambda s: save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model,
+                                       dataset.tokenizer, config_yaml, s),
+        point_to=lambda name, path: write_pointer(run_dir, name, path),
+        flops_per_token=flops_per_token(model), peak_flops=peak_flops(device, precision),
+        compile=compile_model,
+    )
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+    on_event(RunStarted(str(run_dir), {
+        "parameters": f"{model.num_params() / 1e6:.2f}M",
+        "tokenizer": f"{dataset.tokenizer.name} ({vocab} ids)",
+        "data": f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens",
+        "device": str(device),
+        "precision": precision.name,
+        "compile": str(compile_model).lower(),
+        "tokens/step": f"{tokens_per_step:,}",
+        "resumed from": f"step {state.step}" if checkpoint is not None else "-",
+    }, cfg.train.max_steps, state.step))
+    state = train_loop(model, data, setup, state, on_event)
+    result = PretrainResult(run_dir, state.step, state.best_val_loss, time.perf_counter() - started)
+    on_event(RunFinished({"steps": result.steps, "best_val_loss": result.best_val_loss,
+                          "seconds": result.seconds}))
+    return result

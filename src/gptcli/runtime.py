@@ -1,0 +1,126 @@
+"""Where and how the math runs: device, precision (autocast, loss scaling), compile, seeding,
+and the device's peak FLOP/s for MFU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gptcli.errors import GptcliError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Dense peak FLOP/s of common GPUs by name fragment (datasheets, without sparsity).
+_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                  "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GptcliError(f"train.device: unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GptcliError(f"train.device: '{name}' asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GptcliError(f"train.device: '{name}' does not exist ({torch.cuda.device_count()} GPUs)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GptcliError("train.device: 'mps' asked for, but MPS is not available")
+    return device
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The compute dtype under autocast and whether the loss needs scaling (fp16 only)."""
+
+    name: str  # fp32 | bf16 | fp16
+    device_type: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.name]
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.name == "fp16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def resolve_precision(name: str, device: torch.device, cpu_trial=None) -> Precision:
+    """Turn `train.precision` into a Precision. For `auto` on CPU, `cpu_trial(precision)`
+    (seconds per step) decides between fp32 and bf16 by measurement."""
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device.type == "cpu" and cpu_trial is not None:
+            timings = {p: cpu_trial(Precision(p, "cpu")) for p in ("fp32", "bf16")}
+            name = min(timings, key=timings.get)
+        else:
+            name = "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise GptcliError("train.precision: fp16 is for GPUs; use bf16 or fp32 on CPU")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise GptcliError("train.precision: this GPU has no bf16; use fp16 (with loss scaling) or fp32")
+    return Precision(name, device.type)
+
+
+def should_compile(setting: str, device: torch.device) -> bool:
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # seeds CUDA generators too
+
+
+def configure_matmul(device: torch.device) -> None:
+    """TF32 for fp32 matrix products on Ampere and newer: much faster, ample precision."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def peak_flops(device: torch.device, precision: Precision) -> float:
+    """Peak FLOP/s to compute MFU against: datasheet figures for known GPUs, otherwise
+    measured once with a large matrix product in the run's precision."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, flops in _GPU_PEAK_BF16.items():
+            if fragment in name:
+                return flops if precision.name != "fp32" else flops / 2  # TF32 runs at half rate
+    return measure_matmul_flops(device, precision.dtype)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024,
+                         seconds: float = 0.3) -> float:
+    """FLOP/s of an n x n matrix product in `dtype`, the best of repeated timings."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    torch.mm(a, b)  # warm-up: kernel selection, thread pool start
+    while time.perf_counter() < deadline or best == float("inf"):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

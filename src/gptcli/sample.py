@@ -1,0 +1,87 @@
+"""`gptcli sample`: text from a checkpoint, streamed as it is generated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gptcli.checkpoint import load_model, resolve_checkpoint
+from gptcli.errors import GptcliError
+from gptcli.events import EventSink, Notice, ignore
+from gptcli.generate import SampleText, SamplingSettings, generate_tokens
+from gptcli.runtime import resolve_device
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    prompt: str = ""
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    num_samples: int = 1
+    seed: int | None = None
+    stops: list[str] = field(default_factory=list)
+    device: str = "auto"
+
+    def check(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"--top-k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.num_samples < 1:
+            problems.append(f"--num-samples must be at least 1, got {self.num_samples}")
+        if problems:
+            raise GptcliError("; ".join(problems))
+
+
+@dataclass
+class Sample:
+    text: str
+    tokens: list[int]
+
+
+def sample(checkpoint: str | Path | None, request: SampleRequest,
+           on_text: Callable[[int, str], None] = lambda row, text: None,
+           on_event: EventSink = ignore) -> tuple[Path, list[Sample]]:
+    """Generate `request.num_samples` continuations of the prompt as one batch.
+
+    `on_text(row, delta)` receives each sample's text as it becomes final (for streaming).
+    Returns the checkpoint used and the samples.
+    """
+    request.check()
+    path = resolve_checkpoint(checkpoint)
+    device = resolve_device(request.device)
+    model, tokenizer = load_model(path, device)
+    context = model.config.block_size
+    prompt = tokenizer.encode(request.prompt) if request.prompt else [tokenizer.eot_id]
+    if len(prompt) > context:
+        on_event(Notice(f"prompt is {len(prompt)} tokens, longer than the {context}-token "
+                        f"context: keeping its last {context}"))
+        prompt = prompt[-context:]
+    generator = None
+    if request.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(request.seed)
+    settings = SamplingSettings(request.temperature, request.top_k, request.top_p)
+    texts = [SampleText(tokenizer, request.stops) for _ in range(request.num_samples)]
+    for tokens in generate_tokens(model, prompt, request.max_new_tokens, settings,
+                                  request.num_samples, generator):
+        for row, token in enumerate(tokens.tolist()):
+            delta = texts[row].add(token)
+            if delta:
+                on_text(row, delta)
+        if all(t.stopped for t in texts):
+            break
+    for row, text in enumerate(texts):
+        delta = text.finish()
+        if delta:
+            on_text(row, delta)
+    return path, [Sample(t.text, t.tokens) for t in texts]

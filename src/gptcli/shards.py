@@ -1,0 +1,271 @@
+"""Raw text -> token shards: `train.bin`, `val.bin`, `meta.json` and the tokenizer.
+
+Layout of a tokenized directory:
+
+    meta.json     tokenizer spec, dtype, token/byte/document counts and sha256 per split, sources
+    train.bin     flat array of token ids (uint16 if the vocabulary fits, else uint32);
+    val.bin       documents separated by the end-of-text id
+    tokenizer/    the tokenizer itself (see tokenizer.py)
+
+The corpus is streamed piece by piece and encoded in batches with tiktoken's threaded
+batch API, so memory stays flat. Everything is written into a temporary sibling
+directory that is renamed into place at the end: a failure leaves no half dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptcli.corpus import Piece, Source, expand_inputs, iter_pieces, single_document_split
+from gptcli.errors import GptcliError
+from gptcli.events import EventSink, Progress, ignore
+from gptcli.tokenizer import (
+    Tokenizer,
+    is_corpus_dependent,
+    resolve_tokenizer,
+    tiktoken_from_file,
+)
+
+META_FILE = "meta.json"
+TOKENIZER_DIR = "tokenizer"
+SPLITS = ("train", "val")
+FORMAT = "gptcli-tokens/1"
+BATCH_BYTES = 1 << 24  # text gathered per encode_batch call (16 MiB)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def is_tokenized_dir(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+class SplitAssigner:
+    """Decides, document by document, whether a piece goes to train or val.
+
+    A corpus of many documents is split at document level: document i goes to val when
+    the sequence floor(i * f + u) steps up at i, with u drawn from the seed. Exactly a
+    fraction f of documents goes to val, spread evenly through the (sorted) corpus, so
+    val covers every folder. A corpus of one text file is split by position instead:
+    its last fraction f of lines is val (as nanoGPT does for tiny Shakespeare).
+    """
+
+    def __init__(self, sources: list[Source], val_fraction: float, seed: int):
+        self.fraction = val_fraction
+        self.phase = random.Random(seed).random()
+        one_file = len(sources) == 1 and not sources[0].is_jsonl
+        self.split_offset = single_document_split(sources[0], val_fraction) if one_file else None
+        self._document = 0
+
+    def split_of(self, piece: Piece) -> str:
+        if self.split_offset is not None:
+            return "val" if piece.offset >= self.split_offset else "train"
+        i, f, u = self._document, self.fraction, self.phase
+        if piece.document_end:
+            self._document += 1
+        return "val" if math.floor((i + 1) * f + u) > math.floor(i * f + u) else "train"
+
+
+@dataclass
+class SplitStats:
+    tokens: int = 0
+    bytes: int = 0
+    documents: int = 0
+
+
+@dataclass
+class TokenizeResult:
+    out_dir: Path
+    tokenizer: str
+    vocab_size: int
+    dtype: str
+    splits: dict[str, SplitStats]
+    sources: int
+    seconds: float
+    trained_bpe: Path | None = None
+
+
+def _pieces(sources: list[Source], jsonl_field: str, val_fraction: float,
+            seed: int) -> Iterator[tuple[str, Piece]]:
+    assigner = SplitAssigner(sources, val_fraction, seed)
+    for piece in iter_pieces(sources, jsonl_field, assigner.split_offset):
+        yield assigner.split_of(piece), piece
+
+
+def _build_tokenizer(spec: str, sources: list[Source], jsonl_field: str, val_fraction: float,
+                     seed: int, train_bpe: int | None, work_dir: Path,
+                     on_event: EventSink) -> tuple[Tokenizer, Path | None]:
+    """The tokenizer for this corpus; BPE training and `char` vocabularies read it once first."""
+    if train_bpe is not None:
+        from gptcli.bpe import train_bpe as learn, write_tiktoken_file
+
+        texts = (p.text for split, p in _pieces(sources, jsonl_field, val_fraction, seed)
+                 if split == "train")
+        try:
+            ranks = learn(texts, train_bpe, on_progress=lambda done, total: on_event(
+                Progress("training BPE", done, total)))
+        except ValueError as exc:
+            raise GptcliError(f"--train-bpe: {exc}") from None
+        path = work_dir / f"bpe-{train_bpe}.tiktoken"
+        write_tiktoken_file(ranks, path)
+        return tiktoken_from_file(path), path
+    if is_corpus_dependent(spec):
+        texts = (p.text for p in iter_pieces(sources, jsonl_field))
+        return resolve_tokenizer(spec, texts), None
+    return resolve_tokenizer(spec), None
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GptcliError(f"--out {out_dir} is a file; choose a directory path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise GptcliError(f"{out_dir} already exists and is not empty; pass --overwrite to replace it")
+
+
+def tokenize_corpus(
+    inputs: list[str],
+    out_dir: str | Path,
+    tokenizer: str = "gpt2",
+    val_fraction: float = 0.1,
+    seed: int = 1337,
+    jsonl_field: str = "text",
+    train_bpe: int | None = None,
+    overwrite: bool = False,
+    on_event: EventSink = ignore,
+) -> TokenizeResult:
+    """Tokenize raw inputs into a tokenized directory at `out_dir` (see module docstring)."""
+    started = time.perf_counter()
+    if not 0 < val_fraction < 1:
+        raise GptcliError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    out_dir = Path(out_dir)
+    sources = expand_inputs(inputs)
+    _prepare_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tok, bpe_path = _build_tokenizer(tokenizer, sources, jsonl_field, val_fraction, seed,
+                                         train_bpe, work, on_event)
+        dtype = token_dtype(tok.vocab_size)
+        stats, digests = _write_splits(tok, dtype, sources, jsonl_field, val_fraction, seed,
+                                       work, on_event)
+        for split in SPLITS:
+            if stats[split].tokens == 0:
+                raise GptcliError(
+                    f"the {split} split is empty ({sum(s.documents for s in stats.values())} "
+                    f"documents in all); add documents or change --val-fraction"
+                )
+        tok.save(work / TOKENIZER_DIR)
+        meta = {
+            "format": FORMAT,
+            "tokenizer": tok.spec,
+            "dtype": dtype.name,
+            "splits": {
+                s: {**stats[s].__dict__, "file": f"{s}.bin", "sha256": digests[s]} for s in SPLITS
+            },
+            "sources": [{"path": str(src.path), "bytes": src.size} for src in sources],
+            "val_fraction": val_fraction,
+            "seed": seed,
+        }
+        (work / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if bpe_path is not None:
+            bpe_path.unlink()  # it now lives in tokenizer/
+        _replace_dir(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return TokenizeResult(
+        out_dir=out_dir,
+        tokenizer=tok.name,
+        vocab_size=tok.vocab_size,
+        dtype=dtype.name,
+        splits=stats,
+        sources=len(sources),
+        seconds=time.perf_counter() - started,
+        trained_bpe=out_dir / TOKENIZER_DIR if bpe_path else None,
+    )
+
+
+def _write_splits(tok: Tokenizer, dtype: np.dtype, sources: list[Source], jsonl_field: str,
+                  val_fraction: float, seed: int, work: Path,
+                  on_event: EventSink) -> tuple[dict[str, SplitStats], dict[str, str]]:
+    """Encode every piece and append it to its split's .bin file; return counts and digests."""
+    stats = {s: SplitStats() for s in SPLITS}
+    hashes = {s: hashlib.sha256() for s in SPLITS}
+    files = {s: open(work / f"{s}.bin", "wb") for s in SPLITS}
+    total_bytes = sum(src.size for src in sources)
+    done_bytes = 0
+    eot = np.array([tok.eot_id], dtype=dtype)
+
+    def flush(batch: list[tuple[str, Piece]]) -> None:
+        nonlocal done_bytes
+        encoded = tok.encode_batch([p.text for _, p in batch])
+        for (split, piece), ids in zip(batch, encoded):
+            array = np.asarray(ids, dtype=dtype)
+            if piece.document_end:
+                array = np.concatenate([array, eot])
+                stats[split].documents += 1
+            files[split].write(array.tobytes())
+            hashes[split].update(array.tobytes())
+            stats[split].tokens += len(array)
+            stats[split].bytes += piece.nbytes
+            done_bytes += piece.nbytes
+        on_event(Progress("tokenizing", done_bytes, total_bytes,
+                          sum(s.tokens for s in stats.values())))
+
+    try:
+        batch: list[tuple[str, Piece]] = []
+        batch_bytes = 0
+        for split, piece in _pieces(sources, jsonl_field, val_fraction, seed):
+            batch.append((split, piece))
+            batch_bytes += piece.nbytes
+            if batch_bytes >= BATCH_BYTES:
+                flush(batch)
+                batch, batch_bytes = [], 0
+        if batch:
+            flush(batch)
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files.values():
+            f.close()
+    return stats, {s: h.hexdigest() for s, h in hashes.items()}
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move the finished directory `new` to `target`, replacing an old one only at the end."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GptcliError(f"{directory} is not a tokenized directory (no {META_FILE}); "
+                          f"create one with `gptcli tokenize`") from None
+    except (OSError, ValueError) as exc:
+        raise GptcliError(f"{path} is unreadable or not JSON: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise GptcliError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+

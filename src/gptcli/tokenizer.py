@@ -1,0 +1,287 @@
+"""One `Tokenizer` interface over tiktoken encodings, `.tiktoken` rank files, bytes and chars.
+
+Every tokenizer can `save` itself into a directory (`tokenizer.json`, plus the BPE ranks
+for tiktoken-based ones) and `load_tokenizer` rebuilds it from there alone. That is how
+the tokenizer travels with tokenized data and with every checkpoint: sampling never needs
+the original corpus or an internet connection.
+
+Ids: `vocab_size` counts every id the tokenizer can emit, including `eot_id`, the
+end-of-text token that separates documents.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gptcli.bpe import GPT2_PATTERN, write_tiktoken_file
+from gptcli.errors import GptcliError
+
+EOT = "<|endoftext|>"
+TIKTOKEN_NAMES = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
+SPEC_FILE = "tokenizer.json"
+RANKS_FILE = "tokenizer.tiktoken"
+
+
+class Tokenizer(ABC):
+    vocab_size: int
+    eot_id: int
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """Short human-readable name, e.g. `gpt2` or `char(65)`."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, treating special-token strings as plain text."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The UTF-8 bytes of `ids` (a token may end mid-character; join before decoding)."""
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    @abstractmethod
+    def _spec(self) -> dict:
+        """JSON-able description saved as tokenizer.json."""
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        spec = {**self._spec(), "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+        (directory / SPEC_FILE).write_text(json.dumps(spec, indent=1, ensure_ascii=False) + "\n")
+
+    @property
+    def spec(self) -> dict:
+        """What the tokenizer is, without its (possibly large) vocabulary."""
+        return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+
+
+class BytesTokenizer(Tokenizer):
+    """The 256 byte values, plus end-of-text as id 256."""
+
+    vocab_size = 257
+    eot_id = 256
+
+    @property
+    def name(self) -> str:
+        return "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return bytes(i for i in ids if i < 256)
+
+    def _spec(self) -> dict:
+        return {"type": "bytes"}
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character seen in the corpus (sorted), plus end-of-text as the last id."""
+
+    def __init__(self, chars: str):
+        self.chars = "".join(sorted(set(chars)))
+        if not self.chars:
+            raise GptcliError("char tokenizer: the corpus has no characters to build a vocabulary")
+        self.vocab_size = len(self.chars) + 1
+        self.eot_id = len(self.chars)
+        self._ids = {c: i for i, c in enumerate(self.chars)}
+        # Code point -> id through a sorted array, so whole texts encode with numpy.
+        self._codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls("".join(seen))
+
+    @property
+    def name(self) -> str:
+        return f"char({len(self.chars)})"
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode_array(text).tolist()
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
+        return [self._encode_array(t) for t in texts]
+
+    def _encode_array(self, text: str) -> np.ndarray:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = np.searchsorted(self._codepoints, points)
+        ids_in_range = np.minimum(ids, len(self._codepoints) - 1)
+        unknown = self._codepoints[ids_in_range] != points
+        if unknown.any():
+            bad = chr(int(points[np.argmax(unknown)]))
+            raise GptcliError(
+                f"char tokenizer: character {bad!r} is not in the vocabulary "
+                f"({len(self.chars)} characters learned from the training corpus)"
+            )
+        return ids.astype(np.int64)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return "".join(self.chars[i] for i in ids if i < len(self.chars)).encode("utf-8")
+
+    def _spec(self) -> dict:
+        return {"type": "char", "chars": self.chars}
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken BPE: a named encoding, a `.tiktoken` ranks file, or one gptcli trained."""
+
+    def __init__(self, encoding, name: str):
+        self.encoding = encoding
+        self._name = name
+        self.eot_id = encoding.eot_token
+        self.vocab_size = encoding.n_vocab
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
+        # tiktoken encodes a batch on several threads (its Rust core releases the GIL).
+        return self.encoding.encode_ordinary_batch(list(texts))
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.encoding.decode_bytes(list(ids))
+
+    def _spec(self) -> dict:
+        return {
+            "type": "tiktoken",
+            "name": self._name,
+            "pattern": self.encoding._pat_str,
+            "special_tokens": self.encoding._special_tokens,
+        }
+
+    def save(self, directory: str | Path) -> None:
+        super().save(directory)
+        # The ranks travel too (tiktoken keeps them in a private attribute), so loading
+        # never needs a download, even for named encodings.
+        write_tiktoken_file(self.encoding._mergeable_ranks, Path(directory) / RANKS_FILE)
+
+
+def _tiktoken_from_ranks(ranks: dict[bytes, int], name: str, pattern: str,
+                         special_tokens: dict[str, int] | None = None) -> TiktokenTokenizer:
+    import tiktoken
+
+    if special_tokens is None:
+        special_tokens = {EOT: max(ranks.values()) + 1}
+    encoding = tiktoken.Encoding(
+        name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens
+    )
+    return TiktokenTokenizer(encoding, name)
+
+
+def read_ranks(path: str | Path) -> dict[bytes, int]:
+    """Parse a `.tiktoken` file (`base64(token) rank` per line).
+
+    Not tiktoken's `load_tiktoken_bpe`: that caches local files by path name, so a file
+    rewritten at the same path would load stale ranks.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GptcliError(f"tokenizer file {path} does not exist")
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise GptcliError(
+                    f"tokenizer file {path} is not a .tiktoken ranks file (line {number} is not "
+                    f"'base64-token rank')"
+                ) from None
+    if not ranks:
+        raise GptcliError(f"tokenizer file {path} holds no tokens")
+    return ranks
+
+
+def tiktoken_from_file(path: str | Path) -> TiktokenTokenizer:
+    """A `.tiktoken` ranks file with GPT-2's pre-tokenisation pattern and `<|endoftext|>` last."""
+    return _tiktoken_from_ranks(read_ranks(path), Path(path).stem, GPT2_PATTERN)
+
+
+def named_tiktoken(name: str) -> TiktokenTokenizer:
+    """A tiktoken named encoding (downloaded once and cached by tiktoken)."""
+    import tiktoken
+
+    try:
+        encoding = tiktoken.get_encoding(name)
+    except Exception as exc:  # network failures surface as many different exception types
+        raise GptcliError(
+            f"could not load tiktoken encoding '{name}' ({type(exc).__name__}); without internet "
+            f"access pass a local ranks file instead, e.g. --tokenizer path/to/gpt2.tiktoken"
+        ) from None
+    return TiktokenTokenizer(encoding, name)
+
+
+def is_corpus_dependent(spec: str) -> bool:
+    """True when the tokenizer must first see the corpus (the `char` vocabulary)."""
+    return spec == "char"
+
+
+def resolve_tokenizer(spec: str, corpus_texts: Iterable[str] | None = None) -> Tokenizer:
+    """Build a tokenizer from its config string (`data.tokenizer` / `--tokenizer`).
+
+    `char` builds its vocabulary from `corpus_texts`, which must then be given.
+    """
+    if spec == "bytes":
+        return BytesTokenizer()
+    if spec == "char":
+        if corpus_texts is None:
+            raise ValueError("the char tokenizer needs the corpus to build its vocabulary")
+        return CharTokenizer.from_texts(corpus_texts)
+    if spec in TIKTOKEN_NAMES:
+        return named_tiktoken(spec)
+    if spec.endswith(".tiktoken") or Path(spec).is_file():
+        return tiktoken_from_file(spec)
+    raise GptcliError(
+        f"unknown tokenizer '{spec}': use one of {', '.join(TIKTOKEN_NAMES)}, bytes, char, "
+        f"or a path to a .tiktoken file"
+    )
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Rebuild a tokenizer saved by `Tokenizer.save` (no network, no corpus)."""
+    directory = Path(directory)
+    spec_path = directory / SPEC_FILE
+    if not spec_path.is_file():
+        raise GptcliError(f"{directory} has no {SPEC_FILE}: the tokenizer is missing")
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        kind = spec["type"]
+    except (ValueError, KeyError, TypeError):
+        raise GptcliError(f"{spec_path} is not a valid tokenizer description") from None
+    if kind == "bytes":
+        return BytesTokenizer()
+    if kind == "char":
+        return CharTokenizer(spec["chars"])
+    if kind == "tiktoken":
+        ranks_path = directory / RANKS_FILE
+        if not ranks_path.is_file():
+            raise GptcliError(f"{directory} has no {RANKS_FILE}: the tokenizer is incomplete")
+        ranks = read_ranks(ranks_path)
+        return _tiktoken_from_ranks(ranks, spec["name"], spec["pattern"], spec["special_tokens"])
+    raise GptcliError(f"{spec_path}: unknown tokenizer type '{kind}'")

@@ -1,0 +1,204 @@
+"""The one training loop, shared by pretrain and every finetune task.
+
+A task plugs in through `TrainData` (its batches) and gets: gradient accumulation with
+the loss normalised by the number of target tokens of the whole optimizer step, mixed
+precision (autocast; loss scaling for fp16), gradient clipping, the LR schedule,
+periodic evaluation, metrics.jsonl, checkpoints with `latest`/`best` pointers, and
+events for a progress display. The host syncs with the device only at log and eval steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from gptcli.checkpoint import TrainerState
+from gptcli.config import TrainConfig
+from gptcli.events import CheckpointSaved, EvalDone, EventSink, Notice, StepLogged
+from gptcli.model import IGNORE_INDEX
+from gptcli.optim import lr_at
+from gptcli.runtime import Precision
+
+METRICS_FILE = "metrics.jsonl"
+Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), targets (B, T) with IGNORE_INDEX holes
+
+
+class TrainData(Protocol):
+    def train_batch(self, step: int, micro: int) -> Batch:
+        """The micro-batch `micro` of optimizer step `step` (deterministic)."""
+
+    def val_batches(self) -> Iterable[Batch]:
+        """The fixed validation batches (the same ones at every evaluation)."""
+
+    @property
+    def val_bytes_per_token(self) -> float:
+        """Average UTF-8 bytes per validation token, to turn loss into bits per byte."""
+
+
+@dataclass
+class LoopSetup:
+    """What the loop needs besides the model and data; built by pretrain/finetune."""
+
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    device: torch.device
+    run_dir: Path
+    save: Callable[[TrainerState], Path]  # writes a checkpoint, returns its directory
+    point_to: Callable[[str, Path], None]  # point `latest` / `best` at a checkpoint
+    flops_per_token: float
+    peak_flops: float
+    compile: bool = False
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda.{i}"] = s
+    return state
+
+
+def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TrainData, precision: Precision) -> dict[str, float]:
+    """Mean loss per target token over the validation batches, and bits per byte."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for x, y in data.val_batches():
+        with precision.autocast():
+            total += model(x, y).double().cpu()
+        count += int((y != IGNORE_INDEX).sum())
+    model.train(was_training)
+    loss = total.item() / max(count, 1)
+    return {"val_loss": loss, "val_bpb": loss / math.log(2) / data.val_bytes_per_token}
+
+
+def trim_metrics(run_dir: Path, keep_through_step: int) -> None:
+    """Drop metrics logged after `keep_through_step` (a resumed run logs them again)."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerState,
+               on_event: EventSink) -> TrainerState:
+    """Train `model` from `state.step` to `setup.cfg.max_steps`; returns the final state.
+
+    `model` is the plain module (saved as is); a compiled wrapper is used for the steps
+    when `setup.compile` is set, falling back to eager if compilation fails.
+    """
+    cfg, opt, precision = setup.cfg, setup.optimizer, setup.precision
+    scaler = torch.amp.GradScaler(setup.device.type, enabled=precision.needs_grad_scaler)
+    if state.scaler:
+        scaler.load_state_dict(state.scaler)
+    step_model = torch.compile(model) if setup.compile else model
+    model.train()
+    interval_start, interval_tokens = time.perf_counter(), 0
+    for step in range(state.step, cfg.max_steps):
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batches = [data.train_batch(step, micro) for micro in range(cfg.grad_accum)]
+        try:
+            loss = _forward_backward(step_model, batches, precision, scaler)
+        except Exception as exc:  # compile errors surface at the first call, as many types
+            if step_model is model or step != state.step:
+                raise
+            on_event(Notice(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                            f"continuing without compile"))
+            opt.zero_grad(set_to_none=True)
+            step_model = model
+            loss = _forward_backward(step_model, batches, precision, scaler)
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+        done = step + 1
+        step_tokens = sum(x.numel() for x, _ in batches)
+        state.tokens_seen += step_tokens
+        interval_tokens += step_tokens
+        last = done == cfg.max_steps
+        if done % cfg.log_every == 0 or last:
+            elapsed = time.perf_counter() - interval_start
+            record = {
+                "step": done,
+                "loss": loss.item(),  # the one host sync of a logged step
+                "lr": lr,
+                "tokens_seen": state.tokens_seen,
+                "tokens_per_sec": interval_tokens / elapsed,
+                "mfu": setup.flops_per_token * interval_tokens / elapsed / setup.peak_flops,
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm.item()
+            _append_metrics(setup.run_dir, record)
+            on_event(StepLogged(record))
+            interval_start, interval_tokens = time.perf_counter(), 0
+
+        paused_at = time.perf_counter()
+        new_best = False
+        if done % cfg.eval_every == 0 or last:
+            metrics = evaluate(step_model, data, precision)
+            new_best = state.best_val_loss is None or metrics["val_loss"] < state.best_val_loss
+            if new_best:
+                state.best_val_loss = metrics["val_loss"]
+            record = {"step": done, **metrics, "best_val_loss": state.best_val_loss}
+            _append_metrics(setup.run_dir, record)
+            on_event(EvalDone({**record, "best": new_best}))
+        if done % cfg.save_every == 0 or last or new_best:
+            state.step = done
+            state.optimizer = opt.state_dict()
+            state.scaler = scaler.state_dict() if scaler.is_enabled() else None
+            state.rng = rng_state(setup.device)
+            path = setup.save(state)
+            setup.point_to("latest", path)
+            if new_best:
+                setup.point_to("best", path)
+            on_event(CheckpointSaved(str(path), done, best=new_best))
+        interval_start += time.perf_counter() - paused_at  # keep eval and saving out of tokens/s
+    state.step = max(state.step, cfg.max_steps)
+    return state
+
+
+def _forward_backward(model: nn.Module, batches: list[Batch], precision: Precision,
+                      scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """Accumulate gradients over the micro-batches; return the mean loss per target token
+    (a device tensor: reading it would sync). Each micro-batch's summed loss is divided by
+    the target count of the whole step, so every token weighs the same."""
+    total_targets = sum((y != IGNORE_INDEX).sum() for _, y in batches)
+    total_loss = torch.zeros((), device=batches[0][0].device)
+    for x, y in batches:
+        with precision.autocast():
+            loss = model(x, y) / total_targets
+        scaler.scale(loss).backward()
+        total_loss += loss.detach()
+    return total_loss
