@@ -127,25 +127,26 @@ def sample(
                             num_samples=num_samples, seed=seed, stops=stop or [], device=device)
 
     def stream(row: int, text: str) -> None:
+        """Sample 0 streams live (after its prompt); the others print when all are done."""
         if row == 0 and not json_output:
-            sys.stdout.write(text if row or stream.started else prompt + text)
+            sys.stdout.write(text if stream.started else prompt + text)
             stream.started = True
             sys.stdout.flush()
 
     stream.started = False
     path, samples = run_sample(checkpoint, request, on_text=stream,
                                on_event=lambda e: isinstance(e, Notice) and notice(e.message))
-    console.print(f"[dim]checkpoint: {path}[/]", highlight=False)
     if json_output:
         for s in samples:
             print(json.dumps({"prompt": prompt, "text": s.text, "tokens": s.tokens}, ensure_ascii=False))
-        return
-    if not stream.started:
-        sys.stdout.write(prompt)
-    sys.stdout.write("\n")
-    for s in samples[1:]:
-        sys.stdout.write(f"---\n{prompt}{s.text}\n")
+    else:
+        if not stream.started:
+            sys.stdout.write(prompt)
+        sys.stdout.write("\n")
+        for s in samples[1:]:
+            sys.stdout.write(f"---\n{prompt}{s.text}\n")
     sys.stdout.flush()
+    console.print(f"[dim]checkpoint: {path}[/]", highlight=False)
 
 
 def main() -> None:

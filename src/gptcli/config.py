@@ -77,6 +77,10 @@ class TrainConfig:
     lr: float = _field(6.0e-4, "Peak learning rate, reached after warmup.")
     min_lr: float = _field(6.0e-5, "Learning rate at the end of the cosine decay.")
     warmup_steps: int = _field(100, "Steps of linear warmup from 0 to lr.")
+    lr_decay_steps: int | None = _field(
+        None, "Step at which the cosine decay reaches min_lr (empty: max_steps). Fix it to "
+        "lengthen a run later without changing the schedule of the steps already taken."
+    )
     weight_decay: float = _field(0.1, "AdamW weight decay, applied to matrices only.")
     beta1: float = _field(0.9, "AdamW beta1.")
     beta2: float = _field(0.95, "AdamW beta2.")
@@ -128,6 +132,9 @@ def _range_problems(cfg: RunConfig) -> list[str]:
                  "save_every", "log_every"):
         need(getattr(t, name) >= 1, f"train.{name}: must be at least 1, got {getattr(t, name)}")
     need(t.warmup_steps >= 0, f"train.warmup_steps: must be 0 or more, got {t.warmup_steps}")
+    if t.lr_decay_steps is not None:
+        need(t.lr_decay_steps > t.warmup_steps,
+             f"train.lr_decay_steps: must be greater than train.warmup_steps, got {t.lr_decay_steps}")
     need(t.lr > 0, f"train.lr: must be greater than 0, got {t.lr}")
     need(0 <= t.min_lr <= t.lr, f"train.min_lr: must be in [0, train.lr={t.lr}], got {t.min_lr}")
     need(t.weight_decay >= 0, f"train.weight_decay: must be 0 or more, got {t.weight_decay}")

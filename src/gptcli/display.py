@@ -30,7 +30,7 @@ from gptcli.events import (
     StepLogged,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long messages stay one line for grep
 
 
 def notice(message: str) -> None:
@@ -51,17 +51,19 @@ class TokenizeDisplay:
         self.started: dict[str, float] = {}
 
     def __enter__(self) -> TokenizeDisplay:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.tasks:  # started on the first event: a failure before it prints nothing
+            self.progress.stop()
 
     def __call__(self, event: object) -> None:
         if isinstance(event, Notice):
             self.progress.console.print(f"[yellow]note:[/] {event.message}", highlight=False)
         if not isinstance(event, ProgressEvent):
             return
+        if not self.tasks:
+            self.progress.start()
         if event.phase not in self.tasks:
             self.tasks[event.phase] = self.progress.add_task(event.phase, total=event.total, rate="")
             self.started[event.phase] = time.perf_counter()

@@ -24,9 +24,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for 0-based `step`: linear warmup to cfg.lr, then cosine decay to
-    cfg.min_lr at cfg.max_steps."""
+    cfg.min_lr at cfg.lr_decay_steps (default max_steps), then constant."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    decay_end = cfg.lr_decay_steps or cfg.max_steps
+    span = max(decay_end - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)

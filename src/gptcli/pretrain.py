@@ -173,7 +173,6 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     (run_dir / CONFIG_YAML).write_text(config_yaml)
     if checkpoint is not None:
         trim_metrics(run_dir, state.step)
-        restore_rng_state(state.rng)
 
     setup = LoopSetup(
         cfg=cfg.train, optimizer=optimizer, precision=precision, device=device, run_dir=run_dir,
@@ -194,6 +193,8 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         "tokens/step": f"{tokens_per_step:,}",
         "resumed from": f"step {state.step}" if checkpoint is not None else "-",
     }, cfg.train.max_steps, state.step))
+    if checkpoint is not None:
+        restore_rng_state(state.rng)  # last, so nothing above shifts the dropout stream
     state = train_loop(model, data, setup, state, on_event)
     result = PretrainResult(run_dir, state.step, state.best_val_loss, time.perf_counter() - started)
     on_event(RunFinished({"steps": result.steps, "best_val_loss": result.best_val_loss,

@@ -107,8 +107,8 @@ def peak_flops(device: torch.device, precision: Precision) -> float:
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024,
                          seconds: float = 0.3) -> float:
     """FLOP/s of an n x n matrix product in `dtype`, the best of repeated timings."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    generator = torch.Generator().manual_seed(0)  # leaves the run's RNG stream alone
+    a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
     best = float("inf")
     deadline = time.perf_counter() + seconds
     torch.mm(a, b)  # warm-up: kernel selection, thread pool start

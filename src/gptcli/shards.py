@@ -30,13 +30,9 @@ import numpy as np
 
 from gptcli.corpus import Piece, Source, expand_inputs, iter_pieces, single_document_split
 from gptcli.errors import GptcliError
-from gptcli.events import EventSink, Progress, ignore
-from gptcli.tokenizer import (
-    Tokenizer,
-    is_corpus_dependent,
-    resolve_tokenizer,
-    tiktoken_from_file,
-)
+from gptcli.events import EventSink, Notice, Progress, ignore
+from gptcli.bpe import GPT2_PATTERN
+from gptcli.tokenizer import Tokenizer, is_corpus_dependent, resolve_tokenizer, tiktoken_from_ranks
 
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
@@ -95,7 +91,6 @@ class TokenizeResult:
     splits: dict[str, SplitStats]
     sources: int
     seconds: float
-    trained_bpe: Path | None = None
 
 
 def _pieces(sources: list[Source], jsonl_field: str, val_fraction: float,
@@ -106,11 +101,10 @@ def _pieces(sources: list[Source], jsonl_field: str, val_fraction: float,
 
 
 def _build_tokenizer(spec: str, sources: list[Source], jsonl_field: str, val_fraction: float,
-                     seed: int, train_bpe: int | None, work_dir: Path,
-                     on_event: EventSink) -> tuple[Tokenizer, Path | None]:
+                     seed: int, train_bpe: int | None, on_event: EventSink) -> Tokenizer:
     """The tokenizer for this corpus; BPE training and `char` vocabularies read it once first."""
     if train_bpe is not None:
-        from gptcli.bpe import train_bpe as learn, write_tiktoken_file
+        from gptcli.bpe import train_bpe as learn
 
         texts = (p.text for split, p in _pieces(sources, jsonl_field, val_fraction, seed)
                  if split == "train")
@@ -119,13 +113,13 @@ def _build_tokenizer(spec: str, sources: list[Source], jsonl_field: str, val_fra
                 Progress("training BPE", done, total)))
         except ValueError as exc:
             raise GptcliError(f"--train-bpe: {exc}") from None
-        path = work_dir / f"bpe-{train_bpe}.tiktoken"
-        write_tiktoken_file(ranks, path)
-        return tiktoken_from_file(path), path
+        if len(ranks) + 1 < train_bpe:
+            on_event(Notice(f"the corpus ran out of pairs to merge: the vocabulary has "
+                            f"{len(ranks) + 1} ids, not {train_bpe}"))
+        return tiktoken_from_ranks(ranks, f"bpe-{len(ranks) + 1}", GPT2_PATTERN)
     if is_corpus_dependent(spec):
-        texts = (p.text for p in iter_pieces(sources, jsonl_field))
-        return resolve_tokenizer(spec, texts), None
-    return resolve_tokenizer(spec), None
+        return resolve_tokenizer(spec, (p.text for p in iter_pieces(sources, jsonl_field)))
+    return resolve_tokenizer(spec)
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -153,11 +147,10 @@ def tokenize_corpus(
     out_dir = Path(out_dir)
     sources = expand_inputs(inputs)
     _prepare_out_dir(out_dir, overwrite)
+    tok = _build_tokenizer(tokenizer, sources, jsonl_field, val_fraction, seed, train_bpe, on_event)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tok, bpe_path = _build_tokenizer(tokenizer, sources, jsonl_field, val_fraction, seed,
-                                         train_bpe, work, on_event)
         dtype = token_dtype(tok.vocab_size)
         stats, digests = _write_splits(tok, dtype, sources, jsonl_field, val_fraction, seed,
                                        work, on_event)
@@ -180,8 +173,6 @@ def tokenize_corpus(
             "seed": seed,
         }
         (work / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        if bpe_path is not None:
-            bpe_path.unlink()  # it now lives in tokenizer/
         _replace_dir(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -194,7 +185,6 @@ def tokenize_corpus(
         splits=stats,
         sources=len(sources),
         seconds=time.perf_counter() - started,
-        trained_bpe=out_dir / TOKENIZER_DIR if bpe_path else None,
     )
 
 

@@ -179,8 +179,9 @@ class TiktokenTokenizer(Tokenizer):
         write_tiktoken_file(self.encoding._mergeable_ranks, Path(directory) / RANKS_FILE)
 
 
-def _tiktoken_from_ranks(ranks: dict[bytes, int], name: str, pattern: str,
-                         special_tokens: dict[str, int] | None = None) -> TiktokenTokenizer:
+def tiktoken_from_ranks(ranks: dict[bytes, int], name: str, pattern: str,
+                        special_tokens: dict[str, int] | None = None) -> TiktokenTokenizer:
+    """A tiktoken BPE from its ranks; `<|endoftext|>` follows the last rank unless given."""
     import tiktoken
 
     if special_tokens is None:
@@ -220,7 +221,7 @@ def read_ranks(path: str | Path) -> dict[bytes, int]:
 
 def tiktoken_from_file(path: str | Path) -> TiktokenTokenizer:
     """A `.tiktoken` ranks file with GPT-2's pre-tokenisation pattern and `<|endoftext|>` last."""
-    return _tiktoken_from_ranks(read_ranks(path), Path(path).stem, GPT2_PATTERN)
+    return tiktoken_from_ranks(read_ranks(path), Path(path).stem, GPT2_PATTERN)
 
 
 def named_tiktoken(name: str) -> TiktokenTokenizer:
@@ -283,5 +284,5 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         if not ranks_path.is_file():
             raise GptcliError(f"{directory} has no {RANKS_FILE}: the tokenizer is incomplete")
         ranks = read_ranks(ranks_path)
-        return _tiktoken_from_ranks(ranks, spec["name"], spec["pattern"], spec["special_tokens"])
+        return tiktoken_from_ranks(ranks, spec["name"], spec["pattern"], spec["special_tokens"])
     raise GptcliError(f"{spec_path}: unknown tokenizer type '{kind}'")

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny corpora, a tiny run config, the shared data files, an in-process CLI."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHAKESPEARE = SHARED / "tinyshakespeare.txt"
+GPT2_TIKTOKEN = SHARED / "gpt2.tiktoken"
+
+needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data absent")
+needs_gpt2_ranks = pytest.mark.skipif(not GPT2_TIKTOKEN.is_file(), reason="../shared/data absent")
+
+PY_SNIPPETS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import os\n\nprint(os.getcwd())\n",
+    "for i in range(10):\n    if i % 2:\n        print(i)\n",
+    "# unicode: naïve café — 日本語 ✓\nname = 'ünïcödé'\n",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own tokenization cache and runs in its own working directory."""
+    monkeypatch.setenv("GPTCLI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    """A folder of 40 small text documents (Python snippets repeated with variations)."""
+    folder = tmp_path / "corpus"
+    (folder / "pkg").mkdir(parents=True)
+    for i in range(40):
+        text = "".join(PY_SNIPPETS[(i + j) % len(PY_SNIPPETS)] for j in range(6)) + f"# file {i}\n"
+        sub = folder / "pkg" if i % 2 else folder
+        (sub / f"mod_{i:02d}.py").write_text(text, encoding="utf-8")
+    return folder
+
+
+def tiny_config(inputs: list[str], out_dir: Path, **train) -> dict:
+    """A run config (plain data) for a model small enough to train in seconds on CPU."""
+    return {
+        "out_dir": str(out_dir),
+        "seed": 1234,
+        "data": {"inputs": inputs, "tokenizer": "bytes", "val_fraction": 0.1},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0},
+        "train": {"batch_size": 4, "max_steps": 30, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
+                  "eval_every": 10, "eval_batches": 2, "save_every": 10, "log_every": 5,
+                  "precision": "fp32", "compile": "false", "device": "cpu", **train},
+    }
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run `gptcli ARGS` in this process; return (exit code, stdout, stderr)."""
+    from gptcli.cli import main
+
+    old_argv = sys.argv
+    sys.argv = ["gptcli", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    out, err = capsys.readouterr()
+    return code, out, err

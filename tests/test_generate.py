@@ -1,0 +1,84 @@
+import torch
+
+from gptcli.config import ModelConfig
+from gptcli.generate import SampleText, SamplingSettings, generate_tokens, logits_to_probs, next_token
+from gptcli.model import GPT
+from gptcli.tokenizer import BytesTokenizer, CharTokenizer
+
+
+def test_top_k_keeps_k_tokens():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    probs = logits_to_probs(logits, SamplingSettings(temperature=1.0, top_k=2))
+    assert (probs > 0).tolist() == [[False, True, False, True, False]]
+    torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
+
+
+def test_top_p_keeps_smallest_nucleus():
+    probs_in = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs_in.log()
+    kept = logits_to_probs(logits, SamplingSettings(temperature=1.0, top_p=0.75)) > 0
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.75
+    kept = logits_to_probs(logits, SamplingSettings(temperature=1.0, top_p=0.1)) > 0
+    assert kept.tolist() == [[True, False, False, False]]  # the most likely always stays
+    full = logits_to_probs(logits, SamplingSettings(temperature=1.0, top_p=1.0))
+    torch.testing.assert_close(full, probs_in)
+
+
+def test_temperature_sharpens_and_zero_is_greedy():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    cold = logits_to_probs(logits, SamplingSettings(temperature=0.1))
+    hot = logits_to_probs(logits, SamplingSettings(temperature=10.0))
+    assert cold[0, 2] > 0.99 and hot[0, 2] < 0.5
+    assert next_token(logits, SamplingSettings(temperature=0), None).item() == 2
+
+
+def tiny_model(block_size=8, vocab=20):
+    torch.manual_seed(0)
+    return GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=block_size, vocab_size=vocab)).eval()
+
+
+def test_generation_runs_past_the_context_and_only_real_ids():
+    model = tiny_model(block_size=8, vocab=20)
+    out = list(generate_tokens(model, [1, 2, 3], 40, SamplingSettings(temperature=1.0), num_samples=3,
+                               generator=torch.Generator().manual_seed(0)))
+    tokens = torch.stack(out, dim=1)
+    assert tokens.shape == (3, 40) and int(tokens.max()) < 20  # padded ids (20..63) never appear
+
+
+def test_greedy_with_cache_equals_recomputing_without():
+    model = tiny_model(block_size=16, vocab=20)
+    prompt = [3, 1, 4, 1, 5]
+    cached = [t.item() for t in generate_tokens(model, prompt, 8, SamplingSettings(temperature=0))]
+    seq = list(prompt)
+    for _ in range(8):
+        seq.append(int(model(torch.tensor([seq]))[0, -1, :20].argmax()))
+    assert cached == seq[len(prompt):]
+
+
+def test_seeded_sampling_is_reproducible():
+    model = tiny_model()
+    run = lambda: [t.tolist() for t in generate_tokens(model, [1], 10, SamplingSettings(1.0), 2,
+                                                        torch.Generator().manual_seed(7))]
+    assert run() == run()
+
+
+def test_sample_text_stop_strings_and_holdback():
+    tok = CharTokenizer("abcdefgh\n")
+    text = SampleText(tok, stops=["\n\n"])
+    shown = "".join(text.add(i) for i in tok.encode("abc\nde\n\nfg"))
+    assert text.stopped and text.text == "abc\nde" and shown == "abc\nde"
+
+
+def test_sample_text_utf8_split_across_tokens():
+    tok = BytesTokenizer()
+    text = SampleText(tok, stops=[])
+    pieces = [text.add(b) for b in "é日".encode()]
+    assert pieces[0] == "" and "".join(pieces) + text.finish() == "é日"
+
+
+def test_sample_text_ends_at_end_of_text():
+    tok = BytesTokenizer()
+    text = SampleText(tok, stops=[])
+    assert text.add(ord("a")) == "a"
+    text.add(tok.eot_id)
+    assert text.stopped and text.add(ord("b")) == "" and text.tokens == [ord("a")]

@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+
+from gptcli.config import ModelConfig
+from gptcli.model import GPT, IGNORE_INDEX
+
+
+def make(**overrides) -> GPT:
+    cfg = ModelConfig(**{"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 16,
+                         "vocab_size": 100, **overrides})
+    torch.manual_seed(0)
+    return GPT(cfg).eval()
+
+
+def test_shapes_and_padded_vocab():
+    model = make()
+    logits = model(torch.randint(0, 100, (3, 16)))
+    assert logits.shape == (3, 16, 128)  # 100 padded up to a multiple of 64
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_gpt2_parameter_names():
+    names = set(make(bias=True).state_dict())
+    expected = {"wte.weight", "wpe.weight", "h.0.ln_1.weight", "h.0.ln_1.bias", "h.0.attn.c_attn.weight",
+                "h.0.attn.c_attn.bias", "h.0.attn.c_proj.weight", "h.0.ln_2.weight", "h.0.mlp.c_fc.weight",
+                "h.1.mlp.c_proj.bias", "ln_f.weight", "ln_f.bias", "lm_head.weight"}
+    assert expected <= names
+    assert not any(n.endswith("bias") for n in make(bias=False).state_dict())
+
+
+def test_causality():
+    """Changing token t never changes the outputs at positions before t."""
+    model = make()
+    idx = torch.randint(0, 100, (1, 16))
+    base = model(idx)
+    for t in (0, 7, 15):
+        changed = idx.clone()
+        changed[0, t] = (changed[0, t] + 1) % 100
+        out = model(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t])
+        assert not torch.allclose(out[:, t], base[:, t])
+
+
+def test_loss_is_summed_cross_entropy_with_ignored_targets():
+    model = make()
+    idx = torch.randint(0, 100, (2, 16))
+    targets = torch.randint(0, 100, (2, 16))
+    targets[0, :5] = IGNORE_INDEX
+    logits = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 128), targets.view(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(model(idx, targets), expected)
+
+
+def test_initial_loss_is_near_uniform():
+    model = make(vocab_size=100)
+    idx, targets = torch.randint(0, 100, (2, 4, 16))
+    loss = model(idx, targets) / idx.numel()
+    assert abs(loss.item() - math.log(128)) < 0.3
+
+
+def test_residual_projections_scaled():
+    model = make(n_layer=8, n_embd=256, n_head=4)
+    std = model.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(model.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.001
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kv_cache_matches_full_forward(bias):
+    """Prefill a prompt then decode token by token: logits equal a full causal pass."""
+    model = make(bias=bias)
+    idx = torch.randint(0, 100, (2, 12))
+    full = model(idx)
+    model.setup_kv_cache(batch_size=2, length=16)
+    hidden = model.hidden_states(idx[:, :5], torch.arange(5))
+    torch.testing.assert_close(model.lm_head(hidden), full[:, :5], atol=1e-5, rtol=1e-4)
+    for t in range(5, 12):
+        step = model.lm_head(model.hidden_states(idx[:, t:t + 1], torch.tensor([t])))
+        torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-4)
+    model.clear_kv_cache()
+    assert all(b.attn.kv_cache is None for b in model.h)
+
+
+def test_dropout_only_in_training():
+    model = make(dropout=0.5)
+    idx = torch.randint(0, 100, (2, 16))
+    torch.testing.assert_close(model(idx), model(idx))
+    model.train()
+    assert not torch.allclose(model(idx), model(idx))

@@ -1,0 +1,162 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from gptcli.checkpoint import load_model, load_trainer_state, read_pointer, resolve_checkpoint
+from gptcli.config import config_from_dict, load_config
+from gptcli.errors import GptcliError
+from gptcli.events import CheckpointSaved, EvalDone, RunStarted, StepLogged
+from gptcli.pretrain import pretrain
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_loss_falls_and_run_dir_layout(tmp_path, corpus_dir):
+    events = []
+    cfg = config_from_dict(tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=60, log_every=5))
+    result = pretrain(cfg, on_event=events.append)
+    run = tmp_path / "run"
+    logged = losses(run)
+    assert logged[60] < logged[5] - 1.0  # bytes start near ln(320)=5.8 and fall fast on repetitive code
+    assert result.steps == 60 and result.best_val_loss < 4.0  # uniform over 257 bytes is 5.55
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "best", "latest", "step-000010", "step-000020", "step-000030", "step-000040",
+        "step-000050", "step-000060"]
+    assert read_pointer(run, "latest").name == "step-000060"
+    resolved = load_config(run / "config.yaml")
+    assert resolved.model.vocab_size == 257 and resolved.train.max_steps == 60
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens_per_sec", "mfu"} <= set(rows[0])
+    assert any("val_bpb" in r for r in rows)
+    kinds = {type(e) for e in events}
+    assert {RunStarted, StepLogged, EvalDone, CheckpointSaved} <= kinds
+
+
+def test_checkpoint_round_trip(tmp_path, corpus_dir):
+    cfg = config_from_dict(tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=10))
+    pretrain(cfg)
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    shutil.copytree(ckpt, tmp_path / "moved")  # travels alone: no corpus or cache needed
+    shutil.rmtree(tmp_path / "cache")
+    model, tok = load_model(tmp_path / "moved")
+    again, _ = load_model(ckpt)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert tok.name == "bytes" and model.config.n_embd == 32
+    assert load_config(tmp_path / "moved" / "config.yaml").train.max_steps == 10
+    state = load_trainer_state(ckpt)
+    assert state.step == 10 and state.optimizer["state"] and "cpu" in state.rng
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp*"))
+
+
+def test_resume_is_bit_identical(tmp_path, corpus_dir):
+    """2N steps straight == N steps, then --resume for N more (CPU, fp32, with dropout)."""
+    base = tiny_config([str(corpus_dir)], tmp_path / "straight", max_steps=20, log_every=1,
+                       save_every=10, eval_every=10, lr_decay_steps=20)
+    base["model"]["dropout"] = 0.1
+    pretrain(config_from_dict(base))
+    split = json.loads(json.dumps(base))
+    split["out_dir"] = str(tmp_path / "split")
+    split["train"]["max_steps"] = 10
+    pretrain(config_from_dict(split))
+    split["train"]["max_steps"] = 20
+    pretrain(config_from_dict(split), resume=True)
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert sorted(resumed) == list(range(1, 21))
+    assert straight == resumed
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, corpus_dir):
+    cfg = config_from_dict(tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=10))
+    pretrain(cfg)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(GptcliError, match="already holds a run; pass --resume .* or --overwrite"):
+        pretrain(cfg)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    pretrain(cfg, overwrite=True)
+    with pytest.raises(GptcliError, match="no checkpoint to resume"):
+        pretrain(config_from_dict(tiny_config([str(corpus_dir)], tmp_path / "fresh")), resume=True)
+
+
+def test_resume_refuses_shape_change(tmp_path, corpus_dir):
+    cfg = tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=10)
+    pretrain(config_from_dict(cfg))
+    cfg["model"]["n_embd"] = 64
+    with pytest.raises(GptcliError, match=r"model settings differ from the checkpoint \(n_embd\)"):
+        pretrain(config_from_dict(cfg), resume=True)
+    cfg["model"]["n_embd"] = 32
+    cfg["train"]["batch_size"] = 8
+    with pytest.raises(GptcliError, match="batch_size/grad_accum were 4/1, now 8/1"):
+        pretrain(config_from_dict(cfg), resume=True)
+
+
+def test_tokenized_dir_input_and_cache_reuse(tmp_path, corpus_dir):
+    from gptcli.shards import tokenize_corpus
+
+    tokenize_corpus([str(corpus_dir)], tmp_path / "tok", tokenizer="char")
+    cfg = tiny_config([str(tmp_path / "tok")], tmp_path / "run", max_steps=2)
+    pretrain(config_from_dict(cfg))
+    assert not (tmp_path / "cache").exists()  # a tokenized directory is used as is
+    assert load_config(tmp_path / "run" / "config.yaml").model.vocab_size < 100
+
+    raw = tiny_config([str(corpus_dir)], tmp_path / "raw1", max_steps=2)
+    pretrain(config_from_dict(raw))
+    cached = list((tmp_path / "cache" / "tokens").iterdir())
+    stamp = (cached[0] / "train.bin").stat().st_mtime_ns
+    raw["out_dir"] = str(tmp_path / "raw2")
+    pretrain(config_from_dict(raw))
+    assert list((tmp_path / "cache" / "tokens").iterdir()) == cached
+    assert (cached[0] / "train.bin").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+
+def test_vocab_and_context_mismatches(tmp_path, corpus_dir):
+    cfg = tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=2)
+    cfg["model"]["vocab_size"] = 50257
+    with pytest.raises(GptcliError, match="model.vocab_size is 50257 but the tokenizer .* has 257 ids"):
+        pretrain(config_from_dict(cfg))
+    cfg["model"]["vocab_size"] = None
+    cfg["model"]["block_size"] = 100_000
+    with pytest.raises(GptcliError, match="too few for model.block_size=100000"):
+        pretrain(config_from_dict(cfg))
+    assert not (tmp_path / "run").exists()
+
+
+def test_lr_schedule():
+    from gptcli.config import TrainConfig
+    from gptcli.optim import lr_at
+
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1 / 11) and lr_at(9, cfg) == pytest.approx(10 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+    pinned = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=50, lr_decay_steps=110)
+    assert [lr_at(s, pinned) for s in range(50)] == [lr_at(s, cfg) for s in range(50)]
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, corpus_dir):
+    """Loss normalised over the whole step: 2 micro-batches of 2 give the same update as 1 of 4."""
+    from gptcli.runtime import Precision
+    from gptcli.train import _forward_backward
+    from gptcli.config import ModelConfig
+    from gptcli.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))
+    x, y = torch.randint(0, 50, (2, 4, 8))
+    y[0, :3] = -1  # uneven target counts across micro-batches
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    fp32 = Precision("fp32", "cpu")
+    big = _forward_backward(model, [(x, y)], fp32, scaler)
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    small = _forward_backward(model, [(x[:2], y[:2]), (x[2:], y[2:])], fp32, scaler)
+    torch.testing.assert_close(big, small)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5)
