@@ -127,3 +127,11 @@ def test_shipped_configs_load():
     configs = Path(__file__).resolve().parents[1] / "configs"
     for path in configs.glob("*.yaml"):
         load_config(path)
+
+
+def test_readme_config_reference_lists_every_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [key for key, _, _ in field_docs() if f"| `{key}` |" not in readme]
+    assert not missing, f"README config reference lacks {missing}"

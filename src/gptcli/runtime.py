@@ -12,6 +12,7 @@ import torch
 
 from gptcli.errors import GptcliError
 
+BF16_MARGIN = 0.9  # on CPU, auto picks bf16 only if a step takes under 90% of fp32's time
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Dense peak FLOP/s of common GPUs by name fragment (datasheets, without sparsity).
@@ -67,8 +68,10 @@ def resolve_precision(name: str, device: torch.device, cpu_trial=None) -> Precis
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         elif device.type == "cpu" and cpu_trial is not None:
-            timings = {p: cpu_trial(Precision(p, "cpu")) for p in ("fp32", "bf16")}
-            name = min(timings, key=timings.get)
+            # bf16 must win clearly: on small models the two are close, and a coin toss
+            # between runs would make results depend on machine noise.
+            fp32, bf16 = (cpu_trial(Precision(p, "cpu")) for p in ("fp32", "bf16"))
+            name = "bf16" if bf16 < BF16_MARGIN * fp32 else "fp32"
         else:
             name = "fp32"
     if name == "fp16" and device.type == "cpu":
