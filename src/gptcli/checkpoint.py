@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from gptcli.atomic import fsync_tree, replace_dir, write_text
 from gptcli.config import ModelConfig, config_from_dict
 from gptcli.errors import GptcliError
 from gptcli.model import GPT
@@ -57,18 +58,6 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config_yaml: str,
                     trainer: TrainerState | None = None) -> Path:
     """Write a checkpoint directory at `target` atomically (temp dir, fsync, rename)."""
@@ -89,14 +78,8 @@ def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config
         (tmp / CONFIG_YAML).write_text(config_yaml)
         if trainer is not None:
             _save_trainer(tmp, trainer)
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".old-{target.name}-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        fsync_tree(tmp)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -187,10 +170,7 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
 
 def write_pointer(run_dir: str | Path, name: str, checkpoint: Path) -> None:
     """Atomically point `checkpoints/<name>` at `checkpoint`."""
-    folder = Path(run_dir) / CHECKPOINTS
-    tmp = folder / f".{name}.tmp"
-    tmp.write_text(checkpoint.name + "\n")
-    os.replace(tmp, folder / name)
+    write_text(Path(run_dir) / CHECKPOINTS / name, checkpoint.name + "\n")
 
 
 def read_pointer(run_dir: str | Path, name: str) -> Path | None:

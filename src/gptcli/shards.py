@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ import numpy as np
 from gptcli.corpus import Piece, Source, expand_inputs, iter_pieces, single_document_split
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, Progress, ignore
+from gptcli.atomic import fsync_tree, replace_dir
 from gptcli.bpe import GPT2_PATTERN
 from gptcli.tokenizer import Tokenizer, is_corpus_dependent, resolve_tokenizer, tiktoken_from_ranks
 
@@ -173,7 +173,8 @@ def tokenize_corpus(
             "seed": seed,
         }
         (work / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        _replace_dir(work, out_dir)
+        fsync_tree(work)
+        replace_dir(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -226,24 +227,10 @@ def _write_splits(tok: Tokenizer, dtype: np.dtype, sources: list[Source], jsonl_
                 batch, batch_bytes = [], 0
         if batch:
             flush(batch)
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
     finally:
         for f in files.values():
             f.close()
     return stats, {s: h.hexdigest() for s, h in hashes.items()}
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished directory `new` to `target`, replacing an old one only at the end."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def read_meta(directory: str | Path) -> dict:

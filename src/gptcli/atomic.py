@@ -1,0 +1,43 @@
+"""Crash-safe writes: build a directory or file under a temporary name, fsync it, rename it
+into place. A crash at any moment leaves either the old version or the new, never half."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, and `root` itself, to disk."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move the finished directory `new` to `target`; an existing `target` is moved aside
+    first and deleted only once the new one is in place."""
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace the file at `path` with `text` atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
