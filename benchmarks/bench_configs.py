@@ -67,8 +67,9 @@ def main() -> None:
     report = [f"### Shipped configs, CPU ({time.strftime('%Y-%m-%d')})", "", describe_machine(), "",
               table(results), ""]
     for r in results:
-        report += [f"Sample from `{r['config']}` (`gptcli sample -p {r['prompt'] if 'prompt' in r else ''!r}"
-                   f" -n 300 --seed 0`):", "", "```", r["sample"].rstrip(), "```", ""]
+        prompt = CONFIGS[r["config"]]["prompt"]
+        report += [f"Sample from `{r['config']}` (`gptcli sample -p {prompt!r} -n 300 --seed 0`):",
+                   "", "```", r["sample"].rstrip(), "```", ""]
     text = "\n".join(report)
     print(text)
     if args.write:

@@ -1,0 +1,137 @@
+"""Instruction tuning: a chat template with its own special tokens, and the dataset.
+
+The template (special tokens are single ids added after the base vocabulary; role text is
+encoded as ordinary text, so a user can never type a special token):
+
+    <|system|>You are terse.<|end|>          (optional)
+    <|user|>What is 2 + 2?<|end|>
+    <|assistant|>4<|end|>
+    ... more turns ...
+
+Loss falls only on assistant content and its closing <|end|> (so the model learns to stop);
+everything else is masked with IGNORE_INDEX. `gptcli sample` on such a checkpoint wraps the
+prompt as one user turn plus `<|assistant|>` and stops at `<|end|>`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gptcli.errors import GptcliError
+from gptcli.model import IGNORE_INDEX
+from gptcli.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+END = "<|end|>"
+CHAT_TOKENS = tuple(f"<|{role}|>" for role in ROLES) + (END,)
+
+
+def has_chat_template(tokenizer: Tokenizer) -> bool:
+    return all(t in tokenizer.special_tokens for t in CHAT_TOKENS)
+
+
+def messages_of(record: dict, where: str) -> list[dict]:
+    """The turns of a record: `{"prompt", "response"}` or `{"messages": [{"role", "content"}]}`."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise GptcliError(f"{where}: 'messages' must be a non-empty list")
+        for turn in messages:
+            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+                raise GptcliError(f"{where}: every message needs a 'role' and a string 'content'")
+            if turn.get("role") not in ROLES:
+                raise GptcliError(f"{where}: unknown role {turn.get('role')!r} (use {', '.join(ROLES)})")
+        if not any(turn["role"] == "assistant" for turn in messages):
+            raise GptcliError(f"{where}: no assistant message to learn from")
+        return messages
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+        return [{"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["response"]}]
+    raise GptcliError(f"{where}: expected 'prompt' and 'response' strings, or 'messages'")
+
+
+def render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and their targets for next-token training: targets[i]
+    is ids[i + 1] where that token is assistant content or its <|end|>, else IGNORE_INDEX."""
+    special = tokenizer.special_tokens
+    ids: list[int] = []
+    learn: list[bool] = []  # whether ids[i] is a token the model should learn to produce
+    for turn in messages:
+        content = tokenizer.encode(turn["content"])
+        is_answer = turn["role"] == "assistant"
+        ids += [special[f"<|{turn['role']}|>"], *content, special[END]]
+        learn += [False] + [is_answer] * (len(content) + 1)
+    targets = [nxt if ok else IGNORE_INDEX for nxt, ok in zip(ids[1:], learn[1:])]
+    return ids[:-1], targets
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """A user turn followed by the assistant header: what sampling continues from."""
+    special = tokenizer.special_tokens
+    return [special["<|user|>"], *tokenizer.encode(prompt), special[END], special["<|assistant|>"]]
+
+
+class InstructData:
+    """Conversations as (ids, targets) rows; padded per batch, or packed into full rows."""
+
+    metric = "val_loss"
+    higher_is_better = False
+
+    def __init__(self, tokenizer: Tokenizer, train: list[list[dict]], val: list[list[dict]],
+                 block_size: int, batch_size: int, pack: bool, seed: int, device: torch.device):
+        self.pad_id = tokenizer.eot_id
+        self.train_rows = self._rows(tokenizer, train, block_size, pack)
+        self.val_rows = self._rows(tokenizer, val, block_size, pack)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.val_bytes_per_token = 1.0  # bits per byte is not reported for chat data
+
+    @staticmethod
+    def _rows(tokenizer: Tokenizer, conversations: list[list[dict]], block_size: int,
+              pack: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        rows = []
+        for number, messages in enumerate(conversations, start=1):
+            ids, targets = render(tokenizer, messages)
+            if len(ids) > block_size:
+                raise GptcliError(f"conversation {number} is {len(ids)} tokens, longer than the "
+                                  f"{block_size}-token context; shorten it or drop it")
+            rows.append((np.array(ids), np.array(targets)))
+        return _pack(rows, block_size) if pack else rows
+
+    def _batch(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids, _ in rows)
+        idx = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+        for r, (ids, tgt) in enumerate(rows):
+            idx[r, :len(ids)] = ids
+            targets[r, :len(tgt)] = tgt
+        return {"idx": torch.from_numpy(idx).to(self.device),
+                "targets": torch.from_numpy(targets).to(self.device)}
+
+    def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, 3, step, micro])
+        picks = rng.integers(0, len(self.train_rows), size=self.batch_size)
+        return self._batch([self.train_rows[i] for i in picks])
+
+    def val_batches(self):
+        for start in range(0, len(self.val_rows), self.batch_size):
+            yield self._batch(self.val_rows[start:start + self.batch_size])
+
+
+def _pack(rows: list[tuple[np.ndarray, np.ndarray]], block_size: int
+          ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Concatenate consecutive conversations into rows of at most block_size tokens.
+    Attention may cross conversation boundaries inside a row (the usual simple packing);
+    every conversation still starts with a role token, and its loss mask is kept."""
+    packed, ids, targets = [], [], []
+    for row_ids, row_targets in rows:
+        if ids and len(ids) + len(row_ids) > block_size:
+            packed.append((np.concatenate(ids), np.concatenate(targets)))
+            ids, targets = [], []
+        ids.append(row_ids)
+        targets.append(row_targets)
+    if ids:
+        packed.append((np.concatenate(ids), np.concatenate(targets)))
+    return packed
