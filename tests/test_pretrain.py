@@ -153,10 +153,11 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, corpus_dir):
     y[0, :3] = -1  # uneven target counts across micro-batches
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     fp32 = Precision("fp32", "cpu")
-    big = _forward_backward(model, [(x, y)], fp32, scaler)
+    big = _forward_backward(model, [{"idx": x, "targets": y}], fp32, scaler)
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    small = _forward_backward(model, [(x[:2], y[:2]), (x[2:], y[2:])], fp32, scaler)
+    small = _forward_backward(model, [{"idx": x[:2], "targets": y[:2]}, {"idx": x[2:], "targets": y[2:]}],
+                              fp32, scaler)
     torch.testing.assert_close(big, small)
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5)

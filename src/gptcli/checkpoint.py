@@ -14,6 +14,7 @@ temporary name and renamed into place, so a crash leaves the previous one intact
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,8 +27,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gptcli.atomic import fsync_tree, replace_dir, write_text
+from gptcli.classify import GPTClassifier
 from gptcli.config import ModelConfig, config_from_dict
 from gptcli.errors import GptcliError
+from gptcli.lora import LoRASpec, apply_lora
 from gptcli.model import GPT
 from gptcli.tokenizer import Tokenizer, load_tokenizer
 
@@ -47,7 +50,8 @@ class TrainerState:
 
     step: int
     tokens_seen: int = 0
-    best_val_loss: float | None = None
+    best_metric: float | None = None  # best value of the task's evaluation metric so far
+    evals_since_best: int = 0  # for early stopping
     optimizer: dict | None = None  # torch optimizer state_dict
     scaler: dict | None = None  # GradScaler state_dict (fp16 only)
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -72,7 +76,12 @@ def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config
             "format": "gptcli/1",
             "model_config": json.dumps(_model_dict(model.config)),
             "tokenizer": json.dumps(tokenizer.spec),
+            "task": "classify" if isinstance(model, GPTClassifier) else "lm",
         }
+        if isinstance(model, GPTClassifier):
+            metadata["labels"] = json.dumps(model.labels)
+        if model.lora_spec is not None:
+            metadata["lora"] = json.dumps(dataclasses.asdict(model.lora_spec))
         save_file(weights, tmp / WEIGHTS, metadata=metadata)
         tokenizer.save(tmp / TOKENIZER_DIR)
         (tmp / CONFIG_YAML).write_text(config_yaml)
@@ -105,7 +114,8 @@ def _save_trainer(directory: Path, state: TrainerState) -> None:
     info = {
         "step": state.step,
         "tokens_seen": state.tokens_seen,
-        "best_val_loss": state.best_val_loss,
+        "best_metric": state.best_metric,
+        "evals_since_best": state.evals_since_best,
         "optimizer_param_groups": optimizer_json,
         "scaler": state.scaler,
         "extra": state.extra,
@@ -132,40 +142,76 @@ def load_trainer_state(directory: str | Path) -> TrainerState:
         optimizer = {"state": state, "param_groups": info["optimizer_param_groups"]}
     rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
     return TrainerState(step=info["step"], tokens_seen=info["tokens_seen"],
-                        best_val_loss=info["best_val_loss"], optimizer=optimizer,
+                        best_metric=info["best_metric"], evals_since_best=info["evals_since_best"],
+                        optimizer=optimizer,
                         scaler=info["scaler"], rng=rng, extra=info.get("extra", {}))
 
 
-def read_model_config(directory: str | Path) -> ModelConfig:
-    """The model config stored in a checkpoint's weights metadata."""
+def read_metadata(directory: str | Path) -> dict[str, str]:
+    """The metadata of a checkpoint's weights file (model config, task, labels, LoRA)."""
     path = Path(directory) / WEIGHTS
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        data = json.loads(metadata["model_config"])
-    except (OSError, SafetensorError, KeyError, ValueError) as exc:
-        raise GptcliError(f"{path} is not a gptcli model file ({type(exc).__name__}: {exc})") from None
+    except (OSError, SafetensorError) as exc:
+        raise GptcliError(f"{path} is not a readable safetensors file ({exc})") from None
+    if "model_config" not in metadata:
+        raise GptcliError(f"{path} is not a gptcli model file (no model config in its metadata)")
+    return metadata
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    """The model config stored in a checkpoint's weights metadata."""
+    try:
+        data = json.loads(read_metadata(directory)["model_config"])
+    except ValueError as exc:
+        raise GptcliError(f"{Path(directory) / WEIGHTS}: unreadable model config ({exc})") from None
     return config_from_dict(data, ModelConfig)
+
+
+def checkpoint_task(directory: str | Path) -> str:
+    return read_metadata(directory).get("task", "lm")
+
+
+def build_model(directory: str | Path) -> GPT:
+    """An untrained model of the checkpoint's shape, task head and LoRA adapters."""
+    metadata = read_metadata(directory)
+    cfg = read_model_config(directory)
+    if metadata.get("task") == "classify":
+        model: GPT = GPTClassifier(cfg, json.loads(metadata["labels"]))
+    else:
+        model = GPT(cfg)
+    if "lora" in metadata:
+        spec = json.loads(metadata["lora"])
+        apply_lora(model, LoRASpec(**{**spec, "targets": tuple(spec["targets"])}))
+    return model
+
+
+def load_weights(model: GPT, directory: str | Path, device: torch.device | str = "cpu") -> None:
+    """Load a checkpoint's weights into a model built for it; every weight must match."""
+    path = Path(directory) / WEIGHTS
+    try:
+        weights = load_file(path, device=str(device))
+    except (OSError, SafetensorError) as exc:
+        raise GptcliError(f"{path} is unreadable: {exc}") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = sorted(set(missing) - {_TIED})
+    if missing or unexpected:
+        raise GptcliError(f"{path}: weights do not match the model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
 
 
 def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer]:
     """The model (in eval mode, fp32) and tokenizer of a checkpoint directory."""
     directory = Path(directory)
-    cfg = read_model_config(directory)
+    model = build_model(directory)
     tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
-    if tokenizer.vocab_size != cfg.vocab_size:
+    if tokenizer.vocab_size != model.config.vocab_size:
         raise GptcliError(f"{directory}: tokenizer has {tokenizer.vocab_size} ids but the model "
-                          f"expects {cfg.vocab_size}")
-    model = GPT(cfg)
-    try:
-        weights = load_file(directory / WEIGHTS)
-    except SafetensorError as exc:
-        raise GptcliError(f"{directory / WEIGHTS} is unreadable: {exc}") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if set(missing) - {_TIED} or unexpected:
-        raise GptcliError(f"{directory / WEIGHTS}: weights do not match the model config "
-                          f"(missing {sorted(set(missing) - {_TIED})}, unexpected {unexpected})")
-    return model.to(device).eval(), tokenizer
+                          f"expects {model.config.vocab_size}")
+    model.to(device)
+    load_weights(model, directory, device)
+    return model.eval(), tokenizer
 
 
 def write_pointer(run_dir: str | Path, name: str, checkpoint: Path) -> None:
@@ -185,12 +231,16 @@ def is_checkpoint(path: Path) -> bool:
     return (path / WEIGHTS).is_file()
 
 
-def find_latest_run(root: str | Path = "runs") -> Path | None:
-    """The run under `root` whose latest checkpoint was written most recently."""
+def find_latest_run(root: str | Path = "runs", task: str | None = None) -> Path | None:
+    """The run under `root` whose latest checkpoint was written most recently (of `task`,
+    `lm` or `classify`, if given)."""
     root = Path(root)
     if not root.is_dir():
         return None
     pointers = [p for p in root.glob(f"**/{CHECKPOINTS}/{LATEST}") if p.is_file()]
+    if task is not None:
+        pointers = [p for p in pointers
+                    if (c := read_pointer(p.parent.parent, LATEST)) and checkpoint_task(c) == task]
     if not pointers:
         return None
     return max(pointers, key=lambda p: p.stat().st_mtime).parent.parent
@@ -215,3 +265,23 @@ def resolve_checkpoint(path: str | Path | None, prefer: str = BEST) -> Path:
         if found is not None:
             return found
     raise GptcliError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path | None, bool]:
+    """Check `run_dir` against --resume/--overwrite before anything is written.
+
+    Returns the checkpoint to resume from (or None) and whether an old run must be cleared
+    (done by the caller only once everything else has been validated).
+    """
+    if resume and overwrite:
+        raise GptcliError("--resume and --overwrite contradict each other; pick one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GptcliError(f"out_dir {run_dir} is a file; choose a directory path")
+    latest = read_pointer(run_dir, LATEST)
+    used = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume and latest is None:
+        raise GptcliError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if used and not (resume or overwrite):
+        raise GptcliError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                          f"--overwrite to start over")
+    return (latest if resume else None), (used and overwrite)

@@ -20,11 +20,12 @@ from gptcli.tokenizer import Tokenizer
 
 
 class GPTClassifier(GPT):
-    def __init__(self, cfg: ModelConfig, n_classes: int, aux_lm_weight: float = 0.0):
+    def __init__(self, cfg: ModelConfig, labels: list[str], aux_lm_weight: float = 0.0):
         super().__init__(cfg)
-        self.n_classes = n_classes
+        self.labels = list(labels)
+        self.n_classes = len(labels)
         self.aux_lm_weight = aux_lm_weight
-        self.score = torch.nn.Linear(cfg.n_embd, n_classes, bias=False)
+        self.score = torch.nn.Linear(cfg.n_embd, self.n_classes, bias=False)
         torch.nn.init.normal_(self.score.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -150,9 +151,10 @@ class ClassifyData:
         picked = probs[np.arange(len(self.val_y)), self.val_y]
         loss = float(-np.log(np.maximum(picked, 1e-12)).mean())
         metrics = classification_metrics(self.val_y, probs.argmax(1), self.labels)
+        majority = np.bincount(self.val_y, minlength=len(self.labels)).max() / len(self.val_y)
         return {"val_loss": loss, "val_accuracy": metrics["accuracy"],
-                "val_macro_f1": metrics["macro_f1"], "per_class": metrics["per_class"],
-                "confusion": metrics["confusion"]}
+                "val_macro_f1": metrics["macro_f1"], "val_majority_baseline": float(majority),
+                "per_class": metrics["per_class"], "confusion": metrics["confusion"]}
 
 
 def check_labels(train_labels: list[str], val_labels: list[str], source: str) -> list[str]:

@@ -98,6 +98,77 @@ def pretrain(
 
 
 @app.command()
+def finetune(
+    config: Annotated[Optional[Path], typer.Argument(
+        help="YAML config (see configs/finetune-*.yaml); none: the built-in classify example.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="classify, lm or instruct (overrides finetune.task).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE", help="Override a config value, e.g. --set finetune.lora.rank=8 (repeatable).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in out_dir from its latest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run in out_dir and start over.")] = False,
+) -> None:
+    """Adapt a checkpoint to a labelled task, new-domain text, or prompt/response pairs.
+
+    Example: gptcli finetune --task classify   (built-in example on the latest pretrained run)
+    """
+    from gptcli.config import FinetuneRunConfig, load_config
+    from gptcli.display import TrainDisplay, console, render_classify_metrics
+    from gptcli.finetune import finetune as run_finetune
+
+    overrides = list(set_ or [])
+    if task is not None:
+        overrides.append(f"finetune.task={task}")
+    if config is None:
+        if task not in (None, "classify"):
+            raise GptcliError(f"--task {task} needs a config naming its data (see configs/finetune-{task}.yaml)")
+        overrides = ["finetune.train_file=stdlib-packages", "out_dir=runs/classify-stdlib",
+                     "model.dropout=0.1", "train.batch_size=32", *overrides]
+    cfg = load_config(config, overrides, FinetuneRunConfig)
+    display = TrainDisplay()
+    try:
+        result = run_finetune(cfg, resume=resume, overwrite=overwrite, on_event=display)
+    finally:
+        display.close()
+    if display.last_eval and "confusion" in display.last_eval:
+        render_classify_metrics(display.last_eval)
+    if result.before:
+        console.print(f"before: val loss {result.before['val_loss']:.4f}"
+                      + (f", bpb {result.before['val_bpb']:.4f}" if "val_bpb" in result.before else ""))
+    best = f"{result.best_metric:.4f}" if result.best_metric is not None else "-"
+    console.print(f"done: {result.task}, {result.steps} steps in {result.seconds:.0f}s, best "
+                  f"{result.metric} {best}; use it with: gptcli sample --checkpoint {result.run_dir} -p '...'")
+
+
+@app.command("eval")
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", help="CSV, TSV or JSONL with text and label columns.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", "-c", help="Classifier run or checkpoint directory.")] = None,
+    text_column: Annotated[str, typer.Option(help="Column with the text.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Column with the true label.")] = "label",
+    predictions: Annotated[Optional[Path], typer.Option(help="Write per-row predictions to this CSV.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Metrics of a classifier checkpoint on a labelled file.
+
+    Example: gptcli eval -c runs/classify-stdlib --data test.csv --predictions preds.csv
+    """
+    from gptcli.display import console, render_classify_metrics
+    from gptcli.evaluation import evaluate_classifier
+
+    path, metrics = evaluate_classifier(checkpoint, data, text_column, label_column, predictions,
+                                        device=device)
+    console.print(f"[dim]checkpoint: {path}[/]", highlight=False)
+    if json_output:
+        print(json.dumps(metrics))
+    else:
+        render_classify_metrics({f"val_{k}" if k in ("accuracy", "macro_f1", "majority_baseline") else k: v
+                                 for k, v in metrics.items()})
+
+
+@app.command()
 def sample(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (empty: start a document).")] = "",
     checkpoint: Annotated[Optional[Path], typer.Option(
@@ -120,11 +191,22 @@ def sample(
     """
     from gptcli.display import console, notice
     from gptcli.events import Notice
-    from gptcli.sample import SampleRequest, sample as run_sample
+    from gptcli.sample import SampleRequest, classify, is_classifier, sample as run_sample
 
     request = SampleRequest(prompt=prompt, max_new_tokens=max_new_tokens,
                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
                             num_samples=num_samples, seed=seed, stops=stop or [], device=device)
+    request.check()  # option errors first, before any checkpoint is looked at
+    if is_classifier(checkpoint):
+        path, probs = classify(checkpoint, prompt, device)
+        if json_output:
+            print(json.dumps({"text": prompt, "label": next(iter(probs)), "probs": probs}))
+        else:
+            print(next(iter(probs)))
+            for label, p in probs.items():
+                console.print(f"  {label:<20} {p:.4f}", highlight=False)
+        console.print(f"[dim]checkpoint: {path}[/]", highlight=False)
+        return
 
     def stream(row: int, text: str) -> None:
         """Sample 0 streams live (after its prompt); the others print when all are done."""

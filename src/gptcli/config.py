@@ -108,6 +108,73 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class FreezeConfig:
+    embeddings: bool = _field(False, "Freeze wte and wpe (and so the tied lm_head).")
+    blocks: int = _field(0, "Freeze the first N transformer blocks.")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = _field(0, "Adapter rank; 0 trains all weights instead (full finetuning).")
+    alpha: float = _field(16.0, "Adapter scale numerator: updates are scaled by alpha / rank.")
+    dropout: float = _field(0.05, "Dropout on the adapter input, in [0, 1).")
+    targets: list[str] = _field(
+        ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+        "Linear layers that get adapters, by module-name suffix.",
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    task: Literal["classify", "lm", "instruct"] = _field(
+        "classify", "What to adapt the model to (`--task` on the command line overrides it)."
+    )
+    init_from: str = _field(
+        "", "Run or checkpoint directory to start from; empty: the latest pretrained run under runs/."
+    )
+    train_file: str = _field(
+        "", "classify/instruct: CSV, TSV or JSONL training data; `stdlib-packages` is the "
+        "built-in classify example. lm: use data.inputs instead."
+    )
+    val_file: str = _field("", "Validation data; empty: hold out val_fraction of train_file.")
+    val_fraction: float = _field(0.1, "Share of train_file held out when there is no val_file.")
+    text_column: str = _field("text", "classify: column (or JSONL field) with the text.")
+    label_column: str = _field("label", "classify: column (or JSONL field) with the label.")
+    truncate: Literal["keep_end", "keep_start"] = _field(
+        "keep_end", "classify: which part of a text longer than the context to keep."
+    )
+    aux_lm_weight: float = _field(
+        0.0, "classify: weight of an auxiliary language-modelling loss (0.5 in the GPT paper)."
+    )
+    pack: bool = _field(False, "instruct: pack short conversations into full rows.")
+    patience: int = _field(
+        5, "Stop after this many evaluations without improving the validation metric; 0 never stops."
+    )
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    merge: bool = _field(
+        True, "After LoRA training, also save `checkpoints/merged`: adapters folded into plain weights."
+    )
+
+
+@dataclass
+class FinetuneRunConfig:
+    out_dir: str = _field("runs/finetune", "Run directory: config, metrics and checkpoints go here.")
+    seed: int = _field(1337, "Seed for the head, adapters, data order and dropout.")
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict = field(
+        default_factory=dict,
+        metadata={"help": "Optional: must agree with the checkpoint (dropout and a shorter "
+                          "block_size may change)."},
+    )
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=300, lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0, eval_every=25,
+        eval_batches=20, save_every=100, log_every=5,
+    ))
+
+
 # ---------------------------------------------------------------------------------------
 # Validation of values that types alone cannot express. Each returns a list of problems.
 
@@ -146,6 +213,31 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _finetune_problems(cfg: FinetuneRunConfig) -> list[str]:
+    problems = []
+    f = cfg.finetune
+    if f.lora.rank < 0:
+        problems.append(f"finetune.lora.rank: must be 0 or more, got {f.lora.rank}")
+    if not 0 <= f.lora.dropout < 1:
+        problems.append(f"finetune.lora.dropout: must be in [0, 1), got {f.lora.dropout}")
+    if f.lora.rank and not f.lora.targets:
+        problems.append("finetune.lora.targets: name at least one layer")
+    if f.freeze.blocks < 0:
+        problems.append(f"finetune.freeze.blocks: must be 0 or more, got {f.freeze.blocks}")
+    if f.patience < 0:
+        problems.append(f"finetune.patience: must be 0 or more, got {f.patience}")
+    if f.aux_lm_weight < 0:
+        problems.append(f"finetune.aux_lm_weight: must be 0 or more, got {f.aux_lm_weight}")
+    if not 0 < f.val_fraction < 1:
+        problems.append(f"finetune.val_fraction: must be in (0, 1), got {f.val_fraction}")
+    unknown = sorted(set(cfg.model) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        problems.append(f"model.{unknown[0]}: unknown key")
+    # The shared sections follow pretrain's rules (a RunConfig view of them).
+    shared = RunConfig(out_dir=cfg.out_dir, seed=cfg.seed, data=cfg.data, train=cfg.train)
+    return problems + [p for p in _range_problems(shared) if not p.startswith("model.")]
+
+
 # ---------------------------------------------------------------------------------------
 # Strict conversion from plain YAML data to dataclasses.
 
@@ -178,8 +270,11 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a list, got {_describe(value)}")
             return None
         return [_coerce(v, item_hint, f"{path}[{i}]", problems) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path, problems)
+    if hint is dict:
+        if isinstance(value, dict):
+            return value
+        problems.append(f"{path}: expected a mapping, got {_describe(value)}")
+        return None
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -217,15 +312,18 @@ def _as_number(value: Any) -> float | int | None:
     return None
 
 
-def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
-    """Build dataclass `cls` from a mapping, recording unknown keys and bad values."""
+def _build(cls: type, data: Any, path: str, problems: list[str], base: Any = None) -> Any:
+    """Build dataclass `cls` from a mapping over `base` (default: `cls()`), recording
+    unknown keys and bad values. Sections start from their parent's defaults, so a
+    finetune run's `train` keeps its own lower learning rate unless the YAML sets one."""
     where = f"{path}: " if path else ""
+    base = cls() if base is None else base
     if data is None:
         data = {}
     if not isinstance(data, dict):
         problems.append(f"{where or 'config: '}expected a mapping of keys to values, "
                         f"got {_describe(data)}")
-        return cls()
+        return base
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -236,10 +334,13 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
             problems.append(f"{dotted}: unknown key{hint}")
             continue
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, dotted, problems, getattr(base, key))
+            continue
         converted = _coerce(value, hints[key], dotted, problems)
         if converted is not None or value is None:
             kwargs[key] = converted
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -326,15 +427,18 @@ def config_from_dict(data: dict, cls: type = RunConfig) -> Any:
     cfg = _build(cls, data, "", problems)
     if not problems and isinstance(cfg, RunConfig):
         problems = _range_problems(cfg)
+    if not problems and isinstance(cfg, FinetuneRunConfig):
+        problems = _finetune_problems(cfg)
     if problems:
         raise GptcliError("; ".join(problems))
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                cls: type = RunConfig) -> Any:
     """Defaults < YAML file < overrides, strictly checked."""
     data = read_yaml(path) if path is not None else {}
-    return config_from_dict(apply_overrides(data, list(overrides or [])))
+    return config_from_dict(apply_overrides(data, list(overrides or [])), cls)
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -346,14 +450,14 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+def field_docs(cls: type = RunConfig, prefix: str = "", instance: Any = None) -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every field, recursing into sections: the config reference."""
     rows = []
-    instance = cls()
+    instance = cls() if instance is None else instance
     for f in dataclasses.fields(cls):
         value = getattr(instance, f.name)
         if dataclasses.is_dataclass(value):
-            rows += field_docs(type(value), f"{prefix}{f.name}.")
+            rows += field_docs(type(value), f"{prefix}{f.name}.", value)
         else:
             rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
     return rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +32,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("GPTCLI_CACHE") or Path.home() / ".cache" / "gptcli") / "tokens"
 
 
-def _cache_key(cfg: DataConfig, seed: int) -> str:
+def _cache_key(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> str:
     """A digest of everything the tokenized result depends on: file contents, tokenizer, split."""
     digest = hashlib.sha256()
-    tokenizer = cfg.tokenizer
-    if Path(tokenizer).is_file():  # a .tiktoken file: its contents matter, not its name
-        tokenizer = hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
-    settings = {"tokenizer": tokenizer, "val_fraction": cfg.val_fraction, "seed": seed,
+    if tokenizer is not None:  # a given tokenizer: its saved files identify it
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save(tmp)
+            tokenizer_key = hashlib.sha256(b"".join(
+                p.read_bytes() for p in sorted(Path(tmp).iterdir()))).hexdigest()
+    elif Path(cfg.tokenizer).is_file():  # a .tiktoken file: its contents matter, not its name
+        tokenizer_key = hashlib.sha256(Path(cfg.tokenizer).read_bytes()).hexdigest()
+    else:
+        tokenizer_key = cfg.tokenizer
+    settings = {"tokenizer": tokenizer_key, "val_fraction": cfg.val_fraction, "seed": seed,
                 "jsonl_field": cfg.jsonl_field}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for source in expand_inputs(cfg.inputs):
@@ -47,13 +54,15 @@ def _cache_key(cfg: DataConfig, seed: int) -> str:
     return digest.hexdigest()[:24]
 
 
-def prepare_dataset(cfg: DataConfig, seed: int, on_event: EventSink = ignore) -> Path:
-    """The tokenized directory for `cfg.inputs`: given directly, or made (once) in the cache."""
+def prepare_dataset(cfg: DataConfig, seed: int, on_event: EventSink = ignore,
+                    tokenizer: Tokenizer | None = None) -> Path:
+    """The tokenized directory for `cfg.inputs`: given directly, or made (once) in the cache.
+    `tokenizer` (finetuning: the checkpoint's) replaces `cfg.tokenizer` when given."""
     if len(cfg.inputs) == 1 and is_tokenized_dir(cfg.inputs[0]):
         return Path(cfg.inputs[0])
-    target = cache_root() / _cache_key(cfg, seed)
+    target = cache_root() / _cache_key(cfg, seed, tokenizer)
     if not is_tokenized_dir(target):
-        tokenize_corpus(cfg.inputs, target, tokenizer=cfg.tokenizer,
+        tokenize_corpus(cfg.inputs, target, tokenizer=tokenizer or cfg.tokenizer,
                         val_fraction=cfg.val_fraction, seed=seed,
                         jsonl_field=cfg.jsonl_field, overwrite=True, on_event=on_event)
     return target

@@ -30,6 +30,7 @@ from gptcli.events import (
     StepLogged,
 )
 
+_EVAL_KEYS = ("val_loss", "val_bpb", "val_accuracy", "val_macro_f1")  # scalar metrics shown per eval
 console = Console(stderr=True, soft_wrap=True)  # long messages stay one line for grep
 
 
@@ -82,6 +83,7 @@ class TrainDisplay:
         self.progress: Progress | None = None
         self.task = None
         self.live = console.is_terminal
+        self.last_eval: dict | None = None
 
     def close(self) -> None:
         if self.progress is not None:
@@ -102,17 +104,18 @@ class TrainDisplay:
         elif isinstance(event, StepLogged):
             self._step(event.metrics)
         elif isinstance(event, EvalDone):
-            m = event.metrics
+            m = self.last_eval = event.metrics
             star = " [green]best[/]" if m["best"] else ""
-            self._print(f"step {m['step']:>6}  val loss {m['val_loss']:.4f}  "
-                        f"val bpb {m['val_bpb']:.4f}{star}")
+            shown = "  ".join(f"{key.removeprefix('val_').replace('_', ' ')} {m[key]:.4f}"
+                              for key in _EVAL_KEYS if key in m)
+            self._print(f"step {m['step']:>6}  val {shown}{star}")
         elif isinstance(event, CheckpointSaved) and not self.live:
             self._print(f"saved {event.path}")
         elif isinstance(event, RunFinished):
             self.close()
 
     def _start(self, event: RunStarted) -> None:
-        table = Table(title=f"pretrain → {event.run_dir}", show_header=False, title_justify="left")
+        table = Table(title=f"run → {event.run_dir}", show_header=False, title_justify="left")
         for key, value in event.facts.items():
             table.add_row(key, str(value))
         console.print(table)
@@ -132,3 +135,24 @@ class TrainDisplay:
             self.progress.update(self.task, completed=m["step"], info=info)
         else:
             self._print(f"step {m['step']:>6}  {info}")
+
+
+def render_classify_metrics(m: dict) -> None:
+    """Accuracy, macro-F1, per-class precision/recall, and the confusion matrix as tables."""
+    console.print(f"accuracy {m['val_accuracy']:.4f}  macro-F1 {m['val_macro_f1']:.4f}  "
+                  f"(majority-class baseline {m['val_majority_baseline']:.4f})", highlight=False)
+    labels = list(m["per_class"])
+    per_class = Table(title="per class", title_justify="left")
+    for column in ("label", "precision", "recall", "F1", "support"):
+        per_class.add_column(column, justify="left" if column == "label" else "right")
+    for label, row in m["per_class"].items():
+        per_class.add_row(label, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                          str(row["support"]))
+    console.print(per_class)
+    confusion = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
+    confusion.add_column("")
+    for label in labels:
+        confusion.add_column(label, justify="right")
+    for label, row in zip(labels, m["confusion"]):
+        confusion.add_row(label, *map(str, row))
+    console.print(confusion)

@@ -103,8 +103,9 @@ class SampleText:
     """The text of one sample as its tokens arrive: releases only complete UTF-8 characters
     and holds back anything that could still become a stop string."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], stop_ids: frozenset[int] = frozenset()):
         self.tokenizer = tokenizer
+        self.stop_ids = stop_ids | {tokenizer.eot_id}
         self.stops = [s for s in stops if s]
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -117,7 +118,7 @@ class SampleText:
         """Take one generated token; return the text that may now be shown."""
         if self.stopped:
             return ""
-        if token == self.tokenizer.eot_id:
+        if token in self.stop_ids:
             return self.finish()
         self.tokens.append(token)
         self.text += self._decoder.decode(self.tokenizer.decode_bytes([token]))

@@ -20,7 +20,9 @@ import torch
 
 from gptcli.errors import GptcliError
 from gptcli.model import IGNORE_INDEX
+from gptcli.runtime import Precision
 from gptcli.tokenizer import Tokenizer
+from gptcli.train import lm_evaluate
 
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
@@ -86,7 +88,6 @@ class InstructData:
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
-        self.val_bytes_per_token = 1.0  # bits per byte is not reported for chat data
 
     @staticmethod
     def _rows(tokenizer: Tokenizer, conversations: list[list[dict]], block_size: int,
@@ -119,19 +120,24 @@ class InstructData:
         for start in range(0, len(self.val_rows), self.batch_size):
             yield self._batch(self.val_rows[start:start + self.batch_size])
 
+    def evaluate(self, model: torch.nn.Module, precision: Precision) -> dict[str, float]:
+        """Mean loss per response token over every validation conversation."""
+        return lm_evaluate(model, self.val_batches(), precision)
+
 
 def _pack(rows: list[tuple[np.ndarray, np.ndarray]], block_size: int
           ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Concatenate consecutive conversations into rows of at most block_size tokens.
     Attention may cross conversation boundaries inside a row (the usual simple packing);
     every conversation still starts with a role token, and its loss mask is kept."""
-    packed, ids, targets = [], [], []
+    packed, ids, targets, length = [], [], [], 0
     for row_ids, row_targets in rows:
-        if ids and len(ids) + len(row_ids) > block_size:
+        if ids and length + len(row_ids) > block_size:
             packed.append((np.concatenate(ids), np.concatenate(targets)))
-            ids, targets = [], []
+            ids, targets, length = [], [], 0
         ids.append(row_ids)
         targets.append(row_targets)
+        length += len(row_ids)
     if ids:
         packed.append((np.concatenate(ids), np.concatenate(targets)))
     return packed

@@ -71,6 +71,7 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> int:
               and any(name.endswith(t) for t in spec.targets)]
     for name in chosen:
         _replace(model, name, LoRALinear(model.get_submodule(name), spec))
+    model.lora_spec = spec  # recorded in checkpoints, so loading rebuilds the adapters
     return len(chosen)
 
 
@@ -78,6 +79,7 @@ def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight, in place."""
     for name in [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
         _replace(model, name, model.get_submodule(name).merged())
+    model.lora_spec = None
 
 
 def lora_parameter_names(model: nn.Module) -> list[str]:

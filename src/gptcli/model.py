@@ -12,6 +12,7 @@ KV cache length, V the padded vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -99,6 +100,7 @@ class GPT(nn.Module):
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
         self.config = cfg
+        self.lora_spec = None  # set by lora.apply_lora
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
@@ -151,6 +153,23 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
+
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow the vocabulary to `vocab_size` ids (e.g. for added special tokens). New rows
+        start at the mean embedding, so new tokens begin as an average known token."""
+        old = self.config.vocab_size
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
+        rows = self.config.padded_vocab_size
+        if rows > self.wte.num_embeddings:
+            grown = nn.Embedding(rows, self.config.n_embd, device=self.wte.weight.device,
+                                 dtype=self.wte.weight.dtype)
+            grown.weight[: self.wte.num_embeddings] = self.wte.weight
+            self.wte = grown
+            self.lm_head = nn.Linear(self.config.n_embd, rows, bias=False,
+                                     device=grown.weight.device, dtype=grown.weight.dtype)
+            self.lm_head.weight = self.wte.weight
+        self.wte.weight[old:vocab_size] = self.wte.weight[:old].mean(dim=0)
 
     def setup_kv_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a KV cache of `length` positions (at most block_size) in every layer."""

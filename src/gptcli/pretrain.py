@@ -23,11 +23,11 @@ import torch
 from gptcli.checkpoint import (
     CHECKPOINTS,
     CONFIG_YAML,
-    LATEST,
     TrainerState,
+    check_run_dir,
     load_trainer_state,
+    load_weights,
     read_model_config,
-    read_pointer,
     save_checkpoint,
     step_name,
     write_pointer,
@@ -47,11 +47,14 @@ from gptcli.runtime import (
     seed_everything,
     should_compile,
 )
-from gptcli.train import LoopSetup, restore_rng_state, train_loop, trim_metrics
+from gptcli.train import LoopSetup, cpu_step_timer, lm_evaluate, restore_rng_state, train_loop, trim_metrics
 
 
 class PretrainData:
     """Random windows from the train split; a fixed set of windows from the val split."""
+
+    metric = "val_loss"
+    higher_is_better = False
 
     def __init__(self, dataset: TokenDataset, cfg: RunConfig, device: torch.device):
         t, block = cfg.train, cfg.model.block_size
@@ -60,11 +63,13 @@ class PretrainData:
         self.eval_batches = t.eval_batches
         self.val_bytes_per_token = dataset.bytes_per_token["val"]
 
-    def train_batch(self, step: int, micro: int):
-        return self.train.batch(step, micro)
+    def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        x, y = self.train.batch(step, micro)
+        return {"idx": x, "targets": y}
 
-    def val_batches(self):
-        return (self.val.batch(i) for i in range(self.eval_batches))
+    def evaluate(self, model: GPT, precision: Precision) -> dict[str, float]:
+        batches = ({"idx": x, "targets": y} for x, y in map(self.val.batch, range(self.eval_batches)))
+        return lm_evaluate(model, batches, precision, self.val_bytes_per_token)
 
 
 @dataclass
@@ -82,17 +87,6 @@ def flops_per_token(model: GPT) -> float:
     return 6 * model.num_params(include_positions=False) + 12 * c.n_layer * c.block_size * c.n_embd
 
 
-def _run_state(run_dir: Path) -> str:
-    """'empty', 'resumable' (has a latest checkpoint) or 'used' (files but no checkpoint)."""
-    if not run_dir.exists():
-        return "empty"
-    if not run_dir.is_dir():
-        raise GptcliError(f"out_dir {run_dir} is a file; choose a directory path")
-    if read_pointer(run_dir, LATEST) is not None:
-        return "resumable"
-    return "used" if any(run_dir.iterdir()) else "empty"
-
-
 def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerState) -> None:
     """Refuse changes that would break an exact continuation."""
     saved = read_model_config(checkpoint)
@@ -106,36 +100,11 @@ def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerSta
                           f"now {cfg.train.batch_size}/{cfg.train.grad_accum}; keep them to resume")
 
 
-def _cpu_step_timer(model: GPT, data: PretrainData):
-    """A trial for `precision: auto` on CPU: seconds per forward+backward in a precision."""
-    x, y = data.train_batch(0, 0)
-
-    def seconds_per_step(precision: Precision) -> float:
-        with torch.random.fork_rng():  # dropout draws must not shift the run's RNG stream
-            times = []
-            for _ in range(5):
-                start = time.perf_counter()
-                with precision.autocast():
-                    model(x, y).backward()
-                times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-        return min(times[1:])  # the first call pays one-off set-up costs
-
-    return seconds_per_step
-
-
 def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
              on_event: EventSink = ignore) -> PretrainResult:
     started = time.perf_counter()
-    if resume and overwrite:
-        raise GptcliError("--resume and --overwrite contradict each other; pick one")
     run_dir = Path(cfg.out_dir)
-    run_state = _run_state(run_dir)
-    if resume and run_state != "resumable":
-        raise GptcliError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if run_state != "empty" and not (resume or overwrite):
-        raise GptcliError(f"{run_dir} already holds a run; pass --resume to continue it or "
-                          f"--overwrite to start over")
+    checkpoint, must_clear = check_run_dir(run_dir, resume, overwrite)
 
     device = resolve_device(cfg.train.device)
     configure_matmul(device)
@@ -151,22 +120,18 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     model = GPT(cfg.model).to(device)
     state = TrainerState(step=0, extra={"batch_size": cfg.train.batch_size,
                                         "grad_accum": cfg.train.grad_accum})
-    checkpoint = read_pointer(run_dir, LATEST) if resume else None
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         _check_resume_compatible(cfg, checkpoint, state)
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(checkpoint / "model.safetensors", device=str(device)),
-                              strict=False)
+        load_weights(model, checkpoint, device)
     optimizer = build_optimizer(model, cfg.train, device)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     data = PretrainData(dataset, cfg, device)
-    precision = resolve_precision(cfg.train.precision, device, _cpu_step_timer(model, data))
+    precision = resolve_precision(cfg.train.precision, device, cpu_step_timer(model, data))
     compile_model = should_compile(cfg.train.compile, device)
 
-    if overwrite and run_state != "empty":
+    if must_clear:
         shutil.rmtree(run_dir)
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     config_yaml = dump_yaml(cfg)
@@ -196,7 +161,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     if checkpoint is not None:
         restore_rng_state(state.rng)  # last, so nothing above shifts the dropout stream
     state = train_loop(model, data, setup, state, on_event)
-    result = PretrainResult(run_dir, state.step, state.best_val_loss, time.perf_counter() - started)
+    result = PretrainResult(run_dir, state.step, state.best_metric, time.perf_counter() - started)
     on_event(RunFinished({"steps": result.steps, "best_val_loss": result.best_val_loss,
                           "seconds": result.seconds}))
     return result

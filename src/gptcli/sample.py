@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from gptcli.checkpoint import load_model, resolve_checkpoint
+from gptcli.checkpoint import checkpoint_task, load_model, resolve_checkpoint
+from gptcli.classify import GPTClassifier, encode_texts
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.generate import SampleText, SamplingSettings, generate_tokens
+from gptcli.instruct import END, has_chat_template, prompt_ids
 from gptcli.runtime import resolve_device
 
 
@@ -61,8 +63,15 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     path = resolve_checkpoint(checkpoint)
     device = resolve_device(request.device)
     model, tokenizer = load_model(path, device)
+    if isinstance(model, GPTClassifier):
+        raise GptcliError(f"{path} is a classifier; use classify() for it")
     context = model.config.block_size
-    prompt = tokenizer.encode(request.prompt) if request.prompt else [tokenizer.eot_id]
+    stop_ids: frozenset[int] = frozenset()
+    if has_chat_template(tokenizer):  # an instruct checkpoint: one user turn, stop at its end
+        prompt = prompt_ids(tokenizer, request.prompt)
+        stop_ids = frozenset({tokenizer.special_tokens[END]})
+    else:
+        prompt = tokenizer.encode(request.prompt) if request.prompt else [tokenizer.eot_id]
     if len(prompt) > context:
         on_event(Notice(f"prompt is {len(prompt)} tokens, longer than the {context}-token "
                         f"context: keeping its last {context}"))
@@ -71,7 +80,7 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     if request.seed is not None:
         generator = torch.Generator(device=device).manual_seed(request.seed)
     settings = SamplingSettings(request.temperature, request.top_k, request.top_p)
-    texts = [SampleText(tokenizer, request.stops) for _ in range(request.num_samples)]
+    texts = [SampleText(tokenizer, request.stops, stop_ids) for _ in range(request.num_samples)]
     for tokens in generate_tokens(model, prompt, request.max_new_tokens, settings,
                                   request.num_samples, generator):
         for row, token in enumerate(tokens.tolist()):
@@ -85,3 +94,22 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
         if delta:
             on_text(row, delta)
     return path, [Sample(t.text, t.tokens) for t in texts]
+
+
+def is_classifier(checkpoint: str | Path | None) -> bool:
+    return checkpoint_task(resolve_checkpoint(checkpoint)) == "classify"
+
+
+@torch.inference_mode()
+def classify(checkpoint: str | Path | None, text: str, device: str = "auto"
+             ) -> tuple[Path, dict[str, float]]:
+    """Class probabilities of `text` under a classifier checkpoint, most likely first."""
+    path = resolve_checkpoint(checkpoint)
+    model, tokenizer = load_model(path, resolve_device(device))
+    if not isinstance(model, GPTClassifier):
+        raise GptcliError(f"{path} is not a classifier checkpoint")
+    (ids,) = encode_texts(tokenizer, [text], model.config.block_size, keep="end")
+    idx = torch.tensor(ids, device=model.wte.weight.device)[None]
+    probs = torch.softmax(model(idx).float(), dim=-1)[0].tolist()
+    ranked = sorted(zip(model.labels, probs), key=lambda pair: -pair[1])
+    return path, dict(ranked)

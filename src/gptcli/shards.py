@@ -100,7 +100,7 @@ def _pieces(sources: list[Source], jsonl_field: str, val_fraction: float,
         yield assigner.split_of(piece), piece
 
 
-def _build_tokenizer(spec: str, sources: list[Source], jsonl_field: str, val_fraction: float,
+def _build_tokenizer(spec: str | Tokenizer, sources: list[Source], jsonl_field: str, val_fraction: float,
                      seed: int, train_bpe: int | None, on_event: EventSink) -> Tokenizer:
     """The tokenizer for this corpus; BPE training and `char` vocabularies read it once first."""
     if train_bpe is not None:
@@ -117,6 +117,8 @@ def _build_tokenizer(spec: str, sources: list[Source], jsonl_field: str, val_fra
             on_event(Notice(f"the corpus ran out of pairs to merge: the vocabulary has "
                             f"{len(ranks) + 1} ids, not {train_bpe}"))
         return tiktoken_from_ranks(ranks, f"bpe-{len(ranks) + 1}", GPT2_PATTERN)
+    if isinstance(spec, Tokenizer):
+        return spec
     if is_corpus_dependent(spec):
         return resolve_tokenizer(spec, (p.text for p in iter_pieces(sources, jsonl_field)))
     return resolve_tokenizer(spec)
@@ -132,7 +134,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 def tokenize_corpus(
     inputs: list[str],
     out_dir: str | Path,
-    tokenizer: str = "gpt2",
+    tokenizer: str | Tokenizer = "gpt2",
     val_fraction: float = 0.1,
     seed: int = 1337,
     jsonl_field: str = "text",

@@ -67,6 +67,11 @@ class Tokenizer(ABC):
         """What the tokenizer is, without its (possibly large) vocabulary."""
         return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
 
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token strings and their ids (never produced by `encode`)."""
+        return {EOT: self.eot_id}
+
 
 class BytesTokenizer(Tokenizer):
     """The 256 byte values, plus end-of-text as id 256."""
@@ -164,6 +169,10 @@ class TiktokenTokenizer(Tokenizer):
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.encoding.decode_bytes(list(ids))
 
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self.encoding._special_tokens)
+
     def _spec(self) -> dict:
         return {
             "type": "tiktoken",
@@ -177,6 +186,44 @@ class TiktokenTokenizer(Tokenizer):
         # The ranks travel too (tiktoken keeps them in a private attribute), so loading
         # never needs a download, even for named encodings.
         write_tiktoken_file(self.encoding._mergeable_ranks, Path(directory) / RANKS_FILE)
+
+
+class WithAddedTokens(Tokenizer):
+    """A tokenizer plus special tokens appended after its vocabulary (e.g. a chat template's).
+
+    Text encodes exactly as with the base tokenizer; the added ids are inserted by the code
+    that builds sequences, and decoding drops them.
+    """
+
+    def __init__(self, base: Tokenizer, names: Iterable[str]):
+        self.base = base
+        self.added = {name: base.vocab_size + i for i, name in enumerate(names)}
+        self.vocab_size = base.vocab_size + len(self.added)
+        self.eot_id = base.eot_id
+
+    @property
+    def name(self) -> str:
+        return f"{self.base.name}+{len(self.added)} special"
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {**self.base.special_tokens, **self.added}
+
+    def encode(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
+        return self.base.encode_batch(texts)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.base.decode_bytes(i for i in ids if i < self.base.vocab_size)
+
+    def _spec(self) -> dict:
+        return {**self.base._spec(), "added_tokens": list(self.added)}
+
+    def save(self, directory: str | Path) -> None:
+        self.base.save(directory)  # the base's own files (a BPE's ranks)
+        super().save(directory)  # then tokenizer.json again, with the added tokens
 
 
 def tiktoken_from_ranks(ranks: dict[bytes, int], name: str, pattern: str,
@@ -276,13 +323,15 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     except (ValueError, KeyError, TypeError):
         raise GptcliError(f"{spec_path} is not a valid tokenizer description") from None
     if kind == "bytes":
-        return BytesTokenizer()
-    if kind == "char":
-        return CharTokenizer(spec["chars"])
-    if kind == "tiktoken":
+        base: Tokenizer = BytesTokenizer()
+    elif kind == "char":
+        base = CharTokenizer(spec["chars"])
+    elif kind == "tiktoken":
         ranks_path = directory / RANKS_FILE
         if not ranks_path.is_file():
             raise GptcliError(f"{directory} has no {RANKS_FILE}: the tokenizer is incomplete")
-        ranks = read_ranks(ranks_path)
-        return tiktoken_from_ranks(ranks, spec["name"], spec["pattern"], spec["special_tokens"])
-    raise GptcliError(f"{spec_path}: unknown tokenizer type '{kind}'")
+        base = tiktoken_from_ranks(read_ranks(ranks_path), spec["name"], spec["pattern"],
+                                   spec["special_tokens"])
+    else:
+        raise GptcliError(f"{spec_path}: unknown tokenizer type '{kind}'")
+    return WithAddedTokens(base, spec["added_tokens"]) if spec.get("added_tokens") else base

@@ -1,10 +1,11 @@
 """The one training loop, shared by pretrain and every finetune task.
 
-A task plugs in through `TrainData` (its batches) and gets: gradient accumulation with
+A task plugs in through `TrainData` (its batches, its evaluation and the metric that
+decides the best checkpoint) and gets: gradient accumulation with
 the loss normalised by the number of target tokens of the whole optimizer step, mixed
 precision (autocast; loss scaling for fp16), gradient clipping, the LR schedule,
-periodic evaluation, metrics.jsonl, checkpoints with `latest`/`best` pointers, and
-events for a progress display. The host syncs with the device only at log and eval steps.
+periodic evaluation, early stopping, metrics.jsonl, checkpoints with `latest`/`best`
+pointers, and events for a progress display. The host syncs with the device only at log and eval steps.
 """
 
 from __future__ import annotations
@@ -28,19 +29,20 @@ from gptcli.optim import lr_at
 from gptcli.runtime import Precision
 
 METRICS_FILE = "metrics.jsonl"
-Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), targets (B, T) with IGNORE_INDEX holes
+# A batch is the keyword arguments of the model's forward: at least `idx` (B, T) and
+# `targets` (IGNORE_INDEX where no loss is taken); the forward returns the summed loss.
+Batch = dict[str, torch.Tensor]
 
 
 class TrainData(Protocol):
+    metric: str  # the evaluation key that picks the best checkpoint and drives early stopping
+    higher_is_better: bool
+
     def train_batch(self, step: int, micro: int) -> Batch:
         """The micro-batch `micro` of optimizer step `step` (deterministic)."""
 
-    def val_batches(self) -> Iterable[Batch]:
-        """The fixed validation batches (the same ones at every evaluation)."""
-
-    @property
-    def val_bytes_per_token(self) -> float:
-        """Average UTF-8 bytes per validation token, to turn loss into bits per byte."""
+    def evaluate(self, model: nn.Module, precision: Precision) -> dict:
+        """Validation metrics, including `metric`; the same data at every evaluation."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ class LoopSetup:
     flops_per_token: float
     peak_flops: float
     compile: bool = False
+    patience: int = 0  # stop after this many evaluations without improvement; 0 never stops
+    eval_at_start: bool = False  # evaluate before the first step (finetuning: "before" numbers)
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -76,19 +80,45 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TrainData, precision: Precision) -> dict[str, float]:
-    """Mean loss per target token over the validation batches, and bits per byte."""
+def lm_evaluate(model: nn.Module, batches: Iterable[Batch], precision: Precision,
+                bytes_per_token: float | None = None) -> dict[str, float]:
+    """Mean loss per target token over `batches`; bits per byte when bytes per token is known."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     count = 0
-    for x, y in data.val_batches():
+    for batch in batches:
         with precision.autocast():
-            total += model(x, y).double().cpu()
-        count += int((y != IGNORE_INDEX).sum())
+            total += model(**batch).double().cpu()
+        count += int((batch["targets"] != IGNORE_INDEX).sum())
     model.train(was_training)
-    loss = total.item() / max(count, 1)
-    return {"val_loss": loss, "val_bpb": loss / math.log(2) / data.val_bytes_per_token}
+    metrics = {"val_loss": total.item() / max(count, 1)}
+    if bytes_per_token:
+        metrics["val_bpb"] = metrics["val_loss"] / math.log(2) / bytes_per_token
+    return metrics
+
+
+def cpu_step_timer(model: nn.Module, data: TrainData) -> Callable[[Precision], float]:
+    """A trial for `precision: auto` on CPU: seconds per forward+backward of the real model
+    on a real batch, in a given precision (the best of 4 after one warm-up)."""
+    batch = data.train_batch(0, 0)
+
+    def seconds_per_step(precision: Precision) -> float:
+        with torch.random.fork_rng():  # dropout draws must not shift the run's RNG stream
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                with precision.autocast():
+                    model(**batch).backward()
+                times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+        return min(times[1:])  # the first call pays one-off set-up costs
+
+    return seconds_per_step
+
+
+def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    return best is None or (value > best if higher_is_better else value < best)
 
 
 def trim_metrics(run_dir: Path, keep_through_step: int) -> None:
@@ -119,6 +149,11 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
         scaler.load_state_dict(state.scaler)
     step_model = torch.compile(model) if setup.compile else model
     model.train()
+    if setup.eval_at_start and state.step == 0:
+        record = {"step": 0, **data.evaluate(step_model, precision)}
+        state.extra["before"] = record
+        _append_metrics(setup.run_dir, record)
+        on_event(EvalDone({**record, "best": False, "metric": data.metric}))
     interval_start, interval_tokens = time.perf_counter(), 0
     for step in range(state.step, cfg.max_steps):
         lr = lr_at(step, cfg)
@@ -144,7 +179,7 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
         opt.zero_grad(set_to_none=True)
 
         done = step + 1
-        step_tokens = sum(x.numel() for x, _ in batches)
+        step_tokens = sum(b["idx"].numel() for b in batches)
         state.tokens_seen += step_tokens
         interval_tokens += step_tokens
         last = done == cfg.max_steps
@@ -165,16 +200,21 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
             interval_start, interval_tokens = time.perf_counter(), 0
 
         paused_at = time.perf_counter()
-        new_best = False
+        new_best = stop_early = False
         if done % cfg.eval_every == 0 or last:
-            metrics = evaluate(step_model, data, precision)
-            new_best = state.best_val_loss is None or metrics["val_loss"] < state.best_val_loss
+            metrics = data.evaluate(step_model, precision)
+            new_best = is_better(metrics[data.metric], state.best_metric, data.higher_is_better)
             if new_best:
-                state.best_val_loss = metrics["val_loss"]
-            record = {"step": done, **metrics, "best_val_loss": state.best_val_loss}
+                state.best_metric = metrics[data.metric]
+            state.evals_since_best = 0 if new_best else state.evals_since_best + 1
+            stop_early = 0 < setup.patience <= state.evals_since_best
+            record = {"step": done, **metrics, f"best_{data.metric}": state.best_metric}
             _append_metrics(setup.run_dir, record)
-            on_event(EvalDone({**record, "best": new_best}))
-        if done % cfg.save_every == 0 or last or new_best:
+            on_event(EvalDone({**record, "best": new_best, "metric": data.metric}))
+            if stop_early:
+                on_event(Notice(f"early stop: {data.metric} has not improved for "
+                                f"{state.evals_since_best} evaluations"))
+        if done % cfg.save_every == 0 or last or new_best or stop_early:
             state.step = done
             state.optimizer = opt.state_dict()
             state.scaler = scaler.state_dict() if scaler.is_enabled() else None
@@ -185,20 +225,22 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
                 setup.point_to("best", path)
             on_event(CheckpointSaved(str(path), done, best=new_best))
         interval_start += time.perf_counter() - paused_at  # keep eval and saving out of tokens/s
-    state.step = max(state.step, cfg.max_steps)
+        if stop_early:
+            break
     return state
 
 
 def _forward_backward(model: nn.Module, batches: list[Batch], precision: Precision,
                       scaler: torch.amp.GradScaler) -> torch.Tensor:
-    """Accumulate gradients over the micro-batches; return the mean loss per target token
-    (a device tensor: reading it would sync). Each micro-batch's summed loss is divided by
-    the target count of the whole step, so every token weighs the same."""
-    total_targets = sum((y != IGNORE_INDEX).sum() for _, y in batches)
-    total_loss = torch.zeros((), device=batches[0][0].device)
-    for x, y in batches:
+    """Accumulate gradients over the micro-batches; return the mean loss per target (a
+    device tensor: reading it would sync). Each micro-batch's summed loss is divided by the
+    target count of the whole step, so every target weighs the same however the step is
+    split (instruct data: response tokens; classify: examples)."""
+    total_targets = sum((b["targets"] != IGNORE_INDEX).sum() for b in batches)
+    total_loss = torch.zeros((), device=batches[0]["idx"].device)
+    for batch in batches:
         with precision.autocast():
-            loss = model(x, y) / total_targets
+            loss = model(**batch) / total_targets
         scaler.scale(loss).backward()
         total_loss += loss.detach()
     return total_loss
