@@ -134,8 +134,8 @@ class FinetuneConfig:
         "", "Run or checkpoint directory to start from; empty: the latest pretrained run under runs/."
     )
     train_file: str = _field(
-        "", "classify/instruct: CSV, TSV or JSONL training data; `stdlib-packages` is the "
-        "built-in classify example. lm: use data.inputs instead."
+        "", "classify/instruct: CSV, TSV or JSONL training data; `stdlib-packages` and "
+        "`stdlib-docstrings` are the built-in examples. lm: use data.inputs instead."
     )
     val_file: str = _field("", "Validation data; empty: hold out val_fraction of train_file.")
     val_fraction: float = _field(0.1, "Share of train_file held out when there is no val_file.")

@@ -3,6 +3,7 @@ finetune task can be demonstrated on any machine with no download."""
 
 from __future__ import annotations
 
+import ast
 import random
 import sysconfig
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from gptcli.corpus import stdlib_files
 
 STDLIB_PACKAGES = "stdlib-packages"
+STDLIB_DOCSTRINGS = "stdlib-docstrings"
 # Four packages with distinct vocabularies and thousands of lines each on CPython 3.11.
 PACKAGES = ("asyncio", "email", "tkinter", "xml")
 
@@ -35,3 +37,23 @@ def stdlib_package_snippets(lines: int = 6, per_class: int = 500, seed: int = 0)
         records += [{"text": t, "label": package} for t in snippets[:per_class]]
     rng.shuffle(records)
     return records
+
+
+def stdlib_docstring_pairs(limit: int = 3000, seed: int = 0) -> list[dict]:
+    """Records {"prompt": "def name(args):", "response": first line of its docstring} for
+    public functions of the standard library: an instruction-style task with no download."""
+    rng = random.Random(seed)
+    records = []
+    for path in stdlib_files():
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except SyntaxError:  # lib2to3 and friends keep Python 2 fixtures
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node)
+                if doc and 10 <= len(doc.splitlines()[0]) <= 120:
+                    signature = f"def {node.name}({ast.unparse(node.args)}):"
+                    records.append({"prompt": signature, "response": doc.splitlines()[0]})
+    rng.shuffle(records)
+    return records[:limit]

@@ -38,7 +38,12 @@ from gptcli.config import FinetuneRunConfig, ModelConfig, RunConfig, dump_yaml
 from gptcli.data import TokenDataset, prepare_dataset
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, RunFinished, RunStarted, ignore
-from gptcli.examples import STDLIB_PACKAGES, stdlib_package_snippets
+from gptcli.examples import (
+    STDLIB_DOCSTRINGS,
+    STDLIB_PACKAGES,
+    stdlib_docstring_pairs,
+    stdlib_package_snippets,
+)
 from gptcli.instruct import CHAT_TOKENS, InstructData, has_chat_template, messages_of
 from gptcli.lora import LoRASpec, apply_lora, merge_lora
 from gptcli.model import GPT
@@ -110,10 +115,13 @@ def _split(records: list, cfg: FinetuneRunConfig) -> tuple[list, list]:
 def _records(cfg: FinetuneRunConfig) -> tuple[list[dict], list[dict], str]:
     f = cfg.finetune
     if not f.train_file:
-        raise GptcliError(f"finetune.train_file: required for --task {f.task} (CSV, TSV or JSONL"
-                          f"{'; or stdlib-packages for the built-in example' if f.task == 'classify' else ''})")
+        example = STDLIB_PACKAGES if f.task == "classify" else STDLIB_DOCSTRINGS
+        raise GptcliError(f"finetune.train_file: required for --task {f.task} (CSV, TSV or JSONL; "
+                          f"or {example} for the built-in example)")
     if f.train_file == STDLIB_PACKAGES:
         train = stdlib_package_snippets(seed=cfg.seed)
+    elif f.train_file == STDLIB_DOCSTRINGS:
+        train = stdlib_docstring_pairs(seed=cfg.seed)
     else:
         train = read_records(f.train_file)
     if f.val_file:
