@@ -248,7 +248,8 @@ def find_latest_run(root: str | Path = "runs", task: str | None = None) -> Path 
 
 def resolve_checkpoint(path: str | Path | None, prefer: str = BEST) -> Path:
     """A checkpoint directory from a checkpoint path, a run directory (its `prefer`red
-    checkpoint, else the latest), or nothing (the most recent run under ./runs)."""
+    checkpoint, else the latest), a Hugging Face GPT-2 directory (imported once into the
+    cache), or nothing (the most recent run under ./runs)."""
     if path is None:
         run = find_latest_run()
         if run is None:
@@ -258,6 +259,10 @@ def resolve_checkpoint(path: str | Path | None, prefer: str = BEST) -> Path:
     path = Path(path)
     if not path.exists():
         raise GptcliError(f"checkpoint {path} does not exist")
+    from gptcli.hf import cached_import, is_hf_dir  # hf builds on this module: import late
+
+    if is_hf_dir(path):  # before is_checkpoint: both hold a model.safetensors
+        return cached_import(path)
     if is_checkpoint(path):
         return path
     for name in (prefer, LATEST):

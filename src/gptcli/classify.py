@@ -51,7 +51,7 @@ class GPTClassifier(GPT):
         T = idx.size(1)
         next_ids = idx[:, 1:].masked_fill(torch.arange(1, T, device=idx.device) >= lengths[:, None],
                                           IGNORE_INDEX)  # (B, T-1), padding ignored
-        logits = self.lm_head(hidden[:, :-1]).float()
+        logits = self.logits(hidden[:, :-1]).float()
         per_token = F.cross_entropy(logits.transpose(1, 2), next_ids, ignore_index=IGNORE_INDEX,
                                     reduction="none")  # (B, T-1)
         return per_token.sum(1) / (lengths - 1).clamp(min=1)

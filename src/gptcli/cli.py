@@ -231,6 +231,41 @@ def sample(
     console.print(f"[dim]checkpoint: {path}[/]", highlight=False)
 
 
+@app.command("import-hf")
+def import_hf(
+    hf_dir: Annotated[Path, typer.Argument(help="A Hugging Face GPT-2 directory (config.json + model.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
+    tokenizer: Annotated[Optional[Path], typer.Option(
+        help="GPT-2's ranks as a .tiktoken file, for machines without internet "
+             "(default: the directory's vocab.json, else tiktoken's gpt2).")] = None,
+) -> None:
+    """Import OpenAI's GPT-2 (or any HF GPT-2) as a gptcli checkpoint.
+
+    Example: gptcli import-hf ~/models/gpt2 --out checkpoints/gpt2
+    """
+    from gptcli.display import console
+    from gptcli.hf import import_hf as run_import
+
+    path = run_import(hf_dir, out, tokenizer)
+    console.print(f"imported {hf_dir} -> {path}; sample with: gptcli sample -c {path} -p '...'")
+
+
+@app.command("export-hf")
+def export_hf(
+    checkpoint: Annotated[Path, typer.Argument(help="Run or checkpoint directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Hugging Face directory to write.")],
+) -> None:
+    """Export a checkpoint for transformers (GPT2LMHeadModel or GPT2ForSequenceClassification).
+
+    Example: gptcli export-hf runs/demo --out hf/demo
+    """
+    from gptcli.display import console
+    from gptcli.hf import export_hf as run_export
+
+    path = run_export(checkpoint, out)
+    console.print(f"exported -> {path}; load with transformers' from_pretrained('{path}')")
+
+
 def main() -> None:
     try:
         app()

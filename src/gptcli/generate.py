@@ -58,13 +58,13 @@ def prefill(model: GPT, tokens: torch.Tensor) -> torch.Tensor:
     """Fill the KV cache with `tokens` (B, T) at positions 0..T-1; logits (B, V) of the last."""
     positions = torch.arange(tokens.size(1), device=tokens.device)
     hidden = model.hidden_states(tokens, positions)
-    return model.lm_head(hidden[:, -1])
+    return model.logits(hidden[:, -1])
 
 
 def decode_step(model: GPT, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """One token per row (B,) at cache `position` (1,) -> logits (B, V) for the next."""
     hidden = model.hidden_states(token[:, None], position)
-    return model.lm_head(hidden[:, -1])
+    return model.logits(hidden[:, -1])
 
 
 @torch.inference_mode()
@@ -73,11 +73,9 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, settings
                     ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, (num_samples,), `max_new_tokens` times.
 
-    `prompt` must fit the context (at most block_size tokens). Logits of padded vocabulary
-    slots are dropped, so only real token ids come out.
+    `prompt` must fit the context (at most block_size tokens).
     """
     context = model.config.block_size
-    vocab = model.config.vocab_size
     device = model.wte.weight.device
     history = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, T)
     model.setup_kv_cache(num_samples, context)
@@ -85,7 +83,7 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, settings
         logits = prefill(model, history)
         position = history.size(1)
         for _ in range(max_new_tokens):
-            token = next_token(logits[:, :vocab], settings, generator)
+            token = next_token(logits, settings, generator)
             yield token
             history = torch.cat([history, token[:, None]], dim=1)
             if position == context:  # the cache is full: keep the last half of the context

@@ -7,7 +7,7 @@ attention through `scaled_dot_product_attention` (flash kernels on GPU), and a
 preallocated KV cache for generation.
 
 Shapes in comments: B batch, T time (tokens), C n_embd, nh heads, hs head size, L the
-KV cache length, V the padded vocabulary.
+KV cache length, V the vocabulary (padded to a multiple of 64 inside lm_head).
 """
 
 from __future__ import annotations
@@ -145,10 +145,17 @@ class GPT(nn.Module):
             x = block(x, input_pos, mask)
         return self.ln_f(x)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., vocab_size) from hidden states (..., C)."""
+        return self.lm_head(hidden)[..., : self.config.vocab_size]
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for `idx` (B, T); or, given `targets` (B, T), the summed
-        cross-entropy over targets that are not IGNORE_INDEX (divide by their count)."""
-        logits = self.lm_head(self.hidden_states(idx))
+        """Logits (B, T, vocab_size) for `idx` (B, T); or, given `targets` (B, T), the summed
+        cross-entropy over targets that are not IGNORE_INDEX (divide by their count).
+
+        The padded vocabulary rows speed up the matrix product but are sliced off (in
+        `logits`) before any softmax: they are not tokens and must take no probability."""
+        logits = self.logits(self.hidden_states(idx))
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),

@@ -1,0 +1,295 @@
+"""Hugging Face GPT-2 interop: import a `save_pretrained` directory, export one.
+
+Weight layout differences, and nothing else:
+- HF GPT-2 stores linear layers as `Conv1D`, weight (in, out): transposed here.
+- Keys may carry a `transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model, as the hub's
+  `gpt2` files); `lm_head.weight` is tied to `wte` and the `attn.bias`/`attn.masked_bias`
+  buffers of old files are causal masks, so all three are ignored.
+- gptcli pads the vocabulary to a multiple of 64; padded rows are zeros on import and
+  dropped on export, so import -> export -> import is bit-identical.
+A bias-free gptcli model exports with zero biases, which GPT-2 computes identically.
+
+GPT-2's tokenizer files (`vocab.json`, `merges.txt`) are derived from tiktoken's BPE
+ranks on export, and ranks are derived from `vocab.json` on import, so no tokenizer
+download is needed either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptcli.atomic import fsync_tree, replace_dir
+from gptcli.bpe import GPT2_PATTERN
+from gptcli.checkpoint import is_checkpoint, load_model, resolve_checkpoint, save_checkpoint
+from gptcli.classify import GPTClassifier
+from gptcli.config import ModelConfig
+from gptcli.data import cache_root
+from gptcli.errors import GptcliError
+from gptcli.lora import merge_lora
+from gptcli.model import GPT
+from gptcli.tokenizer import (
+    EOT,
+    TiktokenTokenizer,
+    Tokenizer,
+    named_tiktoken,
+    tiktoken_from_file,
+    tiktoken_from_ranks,
+)
+
+HF_CONFIG, HF_WEIGHTS, HF_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_MASK_BUFFERS = (["attn", "bias"], ["attn", "masked_bias"])  # h.N.attn.bias: a causal mask, not a weight
+GPT2_EOT_ID = 50256
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / HF_CONFIG).is_file() and ((path / HF_WEIGHTS).is_file() or (path / HF_PICKLE).is_file())
+
+
+# --- GPT-2's byte <-> printable-character table (its vocab.json spells bytes this way) ----
+
+
+def byte_to_char() -> dict[int, str]:
+    """GPT-2 writes each byte as a printable character: the printable Latin-1 bytes stand
+    for themselves, every other byte (controls, space, 0x7F-0xA0, 0xAD) takes the next code
+    point from 256 upwards, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _spell(token: bytes, table: dict[int, str]) -> str:
+    return "".join(table[b] for b in token)
+
+
+def tokenizer_files(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[str]]:
+    """vocab.json and merges.txt contents from BPE ranks: the merge that makes each
+    multi-byte token is found by running BPE on its bytes with only lower ranks."""
+    table = byte_to_char()
+    vocab = {_spell(token, table): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            left, right = _last_merge(token, ranks)
+            merges.append(f"{_spell(left, table)} {_spell(right, table)}")
+    return vocab, merges
+
+
+def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two parts BPE joins last when building `token` (merging lowest ranks first)."""
+    parts = [bytes([b]) for b in token]
+    limit = ranks[token]
+    while len(parts) > 2:
+        candidates = [(ranks.get(parts[i] + parts[i + 1], limit), i) for i in range(len(parts) - 1)]
+        best, i = min(candidates)
+        if best >= limit:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise GptcliError(f"token {token!r} cannot be built by BPE merges from its ranks")
+    return parts[0], parts[1]
+
+
+def ranks_from_vocab(vocab: dict[str, int]) -> dict[bytes, int]:
+    """BPE ranks from a GPT-2 vocab.json (special tokens left out)."""
+    char_to_byte = {c: b for b, c in byte_to_char().items()}
+    ranks = {}
+    for spelled, rank in vocab.items():
+        if spelled.startswith("<|") and spelled.endswith("|>"):
+            continue
+        ranks[bytes(char_to_byte[c] for c in spelled)] = rank
+    return ranks
+
+
+def _is_gpt2_tokenizer(tokenizer: Tokenizer) -> bool:
+    return (isinstance(tokenizer, TiktokenTokenizer) and tokenizer.vocab_size == GPT2_EOT_ID + 1
+            and tokenizer.eot_id == GPT2_EOT_ID and tokenizer.encoding._pat_str == GPT2_PATTERN)
+
+
+# --- import ------------------------------------------------------------------------------
+
+
+def _read_hf_config(hf_dir: Path) -> dict:
+    try:
+        config = json.loads((hf_dir / HF_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise GptcliError(f"{hf_dir / HF_CONFIG} is unreadable: {exc}") from None
+    if config.get("model_type") != "gpt2":
+        raise GptcliError(f"{hf_dir} holds a '{config.get('model_type')}' model; only GPT-2 "
+                          f"(model_type gpt2) can be imported")
+    unsupported = {
+        "activation_function": ("gelu_new", config.get("activation_function", "gelu_new")),
+        "n_inner": (None, config.get("n_inner")),
+        "scale_attn_by_inverse_layer_idx": (False, config.get("scale_attn_by_inverse_layer_idx", False)),
+        "reorder_and_upcast_attn": (False, config.get("reorder_and_upcast_attn", False)),
+        "layer_norm_epsilon": (1e-5, config.get("layer_norm_epsilon", 1e-5)),
+    }
+    for name, (wanted, found) in unsupported.items():
+        if found != wanted and not (name == "n_inner" and found == 4 * config["n_embd"]):
+            raise GptcliError(f"{hf_dir}: {name}={found!r} is not supported (gptcli's GPT needs {wanted!r})")
+    return config
+
+
+def hf_tokenizer(hf_dir: Path, tokenizer_path: str | Path | None) -> Tokenizer:
+    """The tokenizer of an HF GPT-2 directory: a given .tiktoken file, its vocab.json, or
+    tiktoken's `gpt2` encoding (downloaded once by tiktoken)."""
+    if tokenizer_path is not None:
+        return tiktoken_from_file(tokenizer_path)
+    if (hf_dir / "vocab.json").is_file():
+        vocab = json.loads((hf_dir / "vocab.json").read_text(encoding="utf-8"))
+        ranks = ranks_from_vocab(vocab)
+        return tiktoken_from_ranks(ranks, "gpt2", GPT2_PATTERN, {EOT: vocab.get(EOT, len(ranks))})
+    return named_tiktoken("gpt2")
+
+
+def import_hf_model(hf_dir: str | Path) -> GPT:
+    """A gptcli GPT with the weights of an HF GPT-2 directory (fp32)."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / HF_WEIGHTS).is_file():
+        if (hf_dir / HF_PICKLE).is_file():
+            raise GptcliError(
+                f"{hf_dir} has only {HF_PICKLE} (a pickle, which gptcli never loads); convert it with "
+                f"transformers: GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR, "
+                f"safe_serialization=True)")
+        raise GptcliError(f"{hf_dir} has no {HF_WEIGHTS}")
+    config = _read_hf_config(hf_dir)
+    cfg = ModelConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
+                      block_size=config["n_positions"], vocab_size=config["vocab_size"], bias=True,
+                      dropout=0.0)
+    try:
+        weights = load_file(hf_dir / HF_WEIGHTS)
+    except (OSError, SafetensorError) as exc:
+        raise GptcliError(f"{hf_dir / HF_WEIGHTS} is unreadable: {exc}") from None
+    model = GPT(cfg)
+    state = {}
+    for key, value in weights.items():
+        key = key.removeprefix("transformer.")
+        if key == "lm_head.weight" or key.split(".")[-2:] in _MASK_BUFFERS:
+            continue
+        if key.endswith(_CONV1D):
+            value = value.t()
+        if key == "wte.weight":  # pad to gptcli's vocabulary rows with zeros
+            padded = torch.zeros(cfg.padded_vocab_size, cfg.n_embd, dtype=value.dtype)
+            padded[: value.size(0)] = value
+            value = padded
+        state[key] = value.float().contiguous()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - {"lm_head.weight"} or unexpected:
+        raise GptcliError(f"{hf_dir / HF_WEIGHTS}: not GPT-2 weights (missing {sorted(missing)[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+    """`gptcli import-hf`: write an HF GPT-2 directory as a gptcli checkpoint directory."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise GptcliError(f"{hf_dir} is not a directory")
+    if out.exists():
+        raise GptcliError(f"{out} already exists; choose a new --out directory")
+    model = import_hf_model(hf_dir)
+    tokenizer = hf_tokenizer(hf_dir, tokenizer_path)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise GptcliError(f"the tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}")
+    note = f"# imported from Hugging Face GPT-2 directory {hf_dir}\n"
+    return save_checkpoint(out, model, tokenizer, note)
+
+
+def cached_import(hf_dir: Path) -> Path:
+    """An HF directory used where a checkpoint is expected: imported once into the cache,
+    keyed by its path, size and modification time."""
+    weights = hf_dir / HF_WEIGHTS
+    if not weights.is_file():
+        import_hf_model(hf_dir)  # raises the right error (pickle only, no weights)
+    info = weights.stat()
+    stamp = f"{hf_dir.resolve()}:{info.st_size}:{info.st_mtime_ns}"
+    target = cache_root().parent / "hf" / hashlib.sha256(stamp.encode()).hexdigest()[:24]
+    if not is_checkpoint(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        import_hf(hf_dir, target)
+    return target
+
+
+# --- export ------------------------------------------------------------------------------
+
+
+def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+    """`gptcli export-hf`: a checkpoint as an HF directory that transformers loads."""
+    source = resolve_checkpoint(checkpoint)
+    out = Path(out)
+    if out.exists():
+        raise GptcliError(f"{out} already exists; choose a new --out directory")
+    model, tokenizer = load_model(source)
+    if model.lora_spec is not None:
+        merge_lora(model)
+    cfg = model.config
+    weights = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        if key == "wte.weight":
+            value = value[: cfg.vocab_size]
+        if key.endswith(_CONV1D):
+            value = value.t()
+        prefix = "" if key.startswith("score.") else "transformer."
+        weights[prefix + key] = value.contiguous()
+    if not cfg.bias:  # GPT-2 always has biases: zeros compute the same function
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head" \
+                    and not name.startswith("score"):
+                size = module.weight.shape[0]
+                weights[f"transformer.{name}.bias"] = torch.zeros(size)
+    config = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2ForSequenceClassification" if isinstance(model, GPTClassifier)
+                          else "GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+        "tie_word_embeddings": True, "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
+        "torch_dtype": "float32",
+    }
+    if isinstance(model, GPTClassifier):
+        config.update(num_labels=len(model.labels), pad_token_id=tokenizer.eot_id,
+                      id2label={str(i): name for i, name in enumerate(model.labels)},
+                      label2id={name: i for i, name in enumerate(model.labels)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(weights, work / HF_WEIGHTS, metadata={"format": "pt"})
+        (work / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
+        (work / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if _is_gpt2_tokenizer(tokenizer):
+            vocab, merges = tokenizer_files(tokenizer.encoding._mergeable_ranks)
+            vocab[EOT] = tokenizer.eot_id
+            (work / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+            (work / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+            (work / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT,
+                 "unk_token": EOT, "model_max_length": cfg.block_size, "add_prefix_space": False}))
+        fsync_tree(work)
+        replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+

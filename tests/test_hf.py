@@ -1,0 +1,197 @@
+"""Hugging Face GPT-2 interop, against transformers itself (random small models, no download)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks, run_cli
+from gptcli.checkpoint import load_model, resolve_checkpoint, save_checkpoint
+from gptcli.config import ModelConfig
+from gptcli.errors import GptcliError
+from gptcli.generate import SamplingSettings, generate_tokens
+from gptcli.hf import byte_to_char, export_hf, import_hf, ranks_from_vocab, tokenizer_files
+from gptcli.model import GPT
+from gptcli.tokenizer import BytesTokenizer, tiktoken_from_file
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+SHAPES = [dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=300),
+          dict(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=257),
+          dict(n_layer=1, n_head=3, n_embd=48, n_positions=32, vocab_size=1000)]
+
+
+def hf_model(tmp_path, seed=0, **shape):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(**shape, bos_token_id=shape["vocab_size"] - 1,
+                                     eos_token_id=shape["vocab_size"] - 1)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # non-zero biases and LayerNorm gains, so a missed one shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "hf"
+    model.save_pretrained(path)
+    return model, path
+
+
+def import_with_char_tokenizer(hf_dir, out, vocab_size):
+    """Import weights; these random models' vocabularies are not GPT-2's, so pair them with
+    a tokenizer of the same size for the checkpoint."""
+    from gptcli.hf import import_hf_model
+    from gptcli.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("".join(chr(0x100 + i) for i in range(vocab_size - 1)))
+    save_checkpoint(out, import_hf_model(hf_dir), tok, "# test\n")
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s['n_layer']}x{s['n_embd']}")
+def test_import_logits_match_transformers(tmp_path, shape):
+    hf, path = hf_model(tmp_path, **shape)
+    from gptcli.hf import import_hf_model
+
+    ours = import_hf_model(path)
+    idx = torch.randint(0, shape["vocab_size"], (2, shape["n_positions"]))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_greedy_continuation_matches_generate(tmp_path):
+    shape = SHAPES[1]
+    hf, path = hf_model(tmp_path, **shape)
+    from gptcli.hf import import_hf_model
+
+    ours = import_hf_model(path)
+    prompt = [5, 17, 99, 3, 42]
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    got = [t.item() for t in generate_tokens(ours, prompt, 40, SamplingSettings(temperature=0))]
+    assert got == expected
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_export_loads_in_transformers_with_equal_logits(tmp_path, bias):
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=257, bias=bias))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, BytesTokenizer(), "# test\n")
+    out = export_hf(ckpt, tmp_path / "exported")
+    hf, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    idx = torch.randint(0, 257, (3, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(idx).logits, model.eval()(idx), atol=1e-5, rtol=0)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 256
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+    _, path = hf_model(tmp_path, **SHAPES[0])
+    first = import_with_char_tokenizer(path, tmp_path / "a", 300)
+    exported = export_hf(first, tmp_path / "exported")
+    second = import_with_char_tokenizer(exported, tmp_path / "b", 300)
+    a, _ = load_model(first)
+    b, _ = load_model(second)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_classifier_exports_as_sequence_classification(tmp_path):
+    from gptcli.classify import GPTClassifier
+
+    torch.manual_seed(2)
+    model = GPTClassifier(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=257),
+                          ["neg", "pos", "neutral"]).eval()
+    ckpt = save_checkpoint(tmp_path / "cls", model, BytesTokenizer(), "# test\n")
+    out = export_hf(ckpt, tmp_path / "exported")
+    hf, info = transformers.GPT2ForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert hf.config.id2label == {0: "neg", 1: "pos", 2: "neutral"}
+    idx = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(idx).logits, model(idx), atol=1e-5, rtol=0)
+
+
+@needs_gpt2_ranks
+def test_exported_tokenizer_files_match_tiktoken(tmp_path):
+    tok = tiktoken_from_file(GPT2_TIKTOKEN)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50257))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tok, "# test\n")
+    out = export_hf(ckpt, tmp_path / "exported")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Hello world! Grüße aus München — 東京タワー, Ελληνικά, emoji 🤖🚀 and   spaces\n\ttabs."
+    assert hf_tok.encode(text) == tok.encode(text)
+    assert hf_tok.eos_token_id == 50256
+    # And back: vocab.json alone rebuilds the ranks (what import uses offline).
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert ranks_from_vocab(vocab) == tok.encoding._mergeable_ranks
+
+
+@needs_gpt2_ranks
+def test_import_with_tiktoken_file_and_sample_via_cli(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    code, _, err = run_cli(["import-hf", tmp_path / "hf", "--out", tmp_path / "ckpt",
+                            "--tokenizer", GPT2_TIKTOKEN], capsys)
+    assert code == 0, err
+    _, tok = load_model(tmp_path / "ckpt")
+    assert tok.vocab_size == 50257 and tok.encode("Hello") == [15496]
+    code, out, err = run_cli(["sample", "-c", tmp_path / "ckpt", "-p", "Hello", "-n", "5", "--seed", "0"], capsys)
+    assert code == 0 and out.startswith("Hello"), err
+
+
+@needs_gpt2_ranks
+def test_hf_dir_used_directly_as_checkpoint(tmp_path):
+    """An HF dir with vocab.json (as the hub serves gpt2) works as --checkpoint / init_from."""
+    tok = tiktoken_from_file(GPT2_TIKTOKEN)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50257))
+    out = export_hf(save_checkpoint(tmp_path / "ckpt", model, tok, "# t\n"), tmp_path / "hfdir")
+    resolved = resolve_checkpoint(out)
+    assert resolved != out and resolve_checkpoint(out) == resolved  # imported once, cached
+    again, tok2 = load_model(resolved)
+    assert tok2.encode("naïve café") == tok.encode("naïve café")
+    assert torch.equal(again.h[0].mlp.c_fc.weight, model.h[0].mlp.c_fc.weight)
+
+
+def test_byte_table_is_a_bijection_onto_printables():
+    table = byte_to_char()
+    assert len(set(table.values())) == 256
+    assert table[ord("A")] == "A" and table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ"
+
+
+def test_merges_rebuild_tokens():
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks[b"ab"] = 256
+    ranks[b"abc"] = 257
+    ranks[b"abcab"] = 258
+    vocab, merges = tokenizer_files(ranks)
+    assert merges == ["a b", "ab c", "abc ab"]
+    assert vocab["abc"] == 257
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("pickle", "only pytorch_model.bin"),
+    ("llama", "holds a 'llama' model"),
+    ("act", "activation_function='relu' is not supported"),
+    ("missing", "is not a directory"),
+])
+def test_import_errors(tmp_path, setup, message, capsys):
+    folder = tmp_path / "hf"
+    if setup != "missing":
+        folder.mkdir()
+        config = {"model_type": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 8,
+                  "vocab_size": 10}
+        config.update({"llama": {"model_type": "llama"}, "act": {"activation_function": "relu"}}.get(setup, {}))
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / ("pytorch_model.bin" if setup == "pickle" else "model.safetensors")).write_bytes(b"x")
+    code, out, err = run_cli(["import-hf", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(GptcliError):
+        import_hf(folder, tmp_path / "out")
