@@ -15,6 +15,7 @@ temporary name and renamed into place, so a crash leaves the previous one intact
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ from gptcli.model import GPT
 from gptcli.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"  # sha256 and size of every other file, checked on load
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
 CONFIG_YAML = "config.yaml"
@@ -67,8 +69,9 @@ def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config
     """Write a checkpoint directory at `target` atomically (temp dir, fsync, rename)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".tmp-{target.name}-*"):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != _TIED}
@@ -87,12 +90,43 @@ def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config
         (tmp / CONFIG_YAML).write_text(config_yaml)
         if trainer is not None:
             _save_trainer(tmp, trainer)
+        write_manifest(tmp)
         fsync_tree(tmp)
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _file_digest(p)}
+                for p in files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Check every file against the manifest; a one-line error names the first bad one."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise GptcliError(f"{directory} has no {MANIFEST}; it is not a complete gptcli checkpoint") from None
+    except ValueError:
+        raise GptcliError(f"{directory / MANIFEST} is corrupted (not JSON)") from None
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            raise GptcliError(f"checkpoint file {path} is missing")
+        if path.stat().st_size != expected["bytes"] or _file_digest(path) != expected["sha256"]:
+            raise GptcliError(f"checkpoint file {path} is corrupted (size or checksum differs from "
+                              f"{MANIFEST}); use another checkpoint")
 
 
 def _model_dict(cfg: ModelConfig) -> dict:
@@ -125,6 +159,7 @@ def _save_trainer(directory: Path, state: TrainerState) -> None:
 
 def load_trainer_state(directory: str | Path) -> TrainerState:
     directory = Path(directory)
+    verify_checkpoint(directory)
     try:
         info = json.loads((directory / TRAINER_JSON).read_text())
         tensors = load_file(directory / TRAINER_TENSORS)
@@ -204,6 +239,7 @@ def load_weights(model: GPT, directory: str | Path, device: torch.device | str =
 def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer]:
     """The model (in eval mode, fp32) and tokenizer of a checkpoint directory."""
     directory = Path(directory)
+    verify_checkpoint(directory)
     model = build_model(directory)
     tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
     if tokenizer.vocab_size != model.config.vocab_size:
@@ -290,3 +326,18 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path | 
         raise GptcliError(f"{run_dir} already holds a run; pass --resume to continue it or "
                           f"--overwrite to start over")
     return (latest if resume else None), (used and overwrite)
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete step checkpoints beyond the newest `keep_last`, never the ones that
+    `latest`, `best` or `merged` name. Returns what was deleted."""
+    folder = Path(run_dir) / CHECKPOINTS
+    protected = {p for p in (read_pointer(run_dir, n) for n in (LATEST, BEST, "merged")) if p}
+    steps = sorted(p for p in folder.glob("step-*") if p.is_dir() and p not in protected
+                   and not p.name.endswith("-merged"))
+    newest = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith("-merged"))
+    keep = set(newest[-keep_last:]) if keep_last > 0 else set(newest)
+    removed = [p for p in steps if p not in keep]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed

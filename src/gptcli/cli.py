@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gptcli.errors import GptcliError
+from gptcli.errors import GptcliError, Interrupted
 
 app = typer.Typer(
     help="Train, finetune and sample GPT models.\n\n"
@@ -274,5 +274,11 @@ def main() -> None:
 
         console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except Interrupted as exc:
+        from gptcli.display import console
+
+        again = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")] + ["--resume"]
+        console.print(f"{exc}; continue with: gptcli {' '.join(again)}", markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C: checkpoints are atomic, so stopping is safe
         sys.exit(130)

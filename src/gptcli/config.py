@@ -88,6 +88,12 @@ class TrainConfig:
     eval_every: int = _field(250, "Evaluate on the validation split every this many steps.")
     eval_batches: int = _field(20, "Micro-batches averaged for one validation loss.")
     save_every: int = _field(250, "Save a checkpoint every this many steps (and at the end).")
+    keep_last: int = _field(
+        0, "Keep only the newest N step checkpoints (the best and latest are always kept); 0 keeps all."
+    )
+    max_bad_steps: int = _field(
+        3, "Stop after this many consecutive steps with a non-finite loss (their updates are skipped)."
+    )
     log_every: int = _field(10, "Record training metrics every this many steps.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
         "auto", "`auto` picks bf16 on GPUs that support it, fp16 with loss scaling on older "
@@ -196,9 +202,10 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     if m.vocab_size is not None:
         need(m.vocab_size >= 1, f"model.vocab_size: must be at least 1, got {m.vocab_size}")
     for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
-                 "save_every", "log_every"):
+                 "save_every", "log_every", "max_bad_steps"):
         need(getattr(t, name) >= 1, f"train.{name}: must be at least 1, got {getattr(t, name)}")
     need(t.warmup_steps >= 0, f"train.warmup_steps: must be 0 or more, got {t.warmup_steps}")
+    need(t.keep_last >= 0, f"train.keep_last: must be 0 or more, got {t.keep_last}")
     if t.lr_decay_steps is not None:
         need(t.lr_decay_steps > t.warmup_steps,
              f"train.lr_decay_steps: must be greater than train.warmup_steps, got {t.lr_decay_steps}")

@@ -68,6 +68,34 @@ def prepare_dataset(cfg: DataConfig, seed: int, on_event: EventSink = ignore,
     return target
 
 
+_VERIFIED = ".verified.json"  # shards whose checksum matched, by size and modification time
+
+
+def _check_shard(file: Path, expected_bytes: int, sha256: str) -> None:
+    """A token file must have the size and checksum meta.json recorded. The checksum is
+    computed once per version of the file (remembered by size and mtime), not every run."""
+    if not file.is_file() or file.stat().st_size != expected_bytes:
+        raise GptcliError(f"{file} is missing or has the wrong size ({expected_bytes} bytes expected "
+                          f"from {META_FILE}): it changed since tokenizing; tokenize the corpus again")
+    stamp_path = file.parent / _VERIFIED
+    info = file.stat()
+    key = f"{info.st_size}:{info.st_mtime_ns}:{sha256}"
+    try:
+        stamps = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        stamps = {}
+    if stamps.get(file.name) == key:
+        return
+    with open(file, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != sha256:
+            raise GptcliError(f"{file} does not match the checksum in {META_FILE}: it changed since "
+                              f"tokenizing; tokenize the corpus again")
+    try:
+        stamp_path.write_text(json.dumps({**stamps, file.name: key}))
+    except OSError:
+        pass  # a read-only dataset is verified again next time
+
+
 @dataclass
 class TokenDataset:
     """A tokenized directory opened for training: memory-mapped splits and the tokenizer."""
@@ -86,12 +114,7 @@ class TokenDataset:
         for split in SPLITS:
             info = meta["splits"][split]
             file = path / info["file"]
-            expected = info["tokens"] * np.dtype(meta["dtype"]).itemsize
-            if not file.is_file() or file.stat().st_size != expected:
-                raise GptcliError(
-                    f"{file} is missing or has the wrong size (expected {expected} bytes per "
-                    f"{META_FILE}); tokenize the corpus again"
-                )
+            _check_shard(file, info["tokens"] * np.dtype(meta["dtype"]).itemsize, info["sha256"])
             splits[split] = np.memmap(file, dtype=meta["dtype"], mode="r")
             bytes_per_token[split] = info["bytes"] / max(info["tokens"], 1)
         return cls(path, tokenizer, splits, bytes_per_token)

@@ -7,3 +7,17 @@ any other exception is a bug and keeps its traceback.
 
 class GptcliError(Exception):
     """A problem with the user's input (config, data, paths, options), not a bug."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint at `step`."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str):
+        super().__init__(f"stopped by signal {signum} at step {step}; saved {checkpoint}")
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them

@@ -13,6 +13,7 @@ Run directory layout:
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,15 +28,16 @@ from gptcli.checkpoint import (
     check_run_dir,
     load_trainer_state,
     load_weights,
+    read_metadata,
     read_model_config,
     save_checkpoint,
     step_name,
     write_pointer,
 )
-from gptcli.config import RunConfig, dump_yaml
+from gptcli.config import RunConfig, dump_yaml, load_config
 from gptcli.data import BatchSampler, TokenDataset, prepare_dataset
 from gptcli.errors import GptcliError
-from gptcli.events import EventSink, RunFinished, RunStarted, ignore
+from gptcli.events import EventSink, Notice, RunFinished, RunStarted, ignore
 from gptcli.model import GPT
 from gptcli.optim import build_optimizer
 from gptcli.runtime import (
@@ -87,17 +89,27 @@ def flops_per_token(model: GPT) -> float:
     return 6 * model.num_params(include_positions=False) + 12 * c.n_layer * c.block_size * c.n_embd
 
 
-def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerState) -> None:
-    """Refuse changes that would break an exact continuation."""
+def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerState,
+                             tokenizer_spec: dict, on_event: EventSink) -> None:
+    """Refuse changes that would break an exact continuation; note the harmless ones."""
     saved = read_model_config(checkpoint)
     if dataclasses.asdict(saved) != dataclasses.asdict(cfg.model):
         changed = [k for k, v in dataclasses.asdict(cfg.model).items() if getattr(saved, k) != v]
         raise GptcliError(f"--resume: model settings differ from the checkpoint ({', '.join(changed)}); "
                           f"resume with the original values or start a new run with --overwrite")
+    saved_tokenizer = json.loads(read_metadata(checkpoint)["tokenizer"])
+    if saved_tokenizer != tokenizer_spec:
+        raise GptcliError(f"--resume: the data's tokenizer ({tokenizer_spec['name']}) is not the "
+                          f"checkpoint's ({saved_tokenizer['name']}); resume with the original data")
     saved_batch = state.extra.get("batch_size"), state.extra.get("grad_accum")
     if saved_batch != (cfg.train.batch_size, cfg.train.grad_accum):
         raise GptcliError(f"--resume: batch_size/grad_accum were {saved_batch[0]}/{saved_batch[1]}, "
                           f"now {cfg.train.batch_size}/{cfg.train.grad_accum}; keep them to resume")
+    before = load_config(checkpoint / CONFIG_YAML).train
+    changed = [f"{f.name} {getattr(before, f.name)} -> {getattr(cfg.train, f.name)}"
+               for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(cfg.train, f.name)]
+    if changed:
+        on_event(Notice(f"resuming with changed train settings: {', '.join(changed)}"))
 
 
 def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
@@ -122,7 +134,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                                         "grad_accum": cfg.train.grad_accum})
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        _check_resume_compatible(cfg, checkpoint, state)
+        _check_resume_compatible(cfg, checkpoint, state, dataset.tokenizer.spec, on_event)
         load_weights(model, checkpoint, device)
     optimizer = build_optimizer(model, cfg.train, device)
     if state.optimizer is not None:

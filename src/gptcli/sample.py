@@ -66,6 +66,10 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     if isinstance(model, GPTClassifier):
         raise GptcliError(f"{path} is a classifier; use classify() for it")
     context = model.config.block_size
+    for special in tokenizer.special_tokens:
+        if special in request.prompt:
+            raise GptcliError(f"the prompt contains the special token {special} as text; prompts are "
+                              f"plain text, so remove it (an empty prompt starts a new document)")
     stop_ids: frozenset[int] = frozenset()
     if has_chat_template(tokenizer):  # an instruct checkpoint: one user turn, stop at its end
         prompt = prompt_ids(tokenizer, request.prompt)

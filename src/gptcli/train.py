@@ -21,12 +21,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from gptcli.checkpoint import TrainerState
+from gptcli.checkpoint import TrainerState, prune_checkpoints
 from gptcli.config import TrainConfig
+from gptcli.errors import GptcliError, Interrupted
 from gptcli.events import CheckpointSaved, EvalDone, EventSink, Notice, StepLogged
 from gptcli.model import IGNORE_INDEX
 from gptcli.optim import lr_at
 from gptcli.runtime import Precision
+from gptcli.signals import StopRequest
 
 METRICS_FILE = "metrics.jsonl"
 # A batch is the keyword arguments of the model's forward: at least `idx` (B, T) and
@@ -141,7 +143,8 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
     """Train `model` from `state.step` to `setup.cfg.max_steps`; returns the final state.
 
     `model` is the plain module (saved as is); a compiled wrapper is used for the steps
-    when `setup.compile` is set, falling back to eager if compilation fails.
+    when `setup.compile` is set, falling back to eager if compilation fails. A SIGINT or
+    SIGTERM finishes the current step, saves, and raises `Interrupted`.
     """
     cfg, opt, precision = setup.cfg, setup.optimizer, setup.precision
     scaler = torch.amp.GradScaler(setup.device.type, enabled=precision.needs_grad_scaler)
@@ -155,79 +158,142 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
         _append_metrics(setup.run_dir, record)
         on_event(EvalDone({**record, "best": False, "metric": data.metric}))
     interval_start, interval_tokens = time.perf_counter(), 0
-    for step in range(state.step, cfg.max_steps):
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batches = [data.train_batch(step, micro) for micro in range(cfg.grad_accum)]
-        try:
-            loss = _forward_backward(step_model, batches, precision, scaler)
-        except Exception as exc:  # compile errors surface at the first call, as many types
-            if step_model is model or step != state.step:
-                raise
-            on_event(Notice(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                            f"continuing without compile"))
+    bad_steps = 0  # consecutive steps with a non-finite loss or gradient
+    with StopRequest() as stop:
+        for step in range(state.step, cfg.max_steps):
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batches = [data.train_batch(step, micro) for micro in range(cfg.grad_accum)]
+            try:
+                loss = _forward_backward(step_model, batches, precision, scaler)
+            except torch.OutOfMemoryError:
+                raise GptcliError(_oom_advice(cfg)) from None
+            except Exception as exc:  # compile errors surface at the first call, as many types
+                if step_model is model or step != state.step:
+                    raise
+                on_event(Notice(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                                f"continuing without compile"))
+                opt.zero_grad(set_to_none=True)
+                step_model = model
+                loss = _forward_backward(step_model, batches, precision, scaler)
+            grad_norm = _clip(model, opt, scaler, cfg.grad_clip)
+            if scaler.is_enabled() or _finite(loss, grad_norm):  # the scaler skips bad steps itself
+                scaler.step(opt)
+                scaler.update()
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                on_event(Notice(f"step {step + 1}: non-finite loss or gradient, update skipped "
+                                f"({bad_steps} in a row)"))
+                if bad_steps >= cfg.max_bad_steps:
+                    raise GptcliError(
+                        f"the loss was non-finite for {bad_steps} consecutive steps (up to step "
+                        f"{step + 1}); no weights were updated by them and the last checkpoint is "
+                        f"kept. Lower train.lr, check the data, or use precision fp32")
             opt.zero_grad(set_to_none=True)
-            step_model = model
-            loss = _forward_backward(step_model, batches, precision, scaler)
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
 
-        done = step + 1
-        step_tokens = sum(b["idx"].numel() for b in batches)
-        state.tokens_seen += step_tokens
-        interval_tokens += step_tokens
-        last = done == cfg.max_steps
-        if done % cfg.log_every == 0 or last:
-            elapsed = time.perf_counter() - interval_start
-            record = {
-                "step": done,
-                "loss": loss.item(),  # the one host sync of a logged step
-                "lr": lr,
-                "tokens_seen": state.tokens_seen,
-                "tokens_per_sec": interval_tokens / elapsed,
-                "mfu": setup.flops_per_token * interval_tokens / elapsed / setup.peak_flops,
-            }
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm.item()
-            _append_metrics(setup.run_dir, record)
-            on_event(StepLogged(record))
-            interval_start, interval_tokens = time.perf_counter(), 0
+            done = step + 1
+            step_tokens = sum(b["idx"].numel() for b in batches)
+            state.tokens_seen += step_tokens
+            interval_tokens += step_tokens
+            last = done == cfg.max_steps
+            if done % cfg.log_every == 0 or last:
+                elapsed = time.perf_counter() - interval_start
+                record = {
+                    "step": done,
+                    "loss": loss.item(),
+                    "lr": lr,
+                    "tokens_seen": state.tokens_seen,
+                    "tokens_per_sec": interval_tokens / elapsed,
+                    "mfu": setup.flops_per_token * interval_tokens / elapsed / setup.peak_flops,
+                }
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm.item()
+                _append_metrics(setup.run_dir, record)
+                on_event(StepLogged(record))
+                interval_start, interval_tokens = time.perf_counter(), 0
 
-        paused_at = time.perf_counter()
-        new_best = stop_early = False
-        if done % cfg.eval_every == 0 or last:
-            metrics = data.evaluate(step_model, precision)
-            new_best = is_better(metrics[data.metric], state.best_metric, data.higher_is_better)
-            if new_best:
-                state.best_metric = metrics[data.metric]
-            state.evals_since_best = 0 if new_best else state.evals_since_best + 1
-            stop_early = 0 < setup.patience <= state.evals_since_best
-            record = {"step": done, **metrics, f"best_{data.metric}": state.best_metric}
-            _append_metrics(setup.run_dir, record)
-            on_event(EvalDone({**record, "best": new_best, "metric": data.metric}))
+            paused_at = time.perf_counter()
+            new_best = stop_early = False
+            if done % cfg.eval_every == 0 or last:
+                new_best, stop_early = _evaluate(step_model, data, setup, state, done, on_event)
+            if done % cfg.save_every == 0 or last or new_best or stop_early or stop.signum:
+                path = _save(state, done, setup, opt, scaler, new_best, on_event)
+                if stop.signum:
+                    raise Interrupted(stop.signum, done, str(path))
+            interval_start += time.perf_counter() - paused_at  # keep eval and saving out of tokens/s
             if stop_early:
-                on_event(Notice(f"early stop: {data.metric} has not improved for "
-                                f"{state.evals_since_best} evaluations"))
-        if done % cfg.save_every == 0 or last or new_best or stop_early:
-            state.step = done
-            state.optimizer = opt.state_dict()
-            state.scaler = scaler.state_dict() if scaler.is_enabled() else None
-            state.rng = rng_state(setup.device)
-            path = setup.save(state)
-            setup.point_to("latest", path)
-            if new_best:
-                setup.point_to("best", path)
-            on_event(CheckpointSaved(str(path), done, best=new_best))
-        interval_start += time.perf_counter() - paused_at  # keep eval and saving out of tokens/s
-        if stop_early:
-            break
+                break
     return state
+
+
+def _clip(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+          max_norm: float) -> torch.Tensor | None:
+    """Clip the global gradient norm (after unscaling fp16 gradients); return the norm."""
+    if max_norm <= 0:
+        return None
+    scaler.unscale_(opt)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+    """Whether this step may update the weights: one host sync per step, the price of never
+    writing NaN into the model (and so never saving it)."""
+    ok = torch.isfinite(loss)
+    if grad_norm is not None:
+        ok = ok & torch.isfinite(grad_norm)
+    return bool(ok)
+
+
+def _oom_advice(cfg: TrainConfig) -> str:
+    half = max(cfg.batch_size // 2, 1)
+    accum = cfg.grad_accum * cfg.batch_size // half
+    return (f"CUDA out of memory at train.batch_size={cfg.batch_size}; try --set "
+            f"train.batch_size={half} --set train.grad_accum={accum} (the same "
+            f"{cfg.batch_size * cfg.grad_accum} sequences per step)")
+
+
+def _evaluate(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerState,
+              done: int, on_event: EventSink) -> tuple[bool, bool]:
+    """Evaluate, update the best metric and patience; return (new best, stop early)."""
+    metrics = data.evaluate(model, setup.precision)
+    new_best = is_better(metrics[data.metric], state.best_metric, data.higher_is_better)
+    if new_best:
+        state.best_metric = metrics[data.metric]
+    state.evals_since_best = 0 if new_best else state.evals_since_best + 1
+    stop_early = 0 < setup.patience <= state.evals_since_best
+    record = {"step": done, **metrics, f"best_{data.metric}": state.best_metric}
+    _append_metrics(setup.run_dir, record)
+    on_event(EvalDone({**record, "best": new_best, "metric": data.metric}))
+    if stop_early:
+        on_event(Notice(f"early stop: {data.metric} has not improved for "
+                        f"{state.evals_since_best} evaluations"))
+    return new_best, stop_early
+
+
+def _save(state: TrainerState, done: int, setup: LoopSetup, opt: torch.optim.Optimizer,
+          scaler: torch.amp.GradScaler, new_best: bool, on_event: EventSink) -> Path:
+    """Checkpoint after step `done`, move the pointers, prune; a failed write is a clear
+    error that leaves the previous checkpoint in place."""
+    state.step = done
+    state.optimizer = opt.state_dict()
+    state.scaler = scaler.state_dict() if scaler.is_enabled() else None
+    state.rng = rng_state(setup.device)
+    try:
+        path = setup.save(state)
+        setup.point_to("latest", path)
+        if new_best:
+            setup.point_to("best", path)
+    except OSError as exc:
+        raise GptcliError(
+            f"could not save the checkpoint of step {done} in {setup.run_dir} ({exc.strerror or exc}); "
+            f"free disk space or make the directory writable, then continue with --resume "
+            f"(the previous checkpoint is intact)") from None
+    if setup.cfg.keep_last:
+        prune_checkpoints(setup.run_dir, setup.cfg.keep_last)
+    on_event(CheckpointSaved(str(path), done, best=new_best))
+    return path
 
 
 def _forward_backward(model: nn.Module, batches: list[Batch], precision: Precision,
