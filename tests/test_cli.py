@@ -101,11 +101,81 @@ BAD = [
     (["sample", "-c", "{tmp}/nothing", "--temperature", "-1"], "--temperature must be 0"),
     (["sample", "-c", "{tmp}/nothing", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["sample", "-c", "{tmp}/nothing", "--top-k", "0"], "--top-k must be at least 1"),
+    (["sample", "-c", "{ckpt}", "-p", "<|endoftext|>"], "contains the special token <|endoftext|>"),
+    (["sample", "-c", "{tmp}/notok"], "tokenizer.json is missing"),
+    (["sample", "-c", "{ckpt}", "--device", "cuda"], "no CUDA GPU is available"),
+    (["finetune", "{tmp}/ft.yaml"], "does not exist"),
+    (["finetune", "{tmp}/ft.yaml", "--task", "bogus"], "expected one of classify, lm, instruct"),
+    (["finetune", "{tmp}/ft.yaml", "--set", "finetune.lora.rank=-1"], "lora.rank: must be 0 or more"),
+    (["finetune", "{tmp}/ft.yaml", "--set", "finetune.init_from={ckpt}", "--set", "model.block_size=4096"],
+     "beyond the checkpoint's context"),
+    (["finetune", "{tmp}/ft.yaml", "--set", "finetune.init_from={ckpt}", "--set", "model.n_embd=64"],
+     "model.n_embd: the checkpoint has 32"),
+    (["finetune", "{tmp}/ft.yaml", "--set", "finetune.init_from={tmp}/nothing"], "neither a checkpoint"),
+    (["finetune", "{tmp}/ft.yaml", "--set", "finetune.init_from={ckpt}", "--set", "finetune.train_file="],
+     "finetune.train_file: required"),
+    (["finetune", "{tmp}/ft.yaml", "--set", "finetune.init_from={ckpt}", "--set",
+      "finetune.train_file={tmp}/onelabel.csv"], "1 class(es)"),
+    (["finetune", "{tmp}/ft.yaml", "--set", "finetune.init_from={ckpt}", "--task", "instruct", "--set",
+      "finetune.train_file={tmp}/bad.jsonl"], "bad.jsonl:2: invalid JSON"),
+    (["finetune", "--task", "lm"], "--task lm needs a config"),
+    (["finetune", "--task", "classify"], "no pretrained run found under runs/"),
+    (["eval", "-c", "{ckpt}", "--data", "{tmp}/missing.csv"], "does not exist"),
+    (["eval", "-c", "{ckpt}", "--data", "{tmp}/good.txt"], "unknown data format"),
+    (["eval", "-c", "{ckpt}", "--data", "{tmp}/onelabel.csv"], "is not a classifier checkpoint"),
+    (["import-hf", "{tmp}/pickled", "--out", "{tmp}/imported"], "only pytorch_model.bin"),
+    (["import-hf", "{tmp}/good.txt", "--out", "{tmp}/imported"], "is not a directory"),
+    (["import-hf", "{tmp}/pickled", "--out", "{tmp}/afile"], "already exists"),
+    (["export-hf", "{tmp}/nowhere", "--out", "{tmp}/exported"], "does not exist"),
+    (["export-hf", "{ckpt}", "--out", "{tmp}/afile"], "already exists"),
+    (["export-hf", "{tmp}/notok", "--out", "{tmp}/exported"], "tokenizer.json is missing"),
 ]
 
 
+@pytest.fixture(scope="module")
+def lm_ckpt(tmp_path_factory):
+    """A tiny trained checkpoint, made once for the bad-input table."""
+    from conftest import PY_SNIPPETS
+    from gptcli.checkpoint import resolve_checkpoint
+    from gptcli.config import config_from_dict
+    from gptcli.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("lm")
+    for i in range(20):
+        (root / f"f{i}.py").write_text("".join(PY_SNIPPETS) * 2)
+    cfg = {"out_dir": str(root / "run"), "data": {"inputs": [str(root / "f*.py")], "tokenizer": "bytes"},
+           "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+           "train": {"batch_size": 2, "max_steps": 2, "device": "cpu", "precision": "fp32"}}
+    previous = os.environ.get("GPTCLI_CACHE")
+    os.environ["GPTCLI_CACHE"] = str(root / "cache")
+    try:
+        pretrain(config_from_dict(cfg))
+    finally:
+        os.environ.pop("GPTCLI_CACHE")
+        if previous is not None:
+            os.environ["GPTCLI_CACHE"] = previous
+    return resolve_checkpoint(root / "run")
+
+
+def test_bad_input_table_covers_every_command():
+    commands = {args[0] for args, _ in BAD}
+    assert len(BAD) >= 40 and commands == {"tokenize", "pretrain", "finetune", "sample", "eval",
+                                           "import-hf", "export-hf"}
+
+
 @pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[:3]) + " " + m[:20] for a, m in BAD])
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, message):
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, lm_ckpt, args, message):
+    import shutil
+
+    shutil.copytree(lm_ckpt, tmp_path / "notok")
+    shutil.rmtree(tmp_path / "notok" / "tokenizer")
+    (tmp_path / "ft.yaml").write_text(f"out_dir: {tmp_path}/ft\nfinetune: {{task: classify, init_from: "
+                                      f"{tmp_path}/nowhere, train_file: {tmp_path}/onelabel.csv}}\n")
+    (tmp_path / "onelabel.csv").write_text("text,label\n" + "some text,a\n" * 20)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x02")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "scalar.yaml").write_text("hello\n")
     (tmp_path / "tabs.yaml").write_text("train:\n\tlr: 1\n")
@@ -120,7 +190,8 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, messa
     (tmp_path / "afile").write_text("keep me")
     (tmp_path / "nothing").mkdir()
     before = _snapshot(tmp_path)
-    code, out, err = run_cli([a.replace("{tmp}", str(tmp_path)) for a in args], capsys)
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(lm_ckpt)) for a in args]
+    code, out, err = run_cli(args, capsys)
     assert code == 2, err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err  # one line, and the last

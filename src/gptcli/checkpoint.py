@@ -79,6 +79,7 @@ def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config
             "format": "gptcli/1",
             "model_config": json.dumps(_model_dict(model.config)),
             "tokenizer": json.dumps(tokenizer.spec),
+            "tokenizer_fingerprint": tokenizer.fingerprint(),
             "task": "classify" if isinstance(model, GPTClassifier) else "lm",
         }
         if isinstance(model, GPTClassifier):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +34,8 @@ def cache_root() -> Path:
 def _cache_key(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> str:
     """A digest of everything the tokenized result depends on: file contents, tokenizer, split."""
     digest = hashlib.sha256()
-    if tokenizer is not None:  # a given tokenizer: its saved files identify it
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer.save(tmp)
-            tokenizer_key = hashlib.sha256(b"".join(
-                p.read_bytes() for p in sorted(Path(tmp).iterdir()))).hexdigest()
+    if tokenizer is not None:
+        tokenizer_key = tokenizer.fingerprint()
     elif Path(cfg.tokenizer).is_file():  # a .tiktoken file: its contents matter, not its name
         tokenizer_key = hashlib.sha256(Path(cfg.tokenizer).read_bytes()).hexdigest()
     else:

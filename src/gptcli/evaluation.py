@@ -20,15 +20,15 @@ def evaluate_classifier(checkpoint: str | Path | None, data_file: str | Path,
                         device: str = "auto") -> tuple[Path, dict]:
     """Accuracy, macro-F1, per-class precision/recall and the confusion matrix of a
     classifier checkpoint on `data_file`; writes `predictions` (CSV) when given."""
+    records = read_records(data_file)  # the cheap checks first
+    texts = [str(t) for t in column(records, text_column, data_file, "--text-column")]
+    truth = [str(y) for y in column(records, label_column, data_file, "--label-column")]
     path = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
     model, tokenizer = load_model(path, dev)
     if not isinstance(model, GPTClassifier):
         raise GptcliError(f"{path} is not a classifier checkpoint (eval of language models: "
                           f"its validation loss is in the run's metrics.jsonl)")
-    records = read_records(data_file)
-    texts = [str(t) for t in column(records, text_column, data_file, "--text-column")]
-    truth = [str(y) for y in column(records, label_column, data_file, "--label-column")]
     unknown = sorted(set(truth) - set(model.labels))
     if unknown:
         raise GptcliError(f"{data_file}: labels the classifier never learned: {', '.join(unknown[:5])}")

@@ -49,6 +49,7 @@ from gptcli.runtime import (
     seed_everything,
     should_compile,
 )
+from gptcli.tokenizer import Tokenizer
 from gptcli.train import LoopSetup, cpu_step_timer, lm_evaluate, restore_rng_state, train_loop, trim_metrics
 
 
@@ -90,17 +91,18 @@ def flops_per_token(model: GPT) -> float:
 
 
 def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerState,
-                             tokenizer_spec: dict, on_event: EventSink) -> None:
+                             tokenizer: Tokenizer, on_event: EventSink) -> None:
     """Refuse changes that would break an exact continuation; note the harmless ones."""
     saved = read_model_config(checkpoint)
     if dataclasses.asdict(saved) != dataclasses.asdict(cfg.model):
         changed = [k for k, v in dataclasses.asdict(cfg.model).items() if getattr(saved, k) != v]
         raise GptcliError(f"--resume: model settings differ from the checkpoint ({', '.join(changed)}); "
                           f"resume with the original values or start a new run with --overwrite")
-    saved_tokenizer = json.loads(read_metadata(checkpoint)["tokenizer"])
-    if saved_tokenizer != tokenizer_spec:
-        raise GptcliError(f"--resume: the data's tokenizer ({tokenizer_spec['name']}) is not the "
-                          f"checkpoint's ({saved_tokenizer['name']}); resume with the original data")
+    metadata = read_metadata(checkpoint)
+    if metadata.get("tokenizer_fingerprint") != tokenizer.fingerprint():
+        saved = json.loads(metadata["tokenizer"])["name"]
+        raise GptcliError(f"--resume: the data's tokenizer ({tokenizer.name}) is not the checkpoint's "
+                          f"({saved}, a different vocabulary); resume with the original data")
     saved_batch = state.extra.get("batch_size"), state.extra.get("grad_accum")
     if saved_batch != (cfg.train.batch_size, cfg.train.grad_accum):
         raise GptcliError(f"--resume: batch_size/grad_accum were {saved_batch[0]}/{saved_batch[1]}, "
@@ -134,7 +136,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                                         "grad_accum": cfg.train.grad_accum})
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        _check_resume_compatible(cfg, checkpoint, state, dataset.tokenizer.spec, on_event)
+        _check_resume_compatible(cfg, checkpoint, state, dataset.tokenizer, on_event)
         load_weights(model, checkpoint, device)
     optimizer = build_optimizer(model, cfg.train, device)
     if state.optimizer is not None:

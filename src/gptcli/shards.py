@@ -177,6 +177,10 @@ def tokenize_corpus(
         (work / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         fsync_tree(work)
         replace_dir(work, out_dir)
+    except OSError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        raise GptcliError(f"could not write {out_dir} ({exc.strerror or exc}); free disk space or "
+                          f"choose a writable --out; nothing was written") from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

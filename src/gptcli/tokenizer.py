@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -71,6 +72,10 @@ class Tokenizer(ABC):
     def special_tokens(self) -> dict[str, int]:
         """Special token strings and their ids (never produced by `encode`)."""
         return {EOT: self.eot_id}
+
+    def fingerprint(self) -> str:
+        """A digest of everything that decides the ids: equal fingerprints, equal encodings."""
+        return hashlib.sha256(json.dumps(self._spec(), sort_keys=True).encode()).hexdigest()
 
 
 class BytesTokenizer(Tokenizer):
@@ -173,6 +178,12 @@ class TiktokenTokenizer(Tokenizer):
     def special_tokens(self) -> dict[str, int]:
         return dict(self.encoding._special_tokens)
 
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(super().fingerprint().encode())
+        for token, rank in sorted(self.encoding._mergeable_ranks.items(), key=lambda item: item[1]):
+            digest.update(rank.to_bytes(4, "little") + token)
+        return digest.hexdigest()
+
     def _spec(self) -> dict:
         return {
             "type": "tiktoken",
@@ -220,6 +231,9 @@ class WithAddedTokens(Tokenizer):
 
     def _spec(self) -> dict:
         return {**self.base._spec(), "added_tokens": list(self.added)}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256((self.base.fingerprint() + json.dumps(list(self.added))).encode()).hexdigest()
 
     def save(self, directory: str | Path) -> None:
         self.base.save(directory)  # the base's own files (a BPE's ranks)
