@@ -1,0 +1,109 @@
+"""Sampling throughput: gptcli's KV-cached generation versus transformers' `generate`.
+
+    python benchmarks/bench_sample.py [--shapes mid] [--tokens 256] [--write]
+
+The same weights (a random GPT-2-shaped model made in transformers and imported), the same
+prompt, 256 new tokens, batch 1 and batch 8, greedy and top-k 50; time to first token and
+tokens/s after it. transformers is asked for exactly 256 tokens (min_new_tokens), so an
+end-of-text token cannot end its run early. fp32 on the CPU; interleaved repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from machine import describe_machine
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"mid": (6, 6, 384, 256, 65), "124M": (12, 12, 768, 1024, 50257)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", nargs="+", default=["mid"], choices=sorted(SHAPES))
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from gptcli.generate import SamplingSettings, generate_tokens
+    from gptcli.hf import import_hf_model
+
+    rows = []
+    for name in args.shapes:
+        n_layer, n_head, n_embd, ctx, vocab = SHAPES[name]
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=ctx,
+                                         vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+        hf = transformers.GPT2LMHeadModel(config).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(tmp)
+            ours = import_hf_model(tmp)
+        prompt = torch.randint(1, vocab, (8,)).tolist()
+        new = min(args.tokens, ctx - len(prompt))
+        for batch in (1, 8):
+            for mode, settings, hf_kwargs in (
+                ("greedy", SamplingSettings(temperature=0), {"do_sample": False}),
+                ("top-k 50", SamplingSettings(temperature=1.0, top_k=50), {"do_sample": True, "top_k": 50}),
+            ):
+                def run_ours():
+                    start = time.perf_counter()
+                    first = None
+                    for token in generate_tokens(ours, prompt, new, settings, batch,
+                                                 torch.Generator().manual_seed(0)):
+                        if first is None:
+                            first = time.perf_counter() - start
+                    return first, time.perf_counter() - start
+
+                def run_hf():
+                    ids = torch.tensor([prompt] * batch)
+                    start = time.perf_counter()
+                    with torch.inference_mode():
+                        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, pad_token_id=0, **hf_kwargs)
+                    first = time.perf_counter() - start
+                    start = time.perf_counter()
+                    with torch.inference_mode():
+                        out = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+                                          **hf_kwargs)
+                    assert out.shape[1] == len(prompt) + new
+                    return first, time.perf_counter() - start
+
+                run_ours(), run_hf()  # warm-up
+                results = {"gptcli": [], "transformers": []}
+                for _ in range(args.rounds):
+                    results["gptcli"].append(run_ours())
+                    results["transformers"].append(run_hf())
+                summary = {}
+                for who, values in results.items():
+                    ttft = statistics.median(v[0] for v in values)
+                    total = statistics.median(v[1] for v in values)
+                    summary[who] = (ttft, batch * new / total)
+                    rows.append((name, batch, mode, who, ttft * 1000, batch * new / total))
+                rows.append((name, batch, mode, "ratio", None, summary["gptcli"][1] / summary["transformers"][1]))
+    lines = [f"### Sampling on CPU ({time.strftime('%Y-%m-%d')})", "", describe_machine(), "",
+             f"`python benchmarks/bench_sample.py --shapes {' '.join(args.shapes)}`: {args.tokens} new tokens "
+             f"after an 8-token prompt, fp32, median of {args.rounds} interleaved rounds.", "",
+             "| shape | batch | sampling | implementation | time to first token | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for name, batch, mode, who, ttft, tps in rows:
+        if who == "ratio":
+            lines.append(f"| {name} | {batch} | {mode} | **gptcli / transformers** | | **{tps:.2f}×** |")
+        else:
+            lines.append(f"| {name} | {batch} | {mode} | {who} | {ttft:.1f} ms | {tps:,.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        with open(ROOT / "BENCHMARKS.md", "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
