@@ -75,10 +75,10 @@ def test_kv_cache_matches_full_forward(bias):
     idx = torch.randint(0, 100, (2, 12))
     full = model(idx)
     model.setup_kv_cache(batch_size=2, length=16)
-    hidden = model.hidden_states(idx[:, :5], torch.arange(5))
+    hidden = model.hidden_states(idx[:, :5], start=0)
     torch.testing.assert_close(model.logits(hidden), full[:, :5], atol=1e-5, rtol=1e-4)
     for t in range(5, 12):
-        step = model.logits(model.hidden_states(idx[:, t:t + 1], torch.tensor([t])))
+        step = model.logits(model.hidden_states(idx[:, t:t + 1], start=t))
         torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-4)
     model.clear_kv_cache()
     assert all(b.attn.kv_cache is None for b in model.h)
@@ -90,3 +90,11 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(model(idx), model(idx))
     model.train()
     assert not torch.allclose(model(idx), model(idx))
+
+
+def test_kv_cache_refuses_multi_token_writes_after_the_start():
+    model = make()
+    model.setup_kv_cache(batch_size=1, length=16)
+    model.hidden_states(torch.randint(0, 100, (1, 4)), start=0)
+    with pytest.raises(ValueError, match="only from position 0"):
+        model.hidden_states(torch.randint(0, 100, (1, 2)), start=4)

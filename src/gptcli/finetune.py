@@ -9,7 +9,6 @@ checkpoints, resume) is shared.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ import torch
 from gptcli.checkpoint import (
     BEST,
     CHECKPOINTS,
-    CONFIG_YAML,
     TrainerState,
     check_run_dir,
     checkpoint_task,
@@ -30,7 +28,6 @@ from gptcli.checkpoint import (
     load_weights,
     resolve_checkpoint,
     save_checkpoint,
-    step_name,
     write_pointer,
 )
 from gptcli.classify import ClassifyData, GPTClassifier, check_labels
@@ -47,19 +44,15 @@ from gptcli.examples import (
 from gptcli.instruct import CHAT_TOKENS, InstructData, has_chat_template, messages_of
 from gptcli.lora import LoRASpec, apply_lora, merge_lora
 from gptcli.model import GPT
-from gptcli.optim import build_optimizer
-from gptcli.pretrain import PretrainData, flops_per_token
+from gptcli.pretrain import PretrainData
 from gptcli.records import column, read_records
 from gptcli.runtime import (
     configure_matmul,
-    peak_flops,
     resolve_device,
-    resolve_precision,
     seed_everything,
-    should_compile,
 )
 from gptcli.tokenizer import Tokenizer, WithAddedTokens
-from gptcli.train import LoopSetup, cpu_step_timer, restore_rng_state, train_loop, trim_metrics
+from gptcli.train import prepare_loop, restore_rng_state, train_loop
 
 MERGED = "merged"
 _MAY_CHANGE = {"dropout", "block_size"}  # model keys a finetune config may set differently
@@ -234,29 +227,12 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
     if checkpoint is not None:
         load_weights(model, checkpoint, device)
         state = load_trainer_state(checkpoint)
-    optimizer = build_optimizer(model, cfg.train, device)
-    if state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
-    precision = resolve_precision(cfg.train.precision, device, cpu_step_timer(model, data))
-    if must_clear:
-        shutil.rmtree(run_dir)
-    (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    config_yaml = dump_yaml(cfg)
-    (run_dir / CONFIG_YAML).write_text(config_yaml)
-    if checkpoint is not None:
-        trim_metrics(run_dir, state.step)
-
+    setup = prepare_loop(model, data, tokenizer, cfg.train, run_dir, device, state,
+                         config_yaml=dump_yaml(cfg), clear_run_dir=must_clear,
+                         resuming=checkpoint is not None, patience=f.patience,
+                         eval_at_start=f.task == "lm")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = model.num_params()
-    setup = LoopSetup(
-        cfg=cfg.train, optimizer=optimizer, precision=precision, device=device, run_dir=run_dir,
-        save=lambda s: save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model,
-                                       tokenizer, config_yaml, s),
-        point_to=lambda name, path: write_pointer(run_dir, name, path),
-        flops_per_token=flops_per_token(model), peak_flops=peak_flops(device, precision),
-        compile=should_compile(cfg.train.compile, device), patience=f.patience,
-        eval_at_start=f.task == "lm",
-    )
     on_event(RunStarted(str(run_dir), {
         "task": f.task,
         "init from": str(init),
@@ -264,14 +240,14 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
         "method": f"LoRA rank {f.lora.rank}" if f.lora.rank else "full finetuning",
         "tokenizer": f"{tokenizer.name} ({tokenizer.vocab_size} ids)",
         "device": str(device),
-        "precision": precision.name,
+        "precision": setup.precision.name,
         "resumed from": f"step {state.step}" if checkpoint is not None else "-",
     }, cfg.train.max_steps, state.step))
     if checkpoint is not None:
         restore_rng_state(state.rng)
     state = train_loop(model, data, setup, state, on_event)
     if f.lora.rank and f.merge:
-        _save_merged(run_dir, tokenizer, config_yaml)
+        _save_merged(run_dir, tokenizer, dump_yaml(cfg))
     result = FinetuneResult(run_dir, f.task, state.step, data.metric, state.best_metric,
                             state.extra.get("before", {}), trainable, total,
                             time.perf_counter() - started)

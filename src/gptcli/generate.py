@@ -56,14 +56,13 @@ def next_token(logits: torch.Tensor, settings: SamplingSettings,
 
 def prefill(model: GPT, tokens: torch.Tensor) -> torch.Tensor:
     """Fill the KV cache with `tokens` (B, T) at positions 0..T-1; logits (B, V) of the last."""
-    positions = torch.arange(tokens.size(1), device=tokens.device)
-    hidden = model.hidden_states(tokens, positions)
+    hidden = model.hidden_states(tokens, start=0)
     return model.logits(hidden[:, -1])
 
 
-def decode_step(model: GPT, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """One token per row (B,) at cache `position` (1,) -> logits (B, V) for the next."""
-    hidden = model.hidden_states(token[:, None], position)
+def decode_step(model: GPT, token: torch.Tensor, position: int) -> torch.Tensor:
+    """One token per row (B,) at cache `position` -> logits (B, V) for the next."""
+    hidden = model.hidden_states(token[:, None], start=position)
     return model.logits(hidden[:, -1])
 
 
@@ -91,7 +90,7 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, settings
                 logits = prefill(model, history)
                 position = history.size(1)
             else:
-                logits = decode_step(model, token, torch.tensor([position], device=device))
+                logits = decode_step(model, token, position)
                 position += 1
     finally:
         model.clear_kv_cache()

@@ -34,11 +34,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, nh, T, hs) at positions `input_pos` (T,); return the whole cache."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, nh, T, hs) at positions start..start+T-1; return the filled
+        prefix of the cache, (B, nh, start+T, hs) each."""
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -52,8 +54,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
@@ -62,9 +63,12 @@ class CausalSelfAttention(nn.Module):
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            # Attend over the whole cache (B, nh, L, hs); `mask` (T, L) hides future and unwritten slots.
-            k, v = self.kv_cache.update(input_pos, k, v)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+            # Attend over the filled prefix only: one new token sees all of it (no mask);
+            # a prompt written from position 0 is plain causal attention.
+            if start != 0 and T > 1:
+                raise ValueError("the KV cache takes several tokens only from position 0")
+            k, v = self.kv_cache.update(start, k, v)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -88,9 +92,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, mask)
+    def forward(self, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), start)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -108,7 +111,6 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
-        self.register_buffer("causal_mask", None, persistent=False)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), as each block adds two.
         for name, p in self.named_parameters():
@@ -127,22 +129,25 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if include_positions else n - self.wpe.weight.numel()
 
-    def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 per weight (forward + backward) plus attention's
+        12 * layers * context * width (the PaLM appendix estimate, as nanoGPT uses)."""
+        c = self.config
+        return 6 * self.num_params(include_positions=False) + 12 * c.n_layer * c.block_size * c.n_embd
+
+    def hidden_states(self, idx: torch.Tensor, start: int | None = None) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, C) for token ids (B, T).
 
-        Without `input_pos`: a full causal pass over positions 0..T-1 (training).
-        With `input_pos` (T,): positions of these tokens in the KV cache (generation).
+        Without `start`: a full causal pass over positions 0..T-1 (training).
+        With `start`: these tokens sit at positions start..start+T-1 of the KV cache
+        (generation: a prompt from 0, then one token at a time).
         """
-        B, T = idx.shape
-        if input_pos is None:
-            pos = torch.arange(T, device=idx.device)
-            mask = None
-        else:
-            pos = input_pos
-            mask = self.causal_mask[input_pos]  # (T, L): True where attention is allowed
+        T = idx.size(1)
+        offset = start or 0
+        pos = torch.arange(offset, offset + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.h:
-            x = block(x, input_pos, mask)
+            x = block(x, start)
         return self.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -186,9 +191,7 @@ class GPT(nn.Module):
         for block in self.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_head, length,
                                           self.config.head_dim, dtype, device)
-        self.causal_mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
 
     def clear_kv_cache(self) -> None:
         for block in self.h:
             block.attn.kv_cache = None
-        self.causal_mask = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from pathlib import Path
 import torch
 
 from gptcli.checkpoint import (
-    CHECKPOINTS,
     CONFIG_YAML,
     TrainerState,
     check_run_dir,
@@ -30,27 +28,20 @@ from gptcli.checkpoint import (
     load_weights,
     read_metadata,
     read_model_config,
-    save_checkpoint,
-    step_name,
-    write_pointer,
 )
 from gptcli.config import RunConfig, dump_yaml, load_config
 from gptcli.data import BatchSampler, TokenDataset, prepare_dataset
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, RunFinished, RunStarted, ignore
 from gptcli.model import GPT
-from gptcli.optim import build_optimizer
 from gptcli.runtime import (
     Precision,
     configure_matmul,
-    peak_flops,
     resolve_device,
-    resolve_precision,
     seed_everything,
-    should_compile,
 )
 from gptcli.tokenizer import Tokenizer
-from gptcli.train import LoopSetup, cpu_step_timer, lm_evaluate, restore_rng_state, train_loop, trim_metrics
+from gptcli.train import lm_evaluate, prepare_loop, restore_rng_state, train_loop
 
 
 class PretrainData:
@@ -81,13 +72,6 @@ class PretrainResult:
     steps: int
     best_val_loss: float | None
     seconds: float
-
-
-def flops_per_token(model: GPT) -> float:
-    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's
-    12 * layers * context * width (the PaLM appendix estimate, as nanoGPT uses)."""
-    c = model.config
-    return 6 * model.num_params(include_positions=False) + 12 * c.n_layer * c.block_size * c.n_embd
 
 
 def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerState,
@@ -138,37 +122,18 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         state = load_trainer_state(checkpoint)
         _check_resume_compatible(cfg, checkpoint, state, dataset.tokenizer, on_event)
         load_weights(model, checkpoint, device)
-    optimizer = build_optimizer(model, cfg.train, device)
-    if state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
     data = PretrainData(dataset, cfg, device)
-    precision = resolve_precision(cfg.train.precision, device, cpu_step_timer(model, data))
-    compile_model = should_compile(cfg.train.compile, device)
-
-    if must_clear:
-        shutil.rmtree(run_dir)
-    (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    config_yaml = dump_yaml(cfg)
-    (run_dir / CONFIG_YAML).write_text(config_yaml)
-    if checkpoint is not None:
-        trim_metrics(run_dir, state.step)
-
-    setup = LoopSetup(
-        cfg=cfg.train, optimizer=optimizer, precision=precision, device=device, run_dir=run_dir,
-        save=lambda s: save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model,
-                                       dataset.tokenizer, config_yaml, s),
-        point_to=lambda name, path: write_pointer(run_dir, name, path),
-        flops_per_token=flops_per_token(model), peak_flops=peak_flops(device, precision),
-        compile=compile_model,
-    )
+    setup = prepare_loop(model, data, dataset.tokenizer, cfg.train, run_dir, device, state,
+                         config_yaml=dump_yaml(cfg), clear_run_dir=must_clear,
+                         resuming=checkpoint is not None)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
     on_event(RunStarted(str(run_dir), {
         "parameters": f"{model.num_params() / 1e6:.2f}M",
         "tokenizer": f"{dataset.tokenizer.name} ({vocab} ids)",
         "data": f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens",
         "device": str(device),
-        "precision": precision.name,
-        "compile": str(compile_model).lower(),
+        "precision": setup.precision.name,
+        "compile": str(setup.compile).lower(),
         "tokens/step": f"{tokens_per_step:,}",
         "resumed from": f"step {state.step}" if checkpoint is not None else "-",
     }, cfg.train.max_steps, state.step))

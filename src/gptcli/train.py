@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,14 +22,23 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from gptcli.checkpoint import TrainerState, prune_checkpoints
+from gptcli.checkpoint import (
+    CHECKPOINTS,
+    CONFIG_YAML,
+    TrainerState,
+    prune_checkpoints,
+    save_checkpoint,
+    step_name,
+    write_pointer,
+)
 from gptcli.config import TrainConfig
 from gptcli.errors import GptcliError, Interrupted
 from gptcli.events import CheckpointSaved, EvalDone, EventSink, Notice, StepLogged
 from gptcli.model import IGNORE_INDEX
-from gptcli.optim import lr_at
-from gptcli.runtime import Precision
+from gptcli.optim import build_optimizer, lr_at
+from gptcli.runtime import Precision, peak_flops, resolve_precision, should_compile
 from gptcli.signals import StopRequest
+from gptcli.tokenizer import Tokenizer
 
 METRICS_FILE = "metrics.jsonl"
 # A batch is the keyword arguments of the model's forward: at least `idx` (B, T) and
@@ -63,6 +73,32 @@ class LoopSetup:
     compile: bool = False
     patience: int = 0  # stop after this many evaluations without improvement; 0 never stops
     eval_at_start: bool = False  # evaluate before the first step (finetuning: "before" numbers)
+
+
+def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: TrainConfig,
+                 run_dir: Path, device: torch.device, state: TrainerState, *, config_yaml: str,
+                 clear_run_dir: bool, resuming: bool, **options) -> LoopSetup:
+    """What pretrain and finetune both do between building the model and training it: the
+    optimizer (restored when resuming), the precision, the run directory (an old run is
+    cleared only now, once every input has been validated), and how to save checkpoints."""
+    optimizer = build_optimizer(model, cfg, device)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    precision = resolve_precision(cfg.precision, device, cpu_step_timer(model, data))
+    if clear_run_dir:
+        shutil.rmtree(run_dir)
+    (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_YAML).write_text(config_yaml)
+    if resuming:
+        trim_metrics(run_dir, state.step)
+    return LoopSetup(
+        cfg=cfg, optimizer=optimizer, precision=precision, device=device, run_dir=run_dir,
+        save=lambda s: save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model,
+                                       tokenizer, config_yaml, s),
+        point_to=lambda name, path: write_pointer(run_dir, name, path),
+        flops_per_token=model.flops_per_token(), peak_flops=peak_flops(device, precision),
+        compile=should_compile(cfg.compile, device), **options,
+    )
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
