@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import describe_machine
+from report import describe_machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -71,10 +71,7 @@ def main() -> None:
         report += [f"Sample from `{r['config']}` (`gptcli sample -p {prompt!r} -n 300 --seed 0`):",
                    "", "```", r["sample"].rstrip(), "```", ""]
     text = "\n".join(report)
-    print(text)
-    if args.write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + text)
+    publish(text, args.write)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import describe_machine
+from report import describe_machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"full": [], "lora r8": ["finetune.lora.rank=8", "finetune.lora.alpha=16", "train.lr=3e-3"]}
@@ -72,10 +72,7 @@ def main() -> None:
                      f"{r['trainable']:,} / {r['total']:,} ({100 * r['trainable'] / r['total']:.1f}%) | "
                      f"{r['peak_rss_mb']:.0f} MB |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + text)
+    publish(text, args.write)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from machine import describe_machine
+from report import describe_machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -57,10 +57,7 @@ def main() -> None:
              f"| gptcli `lm_evaluate` (the training loop's eval) | {ours_loss:.6f} |",
              f"| absolute difference | {abs(hf_loss - ours_loss):.2e} |", ""]
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + text)
+    publish(text, args.write)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,11 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from machine import describe_machine
+from report import describe_machine, publish
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"mid": (6, 6, 384, 256, 65), "124M": (12, 12, 768, 1024, 50257)}
 
 
@@ -99,10 +97,7 @@ def main() -> None:
         else:
             lines.append(f"| {name} | {batch} | {mode} | {who} | {ttft:.1f} ms | {tps:,.0f} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + text)
+    publish(text, args.write)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import describe_machine
+from report import describe_machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
@@ -80,10 +80,7 @@ def main() -> None:
              f"{total / 1e6 / ours:.1f} | {peak_rss:.0f} MB |",
              f"| **gptcli / raw tiktoken throughput** | | **{raw / ours:.0%}** | |", ""]
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + text)
+    publish(text, args.write)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from machine import describe_machine
+from report import describe_machine, publish
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # name: (n_layer, n_head, n_embd, context, batch, vocab)
     "nano": (4, 4, 128, 64, 12, 65),  # nanoGPT's shakespeare_char CPU settings
     "mid": (6, 6, 384, 256, 8, 65),  # nanoGPT's shakespeare_char GPU model, batch 8
@@ -142,10 +140,7 @@ def main() -> None:
         else:
             lines.append(f"| {name} | {who} | {precision} | {ms:.1f} | {tps:,.0f} | {100 * mfu:.1f}% |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + text)
+    publish(text, args.write)
 
 
 if __name__ == "__main__":

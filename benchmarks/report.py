@@ -1,9 +1,12 @@
-"""One line describing the machine a benchmark ran on (CPU, cores, GPU, torch)."""
+"""What every benchmark does with its results: name the machine, print, append to BENCHMARKS.md."""
 
 from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
+
+BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def describe_machine() -> str:
@@ -18,3 +21,11 @@ def describe_machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"Machine: {cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
             f"Python {platform.python_version()}")
+
+
+def publish(text: str, write: bool) -> None:
+    """Print a report; with `write`, also append it to BENCHMARKS.md."""
+    print(text)
+    if write:
+        with open(BENCHMARKS_MD, "a") as f:
+            f.write("\n" + text)
