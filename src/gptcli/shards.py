@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,10 +196,29 @@ def tokenize_corpus(
     )
 
 
+def _batches(sources: list[Source], jsonl_field: str, val_fraction: float,
+             seed: int) -> Iterator[list[tuple[str, Piece]]]:
+    """(split, piece) pairs grouped into batches of about BATCH_BYTES of text."""
+    batch: list[tuple[str, Piece]] = []
+    batch_bytes = 0
+    for split, piece in _pieces(sources, jsonl_field, val_fraction, seed):
+        batch.append((split, piece))
+        batch_bytes += piece.nbytes
+        if batch_bytes >= BATCH_BYTES:
+            yield batch
+            batch, batch_bytes = [], 0
+    if batch:
+        yield batch
+
+
 def _write_splits(tok: Tokenizer, dtype: np.dtype, sources: list[Source], jsonl_field: str,
                   val_fraction: float, seed: int, work: Path,
                   on_event: EventSink) -> tuple[dict[str, SplitStats], dict[str, str]]:
-    """Encode every piece and append it to its split's .bin file; return counts and digests."""
+    """Encode every piece and append it to its split's .bin file; return counts and digests.
+
+    Pipelined: batch N+1 is read and encoded (on the tokenizer's threads) while batch N is
+    converted, hashed and written, so neither side waits for the other.
+    """
     stats = {s: SplitStats() for s in SPLITS}
     hashes = {s: hashlib.sha256() for s in SPLITS}
     files = {s: open(work / f"{s}.bin", "wb") for s in SPLITS}
@@ -206,9 +226,8 @@ def _write_splits(tok: Tokenizer, dtype: np.dtype, sources: list[Source], jsonl_
     done_bytes = 0
     eot = np.array([tok.eot_id], dtype=dtype)
 
-    def flush(batch: list[tuple[str, Piece]]) -> None:
+    def write(batch: list[tuple[str, Piece]], encoded: list) -> None:
         nonlocal done_bytes
-        encoded = tok.encode_batch([p.text for _, p in batch])
         for (split, piece), ids in zip(batch, encoded):
             array = np.asarray(ids, dtype=dtype)
             if piece.document_end:
@@ -223,16 +242,15 @@ def _write_splits(tok: Tokenizer, dtype: np.dtype, sources: list[Source], jsonl_
                           sum(s.tokens for s in stats.values())))
 
     try:
-        batch: list[tuple[str, Piece]] = []
-        batch_bytes = 0
-        for split, piece in _pieces(sources, jsonl_field, val_fraction, seed):
-            batch.append((split, piece))
-            batch_bytes += piece.nbytes
-            if batch_bytes >= BATCH_BYTES:
-                flush(batch)
-                batch, batch_bytes = [], 0
-        if batch:
-            flush(batch)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptcli-batch") as encoder:
+            pending = None  # the batch being encoded while the previous one is written
+            for batch in _batches(sources, jsonl_field, val_fraction, seed):
+                future = encoder.submit(tok.encode_batch, [p.text for _, p in batch])
+                if pending is not None:
+                    write(pending[0], pending[1].result())
+                pending = (batch, future)
+            if pending is not None:
+                write(pending[0], pending[1].result())
     finally:
         for f in files.values():
             f.close()
