@@ -92,7 +92,7 @@ def test_resume_refuses_shape_change(tmp_path, corpus_dir):
         pretrain(config_from_dict(cfg), resume=True)
     cfg["model"]["n_embd"] = 32
     cfg["train"]["batch_size"] = 8
-    with pytest.raises(GptcliError, match="batch_size/grad_accum were 4/1, now 8/1"):
+    with pytest.raises(GptcliError, match=r"global batch \(batch_size x grad_accum x processes\) was 4, now 8"):
         pretrain(config_from_dict(cfg), resume=True)
 
 

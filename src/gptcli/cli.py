@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -87,11 +88,13 @@ def pretrain(
     from gptcli.pretrain import pretrain as run_pretrain
 
     cfg = load_config(config, set_ or [])
-    display = TrainDisplay()
+    display = TrainDisplay(quiet=not _is_rank_zero())
     try:
         result = run_pretrain(cfg, resume=resume, overwrite=overwrite, on_event=display)
     finally:
         display.close()
+    if not _is_rank_zero():
+        return
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "-"
     console.print(f"done: {result.steps} steps in {result.seconds:.0f}s, best val loss {best}; "
                   f"sample with: gptcli sample --checkpoint {result.run_dir} --prompt '...'")
@@ -125,11 +128,13 @@ def finetune(
         overrides = ["finetune.train_file=stdlib-packages", "out_dir=runs/classify-stdlib",
                      "model.dropout=0.1", "train.batch_size=32", *overrides]
     cfg = load_config(config, overrides, FinetuneRunConfig)
-    display = TrainDisplay()
+    display = TrainDisplay(quiet=not _is_rank_zero())
     try:
         result = run_finetune(cfg, resume=resume, overwrite=overwrite, on_event=display)
     finally:
         display.close()
+    if not _is_rank_zero():
+        return
     if display.last_eval and "confusion" in display.last_eval:
         render_classify_metrics(display.last_eval)
     if result.before:
@@ -266,19 +271,36 @@ def export_hf(
     console.print(f"exported -> {path}; load with transformers' from_pretrained('{path}')")
 
 
+def _is_rank_zero() -> bool:
+    """Under torchrun only rank 0 talks, so N processes give one display and one error."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main() -> None:
     try:
         app()
     except GptcliError as exc:
         from gptcli.display import console
 
-        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        if _is_rank_zero():
+            console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except Interrupted as exc:
         from gptcli.display import console
 
         again = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")] + ["--resume"]
-        console.print(f"{exc}; continue with: gptcli {' '.join(again)}", markup=False, highlight=False)
+        if _is_rank_zero():
+            console.print(f"{exc}; continue with: gptcli {' '.join(again)}", markup=False, highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C: checkpoints are atomic, so stopping is safe
         sys.exit(130)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    if "torch" in sys.modules:  # never import torch just to find out
+        import torch.distributed
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

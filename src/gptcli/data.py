@@ -20,6 +20,7 @@ from gptcli.config import DataConfig
 from gptcli.corpus import expand_inputs
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
+from gptcli.runtime import Distributed
 from gptcli.shards import META_FILE, SPLITS, TOKENIZER_DIR, is_tokenized_dir, read_meta, tokenize_corpus
 from gptcli.tokenizer import Tokenizer, load_tokenizer
 
@@ -51,16 +52,21 @@ def _cache_key(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> str:
 
 
 def prepare_dataset(cfg: DataConfig, seed: int, on_event: EventSink = ignore,
-                    tokenizer: Tokenizer | None = None) -> Path:
+                    tokenizer: Tokenizer | None = None, dist: Distributed = Distributed()) -> Path:
     """The tokenized directory for `cfg.inputs`: given directly, or made (once) in the cache.
-    `tokenizer` (finetuning: the checkpoint's) replaces `cfg.tokenizer` when given."""
+    `tokenizer` (finetuning: the checkpoint's) replaces `cfg.tokenizer` when given. Under
+    torchrun, rank 0 tokenizes while the other ranks wait, then they read its result."""
     if len(cfg.inputs) == 1 and is_tokenized_dir(cfg.inputs[0]):
         return Path(cfg.inputs[0])
     target = cache_root() / _cache_key(cfg, seed, tokenizer)
+    if not dist.is_main:
+        dist.barrier()
     if not is_tokenized_dir(target):
         tokenize_corpus(cfg.inputs, target, tokenizer=tokenizer or cfg.tokenizer,
                         val_fraction=cfg.val_fraction, seed=seed,
                         jsonl_field=cfg.jsonl_field, overwrite=True, on_event=on_event)
+    if dist.is_main:
+        dist.barrier()
     return target
 
 
@@ -125,22 +131,33 @@ class TokenDataset:
 
 
 class BatchSampler:
-    """Random windows of `block_size + 1` tokens: inputs x and next-token targets y."""
+    """Random windows of `block_size + 1` tokens: inputs x and next-token targets y.
+
+    Each optimizer step draws its whole global batch (batch_size x grad_accum x world_size
+    windows) from one stream seeded by (seed, split, step); micro-step m of rank r takes
+    its slice. So any split of the same global batch, over processes or micro-steps,
+    trains on exactly the same sequences: 2 processes equal 1 process with twice the batch,
+    and a run can resume with a different number of processes.
+    """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
-                 split: str, device: torch.device):
+                 split: str, device: torch.device, grad_accum: int = 1, world_size: int = 1):
         self.tokens = tokens
         self.batch_size = batch_size
         self.block_size = block_size
         self.seed = seed
         self.stream = _STREAMS[split]
         self.device = device
+        self.per_step = batch_size * grad_accum * world_size
+        self.world_size = world_size
         self.pin = device.type == "cuda"
 
     def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch for this (step, micro-step, rank): x, y of shape (B, T), int64, on device."""
-        rng = np.random.default_rng([self.seed, self.stream, step, micro, rank])
-        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        rng = np.random.default_rng([self.seed, self.stream, step])
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.per_step)
+        first = (micro * self.world_size + rank) * self.batch_size
+        starts = starts[first:first + self.batch_size]
         window = np.arange(self.block_size + 1)
         rows = torch.from_numpy(self.tokens[starts[:, None] + window].astype(np.int64))  # (B, T+1)
         x, y = rows[:, :-1], rows[:, 1:]

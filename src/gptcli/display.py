@@ -79,11 +79,12 @@ class TokenizeDisplay:
 class TrainDisplay:
     """Header table, a live step bar (loss, lr, tokens/s, MFU, ETA), eval and save lines."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.progress: Progress | None = None
         self.task = None
         self.live = console.is_terminal
         self.last_eval: dict | None = None
+        self.quiet = quiet  # under torchrun, ranks other than 0 show nothing
 
     def close(self) -> None:
         if self.progress is not None:
@@ -94,6 +95,8 @@ class TrainDisplay:
         (self.progress.console if self.progress else console).print(text, highlight=False)
 
     def __call__(self, event: object) -> None:
+        if self.quiet:
+            return
         if isinstance(event, ProgressEvent) and event.phase == "tokenizing":
             if event.done == event.total:
                 self._print(f"tokenized {event.total / 1e6:.1f} MB into {event.tokens:,} tokens (cached)")

@@ -222,8 +222,7 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
     del base
     _adapt(model, cfg)
     model.to(device)
-    state = TrainerState(step=0, extra={"batch_size": cfg.train.batch_size,
-                                        "grad_accum": cfg.train.grad_accum})
+    state = TrainerState(step=0, extra={"global_batch": cfg.train.batch_size * cfg.train.grad_accum})
     if checkpoint is not None:
         load_weights(model, checkpoint, device)
         state = load_trainer_state(checkpoint)

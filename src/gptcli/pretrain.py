@@ -35,8 +35,10 @@ from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, RunFinished, RunStarted, ignore
 from gptcli.model import GPT
 from gptcli.runtime import (
+    Distributed,
     Precision,
     configure_matmul,
+    init_distributed,
     resolve_device,
     seed_everything,
 )
@@ -45,20 +47,24 @@ from gptcli.train import lm_evaluate, prepare_loop, restore_rng_state, train_loo
 
 
 class PretrainData:
-    """Random windows from the train split; a fixed set of windows from the val split."""
+    """Random windows from the train split (this rank's share of each step's global batch);
+    a fixed set of windows from the val split (the same on every rank)."""
 
     metric = "val_loss"
     higher_is_better = False
 
-    def __init__(self, dataset: TokenDataset, cfg: RunConfig, device: torch.device):
+    def __init__(self, dataset: TokenDataset, cfg: RunConfig, device: torch.device,
+                 dist: Distributed = Distributed()):
         t, block = cfg.train, cfg.model.block_size
-        self.train = BatchSampler(dataset.splits["train"], t.batch_size, block, cfg.seed, "train", device)
+        self.rank = dist.rank
+        self.train = BatchSampler(dataset.splits["train"], t.batch_size, block, cfg.seed, "train",
+                                  device, t.grad_accum, dist.world_size)
         self.val = BatchSampler(dataset.splits["val"], t.batch_size, block, cfg.seed, "val", device)
         self.eval_batches = t.eval_batches
         self.val_bytes_per_token = dataset.bytes_per_token["val"]
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        x, y = self.train.batch(step, micro)
+        x, y = self.train.batch(step, micro, self.rank)
         return {"idx": x, "targets": y}
 
     def evaluate(self, model: GPT, precision: Precision) -> dict[str, float]:
@@ -74,8 +80,13 @@ class PretrainResult:
     seconds: float
 
 
+def global_batch(cfg: RunConfig, world_size: int) -> int:
+    """Sequences per optimizer step over all processes: what a resume must keep."""
+    return cfg.train.batch_size * cfg.train.grad_accum * world_size
+
+
 def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerState,
-                             tokenizer: Tokenizer, on_event: EventSink) -> None:
+                             tokenizer: Tokenizer, world_size: int, on_event: EventSink) -> None:
     """Refuse changes that would break an exact continuation; note the harmless ones."""
     saved = read_model_config(checkpoint)
     if dataclasses.asdict(saved) != dataclasses.asdict(cfg.model):
@@ -87,10 +98,11 @@ def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerSta
         saved = json.loads(metadata["tokenizer"])["name"]
         raise GptcliError(f"--resume: the data's tokenizer ({tokenizer.name}) is not the checkpoint's "
                           f"({saved}, a different vocabulary); resume with the original data")
-    saved_batch = state.extra.get("batch_size"), state.extra.get("grad_accum")
-    if saved_batch != (cfg.train.batch_size, cfg.train.grad_accum):
-        raise GptcliError(f"--resume: batch_size/grad_accum were {saved_batch[0]}/{saved_batch[1]}, "
-                          f"now {cfg.train.batch_size}/{cfg.train.grad_accum}; keep them to resume")
+    saved_global = state.extra["global_batch"]
+    if saved_global != global_batch(cfg, world_size):
+        raise GptcliError(f"--resume: the global batch (batch_size x grad_accum x processes) was "
+                          f"{saved_global}, now {global_batch(cfg, world_size)}; keep it the same "
+                          f"to resume (e.g. double grad_accum when halving the processes)")
     before = load_config(checkpoint / CONFIG_YAML).train
     changed = [f"{f.name} {getattr(before, f.name)} -> {getattr(cfg.train, f.name)}"
                for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(cfg.train, f.name)]
@@ -104,9 +116,9 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     run_dir = Path(cfg.out_dir)
     checkpoint, must_clear = check_run_dir(run_dir, resume, overwrite)
 
-    device = resolve_device(cfg.train.device)
+    dist, device = init_distributed(resolve_device(cfg.train.device))
     configure_matmul(device)
-    dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event))
+    dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event, dist=dist))
     vocab = dataset.tokenizer.vocab_size
     if cfg.model.vocab_size not in (None, vocab):
         raise GptcliError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer of "
@@ -116,22 +128,21 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
 
     seed_everything(cfg.seed)
     model = GPT(cfg.model).to(device)
-    state = TrainerState(step=0, extra={"batch_size": cfg.train.batch_size,
-                                        "grad_accum": cfg.train.grad_accum})
+    state = TrainerState(step=0, extra={"global_batch": global_batch(cfg, dist.world_size)})
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        _check_resume_compatible(cfg, checkpoint, state, dataset.tokenizer, on_event)
+        _check_resume_compatible(cfg, checkpoint, state, dataset.tokenizer, dist.world_size, on_event)
         load_weights(model, checkpoint, device)
-    data = PretrainData(dataset, cfg, device)
+    data = PretrainData(dataset, cfg, device, dist)
     setup = prepare_loop(model, data, dataset.tokenizer, cfg.train, run_dir, device, state,
                          config_yaml=dump_yaml(cfg), clear_run_dir=must_clear,
-                         resuming=checkpoint is not None)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+                         resuming=checkpoint is not None, dist=dist)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size * cfg.model.block_size
     on_event(RunStarted(str(run_dir), {
         "parameters": f"{model.num_params() / 1e6:.2f}M",
         "tokenizer": f"{dataset.tokenizer.name} ({vocab} ids)",
         "data": f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens",
-        "device": str(device),
+        "device": str(device) + (f" x {dist.world_size} processes" if dist.active else ""),
         "precision": setup.precision.name,
         "compile": str(setup.compile).lower(),
         "tokens/step": f"{tokens_per_step:,}",

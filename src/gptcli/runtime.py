@@ -5,6 +5,7 @@ and the device's peak FLOP/s for MFU.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -127,3 +128,48 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes logs, metrics and checkpoints."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce `tensor` over all ranks in place (a no-op in a single process)."""
+        if self.active:
+            ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+            torch.distributed.all_reduce(tensor, op=ops[op])
+        return tensor
+
+
+def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
+    LOCAL_RANK, MASTER_ADDR/PORT): nccl on CUDA, gloo on CPU. Each CUDA process takes the
+    GPU of its local rank. Without torchrun: one process, the device unchanged."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world, local), device

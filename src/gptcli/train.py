@@ -10,9 +10,11 @@ pointers, and events for a progress display. The host syncs with the device only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from gptcli.errors import GptcliError, Interrupted
 from gptcli.events import CheckpointSaved, EvalDone, EventSink, Notice, StepLogged
 from gptcli.model import IGNORE_INDEX
 from gptcli.optim import build_optimizer, lr_at
-from gptcli.runtime import Precision, peak_flops, resolve_precision, should_compile
+from gptcli.runtime import Distributed, Precision, peak_flops, resolve_precision, should_compile
 from gptcli.signals import StopRequest
 from gptcli.tokenizer import Tokenizer
 
@@ -71,6 +73,7 @@ class LoopSetup:
     flops_per_token: float
     peak_flops: float
     compile: bool = False
+    dist: Distributed = Distributed()
     patience: int = 0  # stop after this many evaluations without improvement; 0 never stops
     eval_at_start: bool = False  # evaluate before the first step (finetuning: "before" numbers)
 
@@ -85,12 +88,15 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     precision = resolve_precision(cfg.precision, device, cpu_step_timer(model, data))
-    if clear_run_dir:
-        shutil.rmtree(run_dir)
-    (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_YAML).write_text(config_yaml)
-    if resuming:
-        trim_metrics(run_dir, state.step)
+    dist = options.get("dist", Distributed())
+    dist.barrier()  # every rank has checked the run directory before rank 0 changes it
+    if dist.is_main:
+        if clear_run_dir:
+            shutil.rmtree(run_dir)
+        (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_YAML).write_text(config_yaml)
+        if resuming:
+            trim_metrics(run_dir, state.step)
     return LoopSetup(
         cfg=cfg, optimizer=optimizer, precision=precision, device=device, run_dir=run_dir,
         save=lambda s: save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model,
@@ -186,12 +192,21 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
     scaler = torch.amp.GradScaler(setup.device.type, enabled=precision.needs_grad_scaler)
     if state.scaler:
         scaler.load_state_dict(state.scaler)
-    step_model = torch.compile(model) if setup.compile else model
+    dist = setup.dist
+    step_model = model
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model, device_ids=[setup.device.index]
+                                             if setup.device.type == "cuda" else None)
+    if setup.compile:
+        step_model = torch.compile(step_model)
     model.train()
     if setup.eval_at_start and state.step == 0:
         record = {"step": 0, **data.evaluate(step_model, precision)}
         state.extra["before"] = record
-        _append_metrics(setup.run_dir, record)
+        if dist.is_main:
+            _append_metrics(setup.run_dir, record)
         on_event(EvalDone({**record, "best": False, "metric": data.metric}))
     interval_start, interval_tokens = time.perf_counter(), 0
     bad_steps = 0  # consecutive steps with a non-finite loss or gradient
@@ -202,7 +217,7 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
                 group["lr"] = lr
             batches = [data.train_batch(step, micro) for micro in range(cfg.grad_accum)]
             try:
-                loss = _forward_backward(step_model, batches, precision, scaler)
+                loss = _forward_backward(step_model, batches, precision, scaler, dist)
             except torch.OutOfMemoryError:
                 raise GptcliError(_oom_advice(cfg)) from None
             except Exception as exc:  # compile errors surface at the first call, as many types
@@ -212,9 +227,10 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
                                 f"continuing without compile"))
                 opt.zero_grad(set_to_none=True)
                 step_model = model
-                loss = _forward_backward(step_model, batches, precision, scaler)
+                loss = _forward_backward(step_model, batches, precision, scaler, dist)
             grad_norm = _clip(model, opt, scaler, cfg.grad_clip)
-            if scaler.is_enabled() or _finite(loss, grad_norm):  # the scaler skips bad steps itself
+            finite, stop_now = _agree(loss, grad_norm, stop.signum is not None, dist)
+            if scaler.is_enabled() or finite:  # the scaler skips bad steps itself
                 scaler.step(opt)
                 scaler.update()
                 bad_steps = 0
@@ -230,7 +246,7 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
             opt.zero_grad(set_to_none=True)
 
             done = step + 1
-            step_tokens = sum(b["idx"].numel() for b in batches)
+            step_tokens = sum(b["idx"].numel() for b in batches) * dist.world_size
             state.tokens_seen += step_tokens
             interval_tokens += step_tokens
             last = done == cfg.max_steps
@@ -238,7 +254,7 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
                 elapsed = time.perf_counter() - interval_start
                 record = {
                     "step": done,
-                    "loss": loss.item(),
+                    "loss": dist.all_reduce(loss.detach().clone()).item(),  # the mean over all ranks
                     "lr": lr,
                     "tokens_seen": state.tokens_seen,
                     "tokens_per_sec": interval_tokens / elapsed,
@@ -246,7 +262,8 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
                 }
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
-                _append_metrics(setup.run_dir, record)
+                if dist.is_main:
+                    _append_metrics(setup.run_dir, record)
                 on_event(StepLogged(record))
                 interval_start, interval_tokens = time.perf_counter(), 0
 
@@ -254,10 +271,10 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
             new_best = stop_early = False
             if done % cfg.eval_every == 0 or last:
                 new_best, stop_early = _evaluate(step_model, data, setup, state, done, on_event)
-            if done % cfg.save_every == 0 or last or new_best or stop_early or stop.signum:
+            if done % cfg.save_every == 0 or last or new_best or stop_early or stop_now:
                 path = _save(state, done, setup, opt, scaler, new_best, on_event)
-                if stop.signum:
-                    raise Interrupted(stop.signum, done, str(path))
+                if stop_now:
+                    raise Interrupted(stop.signum or signal.SIGTERM, done, str(path))
             interval_start += time.perf_counter() - paused_at  # keep eval and saving out of tokens/s
             if stop_early:
                 break
@@ -273,13 +290,17 @@ def _clip(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradSc
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
-def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-    """Whether this step may update the weights: one host sync per step, the price of never
-    writing NaN into the model (and so never saving it)."""
-    ok = torch.isfinite(loss)
+def _agree(loss: torch.Tensor, grad_norm: torch.Tensor | None, stop_requested: bool,
+           dist: Distributed) -> tuple[bool, bool]:
+    """Whether this step may update the weights, and whether to stop after it, agreed by
+    all ranks (a signal to one rank stops all). One host sync per step: the price of never
+    writing NaN into the model, and so never saving it."""
+    bad = ~torch.isfinite(loss)
     if grad_norm is not None:
-        ok = ok & torch.isfinite(grad_norm)
-    return bool(ok)
+        bad = bad | ~torch.isfinite(grad_norm)
+    flags = torch.stack([bad.float().cpu(), torch.tensor(float(stop_requested))])
+    bad_anywhere, stop_anywhere = dist.all_reduce(flags, op="max").tolist()
+    return not bad_anywhere, bool(stop_anywhere)
 
 
 def _oom_advice(cfg: TrainConfig) -> str:
@@ -293,14 +314,15 @@ def _oom_advice(cfg: TrainConfig) -> str:
 def _evaluate(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerState,
               done: int, on_event: EventSink) -> tuple[bool, bool]:
     """Evaluate, update the best metric and patience; return (new best, stop early)."""
-    metrics = data.evaluate(model, setup.precision)
+    metrics = data.evaluate(model, setup.precision)  # every rank, same data: same verdict
     new_best = is_better(metrics[data.metric], state.best_metric, data.higher_is_better)
     if new_best:
         state.best_metric = metrics[data.metric]
     state.evals_since_best = 0 if new_best else state.evals_since_best + 1
     stop_early = 0 < setup.patience <= state.evals_since_best
     record = {"step": done, **metrics, f"best_{data.metric}": state.best_metric}
-    _append_metrics(setup.run_dir, record)
+    if setup.dist.is_main:
+        _append_metrics(setup.run_dir, record)
     on_event(EvalDone({**record, "best": new_best, "metric": data.metric}))
     if stop_early:
         on_event(Notice(f"early stop: {data.metric} has not improved for "
@@ -316,6 +338,10 @@ def _save(state: TrainerState, done: int, setup: LoopSetup, opt: torch.optim.Opt
     state.optimizer = opt.state_dict()
     state.scaler = scaler.state_dict() if scaler.is_enabled() else None
     state.rng = rng_state(setup.device)
+    path = setup.run_dir / CHECKPOINTS / step_name(done)
+    if not setup.dist.is_main:  # rank 0 writes; the others wait until it has
+        setup.dist.barrier()
+        return path
     try:
         path = setup.save(state)
         setup.point_to("latest", path)
@@ -328,21 +354,27 @@ def _save(state: TrainerState, done: int, setup: LoopSetup, opt: torch.optim.Opt
             f"(the previous checkpoint is intact)") from None
     if setup.cfg.keep_last:
         prune_checkpoints(setup.run_dir, setup.cfg.keep_last)
+    setup.dist.barrier()
     on_event(CheckpointSaved(str(path), done, best=new_best))
     return path
 
 
 def _forward_backward(model: nn.Module, batches: list[Batch], precision: Precision,
-                      scaler: torch.amp.GradScaler) -> torch.Tensor:
-    """Accumulate gradients over the micro-batches; return the mean loss per target (a
-    device tensor: reading it would sync). Each micro-batch's summed loss is divided by the
-    target count of the whole step, so every target weighs the same however the step is
-    split (instruct data: response tokens; classify: examples)."""
+                      scaler: torch.amp.GradScaler, dist: Distributed = Distributed()) -> torch.Tensor:
+    """Accumulate gradients over the micro-batches; return this rank's share of the mean
+    loss per target (a device tensor: reading it would sync; summed over ranks it is the
+    global mean). Each micro-batch's summed loss is divided by the target count of the
+    whole step on all ranks, so every target weighs the same however the step is split
+    (instruct data: response tokens; classify: examples). DDP averages gradients over
+    ranks, hence the factor world_size; it syncs them only on the last micro-batch."""
     total_targets = sum((b["targets"] != IGNORE_INDEX).sum() for b in batches)
+    total_targets = dist.all_reduce(total_targets.clone())
     total_loss = torch.zeros((), device=batches[0]["idx"].device)
-    for batch in batches:
-        with precision.autocast():
-            loss = model(**batch) / total_targets
-        scaler.scale(loss).backward()
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last or not dist.active else model.no_sync():
+            with precision.autocast():
+                loss = model(**batch) / total_targets
+            scaler.scale(loss * dist.world_size).backward()
         total_loss += loss.detach()
     return total_loss
