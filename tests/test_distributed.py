@@ -94,3 +94,25 @@ def test_an_error_is_reported_once(tmp_path, base):
     assert done.stderr.count("error: train.lr: must be greater than 0") == 1
     # torchrun adds its own ChildFailedError summary; no frame of gptcli's is in it.
     assert "gptcli/" not in "".join(line for line in done.stderr.splitlines() if "File " in line)
+
+
+def test_finetune_under_torchrun_matches_single_process(tmp_path, base):
+    from gptcli.config import FinetuneRunConfig
+    from gptcli.finetune import finetune
+
+    pretrain(config_from_dict({**base, "out_dir": str(tmp_path / "base")}))
+    rows = ["text,label"] + [f"{'aeiou' * 3 if i % 2 else 'zxqvk' * 3} {i},{i % 2}" for i in range(80)]
+    (tmp_path / "cls.csv").write_text("\n".join(rows) + "\n")
+    cfg = {"out_dir": str(tmp_path / "ft2"), "seed": 5,
+           "finetune": {"task": "classify", "init_from": str(tmp_path / "base"),
+                        "train_file": str(tmp_path / "cls.csv"), "patience": 0},
+           "train": {"batch_size": 4, "grad_accum": 1, "max_steps": 8, "log_every": 1, "eval_every": 4,
+                     "save_every": 4, "lr": 1e-3, "precision": "fp32", "device": "cpu"}}
+    done = torchrun(["finetune", write_config(tmp_path / "ft.yaml", cfg)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    single = json.loads(json.dumps(cfg))
+    single["out_dir"] = str(tmp_path / "ft1")
+    single["train"]["batch_size"] = 8
+    finetune(config_from_dict(single, FinetuneRunConfig))
+    two, one = losses(tmp_path / "ft2"), losses(tmp_path / "ft1")
+    assert sorted(two) == list(range(1, 9)) and max(abs(two[s] - one[s]) for s in two) < 1e-5

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from gptcli.config import ModelConfig
 from gptcli.errors import GptcliError
 from gptcli.model import GPT, IGNORE_INDEX
-from gptcli.runtime import Precision
+from gptcli.data import step_rows
+from gptcli.runtime import Distributed, Precision
 from gptcli.tokenizer import Tokenizer
 
 
@@ -110,7 +111,7 @@ class ClassifyData:
 
     def __init__(self, tokenizer: Tokenizer, labels: list[str], train: tuple[list[str], list[str]],
                  val: tuple[list[str], list[str]], block_size: int, batch_size: int, keep: str,
-                 seed: int, device: torch.device):
+                 seed: int, device: torch.device, grad_accum: int = 1, dist: Distributed = Distributed()):
         self.labels = labels
         index = {name: i for i, name in enumerate(labels)}
         self.train_ids = encode_texts(tokenizer, train[0], block_size, keep)
@@ -119,12 +120,14 @@ class ClassifyData:
         self.val_y = np.array([index[y] for y in val[1]])
         self.pad_id = tokenizer.eot_id
         self.batch_size = batch_size
+        self.per_step = batch_size * grad_accum * dist.world_size
+        self.dist = dist
         self.seed = seed
         self.device = device
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, 2, step, micro])
-        rows = rng.integers(0, len(self.train_ids), size=self.batch_size)
+        rows = step_rows(self.seed, 2, step, micro, self.dist.rank, self.batch_size, self.per_step,
+                         self.dist.world_size, len(self.train_ids))
         idx, lengths = pad_batch([self.train_ids[r] for r in rows], self.pad_id, self.device)
         return {"idx": idx, "targets": torch.from_numpy(self.train_y[rows]).to(self.device),
                 "lengths": lengths}

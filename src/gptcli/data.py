@@ -24,7 +24,7 @@ from gptcli.runtime import Distributed
 from gptcli.shards import META_FILE, SPLITS, TOKENIZER_DIR, is_tokenized_dir, read_meta, tokenize_corpus
 from gptcli.tokenizer import Tokenizer, load_tokenizer
 
-_STREAMS = {"train": 0, "val": 1}
+_STREAMS = {"train": 0, "val": 1}  # random streams: 2 and 3 are the classify and instruct rows
 
 
 def cache_root() -> Path:
@@ -130,14 +130,26 @@ class TokenDataset:
                 )
 
 
+def step_rows(seed: int, stream: int, step: int, micro: int, rank: int, batch_size: int,
+              per_step: int, world_size: int, high: int) -> np.ndarray:
+    """The `batch_size` random indices in [0, high) for one (step, micro-step, rank).
+
+    The step's whole global batch (`per_step` = batch_size x grad_accum x world_size
+    indices) comes from one stream seeded by (seed, stream, step); each micro-step of each
+    rank takes its slice. Any split of the same global batch therefore sees the same rows.
+    """
+    rng = np.random.default_rng([seed, stream, step])
+    rows = rng.integers(0, high, size=per_step)
+    first = (micro * world_size + rank) * batch_size
+    return rows[first:first + batch_size]
+
+
 class BatchSampler:
     """Random windows of `block_size + 1` tokens: inputs x and next-token targets y.
 
-    Each optimizer step draws its whole global batch (batch_size x grad_accum x world_size
-    windows) from one stream seeded by (seed, split, step); micro-step m of rank r takes
-    its slice. So any split of the same global batch, over processes or micro-steps,
-    trains on exactly the same sequences: 2 processes equal 1 process with twice the batch,
-    and a run can resume with a different number of processes.
+    Window starts come from `step_rows`: any split of the same global batch, over
+    processes or micro-steps, trains on exactly the same sequences, so 2 processes equal 1
+    process with twice the batch, and a run can resume with a different number of processes.
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
@@ -154,10 +166,8 @@ class BatchSampler:
 
     def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch for this (step, micro-step, rank): x, y of shape (B, T), int64, on device."""
-        rng = np.random.default_rng([self.seed, self.stream, step])
-        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.per_step)
-        first = (micro * self.world_size + rank) * self.batch_size
-        starts = starts[first:first + self.batch_size]
+        starts = step_rows(self.seed, self.stream, step, micro, rank, self.batch_size, self.per_step,
+                           self.world_size, len(self.tokens) - self.block_size)
         window = np.arange(self.block_size + 1)
         rows = torch.from_numpy(self.tokens[starts[:, None] + window].astype(np.int64))  # (B, T+1)
         x, y = rows[:, :-1], rows[:, 1:]

@@ -47,7 +47,9 @@ from gptcli.model import GPT
 from gptcli.pretrain import PretrainData
 from gptcli.records import column, read_records
 from gptcli.runtime import (
+    Distributed,
     configure_matmul,
+    init_distributed,
     resolve_device,
     seed_everything,
 )
@@ -123,7 +125,7 @@ def _records(cfg: FinetuneRunConfig) -> tuple[list[dict], list[dict], str]:
 
 
 def _classify(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg: ModelConfig,
-              device: torch.device) -> tuple[GPTClassifier, ClassifyData]:
+              device: torch.device, dist: Distributed) -> tuple[GPTClassifier, ClassifyData]:
     f = cfg.finetune
     train, val, source = _records(cfg)
     where_val = f.val_file or source
@@ -136,7 +138,8 @@ def _classify(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg
     model.load_state_dict(_trunk_state(base), strict=False)  # the head (`score`) starts fresh
     keep = "start" if f.truncate == "keep_start" else "end"
     data = ClassifyData(tokenizer, names, (texts, labels), (val_texts, val_labels),
-                        model_cfg.block_size, cfg.train.batch_size, keep, cfg.seed, device)
+                        model_cfg.block_size, cfg.train.batch_size, keep, cfg.seed, device,
+                        cfg.train.grad_accum, dist)
     return model, data
 
 
@@ -146,19 +149,19 @@ def _trunk_state(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def _lm(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg: ModelConfig,
-        device: torch.device, on_event: EventSink) -> tuple[GPT, PretrainData]:
+        device: torch.device, dist: Distributed, on_event: EventSink) -> tuple[GPT, PretrainData]:
     if not cfg.data.inputs:
         raise GptcliError("data.inputs: name the new-domain text for --task lm")
-    dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event, tokenizer=tokenizer))
+    dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event, tokenizer=tokenizer, dist=dist))
     dataset.check_context(model_cfg.block_size)
     model = GPT(model_cfg)
     model.load_state_dict(_trunk_state(base), strict=False)
     view = RunConfig(seed=cfg.seed, data=cfg.data, train=cfg.train, model=model_cfg)
-    return model, PretrainData(dataset, view, device)
+    return model, PretrainData(dataset, view, device, dist)
 
 
 def _instruct(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg: ModelConfig,
-              device: torch.device) -> tuple[GPT, InstructData, Tokenizer]:
+              device: torch.device, dist: Distributed) -> tuple[GPT, InstructData, Tokenizer]:
     f = cfg.finetune
     train, val, source = _records(cfg)
     train_msgs = [messages_of(r, f"{source}: record {i}") for i, r in enumerate(train, start=1)]
@@ -169,7 +172,7 @@ def _instruct(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg
     model.load_state_dict(_trunk_state(base), strict=False)
     model.resize_vocab(tokenizer.vocab_size)
     data = InstructData(tokenizer, train_msgs, val_msgs, model_cfg.block_size, cfg.train.batch_size,
-                        f.pack, cfg.seed, device)
+                        f.pack, cfg.seed, device, cfg.train.grad_accum, dist)
     return model, data, tokenizer
 
 
@@ -204,7 +207,7 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
     if checkpoint is not None and checkpoint_task(checkpoint) != ("classify" if f.task == "classify" else "lm"):
         raise GptcliError(f"--resume: {checkpoint} holds a {checkpoint_task(checkpoint)} model, "
                           f"not one for --task {f.task}")
-    device = resolve_device(cfg.train.device)
+    dist, device = init_distributed(resolve_device(cfg.train.device))
     configure_matmul(device)
     init = resolve_init(f.init_from)
     base, tokenizer = load_model(init, device)
@@ -214,22 +217,23 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
 
     seed_everything(cfg.seed)
     if f.task == "classify":
-        model, data = _classify(cfg, base, tokenizer, model_cfg, device)
+        model, data = _classify(cfg, base, tokenizer, model_cfg, device, dist)
     elif f.task == "lm":
-        model, data = _lm(cfg, base, tokenizer, model_cfg, device, on_event)
+        model, data = _lm(cfg, base, tokenizer, model_cfg, device, dist, on_event)
     else:
-        model, data, tokenizer = _instruct(cfg, base, tokenizer, model_cfg, device)
+        model, data, tokenizer = _instruct(cfg, base, tokenizer, model_cfg, device, dist)
     del base
     _adapt(model, cfg)
     model.to(device)
-    state = TrainerState(step=0, extra={"global_batch": cfg.train.batch_size * cfg.train.grad_accum})
+    state = TrainerState(step=0, extra={
+        "global_batch": cfg.train.batch_size * cfg.train.grad_accum * dist.world_size})
     if checkpoint is not None:
         load_weights(model, checkpoint, device)
         state = load_trainer_state(checkpoint)
     setup = prepare_loop(model, data, tokenizer, cfg.train, run_dir, device, state,
                          config_yaml=dump_yaml(cfg), clear_run_dir=must_clear,
                          resuming=checkpoint is not None, patience=f.patience,
-                         eval_at_start=f.task == "lm")
+                         eval_at_start=f.task == "lm", dist=dist)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = model.num_params()
     on_event(RunStarted(str(run_dir), {
@@ -245,7 +249,7 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
     if checkpoint is not None:
         restore_rng_state(state.rng)
     state = train_loop(model, data, setup, state, on_event)
-    if f.lora.rank and f.merge:
+    if f.lora.rank and f.merge and dist.is_main:
         _save_merged(run_dir, tokenizer, dump_yaml(cfg))
     result = FinetuneResult(run_dir, f.task, state.step, data.metric, state.best_metric,
                             state.extra.get("before", {}), trainable, total,

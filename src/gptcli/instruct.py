@@ -20,7 +20,8 @@ import torch
 
 from gptcli.errors import GptcliError
 from gptcli.model import IGNORE_INDEX
-from gptcli.runtime import Precision
+from gptcli.data import step_rows
+from gptcli.runtime import Distributed, Precision
 from gptcli.tokenizer import Tokenizer
 from gptcli.train import lm_evaluate
 
@@ -81,11 +82,14 @@ class InstructData:
     higher_is_better = False
 
     def __init__(self, tokenizer: Tokenizer, train: list[list[dict]], val: list[list[dict]],
-                 block_size: int, batch_size: int, pack: bool, seed: int, device: torch.device):
+                 block_size: int, batch_size: int, pack: bool, seed: int, device: torch.device,
+                 grad_accum: int = 1, dist: Distributed = Distributed()):
         self.pad_id = tokenizer.eot_id
         self.train_rows = self._rows(tokenizer, train, block_size, pack)
         self.val_rows = self._rows(tokenizer, val, block_size, pack)
         self.batch_size = batch_size
+        self.per_step = batch_size * grad_accum * dist.world_size
+        self.dist = dist
         self.seed = seed
         self.device = device
 
@@ -112,8 +116,8 @@ class InstructData:
                 "targets": torch.from_numpy(targets).to(self.device)}
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, 3, step, micro])
-        picks = rng.integers(0, len(self.train_rows), size=self.batch_size)
+        picks = step_rows(self.seed, 3, step, micro, self.dist.rank, self.batch_size, self.per_step,
+                          self.dist.world_size, len(self.train_rows))
         return self._batch([self.train_rows[i] for i in picks])
 
     def val_batches(self):

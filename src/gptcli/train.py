@@ -202,8 +202,13 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
     if setup.compile:
         step_model = torch.compile(step_model)
     model.train()
+    def eval_model() -> nn.Module:
+        """Evaluation needs no gradient sync: under DDP the plain module (the same weights on
+        every rank), otherwise whatever trains (compiled, if it compiled)."""
+        return model if dist.active else step_model
+
     if setup.eval_at_start and state.step == 0:
-        record = {"step": 0, **data.evaluate(step_model, precision)}
+        record = {"step": 0, **data.evaluate(eval_model(), precision)}
         state.extra["before"] = record
         if dist.is_main:
             _append_metrics(setup.run_dir, record)
@@ -270,7 +275,7 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
             paused_at = time.perf_counter()
             new_best = stop_early = False
             if done % cfg.eval_every == 0 or last:
-                new_best, stop_early = _evaluate(step_model, data, setup, state, done, on_event)
+                new_best, stop_early = _evaluate(eval_model(), data, setup, state, done, on_event)
             if done % cfg.save_every == 0 or last or new_best or stop_early or stop_now:
                 path = _save(state, done, setup, opt, scaler, new_best, on_event)
                 if stop_now:
