@@ -3,8 +3,11 @@ into place. A crash at any moment leaves either the old version or the new, neve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -41,3 +44,19 @@ def write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def staging_dir(target: Path) -> Iterator[Path]:
+    """A temporary sibling directory to build `target` in. When the block ends it is
+    fsynced and moved into place; if the block raises, it is deleted and `target` is
+    untouched. (Killed processes leave `.tmp-<name>-*` siblings, which are never read.)"""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield work
+        fsync_tree(work)
+        replace_dir(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

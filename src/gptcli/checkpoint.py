@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gptcli.atomic import fsync_tree, replace_dir, write_text
+from gptcli.atomic import staging_dir, write_text
 from gptcli.classify import GPTClassifier
 from gptcli.config import ModelConfig, config_from_dict
 from gptcli.errors import GptcliError
@@ -68,12 +67,9 @@ def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config
                     trainer: TrainerState | None = None) -> Path:
     """Write a checkpoint directory at `target` atomically (temp dir, fsync, rename)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".tmp-{target.name}-*"):  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    tmp.mkdir()
-    try:
+    with staging_dir(target) as tmp:
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != _TIED}
         metadata = {
             "format": "gptcli/1",
@@ -92,11 +88,6 @@ def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config
         if trainer is not None:
             _save_trainer(tmp, trainer)
         write_manifest(tmp)
-        fsync_tree(tmp)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

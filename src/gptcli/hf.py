@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptcli.atomic import fsync_tree, replace_dir
+from gptcli.atomic import staging_dir
 from gptcli.bpe import GPT2_PATTERN
 from gptcli.checkpoint import is_checkpoint, load_model, resolve_checkpoint, save_checkpoint
 from gptcli.classify import GPTClassifier
@@ -270,9 +268,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         config.update(num_labels=len(model.labels), pad_token_id=tokenizer.eot_id,
                       id2label={str(i): name for i, name in enumerate(model.labels)},
                       label2id={name: i for i, name in enumerate(model.labels)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staging_dir(out) as work:
         save_file(weights, work / HF_WEIGHTS, metadata={"format": "pt"})
         (work / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
@@ -285,11 +281,6 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
             (work / "tokenizer_config.json").write_text(json.dumps(
                 {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT,
                  "unk_token": EOT, "model_max_length": cfg.block_size, "add_prefix_space": False}))
-        fsync_tree(work)
-        replace_dir(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out
 
 

@@ -18,8 +18,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +29,7 @@ import numpy as np
 from gptcli.corpus import Piece, Source, expand_inputs, iter_pieces, single_document_split
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, Progress, ignore
-from gptcli.atomic import fsync_tree, replace_dir
+from gptcli.atomic import staging_dir
 from gptcli.bpe import GPT2_PATTERN
 from gptcli.tokenizer import Tokenizer, is_corpus_dependent, resolve_tokenizer, tiktoken_from_ranks
 
@@ -151,40 +149,33 @@ def tokenize_corpus(
     sources = expand_inputs(inputs)
     _prepare_out_dir(out_dir, overwrite)
     tok = _build_tokenizer(tokenizer, sources, jsonl_field, val_fraction, seed, train_bpe, on_event)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        dtype = token_dtype(tok.vocab_size)
-        stats, digests = _write_splits(tok, dtype, sources, jsonl_field, val_fraction, seed,
-                                       work, on_event)
-        for split in SPLITS:
-            if stats[split].tokens == 0:
-                raise GptcliError(
-                    f"the {split} split is empty ({sum(s.documents for s in stats.values())} "
-                    f"documents in all); add documents or change --val-fraction"
-                )
-        tok.save(work / TOKENIZER_DIR)
-        meta = {
-            "format": FORMAT,
-            "tokenizer": tok.spec,
-            "dtype": dtype.name,
-            "splits": {
-                s: {**stats[s].__dict__, "file": f"{s}.bin", "sha256": digests[s]} for s in SPLITS
-            },
-            "sources": [{"path": str(src.path), "bytes": src.size} for src in sources],
-            "val_fraction": val_fraction,
-            "seed": seed,
-        }
-        (work / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        fsync_tree(work)
-        replace_dir(work, out_dir)
+        with staging_dir(out_dir) as work:
+            dtype = token_dtype(tok.vocab_size)
+            stats, digests = _write_splits(tok, dtype, sources, jsonl_field, val_fraction, seed,
+                                           work, on_event)
+            for split in SPLITS:
+                if stats[split].tokens == 0:
+                    raise GptcliError(
+                        f"the {split} split is empty ({sum(s.documents for s in stats.values())} "
+                        f"documents in all); add documents or change --val-fraction"
+                    )
+            tok.save(work / TOKENIZER_DIR)
+            meta = {
+                "format": FORMAT,
+                "tokenizer": tok.spec,
+                "dtype": dtype.name,
+                "splits": {
+                    s: {**stats[s].__dict__, "file": f"{s}.bin", "sha256": digests[s]} for s in SPLITS
+                },
+                "sources": [{"path": str(src.path), "bytes": src.size} for src in sources],
+                "val_fraction": val_fraction,
+                "seed": seed,
+            }
+            (work / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     except OSError as exc:
-        shutil.rmtree(work, ignore_errors=True)
         raise GptcliError(f"could not write {out_dir} ({exc.strerror or exc}); free disk space or "
                           f"choose a writable --out; nothing was written") from None
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return TokenizeResult(
         out_dir=out_dir,
         tokenizer=tok.name,
