@@ -196,12 +196,14 @@ def sample(
     """
     from gptcli.display import console, notice
     from gptcli.events import Notice
+    from gptcli.checkpoint import resolve_checkpoint
     from gptcli.sample import SampleRequest, classify, is_classifier, sample as run_sample
 
     request = SampleRequest(prompt=prompt, max_new_tokens=max_new_tokens,
                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
                             num_samples=num_samples, seed=seed, stops=stop or [], device=device)
     request.check()  # option errors first, before any checkpoint is looked at
+    checkpoint = resolve_checkpoint(checkpoint)  # once: a run dir, an HF dir or the latest run
     if is_classifier(checkpoint):
         path, probs = classify(checkpoint, prompt, device)
         if json_output:

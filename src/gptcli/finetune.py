@@ -54,7 +54,7 @@ from gptcli.runtime import (
     seed_everything,
 )
 from gptcli.tokenizer import Tokenizer, WithAddedTokens
-from gptcli.train import prepare_loop, restore_rng_state, train_loop
+from gptcli.train import global_batch, prepare_loop, restore_rng_state, train_loop
 
 MERGED = "merged"
 _MAY_CHANGE = {"dropout", "block_size"}  # model keys a finetune config may set differently
@@ -225,8 +225,7 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
     del base
     _adapt(model, cfg)
     model.to(device)
-    state = TrainerState(step=0, extra={
-        "global_batch": cfg.train.batch_size * cfg.train.grad_accum * dist.world_size})
+    state = TrainerState(step=0, extra={"global_batch": global_batch(cfg.train, dist.world_size)})
     if checkpoint is not None:
         load_weights(model, checkpoint, device)
         state = load_trainer_state(checkpoint)

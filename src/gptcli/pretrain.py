@@ -43,7 +43,7 @@ from gptcli.runtime import (
     seed_everything,
 )
 from gptcli.tokenizer import Tokenizer
-from gptcli.train import lm_evaluate, prepare_loop, restore_rng_state, train_loop
+from gptcli.train import global_batch, lm_evaluate, prepare_loop, restore_rng_state, train_loop
 
 
 class PretrainData:
@@ -80,11 +80,6 @@ class PretrainResult:
     seconds: float
 
 
-def global_batch(cfg: RunConfig, world_size: int) -> int:
-    """Sequences per optimizer step over all processes: what a resume must keep."""
-    return cfg.train.batch_size * cfg.train.grad_accum * world_size
-
-
 def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerState,
                              tokenizer: Tokenizer, world_size: int, on_event: EventSink) -> None:
     """Refuse changes that would break an exact continuation; note the harmless ones."""
@@ -99,9 +94,9 @@ def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerSta
         raise GptcliError(f"--resume: the data's tokenizer ({tokenizer.name}) is not the checkpoint's "
                           f"({saved}, a different vocabulary); resume with the original data")
     saved_global = state.extra["global_batch"]
-    if saved_global != global_batch(cfg, world_size):
+    if saved_global != global_batch(cfg.train, world_size):
         raise GptcliError(f"--resume: the global batch (batch_size x grad_accum x processes) was "
-                          f"{saved_global}, now {global_batch(cfg, world_size)}; keep it the same "
+                          f"{saved_global}, now {global_batch(cfg.train, world_size)}; keep it the same "
                           f"to resume (e.g. double grad_accum when halving the processes)")
     before = load_config(checkpoint / CONFIG_YAML).train
     changed = [f"{f.name} {getattr(before, f.name)} -> {getattr(cfg.train, f.name)}"
@@ -128,7 +123,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
 
     seed_everything(cfg.seed)
     model = GPT(cfg.model).to(device)
-    state = TrainerState(step=0, extra={"global_batch": global_batch(cfg, dist.world_size)})
+    state = TrainerState(step=0, extra={"global_batch": global_batch(cfg.train, dist.world_size)})
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         _check_resume_compatible(cfg, checkpoint, state, dataset.tokenizer, dist.world_size, on_event)

@@ -100,8 +100,9 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     return path, [Sample(t.text, t.tokens) for t in texts]
 
 
-def is_classifier(checkpoint: str | Path | None) -> bool:
-    return checkpoint_task(resolve_checkpoint(checkpoint)) == "classify"
+def is_classifier(path: Path) -> bool:
+    """Whether a resolved checkpoint directory holds a classifier."""
+    return checkpoint_task(path) == "classify"
 
 
 @torch.inference_mode()

@@ -80,7 +80,8 @@ class LoopSetup:
 
 def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: TrainConfig,
                  run_dir: Path, device: torch.device, state: TrainerState, *, config_yaml: str,
-                 clear_run_dir: bool, resuming: bool, **options) -> LoopSetup:
+                 clear_run_dir: bool, resuming: bool, dist: Distributed = Distributed(),
+                 **options) -> LoopSetup:
     """What pretrain and finetune both do between building the model and training it: the
     optimizer (restored when resuming), the precision, the run directory (an old run is
     cleared only now, once every input has been validated), and how to save checkpoints."""
@@ -88,7 +89,6 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     precision = resolve_precision(cfg.precision, device, cpu_step_timer(model, data))
-    dist = options.get("dist", Distributed())
     dist.barrier()  # every rank has checked the run directory before rank 0 changes it
     if dist.is_main:
         if clear_run_dir:
@@ -103,8 +103,13 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
                                        tokenizer, config_yaml, s),
         point_to=lambda name, path: write_pointer(run_dir, name, path),
         flops_per_token=model.flops_per_token(), peak_flops=peak_flops(device, precision),
-        compile=should_compile(cfg.compile, device), **options,
+        compile=should_compile(cfg.compile, device), dist=dist, **options,
     )
+
+
+def global_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Sequences per optimizer step over all processes: what a resume must keep."""
+    return cfg.batch_size * cfg.grad_accum * world_size
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -175,8 +180,11 @@ def trim_metrics(run_dir: Path, keep_through_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / METRICS_FILE, "a") as f:
+def _append_metrics(setup: LoopSetup, record: dict) -> None:
+    """Add one record to metrics.jsonl; only rank 0 writes."""
+    if not setup.dist.is_main:
+        return
+    with open(setup.run_dir / METRICS_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -210,8 +218,7 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
     if setup.eval_at_start and state.step == 0:
         record = {"step": 0, **data.evaluate(eval_model(), precision)}
         state.extra["before"] = record
-        if dist.is_main:
-            _append_metrics(setup.run_dir, record)
+        _append_metrics(setup, record)
         on_event(EvalDone({**record, "best": False, "metric": data.metric}))
     interval_start, interval_tokens = time.perf_counter(), 0
     bad_steps = 0  # consecutive steps with a non-finite loss or gradient
@@ -267,8 +274,7 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
                 }
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
-                if dist.is_main:
-                    _append_metrics(setup.run_dir, record)
+                _append_metrics(setup, record)
                 on_event(StepLogged(record))
                 interval_start, interval_tokens = time.perf_counter(), 0
 
@@ -326,8 +332,7 @@ def _evaluate(model: nn.Module, data: TrainData, setup: LoopSetup, state: Traine
     state.evals_since_best = 0 if new_best else state.evals_since_best + 1
     stop_early = 0 < setup.patience <= state.evals_since_best
     record = {"step": done, **metrics, f"best_{data.metric}": state.best_metric}
-    if setup.dist.is_main:
-        _append_metrics(setup.run_dir, record)
+    _append_metrics(setup, record)
     on_event(EvalDone({**record, "best": new_best, "metric": data.metric}))
     if stop_early:
         on_event(Notice(f"early stop: {data.metric} has not improved for "
