@@ -253,3 +253,13 @@ def test_packing_fills_rows_without_exceeding_context():
     packed = _pack(rows, block_size=64)
     assert [len(ids) for ids, _ in packed] == [60, 5, 61]
     assert np.concatenate([ids for ids, _ in packed]).tolist() == np.concatenate([r for r, _ in rows]).tolist()
+
+
+def test_resume_refuses_a_different_global_batch(tmp_path, base_run):
+    data = write_classify_csv(tmp_path / "cls.csv")
+    cfg = ft_config(tmp_path, base_run, "classify", train_file=str(data))
+    cfg["train"]["max_steps"] = 2
+    finetune(config_from_dict(cfg, FinetuneRunConfig))
+    cfg["train"].update(max_steps=4, batch_size=4)
+    with pytest.raises(GptcliError, match="global batch .* was 8, now 4"):
+        finetune(config_from_dict(cfg, FinetuneRunConfig), resume=True)

@@ -54,7 +54,7 @@ from gptcli.runtime import (
     seed_everything,
 )
 from gptcli.tokenizer import Tokenizer, WithAddedTokens
-from gptcli.train import global_batch, prepare_loop, restore_rng_state, train_loop
+from gptcli.train import check_global_batch, global_batch, prepare_loop, restore_rng_state, train_loop
 
 MERGED = "merged"
 _MAY_CHANGE = {"dropout", "block_size"}  # model keys a finetune config may set differently
@@ -229,6 +229,7 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
     if checkpoint is not None:
         load_weights(model, checkpoint, device)
         state = load_trainer_state(checkpoint)
+        check_global_batch(state, cfg.train, dist.world_size)
     setup = prepare_loop(model, data, tokenizer, cfg.train, run_dir, device, state,
                          config_yaml=dump_yaml(cfg), clear_run_dir=must_clear,
                          resuming=checkpoint is not None, patience=f.patience,

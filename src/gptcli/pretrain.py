@@ -43,7 +43,7 @@ from gptcli.runtime import (
     seed_everything,
 )
 from gptcli.tokenizer import Tokenizer
-from gptcli.train import global_batch, lm_evaluate, prepare_loop, restore_rng_state, train_loop
+from gptcli.train import check_global_batch, global_batch, lm_evaluate, prepare_loop, restore_rng_state, train_loop
 
 
 class PretrainData:
@@ -93,11 +93,7 @@ def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerSta
         saved = json.loads(metadata["tokenizer"])["name"]
         raise GptcliError(f"--resume: the data's tokenizer ({tokenizer.name}) is not the checkpoint's "
                           f"({saved}, a different vocabulary); resume with the original data")
-    saved_global = state.extra["global_batch"]
-    if saved_global != global_batch(cfg.train, world_size):
-        raise GptcliError(f"--resume: the global batch (batch_size x grad_accum x processes) was "
-                          f"{saved_global}, now {global_batch(cfg.train, world_size)}; keep it the same "
-                          f"to resume (e.g. double grad_accum when halving the processes)")
+    check_global_batch(state, cfg.train, world_size)
     before = load_config(checkpoint / CONFIG_YAML).train
     changed = [f"{f.name} {getattr(before, f.name)} -> {getattr(cfg.train, f.name)}"
                for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(cfg.train, f.name)]

@@ -112,6 +112,15 @@ def global_batch(cfg: TrainConfig, world_size: int) -> int:
     return cfg.batch_size * cfg.grad_accum * world_size
 
 
+def check_global_batch(state: TrainerState, cfg: TrainConfig, world_size: int) -> None:
+    """Resuming needs the same sequences per step (the data position is re-derived from it)."""
+    saved, now = state.extra["global_batch"], global_batch(cfg, world_size)
+    if saved != now:
+        raise GptcliError(f"--resume: the global batch (batch_size x grad_accum x processes) was "
+                          f"{saved}, now {now}; keep it the same to resume (e.g. double "
+                          f"grad_accum when halving the processes)")
+
+
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
