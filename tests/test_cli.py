@@ -121,8 +121,16 @@ BAD = [
     (["finetune", "--task", "lm"], "--task lm needs a config"),
     (["finetune", "--task", "classify"], "no pretrained run found under runs/"),
     (["eval", "-c", "{ckpt}", "--data", "{tmp}/missing.csv"], "does not exist"),
-    (["eval", "-c", "{ckpt}", "--data", "{tmp}/good.txt"], "unknown data format"),
-    (["eval", "-c", "{ckpt}", "--data", "{tmp}/onelabel.csv"], "is not a classifier checkpoint"),
+    (["eval", "-c", "{ckpt}", "--split", "bogus"], "--split: 'bogus' is not one of all, train, val"),
+    (["eval", "-c", "{ckpt}", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["eval", "-c", "{ckpt}", "--data", "{tmp}/good.txt", "--split", "val"], "raw text is evaluated whole"),
+    (["eval", "-c", "{ckpt}", "--precision", "fp16"], "fp16 is for GPUs"),
+    (["plot", "{tmp}/nothing"], "has no metrics.jsonl"),
+    (["plot", "{run}", "--out", "{tmp}/loss.jpg"], "should end in .png"),
+    (["plot", "{run}", "--x", "time"], "--x: 'time' is not one of step, tokens"),
+    (["runs", "{tmp}/good.txt"], "is not a directory"),
+    (["info", "{tmp}/nowhere"], "does not exist"),
+    (["info", "{tmp}/good.txt"], "neither a checkpoint nor a run directory"),
     (["import-hf", "{tmp}/pickled", "--out", "{tmp}/imported"], "only pytorch_model.bin"),
     (["import-hf", "{tmp}/good.txt", "--out", "{tmp}/imported"], "is not a directory"),
     (["import-hf", "{tmp}/pickled", "--out", "{tmp}/afile"], "already exists"),
@@ -160,7 +168,7 @@ def lm_ckpt(tmp_path_factory):
 def test_bad_input_table_covers_every_command():
     commands = {args[0] for args, _ in BAD}
     assert len(BAD) >= 40 and commands == {"tokenize", "pretrain", "finetune", "sample", "eval",
-                                           "import-hf", "export-hf"}
+                                           "import-hf", "export-hf", "plot", "runs", "info"}
 
 
 @pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[:3]) + " " + m[:20] for a, m in BAD])
@@ -190,7 +198,8 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, lm_ckpt, ar
     (tmp_path / "afile").write_text("keep me")
     (tmp_path / "nothing").mkdir()
     before = _snapshot(tmp_path)
-    args = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(lm_ckpt)) for a in args]
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(lm_ckpt))
+            .replace("{run}", str(lm_ckpt.parent.parent)) for a in args]
     code, out, err = run_cli(args, capsys)
     assert code == 2, err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]

@@ -64,13 +64,16 @@ def step_name(step: int) -> str:
 
 
 def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config_yaml: str,
-                    trainer: TrainerState | None = None) -> Path:
-    """Write a checkpoint directory at `target` atomically (temp dir, fsync, rename)."""
+                    trainer: TrainerState | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint directory at `target` atomically (temp dir, fsync, rename).
+    `weights` (full tensors, e.g. gathered from shards) replace `model.state_dict()`."""
     target = Path(target)
     for stale in target.parent.glob(f".tmp-{target.name}-*"):  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
     with staging_dir(target) as tmp:
-        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != _TIED}
+        weights = {k: v.detach().contiguous() for k, v in (weights or model.state_dict()).items()
+                   if k != _TIED}
         metadata = {
             "format": "gptcli/1",
             "model_config": json.dumps(_model_dict(model.config)),

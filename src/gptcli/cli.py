@@ -48,11 +48,11 @@ def tokenize(
 
     Example: gptcli tokenize stdlib --out data/stdlib --tokenizer bytes
     """
-    from gptcli.display import TokenizeDisplay, console
+    from gptcli.display import ProgressDisplay, console
     from gptcli.shards import tokenize_corpus
     from rich.table import Table
 
-    with TokenizeDisplay() as display:
+    with ProgressDisplay() as display:
         result = tokenize_corpus(inputs, out, tokenizer=tokenizer, val_fraction=val_fraction,
                                  seed=seed, jsonl_field=jsonl_field, train_bpe=train_bpe,
                                  overwrite=overwrite, on_event=display)
@@ -147,30 +147,127 @@ def finetune(
 
 @app.command("eval")
 def evaluate(
-    data: Annotated[Path, typer.Option("--data", help="CSV, TSV or JSONL with text and label columns.")],
     checkpoint: Annotated[Optional[Path], typer.Option(
-        "--checkpoint", "-c", help="Classifier run or checkpoint directory.")] = None,
-    text_column: Annotated[str, typer.Option(help="Column with the text.")] = "text",
-    label_column: Annotated[str, typer.Option(help="Column with the true label.")] = "label",
-    predictions: Annotated[Optional[Path], typer.Option(help="Write per-row predictions to this CSV.")] = None,
+        "--checkpoint", "-c", help="Run or checkpoint directory (default: the latest run under runs/).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(
+        "--data", help="Language model: text files, folders, globs, `stdlib` or a tokenized directory "
+                       "(repeatable; none: the run's own validation). Classifier: one CSV, TSV or JSONL "
+                       "file with text and label columns.")] = None,
+    split: Annotated[str, typer.Option(help="Of a tokenized directory: all, train or val.")] = "all",
+    batch_size: Annotated[int, typer.Option(help="Windows (or rows) per forward pass.")] = 8,
+    precision: Annotated[str, typer.Option(
+        help="auto (the precision the run trained in), fp32, bf16 or fp16.")] = "auto",
+    text_column: Annotated[str, typer.Option(help="Classifier: column with the text.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Classifier: column with the true label.")] = "label",
+    predictions: Annotated[Optional[Path], typer.Option(
+        help="Classifier: write per-row predictions to this CSV.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
-    """Metrics of a classifier checkpoint on a labelled file.
+    """Loss, perplexity and bits per byte of a language model; accuracy, F1 and confusion of a classifier.
 
-    Example: gptcli eval -c runs/classify-stdlib --data test.csv --predictions preds.csv
+    Examples:
+
+      gptcli eval -c runs/demo                      (repeat the run's validation)
+
+      gptcli eval -c runs/demo --data notes/ --data 'more/*.md'
+
+      gptcli eval -c runs/classify-stdlib --data test.csv --predictions preds.csv
     """
-    from gptcli.display import console, render_classify_metrics
-    from gptcli.evaluation import evaluate_classifier
+    from gptcli.checkpoint import resolve_checkpoint
+    from gptcli.display import ProgressDisplay, console, render_classify_metrics, render_lm_metrics
+    from gptcli.sample import is_classifier
 
-    path, metrics = evaluate_classifier(checkpoint, data, text_column, label_column, predictions,
-                                        device=device)
+    path = resolve_checkpoint(checkpoint)
+    if is_classifier(path):
+        from gptcli.evaluation import evaluate_classifier
+
+        if not data or len(data) != 1:
+            raise GptcliError("--data: a classifier is evaluated on exactly one labelled file (CSV, TSV or JSONL)")
+        path, metrics = evaluate_classifier(path, data[0], text_column, label_column, predictions,
+                                            batch_size=batch_size, device=device)
+        if not json_output:
+            render_classify_metrics({f"val_{k}" if k in ("accuracy", "macro_f1", "majority_baseline") else k: v
+                                     for k, v in metrics.items()})
+    else:
+        from gptcli.lm_eval import evaluate_lm
+
+        with ProgressDisplay() as display:
+            path, metrics = evaluate_lm(path, data, split, batch_size, precision, device, on_event=display)
+        if not json_output:
+            render_lm_metrics(metrics)
     console.print(f"[dim]checkpoint: {path}[/]", highlight=False)
     if json_output:
         print(json.dumps(metrics))
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (several: one figure, one colour each).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("loss.png"),
+    x: Annotated[str, typer.Option("--x", help="x axis: step or tokens.")] = "step",
+    log: Annotated[bool, typer.Option("--log", help="Logarithmic loss axis.")] = False,
+) -> None:
+    """Draw train and val loss (and val bpb or accuracy) of runs into a PNG. Needs matplotlib.
+
+    Examples:
+
+      gptcli plot runs/demo --out demo.png
+
+      gptcli plot runs/a runs/b --x tokens --log --out compare.png
+    """
+    from gptcli.display import console
+    from gptcli.plot import plot_runs
+
+    path = plot_runs(runs, out, x, log)
+    console.print(f"wrote {path}")
+
+
+@app.command("runs")
+def list_runs(
+    root: Annotated[Path, typer.Argument(help="Folder to search for runs.")] = Path("runs"),
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per run on stdout.")] = False,
+) -> None:
+    """List the runs under a folder: task, size, progress, best metric, tokens, wall time, status.
+
+    Examples:
+
+      gptcli runs
+
+      gptcli runs experiments/ --json
+    """
+    from gptcli.display import render_runs
+    from gptcli.runlog import find_runs
+
+    summaries = find_runs(root)
+    if json_output:
+        for summary in summaries:
+            print(json.dumps({**summary.__dict__, "path": str(summary.path)}))
     else:
-        render_classify_metrics({f"val_{k}" if k in ("accuracy", "macro_f1", "majority_baseline") else k: v
-                                 for k, v in metrics.items()})
+        render_runs(summaries, root)
+
+
+@app.command()
+def info(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint, run (its latest checkpoint) or HF directory.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the description as JSON on stdout.")] = False,
+) -> None:
+    """Describe a checkpoint: shape, parameters, tokenizer, step, tokens, metrics, files, checksums.
+
+    Examples:
+
+      gptcli info runs/demo
+
+      gptcli info runs/demo/checkpoints/step-002000 --json
+    """
+    from gptcli.display import render_info
+    from gptcli.info import checkpoint_info
+
+    description = checkpoint_info(checkpoint)
+    if json_output:
+        print(json.dumps(description))
+    else:
+        render_info(description)
 
 
 @app.command()

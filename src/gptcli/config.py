@@ -103,6 +103,19 @@ class TrainConfig:
         "auto", "torch.compile the model: `auto` compiles on CUDA only."
     )
     device: str = _field("auto", "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`.")
+    parallel: Literal["ddp", "fsdp"] = _field(
+        "ddp", "Under torchrun: `ddp` keeps a whole copy of the model in every process; `fsdp` "
+        "(FSDP2) shards weights, gradients and optimizer state over the processes, for models "
+        "that do not fit one device. Ignored in a single process."
+    )
+    tensorboard: bool = _field(
+        False, "Also log every metric for TensorBoard under OUT_DIR/tensorboard (needs the "
+        "`tensorboard` package: pip install 'gptcli[tensorboard]')."
+    )
+    activation_checkpointing: bool = _field(
+        False, "Recompute each block's activations during the backward pass instead of keeping "
+        "them: much less memory for long contexts, for about one more forward pass of compute."
+    )
 
 
 @dataclass

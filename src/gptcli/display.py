@@ -38,9 +38,9 @@ def notice(message: str) -> None:
     console.print(f"[yellow]note:[/] {message}", highlight=False)
 
 
-class TokenizeDisplay:
-    """A bar per phase (reading for a char vocabulary, BPE training, tokenizing) with MB/s
-    and tokens/s."""
+class ProgressDisplay:
+    """A bar per phase (reading for a char vocabulary, BPE training, tokenizing with MB/s
+    and tokens/s, evaluating with tokens/s)."""
 
     def __init__(self) -> None:
         self.progress = Progress(
@@ -51,7 +51,7 @@ class TokenizeDisplay:
         self.tasks: dict[str, int] = {}
         self.started: dict[str, float] = {}
 
-    def __enter__(self) -> TokenizeDisplay:
+    def __enter__(self) -> ProgressDisplay:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -72,6 +72,8 @@ class TokenizeDisplay:
         rate = ""
         if event.phase == "tokenizing":
             rate = f"{event.done / elapsed / 1e6:6.1f} MB/s {event.tokens / elapsed / 1e6:6.2f}M tok/s"
+        elif event.phase == "evaluating":
+            rate = f"{event.tokens / elapsed:,.0f} tok/s"
         self.progress.update(self.tasks[event.phase], completed=event.done, total=event.total,
                              rate=rate)
 
@@ -159,3 +161,88 @@ def render_classify_metrics(m: dict) -> None:
     for label, row in zip(labels, m["confusion"]):
         confusion.add_row(label, *map(str, row))
     console.print(confusion)
+
+
+def render_lm_metrics(m: dict) -> None:
+    """Loss, perplexity and bits per byte of a language-model evaluation."""
+    table = Table(show_header=False, box=None)
+    table.add_row("data", str(m["data"]))
+    if "tokens" in m:
+        table.add_row("tokens", f"{m['tokens']:,} ({m['bytes']:,} bytes)")
+    table.add_row("loss", f"{m['loss']:.4f} nats/token")
+    table.add_row("perplexity", f"{m['perplexity']:.3f}")
+    table.add_row("bits per byte", f"{m['bpb']:.4f}")
+    table.add_row("precision", m["precision"])
+    console.print(table)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+_STATUS_STYLE = {"running": "cyan", "finished": "green", "interrupted": "yellow", "failed": "red"}
+
+
+def render_runs(summaries: list, root) -> None:
+    """`gptcli runs`: one row per run (a list of runlog.RunSummary)."""
+    table = Table(title=f"{len(summaries)} runs under {root}", title_justify="left")
+    table.add_column("run", overflow="fold")
+    for column in ("task", "params", "steps", "best", "tokens", "wall", "status"):
+        table.add_column(column, justify="left" if column in ("task", "best", "status") else "right",
+                         no_wrap=True)
+    for r in summaries:
+        best = f"{r.metric.removeprefix('val_')} {r.best:.4f}" if r.best is not None else "-"
+        steps = f"{r.step:,}/{r.max_steps:,}" if r.max_steps else f"{r.step:,}"
+        style = _STATUS_STYLE.get(r.status, "dim")
+        table.add_row(str(r.path.relative_to(root) if r.path != root else r.path), r.task,
+                      _count(r.parameters), steps, best, _count(r.tokens_seen), _duration(r.wall_seconds),
+                      f"[{style}]{r.status}[/]")
+    console.print(table)
+
+
+def render_info(d: dict) -> None:
+    """`gptcli info`: a checkpoint's description (from info.checkpoint_info)."""
+    model = d["model"]
+    table = Table(show_header=False, box=None, title=d["checkpoint"], title_justify="left")
+    table.add_row("kind", d["kind"])
+    table.add_row("model", f"{model['n_layer']} layers x {model['n_embd']} wide, {model['n_head']} heads, "
+                           f"context {model['block_size']}, vocab {model['vocab_size']}, "
+                           f"bias {str(model['bias']).lower()}, dropout {model['dropout']}")
+    table.add_row("parameters", f"{d['parameters']:,} ({_count(d['parameters'])})")
+    if "lora" in d:
+        lora = d["lora"]
+        table.add_row("LoRA", f"rank {lora['rank']}, alpha {lora['alpha']}, "
+                              f"{lora['adapter_parameters']:,} adapter parameters")
+    table.add_row("tokenizer", d["tokenizer"])
+    if "labels" in d:
+        table.add_row("labels", ", ".join(d["labels"]))
+    if "step" in d:
+        table.add_row("step", f"{d['step']:,}")
+        table.add_row("tokens seen", f"{d['tokens_seen']:,} ({_count(d['tokens_seen'])})")
+        if "precision" in d:
+            table.add_row("precision", d["precision"])
+        if d.get("metrics"):
+            table.add_row("metrics", "  ".join(f"{k} {v:.4f}" for k, v in d["metrics"].items()))
+    else:
+        table.add_row("training", d["training"])
+    table.add_row("files", "  ".join(f"{name} {_count(size)}B" for name, size in d["files"].items()
+                                     if "/" not in name)
+                  + f"  (total {_count(sum(d['files'].values()))}B)")
+    style = "green" if d["checksums"].startswith("ok") else "red"
+    table.add_row("checksums", f"[{style}]{d['checksums']}[/]")
+    console.print(table, highlight=False)

@@ -1,4 +1,5 @@
-"""`gptcli eval`: metrics of a checkpoint on a labelled file, with optional per-row predictions."""
+"""`gptcli eval` of a classifier: metrics on a labelled file, with optional per-row predictions
+(language models: lm_eval.py)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def evaluate_classifier(checkpoint: str | Path | None, data_file: str | Path,
     dev = resolve_device(device)
     model, tokenizer = load_model(path, dev)
     if not isinstance(model, GPTClassifier):
-        raise GptcliError(f"{path} is not a classifier checkpoint (eval of language models: "
-                          f"its validation loss is in the run's metrics.jsonl)")
+        raise GptcliError(f"{path} is not a classifier checkpoint; `gptcli eval --data TEXT` "
+                          f"evaluates language models")
     unknown = sorted(set(truth) - set(model.labels))
     if unknown:
         raise GptcliError(f"{data_file}: labels the classifier never learned: {', '.join(unknown[:5])}")

@@ -232,7 +232,7 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
         check_global_batch(state, cfg.train, dist.world_size)
     setup = prepare_loop(model, data, tokenizer, cfg.train, run_dir, device, state,
                          config_yaml=dump_yaml(cfg), clear_run_dir=must_clear,
-                         resuming=checkpoint is not None, patience=f.patience,
+                         resuming=checkpoint is not None, task=f.task, patience=f.patience,
                          eval_at_start=f.task == "lm", dist=dist)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = model.num_params()
@@ -242,7 +242,7 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
         "parameters": f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
         "method": f"LoRA rank {f.lora.rank}" if f.lora.rank else "full finetuning",
         "tokenizer": f"{tokenizer.name} ({tokenizer.vocab_size} ids)",
-        "device": str(device),
+        "device": dist.describe(device, cfg.train.parallel),
         "precision": setup.precision.name,
         "resumed from": f"step {state.step}" if checkpoint is not None else "-",
     }, cfg.train.max_steps, state.step))

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gptcli.config import ModelConfig
 
@@ -104,6 +105,7 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
         self.config = cfg
         self.lora_spec = None  # set by lora.apply_lora
+        self.activation_checkpointing = False  # set by the training loop (train config)
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
@@ -146,8 +148,12 @@ class GPT(nn.Module):
         offset = start or 0
         pos = torch.arange(offset, offset + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:
-            x = block(x, start)
+            if recompute:  # keep only the block's input; rerun it (same dropout) in backward
+                x = checkpoint(block, x, start, use_reentrant=False)
+            else:
+                x = block(x, start)
         return self.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -151,6 +151,18 @@ class Distributed:
         if self.active:
             torch.distributed.barrier()
 
+    def describe(self, device: torch.device, parallel: str) -> str:
+        """The device line of a run's header, e.g. 'cuda:0 x 8 processes (fsdp)'."""
+        return f"{device} x {self.world_size} processes ({parallel})" if self.active else str(device)
+
+    def from_main(self, value):
+        """Rank 0's `value` on every rank (e.g. a choice each rank made by its own timing)."""
+        if self.active:
+            box = [value]
+            torch.distributed.broadcast_object_list(box, src=0)
+            value = box[0]
+        return value
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce `tensor` over all ranks in place (a no-op in a single process)."""
         if self.active:

@@ -10,7 +10,6 @@ pointers, and events for a progress display. The host syncs with the device only
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -38,11 +37,20 @@ from gptcli.errors import GptcliError, Interrupted
 from gptcli.events import CheckpointSaved, EvalDone, EventSink, Notice, StepLogged
 from gptcli.model import IGNORE_INDEX
 from gptcli.optim import build_optimizer, lr_at
+from gptcli.parallel import (
+    full_optimizer_state,
+    full_state_dict,
+    gathered,
+    gradient_sync,
+    load_optimizer_state,
+    shard,
+    wrap_for_steps,
+)
+from gptcli.runlog import RunLog, require_tensorboard, trim_metrics
 from gptcli.runtime import Distributed, Precision, peak_flops, resolve_precision, should_compile
 from gptcli.signals import StopRequest
 from gptcli.tokenizer import Tokenizer
 
-METRICS_FILE = "metrics.jsonl"
 # A batch is the keyword arguments of the model's forward: at least `idx` (B, T) and
 # `targets` (IGNORE_INDEX where no loss is taken); the forward returns the summed loss.
 Batch = dict[str, torch.Tensor]
@@ -68,12 +76,13 @@ class LoopSetup:
     precision: Precision
     device: torch.device
     run_dir: Path
-    save: Callable[[TrainerState], Path]  # writes a checkpoint, returns its directory
+    save: Callable[[TrainerState, dict], Path]  # writes a checkpoint (state, full weights)
     point_to: Callable[[str, Path], None]  # point `latest` / `best` at a checkpoint
     flops_per_token: float
     peak_flops: float
     compile: bool = False
     dist: Distributed = Distributed()
+    task: str = "pretrain"  # pretrain | classify | lm | instruct: for run.json
     patience: int = 0  # stop after this many evaluations without improvement; 0 never stops
     eval_at_start: bool = False  # evaluate before the first step (finetuning: "before" numbers)
 
@@ -85,10 +94,17 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
     """What pretrain and finetune both do between building the model and training it: the
     optimizer (restored when resuming), the precision, the run directory (an old run is
     cleared only now, once every input has been validated), and how to save checkpoints."""
+    precision = resolve_precision(cfg.precision, device, cpu_step_timer(model, data))
+    precision = Precision(dist.from_main(precision.name), precision.device_type)  # timed per rank
+    state.extra["precision"] = precision.name  # what `gptcli eval` repeats the validation in
+    if cfg.tensorboard:
+        require_tensorboard()
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if dist.active and cfg.parallel == "fsdp":
+        shard(model, precision)  # before the optimizer: it must hold the sharded parameters
     optimizer = build_optimizer(model, cfg, device)
     if state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
-    precision = resolve_precision(cfg.precision, device, cpu_step_timer(model, data))
+        load_optimizer_state(optimizer, state.optimizer)
     dist.barrier()  # every rank has checked the run directory before rank 0 changes it
     if dist.is_main:
         if clear_run_dir:
@@ -99,8 +115,8 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
             trim_metrics(run_dir, state.step)
     return LoopSetup(
         cfg=cfg, optimizer=optimizer, precision=precision, device=device, run_dir=run_dir,
-        save=lambda s: save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model,
-                                       tokenizer, config_yaml, s),
+        save=lambda s, weights: save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model,
+                                                tokenizer, config_yaml, s, weights=weights),
         point_to=lambda name, path: write_pointer(run_dir, name, path),
         flops_per_token=model.flops_per_token(), peak_flops=peak_flops(device, precision),
         compile=should_compile(cfg.compile, device), dist=dist, **options,
@@ -179,55 +195,65 @@ def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
     return best is None or (value > best if higher_is_better else value < best)
 
 
-def trim_metrics(run_dir: Path, keep_through_step: int) -> None:
-    """Drop metrics logged after `keep_through_step` (a resumed run logs them again)."""
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _append_metrics(setup: LoopSetup, record: dict) -> None:
-    """Add one record to metrics.jsonl; only rank 0 writes."""
-    if not setup.dist.is_main:
-        return
-    with open(setup.run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerState,
                on_event: EventSink) -> TrainerState:
     """Train `model` from `state.step` to `setup.cfg.max_steps`; returns the final state.
 
     `model` is the plain module (saved as is); a compiled wrapper is used for the steps
     when `setup.compile` is set, falling back to eager if compilation fails. A SIGINT or
-    SIGTERM finishes the current step, saves, and raises `Interrupted`.
+    SIGTERM finishes the current step, saves, and raises `Interrupted`. run.json records
+    how the session ended; a finished run also gets loss.png when matplotlib is installed.
     """
+    log = RunLog(setup.run_dir, enabled=setup.dist.is_main, tensorboard=setup.cfg.tensorboard, facts={
+        "task": setup.task, "parameters": model.num_params(), "max_steps": setup.cfg.max_steps,
+        "metric": data.metric, "higher_is_better": data.higher_is_better})
+    try:
+        state = _train(model, data, setup, state, on_event, log)
+    except Interrupted:
+        log.close("interrupted")
+        raise
+    except BaseException as exc:
+        log.close("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    log.close("finished")
+    if setup.dist.is_main:
+        _plot_run(setup.run_dir, on_event)
+    return state
+
+
+def _plot_run(run_dir: Path, on_event: EventSink) -> None:
+    """loss.png in the run directory, when the optional matplotlib is installed."""
+    from gptcli.plot import LOSS_PNG, plot_runs
+
+    try:
+        plot_runs([run_dir], run_dir / LOSS_PNG)
+    except GptcliError:
+        pass  # matplotlib is not installed: `gptcli plot` says how to get it
+    except Exception as exc:  # a plot must never fail a finished run
+        on_event(Notice(f"could not draw {LOSS_PNG}: {type(exc).__name__}: {exc}"))
+
+
+def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerState,
+           on_event: EventSink, log: RunLog) -> TrainerState:
     cfg, opt, precision = setup.cfg, setup.optimizer, setup.precision
     scaler = torch.amp.GradScaler(setup.device.type, enabled=precision.needs_grad_scaler)
     if state.scaler:
         scaler.load_state_dict(state.scaler)
     dist = setup.dist
-    step_model = model
-    if dist.active:
-        from torch.nn.parallel import DistributedDataParallel
-
-        step_model = DistributedDataParallel(model, device_ids=[setup.device.index]
-                                             if setup.device.type == "cuda" else None)
+    step_model = wrap_for_steps(model, dist, setup.cfg.parallel, setup.device)
     if setup.compile:
         step_model = torch.compile(step_model)
     model.train()
     def eval_model() -> nn.Module:
         """Evaluation needs no gradient sync: under DDP the plain module (the same weights on
-        every rank), otherwise whatever trains (compiled, if it compiled)."""
+        every rank; under FSDP the sharded module, which every rank runs on the same data),
+        otherwise whatever trains (compiled, if it compiled)."""
         return model if dist.active else step_model
 
     if setup.eval_at_start and state.step == 0:
         record = {"step": 0, **data.evaluate(eval_model(), precision)}
         state.extra["before"] = record
-        _append_metrics(setup, record)
+        log.append(record)
         on_event(EvalDone({**record, "best": False, "metric": data.metric}))
     interval_start, interval_tokens = time.perf_counter(), 0
     bad_steps = 0  # consecutive steps with a non-finite loss or gradient
@@ -283,16 +309,16 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
                 }
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
-                _append_metrics(setup, record)
+                log.append(record)
                 on_event(StepLogged(record))
                 interval_start, interval_tokens = time.perf_counter(), 0
 
             paused_at = time.perf_counter()
             new_best = stop_early = False
             if done % cfg.eval_every == 0 or last:
-                new_best, stop_early = _evaluate(eval_model(), data, setup, state, done, on_event)
+                new_best, stop_early = _evaluate(eval_model(), data, setup, state, done, on_event, log)
             if done % cfg.save_every == 0 or last or new_best or stop_early or stop_now:
-                path = _save(state, done, setup, opt, scaler, new_best, on_event)
+                path = _save(model, state, done, setup, opt, scaler, new_best, on_event)
                 if stop_now:
                     raise Interrupted(stop.signum or signal.SIGTERM, done, str(path))
             interval_start += time.perf_counter() - paused_at  # keep eval and saving out of tokens/s
@@ -307,7 +333,7 @@ def _clip(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradSc
     if max_norm <= 0:
         return None
     scaler.unscale_(opt)
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return gathered(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 
 
 def _agree(loss: torch.Tensor, grad_norm: torch.Tensor | None, stop_requested: bool,
@@ -332,7 +358,7 @@ def _oom_advice(cfg: TrainConfig) -> str:
 
 
 def _evaluate(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerState,
-              done: int, on_event: EventSink) -> tuple[bool, bool]:
+              done: int, on_event: EventSink, log: RunLog) -> tuple[bool, bool]:
     """Evaluate, update the best metric and patience; return (new best, stop early)."""
     metrics = data.evaluate(model, setup.precision)  # every rank, same data: same verdict
     new_best = is_better(metrics[data.metric], state.best_metric, data.higher_is_better)
@@ -340,8 +366,10 @@ def _evaluate(model: nn.Module, data: TrainData, setup: LoopSetup, state: Traine
         state.best_metric = metrics[data.metric]
     state.evals_since_best = 0 if new_best else state.evals_since_best + 1
     stop_early = 0 < setup.patience <= state.evals_since_best
-    record = {"step": done, **metrics, f"best_{data.metric}": state.best_metric}
-    _append_metrics(setup, record)
+    record = {"step": done, "tokens_seen": state.tokens_seen, **metrics,
+              f"best_{data.metric}": state.best_metric}
+    state.extra["last_eval"] = record  # saved with the checkpoint: `gptcli info` shows it
+    log.append(record)
     on_event(EvalDone({**record, "best": new_best, "metric": data.metric}))
     if stop_early:
         on_event(Notice(f"early stop: {data.metric} has not improved for "
@@ -349,12 +377,15 @@ def _evaluate(model: nn.Module, data: TrainData, setup: LoopSetup, state: Traine
     return new_best, stop_early
 
 
-def _save(state: TrainerState, done: int, setup: LoopSetup, opt: torch.optim.Optimizer,
-          scaler: torch.amp.GradScaler, new_best: bool, on_event: EventSink) -> Path:
+def _save(model: nn.Module, state: TrainerState, done: int, setup: LoopSetup,
+          opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, new_best: bool,
+          on_event: EventSink) -> Path:
     """Checkpoint after step `done`, move the pointers, prune; a failed write is a clear
-    error that leaves the previous checkpoint in place."""
+    error that leaves the previous checkpoint in place. Every rank gathers the full
+    weights and optimizer state (shards, under fsdp); rank 0 writes them."""
+    weights = full_state_dict(model)
     state.step = done
-    state.optimizer = opt.state_dict()
+    state.optimizer = full_optimizer_state(opt)
     state.scaler = scaler.state_dict() if scaler.is_enabled() else None
     state.rng = rng_state(setup.device)
     path = setup.run_dir / CHECKPOINTS / step_name(done)
@@ -362,7 +393,7 @@ def _save(state: TrainerState, done: int, setup: LoopSetup, opt: torch.optim.Opt
         setup.dist.barrier()
         return path
     try:
-        path = setup.save(state)
+        path = setup.save(state, weights)
         setup.point_to("latest", path)
         if new_best:
             setup.point_to("best", path)
@@ -385,13 +416,14 @@ def _forward_backward(model: nn.Module, batches: list[Batch], precision: Precisi
     global mean). Each micro-batch's summed loss is divided by the target count of the
     whole step on all ranks, so every target weighs the same however the step is split
     (instruct data: response tokens; classify: examples). DDP averages gradients over
-    ranks, hence the factor world_size; it syncs them only on the last micro-batch."""
+    ranks (so does FSDP's reduce-scatter), hence the factor world_size; they sync only on
+    the last micro-batch."""
     total_targets = sum((b["targets"] != IGNORE_INDEX).sum() for b in batches)
     total_targets = dist.all_reduce(total_targets.clone())
     total_loss = torch.zeros((), device=batches[0]["idx"].device)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        with contextlib.nullcontext() if last or not dist.active else model.no_sync():
+        with gradient_sync(model, enabled=last):
             with precision.autocast():
                 loss = model(**batch) / total_targets
             scaler.scale(loss * dist.world_size).backward()

@@ -1,0 +1,117 @@
+"""`gptcli info`: what a checkpoint holds, read from its files without building the model:
+shape, parameter count, tokenizer, origin, training progress, metrics at save time, file
+sizes, and whether every file still matches its checksum."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+from safetensors import safe_open
+
+from gptcli.checkpoint import (
+    CONFIG_YAML,
+    LATEST,
+    MANIFEST,
+    TRAINER_JSON,
+    WEIGHTS,
+    read_metadata,
+    read_model_config,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
+from gptcli.errors import GptcliError
+from gptcli.runlog import read_metrics
+
+_MERGED_SUFFIX = "-merged"  # finetune.py names merged LoRA copies step-NNNNNN-merged
+
+
+def checkpoint_info(path: str | Path) -> dict:
+    """A JSON-ready description of the checkpoint at `path` (a run directory: its latest)."""
+    source = Path(path)
+    checkpoint = resolve_checkpoint(source, prefer=LATEST)
+    metadata = read_metadata(checkpoint)
+    cfg = read_model_config(checkpoint)
+    parameters, adapter_parameters = _count_parameters(checkpoint / WEIGHTS)
+    info = {
+        "checkpoint": str(checkpoint),
+        "kind": _kind(source, checkpoint, metadata),
+        "model": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                               "vocab_size", "bias", "dropout")},
+        "parameters": parameters,
+        "tokenizer": json.loads(metadata["tokenizer"]).get("name", "?"),
+    }
+    if "labels" in metadata:
+        info["labels"] = json.loads(metadata["labels"])
+    if adapter_parameters:
+        info["lora"] = {**json.loads(metadata["lora"]), "adapter_parameters": adapter_parameters}
+    info.update(_training(checkpoint))
+    info["files"] = {str(p.relative_to(checkpoint)): p.stat().st_size
+                     for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+    try:
+        verify_checkpoint(checkpoint)
+        info["checksums"] = f"ok ({len(info['files']) - 1} files match {MANIFEST})"
+    except GptcliError as exc:
+        info["checksums"] = f"FAILED: {exc}"
+    return info
+
+
+def _count_parameters(weights: Path) -> tuple[int, int]:
+    """(all stored parameters, LoRA adapter parameters), from the safetensors header."""
+    total = adapters = 0
+    with safe_open(str(weights), framework="pt") as f:
+        for name in f.keys():
+            count = math.prod(f.get_slice(name).get_shape())
+            total += count
+            if ".lora_" in name:
+                adapters += count
+    return total, adapters
+
+
+def _kind(source: Path, checkpoint: Path, metadata: dict) -> str:
+    """pretrain / finetune TASK / imported from Hugging Face, and how LoRA stands."""
+    config_text = (checkpoint / CONFIG_YAML).read_text() if (checkpoint / CONFIG_YAML).is_file() else ""
+    if config_text.startswith("# imported from Hugging Face"):
+        kind = f"imported from Hugging Face ({config_text.split('directory', 1)[-1].strip()})"
+    else:
+        config = yaml.safe_load(config_text) or {}
+        finetune = config.get("finetune") if isinstance(config, dict) else None
+        kind = f"finetune {finetune.get('task', '?')}" if isinstance(finetune, dict) else "pretrain"
+    if "lora" in metadata:
+        kind += ", LoRA adapters (not merged)"
+    elif checkpoint.name.endswith(_MERGED_SUFFIX):
+        kind += ", LoRA adapters merged into the weights"
+    if metadata.get("task") == "classify":
+        kind += ", classifier"
+    return kind
+
+
+def _training(checkpoint: Path) -> dict:
+    """Step, tokens seen, best metric and the last evaluation before this save."""
+    path = checkpoint / TRAINER_JSON
+    if not path.is_file():
+        return {"training": "no trainer state (an export or merged copy: not resumable)"}
+    try:
+        trainer = json.loads(path.read_text())
+    except ValueError:
+        return {"training": f"{path} is unreadable"}
+    extra = trainer.get("extra", {})
+    result = {"step": trainer["step"], "tokens_seen": trainer["tokens_seen"],
+              "best_metric": trainer["best_metric"]}
+    if "precision" in extra:
+        result["precision"] = extra["precision"]
+    evaluation = extra.get("last_eval") or _eval_record_from_run(checkpoint, trainer["step"])
+    if evaluation:
+        result["metrics"] = {k: v for k, v in evaluation.items()
+                             if isinstance(v, (int, float)) and k not in ("step", "tokens_seen")}
+    return result
+
+
+def _eval_record_from_run(checkpoint: Path, step: int) -> dict | None:
+    """For checkpoints written before trainer state kept the last evaluation: the run's
+    metrics.jsonl record of that step, when the checkpoint sits in its run directory."""
+    records = [r for r in read_metrics(checkpoint.parent.parent) if r.get("step") == step and
+               any(k.startswith("val_") for k in r)]
+    return records[-1] if records else None

@@ -1,0 +1,165 @@
+"""`gptcli eval` of a language model: loss, perplexity and bits per byte.
+
+Two modes:
+- on any data (`--data`): raw text (files, folders, globs, JSONL, `stdlib`) encoded with the
+  checkpoint's tokenizer, or a tokenized directory (its splits). Every token after the first
+  is scored once: consecutive windows of block_size tokens, each predicting its next
+  tokens, documents joined by the end-of-text id as in training shards.
+- without `--data`, on a pretrain run's checkpoint: the run's own validation, repeated
+  exactly (same data, windows, batch size and precision), so the numbers equal those the
+  training loop logged at that step.
+
+Both compute through the training loop's `lm_evaluate`: loss per target token, bits per
+byte = loss / ln 2 / (UTF-8 bytes per token).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptcli.checkpoint import CONFIG_YAML, TRAINER_JSON, load_model, resolve_checkpoint
+from gptcli.config import RunConfig, load_config
+from gptcli.corpus import expand_inputs, iter_pieces
+from gptcli.data import TokenDataset, prepare_dataset
+from gptcli.errors import GptcliError
+from gptcli.events import EventSink, Progress, ignore
+from gptcli.model import GPT
+from gptcli.runtime import Precision, resolve_device, resolve_precision
+from gptcli.shards import SPLITS, is_tokenized_dir
+from gptcli.tokenizer import Tokenizer
+from gptcli.train import lm_evaluate
+
+SPLIT_CHOICES = ("all", *SPLITS)
+
+
+def evaluate_lm(checkpoint: str | Path | None, inputs: list[str] | None, split: str = "all",
+                batch_size: int = 8, precision: str = "auto", device: str = "auto",
+                jsonl_field: str = "text", on_event: EventSink = ignore) -> tuple[Path, dict]:
+    """Loss, perplexity and bits per byte of a language-model checkpoint; see the module doc.
+    `precision` auto: the precision the run trained in (fp32 for checkpoints without one)."""
+    if split not in SPLIT_CHOICES:
+        raise GptcliError(f"--split: '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
+    if batch_size < 1:
+        raise GptcliError(f"--batch-size: must be at least 1, got {batch_size}")
+    path = resolve_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    model, tokenizer = load_model(path, dev)
+    if type(model) is not GPT:
+        raise GptcliError(f"{path} is a classifier; evaluate it on a labelled file with --data FILE.csv")
+    precision_ = resolve_precision(_trained_precision(path) if precision == "auto" else precision, dev)
+    if inputs:
+        metrics = _evaluate_inputs(model, tokenizer, inputs, split, batch_size, precision_, dev,
+                                   jsonl_field, on_event)
+    else:
+        metrics = _repeat_run_validation(model, path, precision_, dev, on_event)
+    metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))  # exp overflows past ~709
+    metrics["precision"] = precision_.name
+    return path, metrics
+
+
+def _trained_precision(checkpoint: Path) -> str:
+    try:
+        return json.loads((checkpoint / TRAINER_JSON).read_text())["extra"].get("precision", "fp32")
+    except (OSError, ValueError, KeyError):
+        return "fp32"
+
+
+def _repeat_run_validation(model: GPT, checkpoint: Path, precision: Precision, device: torch.device,
+                           on_event: EventSink) -> dict:
+    """The pretraining run's own validation: the same val windows the loop evaluated."""
+    from gptcli.pretrain import PretrainData  # pretrain builds on this package's modules
+
+    try:
+        cfg = load_config(checkpoint / CONFIG_YAML)
+    except GptcliError:
+        cfg = None
+    if not isinstance(cfg, RunConfig) or not cfg.data.inputs:
+        raise GptcliError(f"{checkpoint} is not from a pretraining run, so it has no validation "
+                          f"split of its own; name the text to evaluate with --data")
+    dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event))
+    data = PretrainData(dataset, cfg, device)
+    total = cfg.train.eval_batches
+    batches = ({"idx": x, "targets": y} for x, y in map(data.val.batch, range(total)))
+    metrics = lm_evaluate(model, _counting(batches, total, on_event), precision,
+                          data.val_bytes_per_token)
+    return {"loss": metrics["val_loss"], "bpb": metrics["val_bpb"], "data": f"{dataset.path} (val split, "
+            f"{total} x {cfg.train.batch_size} windows, as in training)"}
+
+
+def _evaluate_inputs(model: GPT, tokenizer: Tokenizer, inputs: list[str], split: str, batch_size: int,
+                     precision: Precision, device: torch.device, jsonl_field: str,
+                     on_event: EventSink) -> dict:
+    if len(inputs) == 1 and is_tokenized_dir(inputs[0]):
+        dataset = TokenDataset.open(inputs[0])
+        if dataset.tokenizer.fingerprint() != tokenizer.fingerprint():
+            raise GptcliError(f"{inputs[0]} was tokenized with {dataset.tokenizer.name}, not the "
+                              f"checkpoint's {tokenizer.name}; pass the raw text instead")
+        names = SPLITS if split == "all" else (split,)
+        streams = [np.asarray(dataset.splits[name]) for name in names]
+        n_bytes = sum(dataset.bytes_per_token[name] * len(dataset.splits[name]) for name in names)
+        described = f"{inputs[0]} ({' + '.join(names)})"
+    else:
+        if split != "all":
+            raise GptcliError("--split picks a split of a tokenized directory; raw text is evaluated whole")
+        stream, n_bytes = encode_inputs(inputs, tokenizer, jsonl_field)
+        streams, described = [stream], " ".join(inputs)
+    block = model.config.block_size
+    total = sum(_window_count(len(s), block, batch_size) for s in streams)
+    if total == 0:
+        raise GptcliError("the data has fewer than 2 tokens: nothing to predict")
+    batches = (batch for s in streams for batch in _windows(s, block, batch_size, device))
+    n_tokens = sum(len(s) for s in streams)
+    metrics = lm_evaluate(model, _counting(batches, total, on_event), precision, n_bytes / n_tokens)
+    return {"loss": metrics["val_loss"], "bpb": metrics["val_bpb"], "data": described,
+            "tokens": n_tokens, "bytes": int(n_bytes)}
+
+
+def encode_inputs(inputs: list[str], tokenizer: Tokenizer, jsonl_field: str = "text") -> tuple[np.ndarray, int]:
+    """All documents of `inputs` as one token stream (end-of-text after each document, as
+    tokenize writes shards) and the number of UTF-8 bytes it encodes."""
+    pieces = list(iter_pieces(expand_inputs(inputs), jsonl_field))
+    encoded = tokenizer.encode_batch([p.text for p in pieces])
+    parts = []
+    for piece, ids in zip(pieces, encoded):
+        parts.append(np.asarray(ids, dtype=np.int64))
+        if piece.document_end:
+            parts.append(np.array([tokenizer.eot_id], dtype=np.int64))
+    return np.concatenate(parts), sum(p.nbytes for p in pieces)
+
+
+def _window_count(n_tokens: int, block: int, batch_size: int) -> int:
+    """Batches `_windows` yields for a stream of `n_tokens`."""
+    targets = max(n_tokens - 1, 0)
+    full, rest = divmod(targets, block)
+    return math.ceil(full / batch_size) + (1 if rest else 0)
+
+
+def _windows(tokens: np.ndarray, block: int, batch_size: int,
+             device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive windows over `tokens`: inputs tokens[s:s+block], targets shifted by one,
+    so each token after the first is a target exactly once. Full windows come in batches of
+    `batch_size`; a shorter last window comes alone."""
+    targets = len(tokens) - 1
+    full = targets // block
+    for first in range(0, full, batch_size):
+        rows = np.stack([tokens[w * block: w * block + block + 1] for w in range(first, min(first + batch_size, full))])
+        rows = torch.from_numpy(rows.astype(np.int64)).to(device)
+        yield {"idx": rows[:, :-1], "targets": rows[:, 1:]}
+    if targets % block:
+        rows = torch.from_numpy(tokens[full * block:].astype(np.int64)).to(device)[None]
+        yield {"idx": rows[:, :-1], "targets": rows[:, 1:]}
+
+
+def _counting(batches, total: int, on_event: EventSink):
+    """Pass `batches` through, reporting progress (batches and target tokens) after each."""
+    tokens = 0
+    for done, batch in enumerate(batches, start=1):
+        yield batch
+        tokens += batch["targets"].numel()
+        on_event(Progress("evaluating", done, total, tokens))

@@ -1,0 +1,106 @@
+"""`gptcli plot`: loss curves of one or more runs in one PNG (matplotlib, an optional extra).
+
+Panels, each shared by all runs (one colour per run):
+- loss: training loss (solid) and validation loss (dashed, dots at evaluations);
+- val bpb: bits per byte, when any run is a language model;
+- val accuracy: when any run is a classifier.
+The x axis is the optimizer step or the tokens seen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gptcli.errors import GptcliError
+from gptcli.runlog import METRICS_FILE, read_metrics
+
+LOSS_PNG = "loss.png"
+X_AXES = {"step": "step", "tokens": "tokens seen"}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise GptcliError("plotting needs matplotlib, an optional extra: pip install 'gptcli[plot]'") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(records: list[dict], key: str, x_axis: str, tokens_at) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of `key` over the records that have it."""
+    rows = [r for r in records if r.get(key) is not None]
+    steps = np.array([r["step"] for r in rows], dtype=float)
+    y = np.array([r[key] for r in rows], dtype=float)
+    return (steps if x_axis == "step" else tokens_at(steps)), y
+
+
+def _tokens_at(records: list[dict]):
+    """Tokens seen as a function of step, interpolated between logged steps (evaluation
+    records of older runs carry no token count)."""
+    known = sorted({(r["step"], r["tokens_seen"]) for r in records if "tokens_seen" in r} | {(0, 0)})
+    steps, tokens = (np.array(v, dtype=float) for v in zip(*known))
+    return lambda at: np.interp(at, steps, tokens)
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
+              log_scale: bool = False) -> Path:
+    """Draw the runs' curves into the PNG `out` (written atomically); return its path."""
+    if x_axis not in X_AXES:
+        raise GptcliError(f"--x: '{x_axis}' is not one of {', '.join(X_AXES)}")
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise GptcliError(f"--out: {out} should end in .png")
+    runs = {}
+    for run_dir in map(Path, run_dirs):
+        records = read_metrics(run_dir)
+        if not records:
+            raise GptcliError(f"{run_dir} has no {METRICS_FILE} with any records; name a run "
+                              f"directory that has trained at least one logged step")
+        runs[run_dir] = records
+    panels = [("loss", "loss (nats per token)")]
+    if any("val_bpb" in r for records in runs.values() for r in records):
+        panels.append(("val_bpb", "val bits per byte"))
+    if any("val_accuracy" in r for records in runs.values() for r in records):
+        panels.append(("val_accuracy", "val accuracy"))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    names = _short_names(list(runs))
+    for color, (run_dir, records) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10, runs.items()):
+        tokens_at = _tokens_at(records)
+        name = names[run_dir]
+        for ax, (key, _) in zip(axes[0], panels):
+            if key == "loss":
+                ax.plot(*_series(records, "loss", x_axis, tokens_at), color=color, lw=1.2, label=f"{name} train")
+                ax.plot(*_series(records, "val_loss", x_axis, tokens_at), color=color, lw=1.2, ls="--",
+                        marker="o", ms=3, label=f"{name} val")
+            else:
+                ax.plot(*_series(records, key, x_axis, tokens_at), color=color, lw=1.2, marker="o", ms=3,
+                        label=name)
+    for ax, (key, title) in zip(axes[0], panels):
+        ax.set_title(title)
+        ax.set_xlabel(X_AXES[x_axis])
+        ax.grid(alpha=0.3)
+        if log_scale and key != "val_accuracy":
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _short_names(run_dirs: list[Path]) -> dict[Path, str]:
+    """Legend names: each run's folder name, or its path when two names clash."""
+    names = [d.name or str(d) for d in run_dirs]
+    return {d: (n if names.count(n) == 1 else str(d)) for d, n in zip(run_dirs, names)}
