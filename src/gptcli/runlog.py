@@ -28,8 +28,10 @@ STATUSES = ("running", "finished", "interrupted", "failed")
 
 def require_tensorboard() -> None:
     """Fail early (before a run directory is touched) when TensorBoard is asked for but absent."""
+    import importlib
+
     try:
-        import torch.utils.tensorboard  # noqa: F401  (imports the tensorboard package)
+        importlib.import_module("torch.utils.tensorboard")  # imports the tensorboard package
     except ImportError:
         raise GptcliError("train.tensorboard: the tensorboard package is not installed; "
                           "pip install 'gptcli[tensorboard]' or set train.tensorboard=false") from None

@@ -10,7 +10,6 @@ pointers, and events for a progress display. The host syncs with the device only
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import signal
@@ -299,13 +298,18 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
             last = done == cfg.max_steps
             if done % cfg.log_every == 0 or last:
                 elapsed = time.perf_counter() - interval_start
+                achieved = setup.flops_per_token * interval_tokens / elapsed
+                if achieved > setup.peak_flops and setup.device.type != "cuda":
+                    # The start-up measurement of a CPU's peak ran while the host was busy:
+                    # measure again, so MFU stays a fraction of the best seen.
+                    setup.peak_flops = max(achieved, peak_flops(setup.device, precision))
                 record = {
                     "step": done,
                     "loss": dist.all_reduce(loss.detach().clone()).item(),  # the mean over all ranks
                     "lr": lr,
                     "tokens_seen": state.tokens_seen,
                     "tokens_per_sec": interval_tokens / elapsed,
-                    "mfu": setup.flops_per_token * interval_tokens / elapsed / setup.peak_flops,
+                    "mfu": achieved / setup.peak_flops,
                 }
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
