@@ -1,16 +1,19 @@
 """Sampling throughput: gptcli's KV-cached generation versus transformers' `generate`.
 
-    python benchmarks/bench_sample.py [--shapes mid] [--tokens 256] [--write]
+    python benchmarks/bench_sample.py [--shapes mid] [--precisions fp32 bf16] [--tokens 256] [--write]
 
 The same weights (a random GPT-2-shaped model made in transformers and imported), the same
 prompt, 256 new tokens, batch 1 and batch 8, greedy and top-k 50; time to first token and
 tokens/s after it. transformers is asked for exactly 256 tokens (min_new_tokens), so an
-end-of-text token cannot end its run early. fp32 on the CPU; interleaved repeats.
+end-of-text token cannot end its run early. Both sides hold their weights in the same
+dtype (fp32, or bf16 for both); gptcli's model is prepared as `gptcli sample` prepares it
+(`inference.for_generation`). Interleaved repeats.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -25,6 +28,7 @@ SHAPES = {"mid": (6, 6, 384, 256, 65), "124M": (12, 12, 768, 1024, 50257)}
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=["mid"], choices=sorted(SHAPES))
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true")
@@ -34,6 +38,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     from gptcli.generate import SamplingSettings, generate_tokens
     from gptcli.hf import import_hf_model
+    from gptcli.inference import for_generation
+    from gptcli.runtime import DTYPES
 
     rows = []
     for name in args.shapes:
@@ -41,13 +47,16 @@ def main() -> None:
         torch.manual_seed(0)
         config = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=ctx,
                                          vocab_size=vocab, bos_token_id=0, eos_token_id=0)
-        hf = transformers.GPT2LMHeadModel(config).eval()
+        hf_fp32 = transformers.GPT2LMHeadModel(config).eval()
         with tempfile.TemporaryDirectory() as tmp:
-            hf.save_pretrained(tmp)
-            ours = import_hf_model(tmp)
+            hf_fp32.save_pretrained(tmp)
+            ours_fp32 = import_hf_model(tmp)
         prompt = torch.randint(1, vocab, (8,)).tolist()
         new = min(args.tokens, ctx - len(prompt))
-        for batch in (1, 8):
+        for precision, batch in ((p, b) for p in args.precisions for b in (1, 8)):
+            dtype = DTYPES[precision]
+            hf = copy.deepcopy(hf_fp32).to(dtype)
+            ours = for_generation(copy.deepcopy(ours_fp32), dtype)
             for mode, settings, hf_kwargs in (
                 ("greedy", SamplingSettings(temperature=0), {"do_sample": False}),
                 ("top-k 50", SamplingSettings(temperature=1.0, top_k=50), {"do_sample": True, "top_k": 50}),
@@ -84,18 +93,20 @@ def main() -> None:
                     ttft = statistics.median(v[0] for v in values)
                     total = statistics.median(v[1] for v in values)
                     summary[who] = (ttft, batch * new / total)
-                    rows.append((name, batch, mode, who, ttft * 1000, batch * new / total))
-                rows.append((name, batch, mode, "ratio", None, summary["gptcli"][1] / summary["transformers"][1]))
+                    rows.append((name, precision, batch, mode, who, ttft * 1000, batch * new / total))
+                rows.append((name, precision, batch, mode, "ratio", None,
+                             summary["gptcli"][1] / summary["transformers"][1]))
     lines = [f"### Sampling on CPU ({time.strftime('%Y-%m-%d')})", "", describe_machine(), "",
-             f"`python benchmarks/bench_sample.py --shapes {' '.join(args.shapes)}`: {args.tokens} new tokens "
-             f"after an 8-token prompt, fp32, median of {args.rounds} interleaved rounds.", "",
-             "| shape | batch | sampling | implementation | time to first token | tokens/s |",
-             "|---|---|---|---|---|---|"]
-    for name, batch, mode, who, ttft, tps in rows:
+             f"`python benchmarks/bench_sample.py --shapes {' '.join(args.shapes)} --precisions "
+             f"{' '.join(args.precisions)}`: {args.tokens} new tokens after an 8-token prompt, weights in the "
+             f"precision shown on both sides, median of {args.rounds} interleaved rounds.", "",
+             "| shape | weights | batch | sampling | implementation | time to first token | tokens/s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, precision, batch, mode, who, ttft, tps in rows:
         if who == "ratio":
-            lines.append(f"| {name} | {batch} | {mode} | **gptcli / transformers** | | **{tps:.2f}×** |")
+            lines.append(f"| {name} | {precision} | {batch} | {mode} | **gptcli / transformers** | | **{tps:.2f}×** |")
         else:
-            lines.append(f"| {name} | {batch} | {mode} | {who} | {ttft:.1f} ms | {tps:,.0f} |")
+            lines.append(f"| {name} | {precision} | {batch} | {mode} | {who} | {ttft:.1f} ms | {tps:,.0f} |")
     text = "\n".join(lines) + "\n"
     publish(text, args.write)
 

@@ -41,6 +41,8 @@ def test_pretrain_and_sample_smoke(trained_run, tmp_path, capsys):
     code, out, _ = run_cli(["sample", "-p", "x", "-n", "8", "--greedy", "--json"], capsys)
     code2, out2, _ = run_cli(["sample", "-p", "x", "-n", "8", "--greedy", "--json"], capsys)
     assert out == out2
+    code, out, err = run_cli(["sample", "-p", "x", "-n", "8", "--precision", "bf16", "--json"], capsys)
+    assert code == 0 and len(json.loads(out)["tokens"]) <= 8, err
 
 
 def test_long_prompt_is_cropped_with_notice(trained_run, capsys):
@@ -101,6 +103,8 @@ BAD = [
     (["sample", "-c", "{tmp}/nothing", "--temperature", "-1"], "--temperature must be 0"),
     (["sample", "-c", "{tmp}/nothing", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["sample", "-c", "{tmp}/nothing", "--top-k", "0"], "--top-k must be at least 1"),
+    (["sample", "-c", "{tmp}/nothing", "--precision", "fp64"], "--precision must be auto, fp32, bf16, fp16"),
+    (["sample", "-c", "{ckpt}", "--precision", "fp16"], "--precision: fp16 is for GPUs"),
     (["sample", "-c", "{ckpt}", "-p", "<|endoftext|>"], "contains the special token <|endoftext|>"),
     (["sample", "-c", "{tmp}/notok"], "tokenizer.json is missing"),
     (["sample", "-c", "{ckpt}", "--device", "cuda"], "no CUDA GPU is available"),

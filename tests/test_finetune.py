@@ -87,6 +87,23 @@ def test_lm_task_reports_before_and_after(tmp_path, base_run):
     assert metrics(result.run_dir)[0]["step"] == 0  # the "before" evaluation is recorded
 
 
+def test_sampling_a_lora_checkpoint_equals_sampling_its_merged_copy(tmp_path, base_run):
+    from gptcli.sample import SampleRequest, sample
+
+    domain = tmp_path / "domain"
+    domain.mkdir()
+    for i in range(30):
+        (domain / f"d{i}.txt").write_text(f"SELECT name FROM users WHERE id = {i};\n" * 6)
+    cfg = ft_config(tmp_path, base_run, "lm", lora={"rank": 4, "dropout": 0.0})
+    cfg["data"] = {"inputs": [str(domain)]}
+    cfg["train"]["max_steps"] = 20
+    result = finetune(config_from_dict(cfg, FinetuneRunConfig))
+    request = SampleRequest(prompt="SELECT", max_new_tokens=30, temperature=0.0)
+    adapters = sample(resolve_checkpoint(result.run_dir), request)[1][0]
+    merged = sample(resolve_checkpoint(result.run_dir, prefer="merged"), request)[1][0]
+    assert adapters.tokens == merged.tokens
+
+
 def test_instruct_masks_prompt_tokens():
     tok = WithAddedTokens(BytesTokenizer(), CHAT_TOKENS)
     ids, targets = render(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])

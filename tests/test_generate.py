@@ -82,3 +82,43 @@ def test_sample_text_ends_at_end_of_text():
     assert text.add(ord("a")) == "a"
     text.add(tok.eot_id)
     assert text.stopped and text.add(ord("b")) == "" and text.tokens == [ord("a")]
+
+
+def _model_pair(bias: bool):
+    import copy
+
+    from gptcli.inference import for_generation
+
+    torch.manual_seed(0)
+    plain = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=70, bias=bias)).eval()
+    with torch.no_grad():  # non-zero biases, so a dropped one shows
+        for name, p in plain.named_parameters():
+            if name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return plain, for_generation(copy.deepcopy(plain))
+
+
+def test_generation_layout_computes_the_same_logits_and_tokens():
+    for bias in (True, False):
+        plain, fast = _model_pair(bias)
+        idx = torch.randint(0, 70, (3, 24))
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(idx), plain(idx), rtol=1e-5, atol=1e-5)
+        greedy = SamplingSettings(temperature=0)
+        tokens = [[int(t) for t in generate_tokens(m, [1, 2, 3], 40, greedy)] for m in (plain, fast)]
+        assert tokens[0] == tokens[1]  # 40 steps: past the 24-token context, so the cache rebuild too
+
+
+def test_bf16_generation_follows_the_fp32_model():
+    import copy
+
+    from gptcli.inference import for_generation
+
+    plain, _ = _model_pair(True)
+    half = for_generation(copy.deepcopy(plain), torch.bfloat16)
+    assert half.lm_head.weight_t.dtype == torch.bfloat16 and half.wte.weight.dtype == torch.bfloat16
+    idx = torch.randint(0, 70, (4, 24))
+    with torch.inference_mode():
+        full, low = plain(idx), half(idx).float()
+    assert (full - low).abs().max() < 0.05 * full.abs().max()
+    assert (full.argmax(-1) == low.argmax(-1)).float().mean() > 0.9

@@ -286,6 +286,9 @@ def sample(
     stop: Annotated[Optional[list[str]], typer.Option(help="End a sample at this string (repeatable).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="Weights and compute: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, bf16, fp16.")
+    ] = "auto",
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout.
 
@@ -298,7 +301,8 @@ def sample(
 
     request = SampleRequest(prompt=prompt, max_new_tokens=max_new_tokens,
                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
-                            num_samples=num_samples, seed=seed, stops=stop or [], device=device)
+                            num_samples=num_samples, seed=seed, stops=stop or [], device=device,
+                            precision=precision)
     request.check()  # option errors first, before any checkpoint is looked at
     checkpoint = resolve_checkpoint(checkpoint)  # once: a run dir, an HF dir or the latest run
     if is_classifier(checkpoint):

@@ -30,7 +30,7 @@ from gptcli.data import TokenDataset, prepare_dataset
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Progress, ignore
 from gptcli.model import GPT
-from gptcli.runtime import Precision, resolve_device, resolve_precision
+from gptcli.runtime import DTYPES, Precision, resolve_device, resolve_precision
 from gptcli.shards import SPLITS, is_tokenized_dir
 from gptcli.tokenizer import Tokenizer
 from gptcli.train import lm_evaluate
@@ -47,12 +47,15 @@ def evaluate_lm(checkpoint: str | Path | None, inputs: list[str] | None, split: 
         raise GptcliError(f"--split: '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
     if batch_size < 1:
         raise GptcliError(f"--batch-size: must be at least 1, got {batch_size}")
+    if precision not in ("auto", *DTYPES):
+        raise GptcliError(f"--precision: '{precision}' is not one of auto, {', '.join(DTYPES)}")
     path = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
     model, tokenizer = load_model(path, dev)
     if type(model) is not GPT:
         raise GptcliError(f"{path} is a classifier; evaluate it on a labelled file with --data FILE.csv")
-    precision_ = resolve_precision(_trained_precision(path) if precision == "auto" else precision, dev)
+    precision_ = resolve_precision(_trained_precision(path) if precision == "auto" else precision, dev,
+                                   option="--precision")
     if inputs:
         metrics = _evaluate_inputs(model, tokenizer, inputs, split, batch_size, precision_, dev,
                                    jsonl_field, on_event)

@@ -62,9 +62,11 @@ class Precision:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
 
-def resolve_precision(name: str, device: torch.device, cpu_trial=None) -> Precision:
-    """Turn `train.precision` into a Precision. For `auto` on CPU, `cpu_trial(precision)`
-    (seconds per step) decides between fp32 and bf16 by measurement."""
+def resolve_precision(name: str, device: torch.device, cpu_trial=None,
+                      option: str = "train.precision") -> Precision:
+    """Turn `train.precision` (or the `option` named in errors) into a Precision. For `auto`
+    on CPU, `cpu_trial(precision)` (seconds per step) decides between fp32 and bf16 by
+    measurement; without a trial it is fp32."""
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -76,9 +78,9 @@ def resolve_precision(name: str, device: torch.device, cpu_trial=None) -> Precis
         else:
             name = "fp32"
     if name == "fp16" and device.type == "cpu":
-        raise GptcliError("train.precision: fp16 is for GPUs; use bf16 or fp32 on CPU")
+        raise GptcliError(f"{option}: fp16 is for GPUs; use bf16 or fp32 on CPU")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise GptcliError("train.precision: this GPU has no bf16; use fp16 (with loss scaling) or fp32")
+        raise GptcliError(f"{option}: this GPU has no bf16; use fp16 (with loss scaling) or fp32")
     return Precision(name, device.type)
 
 

@@ -14,7 +14,9 @@ from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.generate import SampleText, SamplingSettings, generate_tokens
 from gptcli.instruct import END, has_chat_template, prompt_ids
-from gptcli.runtime import resolve_device
+from gptcli.inference import for_generation
+from gptcli.lora import merge_lora
+from gptcli.runtime import DTYPES, resolve_device, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class SampleRequest:
     seed: int | None = None
     stops: list[str] = field(default_factory=list)
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 (else fp16) on CUDA, fp32 elsewhere
 
     def check(self) -> None:
         problems = []
@@ -41,6 +44,8 @@ class SampleRequest:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.num_samples < 1:
             problems.append(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.precision not in ("auto", *DTYPES):
+            problems.append(f"--precision must be auto, {', '.join(DTYPES)}, got {self.precision}")
         if problems:
             raise GptcliError("; ".join(problems))
 
@@ -65,6 +70,9 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     model, tokenizer = load_model(path, device)
     if isinstance(model, GPTClassifier):
         raise GptcliError(f"{path} is a classifier; use classify() for it")
+    if model.lora_spec is not None:
+        merge_lora(model)  # one matrix per layer again: the adapters cost nothing per token
+    for_generation(model, resolve_precision(request.precision, device, option="--precision").dtype)
     context = model.config.block_size
     for special in tokenizer.special_tokens:
         if special in request.prompt:
