@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from gptcli.config import RunConfig, apply_overrides, config_from_dict, field_docs, load_config, read_yaml
@@ -140,3 +142,13 @@ def test_readme_config_reference_lists_every_key():
     keys = {key for key, _, _ in field_docs()} | {key for key, _, _ in field_docs(FinetuneRunConfig)}
     missing = sorted(key for key in keys if f"| `{key}` |" not in readme)
     assert not missing, f"README config reference lacks {missing}"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    from gptcli.config import FinetuneRunConfig
+
+    kind = FinetuneRunConfig if path.name.startswith("finetune-") else RunConfig
+    cfg = load_config(path, [], kind)
+    assert cfg.out_dir.startswith("runs/")
