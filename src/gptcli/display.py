@@ -200,8 +200,8 @@ _STATUS_STYLE = {"running": "cyan", "finished": "green", "interrupted": "yellow"
 
 def render_runs(summaries: list, root) -> None:
     """`gptcli runs`: one row per run (a list of runlog.RunSummary)."""
-    table = Table(title=f"{len(summaries)} runs under {root}", title_justify="left")
-    table.add_column("run", overflow="fold")
+    table = Table(title=f"{len(summaries)} run{'s' * (len(summaries) != 1)} under {root}", title_justify="left")
+    table.add_column("run", overflow="fold", min_width=12)
     for column in ("task", "params", "steps", "best", "tokens", "wall", "status"):
         table.add_column(column, justify="left" if column in ("task", "best", "status") else "right",
                          no_wrap=True)
