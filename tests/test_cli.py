@@ -132,6 +132,8 @@ BAD = [
     (["plot", "{tmp}/nothing"], "has no metrics.jsonl"),
     (["plot", "{run}", "--out", "{tmp}/loss.jpg"], "should end in .png"),
     (["plot", "{run}", "--x", "time"], "--x: 'time' is not one of step, tokens"),
+    (["plot", "{run}", "--out", "{tmp}/afile/loss.png"], "--out: cannot write"),
+    (["eval", "-c", "{ckpt}", "--data", "{tmp}/blank.jsonl"], "holds no text to evaluate"),
     (["runs", "{tmp}/good.txt"], "is not a directory"),
     (["info", "{tmp}/nowhere"], "does not exist"),
     (["info", "{tmp}/good.txt"], "neither a checkpoint nor a run directory"),
@@ -197,6 +199,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, lm_ckpt, ar
                                       "tokenizer: bytes}\nmodel: {n_layer: 1, n_head: 2, n_embd: 32, "
                                       "block_size: 16}\ntrain: {device: cpu, precision: fp32}\n")
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
     (tmp_path / "latin1.txt").write_bytes("hello café\n".encode("latin-1") * 20)
     (tmp_path / "blob.bin").write_bytes(bytes(range(256)))
     (tmp_path / "afile").write_text("keep me")

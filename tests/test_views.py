@@ -200,6 +200,9 @@ def test_info_reports_a_corrupted_file(tmp_path, lm_run, capsys):
     assert described["checksums"].startswith("FAILED") and "trainer.safetensors" in described["checksums"]
     code, _, err = run_cli(["info", copy], capsys)
     assert code == 0 and "FAILED" in err
+    (copy / "config.yaml").write_text("train: [unclosed\n")  # not YAML any more
+    described = info_json(copy, capsys)
+    assert described["kind"] == "unknown (config.yaml unreadable)" and described["checksums"].startswith("FAILED")
 
 
 # --- eval of a language model ---------------------------------------------------------------
@@ -236,7 +239,7 @@ def test_eval_on_text_scores_every_token_once(tmp_path, lm_run, capsys):
     got = eval_json(["-c", lm_run, "--data", tmp_path / "eval.txt", "--batch-size", "3"], capsys)
     assert got["tokens"] == len(ids) and got["bytes"] == len(text.encode())
     assert got["loss"] == pytest.approx(expected, rel=1e-5)
-    assert got["bpb"] == pytest.approx(expected / math.log(2) * len(ids) / len(text.encode()), rel=1e-5)
+    assert got["bpb"] == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-5)  # all nats / all bytes
 
 
 def test_eval_on_a_tokenized_split(tmp_path, lm_run, corpus_dir, capsys):

@@ -36,14 +36,20 @@ def replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace the file at `path` with `text` atomically."""
+def write_text(path: Path, text: str, fsync: bool = True) -> None:
+    """Replace the file at `path` with `text` atomically (and durably, with `fsync`). A
+    failed write leaves the old file and no temporary one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

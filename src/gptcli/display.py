@@ -237,7 +237,8 @@ def render_info(d: dict) -> None:
         if "precision" in d:
             table.add_row("precision", d["precision"])
         if d.get("metrics"):
-            table.add_row("metrics", "  ".join(f"{k} {v:.4f}" for k, v in d["metrics"].items()))
+            table.add_row(f"metrics (step {d['metrics_step']:,})",
+                          "  ".join(f"{k} {v:.4f}" for k, v in d["metrics"].items()))
     else:
         table.add_row("training", d["training"])
     table.add_row("files", "  ".join(f"{name} {_count(size)}B" for name, size in d["files"].items()

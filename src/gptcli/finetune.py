@@ -200,7 +200,7 @@ def _adapt(model: GPT, cfg: FinetuneRunConfig) -> None:
 
 def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = False,
              on_event: EventSink = ignore) -> FinetuneResult:
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     f = cfg.finetune
     run_dir = Path(cfg.out_dir)
     checkpoint, must_clear = check_run_dir(run_dir, resume, overwrite)
@@ -233,7 +233,7 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
     setup = prepare_loop(model, data, tokenizer, cfg.train, run_dir, device, state,
                          config_yaml=dump_yaml(cfg), clear_run_dir=must_clear,
                          resuming=checkpoint is not None, task=f.task, patience=f.patience,
-                         eval_at_start=f.task == "lm", dist=dist)
+                         eval_at_start=f.task == "lm", dist=dist, started_at=started_at)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = model.num_params()
     on_event(RunStarted(str(run_dir), {

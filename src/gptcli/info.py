@@ -72,12 +72,17 @@ def _count_parameters(weights: Path) -> tuple[int, int]:
 
 def _kind(source: Path, checkpoint: Path, metadata: dict) -> str:
     """pretrain / finetune TASK / imported from Hugging Face, and how LoRA stands."""
-    config_text = (checkpoint / CONFIG_YAML).read_text() if (checkpoint / CONFIG_YAML).is_file() else ""
+    try:
+        config_text = (checkpoint / CONFIG_YAML).read_text()
+        config = {} if config_text.startswith("#") else yaml.safe_load(config_text) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # a damaged file: the checksums line says which
+        config_text, config = "", None
     if config_text.startswith("# imported from Hugging Face"):
         kind = f"imported from Hugging Face ({config_text.split('directory', 1)[-1].strip()})"
+    elif not isinstance(config, dict):
+        kind = f"unknown ({CONFIG_YAML} unreadable)"
     else:
-        config = yaml.safe_load(config_text) or {}
-        finetune = config.get("finetune") if isinstance(config, dict) else None
+        finetune = config.get("finetune")
         kind = f"finetune {finetune.get('task', '?')}" if isinstance(finetune, dict) else "pretrain"
     if "lora" in metadata:
         kind += ", LoRA adapters (not merged)"
@@ -104,6 +109,7 @@ def _training(checkpoint: Path) -> dict:
         result["precision"] = extra["precision"]
     evaluation = extra.get("last_eval") or _eval_record_from_run(checkpoint, trainer["step"])
     if evaluation:
+        result["metrics_step"] = evaluation["step"]  # the last evaluation may predate this save
         result["metrics"] = {k: v for k, v in evaluation.items()
                              if isinstance(v, (int, float)) and k not in ("step", "tokens_seen")}
     return result

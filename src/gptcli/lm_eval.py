@@ -54,8 +54,8 @@ def evaluate_lm(checkpoint: str | Path | None, inputs: list[str] | None, split: 
     model, tokenizer = load_model(path, dev)
     if type(model) is not GPT:
         raise GptcliError(f"{path} is a classifier; evaluate it on a labelled file with --data FILE.csv")
-    precision_ = resolve_precision(_trained_precision(path) if precision == "auto" else precision, dev,
-                                   option="--precision")
+    precision_ = resolve_precision(_trained_precision(path, dev) if precision == "auto" else precision,
+                                   dev, option="--precision")
     if inputs:
         metrics = _evaluate_inputs(model, tokenizer, inputs, split, batch_size, precision_, dev,
                                    jsonl_field, on_event)
@@ -66,10 +66,12 @@ def evaluate_lm(checkpoint: str | Path | None, inputs: list[str] | None, split: 
     return path, metrics
 
 
-def _trained_precision(checkpoint: Path) -> str:
+def _trained_precision(checkpoint: Path, device: torch.device) -> str:
+    """The precision the run trained in, if this device can run it; else fp32."""
     try:
-        return json.loads((checkpoint / TRAINER_JSON).read_text())["extra"].get("precision", "fp32")
-    except (OSError, ValueError, KeyError):
+        name = json.loads((checkpoint / TRAINER_JSON).read_text())["extra"].get("precision", "fp32")
+        return resolve_precision(name, device).name
+    except (OSError, ValueError, KeyError, GptcliError):
         return "fp32"
 
 
@@ -118,7 +120,9 @@ def _evaluate_inputs(model: GPT, tokenizer: Tokenizer, inputs: list[str], split:
         raise GptcliError("the data has fewer than 2 tokens: nothing to predict")
     batches = (batch for s in streams for batch in _windows(s, block, batch_size, device))
     n_tokens = sum(len(s) for s in streams)
-    metrics = lm_evaluate(model, _counting(batches, total, on_event), precision, n_bytes / n_tokens)
+    n_targets = sum(max(len(s) - 1, 0) for s in streams)  # the first token of a stream is not scored
+    # bits per byte = all nats / ln 2 / all bytes: bytes per *scored* token makes that exact.
+    metrics = lm_evaluate(model, _counting(batches, total, on_event), precision, n_bytes / n_targets)
     return {"loss": metrics["val_loss"], "bpb": metrics["val_bpb"], "data": described,
             "tokens": n_tokens, "bytes": int(n_bytes)}
 
@@ -133,6 +137,8 @@ def encode_inputs(inputs: list[str], tokenizer: Tokenizer, jsonl_field: str = "t
         parts.append(np.asarray(ids, dtype=np.int64))
         if piece.document_end:
             parts.append(np.array([tokenizer.eot_id], dtype=np.int64))
+    if not parts:
+        raise GptcliError(f"--data: {' '.join(inputs)} holds no text to evaluate")
     return np.concatenate(parts), sum(p.nbytes for p in pieces)
 
 
@@ -149,6 +155,8 @@ def _windows(tokens: np.ndarray, block: int, batch_size: int,
     so each token after the first is a target exactly once. Full windows come in batches of
     `batch_size`; a shorter last window comes alone."""
     targets = len(tokens) - 1
+    if targets < 1:
+        return
     full = targets // block
     for first in range(0, full, batch_size):
         rows = np.stack([tokens[w * block: w * block + block + 1] for w in range(first, min(first + batch_size, full))])

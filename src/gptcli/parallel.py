@@ -35,10 +35,14 @@ def gathered(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if _is_dtensor(value) else value
 
 
-def _gathered_to_cpu(value: torch.Tensor) -> torch.Tensor:
+def _gathered_to_cpu(value: torch.Tensor, keep: bool) -> torch.Tensor | None:
     """Gathered tensors go to the CPU one at a time: a checkpoint never holds more than one
-    full tensor on the device beyond the shards."""
-    return value.full_tensor().cpu() if _is_dtensor(value) else value
+    full tensor on the device beyond the shards. Ranks that do not write (`keep` false)
+    take part in the gather and drop the result, so host memory holds one full copy."""
+    if not _is_dtensor(value):
+        return value
+    whole = value.full_tensor()
+    return whole.cpu() if keep else None
 
 
 def shard(model: nn.Module, precision: Precision) -> None:
@@ -88,16 +92,17 @@ def gradient_sync(step_model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with whole tensors (gathered under fsdp; every rank calls)."""
-    return {name: _gathered_to_cpu(value) for name, value in model.state_dict().items()}
+def full_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The model's state dict with whole tensors (gathered under fsdp; every rank calls,
+    only ranks with `keep` get the gathered tensors)."""
+    return {name: _gathered_to_cpu(value, keep) for name, value in model.state_dict().items()}
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict:
     """`optimizer.state_dict()` with whole moment tensors (gathered under fsdp; every rank
-    calls): the single-process layout, whatever the number of processes."""
+    calls, as above): the single-process layout, whatever the number of processes."""
     state = optimizer.state_dict()
-    state["state"] = {index: {slot: _gathered_to_cpu(value) for slot, value in slots.items()}
+    state["state"] = {index: {slot: _gathered_to_cpu(value, keep) for slot, value in slots.items()}
                       for index, slots in state["state"].items()}
     return state
 

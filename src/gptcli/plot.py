@@ -89,14 +89,17 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, dpi=110)
         tmp.replace(out)
+    except OSError as exc:
+        raise GptcliError(f"--out: cannot write {out} ({exc.strerror or exc}); choose a writable path") from None
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file():  # a failed save's leftover
+            tmp.unlink()
     return out
 
 

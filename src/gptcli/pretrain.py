@@ -103,7 +103,7 @@ def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerSta
 
 def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
              on_event: EventSink = ignore) -> PretrainResult:
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     run_dir = Path(cfg.out_dir)
     checkpoint, must_clear = check_run_dir(run_dir, resume, overwrite)
 
@@ -127,7 +127,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     data = PretrainData(dataset, cfg, device, dist)
     setup = prepare_loop(model, data, dataset.tokenizer, cfg.train, run_dir, device, state,
                          config_yaml=dump_yaml(cfg), clear_run_dir=must_clear,
-                         resuming=checkpoint is not None, dist=dist)
+                         resuming=checkpoint is not None, dist=dist, started_at=started_at)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size * cfg.model.block_size
     on_event(RunStarted(str(run_dir), {
         "parameters": f"{model.num_params() / 1e6:.2f}M",

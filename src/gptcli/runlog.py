@@ -66,12 +66,14 @@ def read_run_file(run_dir: str | Path) -> dict:
 
 class RunLog:
     """Rank 0's writer of metrics.jsonl, run.json and TensorBoard scalars; on other ranks
-    (`enabled=False`) every method does nothing."""
+    (`enabled=False`) every method does nothing. run.json is best effort: a full disk must
+    not turn the run's own error (or its success) into a different one."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, facts: dict):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, facts: dict,
+                 started_at: float, first_step: int = 0):
         self.run_dir = run_dir
         self.enabled = enabled
-        self.session_started = time.time()
+        self.session_started = started_at  # the command's start: setup counts as wall time
         self.writer = None
         if not enabled:
             return
@@ -89,20 +91,28 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+            # A resumed run logs the steps after its checkpoint again: drop their old events.
+            self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=first_step + 1)
 
     def _write_run_file(self) -> None:
         now = time.time()
         self.info["updated_at"] = now
         self.info["wall_seconds"] = self.info["wall_seconds_before"] + now - self.session_started
-        write_text(self.run_dir / RUN_FILE, json.dumps(self.info, indent=1) + "\n")
+        try:  # replaced atomically but not fsynced: a status file, rewritten every log step
+            write_text(self.run_dir / RUN_FILE, json.dumps(self.info, indent=1) + "\n", fsync=False)
+        except OSError:
+            pass
 
     def append(self, record: dict) -> None:
         """One metrics record (a logged step or an evaluation); refreshes run.json."""
         if not self.enabled:
             return
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise GptcliError(f"could not append to {self.run_dir / METRICS_FILE} ({exc.strerror or exc}); "
+                              f"free disk space, then continue with --resume") from None
         self.info["step"] = record["step"]
         if "tokens_seen" in record:
             self.info["tokens_seen"] = record["tokens_seen"]

@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -82,6 +82,7 @@ class LoopSetup:
     compile: bool = False
     dist: Distributed = Distributed()
     task: str = "pretrain"  # pretrain | classify | lm | instruct: for run.json
+    started_at: float = field(default_factory=time.time)  # when the command began: wall time
     patience: int = 0  # stop after this many evaluations without improvement; 0 never stops
     eval_at_start: bool = False  # evaluate before the first step (finetuning: "before" numbers)
 
@@ -203,12 +204,13 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
     SIGTERM finishes the current step, saves, and raises `Interrupted`. run.json records
     how the session ended; a finished run also gets loss.png when matplotlib is installed.
     """
-    log = RunLog(setup.run_dir, enabled=setup.dist.is_main, tensorboard=setup.cfg.tensorboard, facts={
-        "task": setup.task, "parameters": model.num_params(), "max_steps": setup.cfg.max_steps,
-        "metric": data.metric, "higher_is_better": data.higher_is_better})
+    log = RunLog(setup.run_dir, enabled=setup.dist.is_main, tensorboard=setup.cfg.tensorboard,
+                 started_at=setup.started_at, first_step=state.step, facts={
+                     "task": setup.task, "parameters": model.num_params(), "max_steps": setup.cfg.max_steps,
+                     "metric": data.metric, "higher_is_better": data.higher_is_better})
     try:
         state = _train(model, data, setup, state, on_event, log)
-    except Interrupted:
+    except (Interrupted, KeyboardInterrupt):  # a checkpointed stop, or a second Ctrl-C
         log.close("interrupted")
         raise
     except BaseException as exc:
@@ -222,14 +224,16 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
 
 def _plot_run(run_dir: Path, on_event: EventSink) -> None:
     """loss.png in the run directory, when the optional matplotlib is installed."""
+    import importlib.util
+
     from gptcli.plot import LOSS_PNG, plot_runs
 
+    if importlib.util.find_spec("matplotlib") is None:
+        return  # `gptcli plot` says how to install it
     try:
         plot_runs([run_dir], run_dir / LOSS_PNG)
-    except GptcliError:
-        pass  # matplotlib is not installed: `gptcli plot` says how to get it
     except Exception as exc:  # a plot must never fail a finished run
-        on_event(Notice(f"could not draw {LOSS_PNG}: {type(exc).__name__}: {exc}"))
+        on_event(Notice(f"could not draw {LOSS_PNG}: {exc}"))
 
 
 def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerState,
@@ -256,6 +260,7 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
         on_event(EvalDone({**record, "best": False, "metric": data.metric}))
     interval_start, interval_tokens = time.perf_counter(), 0
     bad_steps = 0  # consecutive steps with a non-finite loss or gradient
+    peak_remeasured = False
     with StopRequest() as stop:
         for step in range(state.step, cfg.max_steps):
             lr = lr_at(step, cfg)
@@ -298,11 +303,12 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
             last = done == cfg.max_steps
             if done % cfg.log_every == 0 or last:
                 elapsed = time.perf_counter() - interval_start
-                achieved = setup.flops_per_token * interval_tokens / elapsed
-                if achieved > setup.peak_flops and setup.device.type != "cuda":
+                achieved = setup.flops_per_token * interval_tokens / elapsed / dist.world_size  # per device
+                if achieved > setup.peak_flops and setup.device.type != "cuda" and not peak_remeasured:
                     # The start-up measurement of a CPU's peak ran while the host was busy:
-                    # measure again, so MFU stays a fraction of the best seen.
+                    # measure once more, so MFU stays a fraction of the best seen.
                     setup.peak_flops = max(achieved, peak_flops(setup.device, precision))
+                    peak_remeasured = True
                 record = {
                     "step": done,
                     "loss": dist.all_reduce(loss.detach().clone()).item(),  # the mean over all ranks
@@ -385,30 +391,34 @@ def _save(model: nn.Module, state: TrainerState, done: int, setup: LoopSetup,
           opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, new_best: bool,
           on_event: EventSink) -> Path:
     """Checkpoint after step `done`, move the pointers, prune; a failed write is a clear
-    error that leaves the previous checkpoint in place. Every rank gathers the full
-    weights and optimizer state (shards, under fsdp); rank 0 writes them."""
-    weights = full_state_dict(model)
+    error that leaves the previous checkpoint in place. Every rank takes part in gathering
+    the full weights and optimizer state (shards, under fsdp); rank 0 writes them, and all
+    ranks learn whether it could (a failed write stops every rank, none waits forever)."""
+    dist = setup.dist
+    weights = full_state_dict(model, keep=dist.is_main)
     state.step = done
-    state.optimizer = full_optimizer_state(opt)
+    state.optimizer = full_optimizer_state(opt, keep=dist.is_main)
     state.scaler = scaler.state_dict() if scaler.is_enabled() else None
     state.rng = rng_state(setup.device)
     path = setup.run_dir / CHECKPOINTS / step_name(done)
-    if not setup.dist.is_main:  # rank 0 writes; the others wait until it has
-        setup.dist.barrier()
-        return path
-    try:
-        path = setup.save(state, weights)
-        setup.point_to("latest", path)
-        if new_best:
-            setup.point_to("best", path)
-    except OSError as exc:
+    problem = None
+    if dist.is_main:
+        try:
+            path = setup.save(state, weights)
+            setup.point_to("latest", path)
+            if new_best:
+                setup.point_to("best", path)
+            if setup.cfg.keep_last:
+                prune_checkpoints(setup.run_dir, setup.cfg.keep_last)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    state.optimizer = None  # a full copy in host memory until the next save would be waste
+    problem = dist.from_main(problem)
+    if problem is not None:
         raise GptcliError(
-            f"could not save the checkpoint of step {done} in {setup.run_dir} ({exc.strerror or exc}); "
+            f"could not save the checkpoint of step {done} in {setup.run_dir} ({problem}); "
             f"free disk space or make the directory writable, then continue with --resume "
-            f"(the previous checkpoint is intact)") from None
-    if setup.cfg.keep_last:
-        prune_checkpoints(setup.run_dir, setup.cfg.keep_last)
-    setup.dist.barrier()
+            f"(the previous checkpoint is intact)")
     on_event(CheckpointSaved(str(path), done, best=new_best))
     return path
 
