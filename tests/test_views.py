@@ -221,6 +221,13 @@ def test_eval_repeats_the_runs_validation_exactly(tmp_path, lm_run, capsys):
     assert got["perplexity"] == pytest.approx(math.exp(logged["val_loss"]), rel=1e-6)
 
 
+def test_eval_refuses_to_repeat_a_validation_whose_data_changed(lm_run, corpus_dir, capsys):
+    for path in corpus_dir.rglob("*.py"):
+        path.write_text(path.read_text() + "# edited after training\n")
+    code, out, err = run_cli(["eval", "-c", lm_run], capsys)
+    assert code == 2 and "is not what it was during training" in err and out == ""
+
+
 def test_eval_on_text_scores_every_token_once(tmp_path, lm_run, capsys):
     """Against a direct computation: one forward over each block_size window by hand."""
     from gptcli.checkpoint import load_model, resolve_checkpoint

@@ -106,6 +106,7 @@ class TokenDataset:
     tokenizer: Tokenizer
     splits: dict[str, np.memmap]
     bytes_per_token: dict[str, float]
+    val_sha256: str  # of the val split's token file, from meta.json
 
     @classmethod
     def open(cls, path: str | Path) -> TokenDataset:
@@ -119,7 +120,7 @@ class TokenDataset:
             _check_shard(file, info["tokens"] * np.dtype(meta["dtype"]).itemsize, info["sha256"])
             splits[split] = np.memmap(file, dtype=meta["dtype"], mode="r")
             bytes_per_token[split] = info["bytes"] / max(info["tokens"], 1)
-        return cls(path, tokenizer, splits, bytes_per_token)
+        return cls(path, tokenizer, splits, bytes_per_token, meta["splits"]["val"]["sha256"])
 
     def check_context(self, block_size: int) -> None:
         for split, tokens in self.splits.items():

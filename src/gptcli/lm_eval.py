@@ -66,12 +66,19 @@ def evaluate_lm(checkpoint: str | Path | None, inputs: list[str] | None, split: 
     return path, metrics
 
 
+def _trainer_extra(checkpoint: Path) -> dict:
+    """The free-form part of a checkpoint's trainer state ({} without one)."""
+    try:
+        return json.loads((checkpoint / TRAINER_JSON).read_text()).get("extra", {})
+    except (OSError, ValueError):
+        return {}
+
+
 def _trained_precision(checkpoint: Path, device: torch.device) -> str:
     """The precision the run trained in, if this device can run it; else fp32."""
     try:
-        name = json.loads((checkpoint / TRAINER_JSON).read_text())["extra"].get("precision", "fp32")
-        return resolve_precision(name, device).name
-    except (OSError, ValueError, KeyError, GptcliError):
+        return resolve_precision(_trainer_extra(checkpoint).get("precision", "fp32"), device).name
+    except GptcliError:
         return "fp32"
 
 
@@ -88,6 +95,11 @@ def _repeat_run_validation(model: GPT, checkpoint: Path, precision: Precision, d
         raise GptcliError(f"{checkpoint} is not from a pretraining run, so it has no validation "
                           f"split of its own; name the text to evaluate with --data")
     dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event))
+    trained_on = _trainer_extra(checkpoint).get("val_sha256")
+    if trained_on is not None and trained_on != dataset.val_sha256:
+        raise GptcliError(f"the run's data ({', '.join(cfg.data.inputs)}) is not what it was during "
+                          f"training (its validation split differs), so its validation cannot be "
+                          f"repeated; evaluate the text you want with --data")
     data = PretrainData(dataset, cfg, device)
     total = cfg.train.eval_batches
     batches = ({"idx": x, "targets": y} for x, y in map(data.val.batch, range(total)))

@@ -124,6 +124,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         state = load_trainer_state(checkpoint)
         _check_resume_compatible(cfg, checkpoint, state, dataset.tokenizer, dist.world_size, on_event)
         load_weights(model, checkpoint, device)
+    state.extra["val_sha256"] = dataset.val_sha256  # lets `gptcli eval` check it repeats this validation
     data = PretrainData(dataset, cfg, device, dist)
     setup = prepare_loop(model, data, dataset.tokenizer, cfg.train, run_dir, device, state,
                          config_yaml=dump_yaml(cfg), clear_run_dir=must_clear,
