@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,13 +37,16 @@ def replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def write_text(path: Path, text: str, fsync: bool = True) -> None:
-    """Replace the file at `path` with `text` atomically (and durably, with `fsync`). A
-    failed write leaves the old file and no temporary one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Replace the file at `path` with `data` atomically (and durably, with `fsync`): via a
+    temporary sibling with a unique name, renamed into place. A failed write leaves the old
+    file and no temporary one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # O_EXCL: never clobber another file; mode 0o666 lets the umask decide permissions.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
@@ -50,6 +54,11 @@ def write_text(path: Path, text: str, fsync: bool = True) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str, fsync: bool = True) -> None:
+    """`write_bytes` of `text` as UTF-8."""
+    write_bytes(path, text.encode("utf-8"), fsync)
 
 
 @contextlib.contextmanager

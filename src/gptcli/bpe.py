@@ -23,12 +23,13 @@ from __future__ import annotations
 import base64
 import heapq
 import os
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import regex
+
+from gptcli.atomic import write_bytes
 
 __all__ = ["GPT2_PATTERN", "train_bpe", "write_tiktoken_file"]
 
@@ -91,7 +92,7 @@ def write_tiktoken_file(ranks: dict[bytes, int], path: str | os.PathLike) -> Non
         f"{base64.b64encode(token).decode('ascii')} {rank}\n"
         for token, rank in sorted(ranks.items(), key=lambda item: item[1])
     )
-    _write_atomically(Path(path), "".join(lines).encode("ascii"))
+    write_bytes(Path(path), "".join(lines).encode("ascii"))
 
 
 def _count_chunks(texts: Iterable[str], pattern: str) -> Counter[bytes]:
@@ -234,19 +235,3 @@ def _replace_pair(word: list[int], pair: Pair, new_id: int) -> list[int]:
             merged.append(word[i])
             i += 1
     return merged
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file in the same directory."""
-    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    # O_EXCL: never clobber another file; mode 0o666 lets the umask decide permissions.
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as tmp_file:
-            tmp_file.write(data)
-            tmp_file.flush()
-            os.fsync(tmp_file.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise

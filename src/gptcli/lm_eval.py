@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +53,14 @@ def evaluate_lm(checkpoint: str | Path | None, inputs: list[str] | None, split: 
     model, tokenizer = load_model(path, dev)
     if type(model) is not GPT:
         raise GptcliError(f"{path} is a classifier; evaluate it on a labelled file with --data FILE.csv")
-    precision_ = resolve_precision(_trained_precision(path, dev) if precision == "auto" else precision,
+    trained = _trainer_extra(path)  # the precision and validation data of the run, when known
+    precision_ = resolve_precision(_trained_precision(trained, dev) if precision == "auto" else precision,
                                    dev, option="--precision")
     if inputs:
         metrics = _evaluate_inputs(model, tokenizer, inputs, split, batch_size, precision_, dev,
                                    jsonl_field, on_event)
     else:
-        metrics = _repeat_run_validation(model, path, precision_, dev, on_event)
+        metrics = _repeat_run_validation(model, path, trained, precision_, dev, on_event)
     metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))  # exp overflows past ~709
     metrics["precision"] = precision_.name
     return path, metrics
@@ -74,16 +74,16 @@ def _trainer_extra(checkpoint: Path) -> dict:
         return {}
 
 
-def _trained_precision(checkpoint: Path, device: torch.device) -> str:
+def _trained_precision(trained: dict, device: torch.device) -> str:
     """The precision the run trained in, if this device can run it; else fp32."""
     try:
-        return resolve_precision(_trainer_extra(checkpoint).get("precision", "fp32"), device).name
+        return resolve_precision(trained.get("precision", "fp32"), device).name
     except GptcliError:
         return "fp32"
 
 
-def _repeat_run_validation(model: GPT, checkpoint: Path, precision: Precision, device: torch.device,
-                           on_event: EventSink) -> dict:
+def _repeat_run_validation(model: GPT, checkpoint: Path, trained: dict, precision: Precision,
+                           device: torch.device, on_event: EventSink) -> dict:
     """The pretraining run's own validation: the same val windows the loop evaluated."""
     from gptcli.pretrain import PretrainData  # pretrain builds on this package's modules
 
@@ -95,7 +95,7 @@ def _repeat_run_validation(model: GPT, checkpoint: Path, precision: Precision, d
         raise GptcliError(f"{checkpoint} is not from a pretraining run, so it has no validation "
                           f"split of its own; name the text to evaluate with --data")
     dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event))
-    trained_on = _trainer_extra(checkpoint).get("val_sha256")
+    trained_on = trained.get("val_sha256")
     if trained_on is not None and trained_on != dataset.val_sha256:
         raise GptcliError(f"the run's data ({', '.join(cfg.data.inputs)}) is not what it was during "
                           f"training (its validation split differs), so its validation cannot be "
@@ -127,10 +127,11 @@ def _evaluate_inputs(model: GPT, tokenizer: Tokenizer, inputs: list[str], split:
         stream, n_bytes = encode_inputs(inputs, tokenizer, jsonl_field)
         streams, described = [stream], " ".join(inputs)
     block = model.config.block_size
-    total = sum(_window_count(len(s), block, batch_size) for s in streams)
+    plans = [(s, _window_starts(len(s), block, batch_size)) for s in streams]
+    total = sum(len(groups) for _, groups in plans)
     if total == 0:
         raise GptcliError("the data has fewer than 2 tokens: nothing to predict")
-    batches = (batch for s in streams for batch in _windows(s, block, batch_size, device))
+    batches = (_batch(s, starts, block, device) for s, groups in plans for starts in groups)
     n_tokens = sum(len(s) for s in streams)
     n_targets = sum(max(len(s) - 1, 0) for s in streams)  # the first token of a stream is not scored
     # bits per byte = all nats / ln 2 / all bytes: bytes per *scored* token makes that exact.
@@ -154,29 +155,24 @@ def encode_inputs(inputs: list[str], tokenizer: Tokenizer, jsonl_field: str = "t
     return np.concatenate(parts), sum(p.nbytes for p in pieces)
 
 
-def _window_count(n_tokens: int, block: int, batch_size: int) -> int:
-    """Batches `_windows` yields for a stream of `n_tokens`."""
+def _window_starts(n_tokens: int, block: int, batch_size: int) -> list[list[int]]:
+    """Start offsets of consecutive windows over a stream of `n_tokens`, grouped into
+    batches. A window is tokens[s : s+block+1] (inputs, and targets shifted by one), so
+    each token after the first is a target exactly once. Full windows come `batch_size` to
+    a batch; a shorter last window comes alone."""
     targets = max(n_tokens - 1, 0)
-    full, rest = divmod(targets, block)
-    return math.ceil(full / batch_size) + (1 if rest else 0)
-
-
-def _windows(tokens: np.ndarray, block: int, batch_size: int,
-             device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """Consecutive windows over `tokens`: inputs tokens[s:s+block], targets shifted by one,
-    so each token after the first is a target exactly once. Full windows come in batches of
-    `batch_size`; a shorter last window comes alone."""
-    targets = len(tokens) - 1
-    if targets < 1:
-        return
-    full = targets // block
-    for first in range(0, full, batch_size):
-        rows = np.stack([tokens[w * block: w * block + block + 1] for w in range(first, min(first + batch_size, full))])
-        rows = torch.from_numpy(rows.astype(np.int64)).to(device)
-        yield {"idx": rows[:, :-1], "targets": rows[:, 1:]}
+    full = [w * block for w in range(targets // block)]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     if targets % block:
-        rows = torch.from_numpy(tokens[full * block:].astype(np.int64)).to(device)[None]
-        yield {"idx": rows[:, :-1], "targets": rows[:, 1:]}
+        groups.append([len(full) * block])
+    return groups
+
+
+def _batch(tokens: np.ndarray, starts: list[int], block: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The windows starting at `starts` as one batch: idx and targets, (B, T) each."""
+    rows = np.stack([tokens[s:s + block + 1] for s in starts])  # (B, T+1), T <= block
+    rows = torch.from_numpy(rows.astype(np.int64)).to(device)
+    return {"idx": rows[:, :-1], "targets": rows[:, 1:]}
 
 
 def _counting(batches, total: int, on_event: EventSink):
