@@ -3,7 +3,8 @@
 Names match GPT-2 (`wte, wpe, h.N.ln_1, h.N.attn.c_attn, ..., ln_f, lm_head`) so that
 importing OpenAI's weights is a key match plus a transpose of Conv1D matrices.
 Pre-LayerNorm blocks, tanh-approximated GELU (as GPT-2), tied input/output embeddings,
-attention through `scaled_dot_product_attention` (flash kernels on GPU), and a
+attention through `scaled_dot_product_attention` (flash kernels on GPU; see attention.py
+for the one measured exception), and a
 preallocated KV cache for generation.
 
 Shapes in comments: B batch, T time (tokens), C n_embd, nh heads, hs head size, L the
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gptcli.attention import causal_attention
 from gptcli.config import ModelConfig
 
 IGNORE_INDEX = -1  # target id that contributes no loss (padding, prompt tokens)
@@ -61,8 +63,7 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.kv_cache is None:
-            dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         else:
             # Attend over the filled prefix only: one new token sees all of it (no mask);
             # a prompt written from position 0 is plain causal attention.
