@@ -1,11 +1,13 @@
 """Train-step throughput: gptcli's model and loop step versus transformers' GPT2LMHeadModel.
 
-    python benchmarks/bench_train.py [--shapes nano mid] [--steps 20] [--write]
+    python benchmarks/bench_train.py [--shapes nano mid] [--steps 20] [--compile] [--write]
 
 Same shape, same data, same optimizer (AdamW, weight decay on matrices, clip 1.0), in fp32
 and in bf16 autocast, one process, measurements interleaved (gptcli, transformers,
 gptcli, ...) so machine noise hits both alike. A step is forward, backward, clip and
 AdamW. MFU is against the bf16 matrix-product peak measured here (2048 x 2048).
+With --compile, gptcli's model is also timed under torch.compile (`train.compile: true`;
+off by default on CPU), its compile time reported apart.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ SHAPES = {  # name: (n_layer, n_head, n_embd, context, batch, vocab)
 }
 
 
-def gptcli_step(shape, precision_name):
+def gptcli_step(shape, precision_name, compiled=False):
     from gptcli.config import ModelConfig, TrainConfig
     from gptcli.model import GPT
     from gptcli.optim import build_optimizer
@@ -40,9 +42,10 @@ def gptcli_step(shape, precision_name):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x, y = torch.randint(0, vocab, (2, batch, ctx))
     batches = [{"idx": x, "targets": y}]
+    step_model = torch.compile(model) if compiled else model
 
     def step():
-        loss = _forward_backward(model, batches, precision, scaler)
+        loss = _forward_backward(step_model, batches, precision, scaler)
         _clip(model, opt, scaler, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -91,6 +94,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["nano", "mid"], choices=sorted(SHAPES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     import transformers
@@ -102,36 +106,48 @@ def main() -> None:
     peak = measure_matmul_flops(torch.device("cpu"), torch.bfloat16, n=2048, seconds=2.0)
     peak_fp32 = measure_matmul_flops(torch.device("cpu"), torch.float32, n=2048, seconds=2.0)
     rows = []
+    compile_seconds = []
+    ours_kinds = ["gptcli", "gptcli compiled"] if args.compile else ["gptcli"]
     for name in args.shapes:
         shape = SHAPES[name]
         n_layer, _, n_embd, ctx, batch, _ = shape
         results = {}
         for precision in ("fp32", "bf16"):
-            ours, n_params = gptcli_step(shape, precision)
-            theirs = hf_step(shape, precision)
-            for step in (ours, theirs):  # warm-up: allocator, kernels, optimizer state
+            steps = {"transformers": hf_step(shape, precision)}
+            for kind in ours_kinds:
+                steps[kind], n_params = gptcli_step(shape, precision, compiled=kind.endswith("compiled"))
+                start = time.perf_counter()
+                steps[kind]()  # the first call compiles
+                if kind.endswith("compiled"):
+                    compile_seconds.append(time.perf_counter() - start)
+            for step in steps.values():  # warm-up: allocator, kernels, optimizer state
                 for _ in range(3):
                     step()
-            samples = {"gptcli": [], "transformers": []}
+            samples = {who: [] for who in steps}
             for _ in range(args.rounds):
-                samples["gptcli"].append(time_steps(ours, args.steps))
-                samples["transformers"].append(time_steps(theirs, args.steps))
+                for who, step in steps.items():
+                    samples[who].append(time_steps(step, args.steps))
             for who, values in samples.items():
                 results[(who, precision)] = statistics.median(values)
         tokens = batch * ctx
         flops = (6 * n_params + 12 * n_layer * ctx * n_embd) * tokens
-        best = {who: min(("fp32", "bf16"), key=lambda p: results[(who, p)]) for who in ("gptcli", "transformers")}
+        kinds = ours_kinds + ["transformers"]
+        best = {who: min(("fp32", "bf16"), key=lambda p: results[(who, p)]) for who in kinds}
         for precision in ("fp32", "bf16"):
-            for who in ("gptcli", "transformers"):
+            for who in kinds:
                 seconds = results[(who, precision)]
                 rows.append((name, who, precision, seconds * 1000, tokens / seconds, flops / seconds / peak))
-        ratio = results[("transformers", best["transformers"])] / results[("gptcli", best["gptcli"])]
-        rows.append((name, "ratio", f"gptcli {best['gptcli']} / transformers {best['transformers']}", ratio, None, None))
+        for who in ours_kinds:
+            ratio = results[("transformers", best["transformers"])] / results[(who, best[who])]
+            rows.append((name, "ratio", f"{who} {best[who]} / transformers {best['transformers']}", ratio, None, None))
     lines = [f"### Train step on CPU ({time.strftime('%Y-%m-%d')})", "", describe_machine(), "",
-             f"`python benchmarks/bench_train.py --shapes {' '.join(args.shapes)} --steps {args.steps}`; "
+             f"`python benchmarks/bench_train.py --shapes {' '.join(args.shapes)} --steps {args.steps}"
+             f"{' --compile' if args.compile else ''}`; "
              f"median of {args.rounds} interleaved rounds of {args.steps} steps. Measured matmul peak "
              f"(2048²): bf16 {peak / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s; MFU is "
-             f"against the bf16 peak.", "",
+             f"against the bf16 peak." + (f" Compiling took {min(compile_seconds):.0f}-"
+                                         f"{max(compile_seconds):.0f} s per model (not in the step times)."
+                                         if compile_seconds else ""), "",
              "| shape | implementation | precision | ms/step | tokens/s | MFU (bf16 peak) |",
              "|---|---|---|---|---|---|"]
     for name, who, precision, ms, tps, mfu in rows:

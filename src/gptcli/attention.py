@@ -4,10 +4,10 @@ The exception is training on CPU in bf16 at short contexts. There the CPU flash 
 backward pass is slow (at 8 x 6 heads x 256 x 64 its backward took 4x its forward), while
 batched matrix products in bf16 run near the machine's matmul peak. So the explicit path
 computes the (T, T) scores with `baddbmm`, takes a softmax and multiplies by the values,
-and autograd differentiates those three ops. Measured fwd+bwd per layer
-(benchmarks/bench_attention.py, BENCHMARKS.md): 4.4x faster at T=64, 1.9x at T=256, 1.5x
-at T=512, but 0.6x at T=1024, where one head's scores (2 MB in bf16) no longer fit in
-the cache. In fp32 the two paths tie at best, so fp32 stays on SDPA.
+and autograd differentiates those three ops. Measured fwd+bwd per layer on a 2-core EPYC
+(benchmarks/bench_attention.py, BENCHMARKS.md): 4.5x faster at T=64, 1.6x at T=256, 1.1x
+at T=512, but 0.7x at T=1024, where one head's scores (2 MB in bf16) no longer fit in
+the cache. In fp32 the explicit path is 0.8x from T=256, so fp32 stays on SDPA.
 
 Shapes: B batch, nh heads, T time, hs head size.
 """
