@@ -54,7 +54,7 @@ def test_tokenize_smoke(corpus_dir, tmp_path, capsys):
     code, _, err = run_cli(["tokenize", corpus_dir, "--out", tmp_path / "tok", "--tokenizer", "char"], capsys)
     assert code == 0, err
     assert "train" in err and "MB/s" in err
-    assert {p.name for p in (tmp_path / "tok").iterdir()} == {"meta.json", "train.bin", "val.bin", "tokenizer"}
+    assert {p.name for p in (tmp_path / "tok").iterdir()} == {".gptcli", "meta.json", "train.bin", "val.bin", "tokenizer"}
 
 
 def test_python_dash_m_and_console_script(tmp_path):
@@ -139,9 +139,9 @@ BAD = [
     (["info", "{tmp}/good.txt"], "neither a checkpoint nor a run directory"),
     (["import-hf", "{tmp}/pickled", "--out", "{tmp}/imported"], "only pytorch_model.bin"),
     (["import-hf", "{tmp}/good.txt", "--out", "{tmp}/imported"], "is not a directory"),
-    (["import-hf", "{tmp}/pickled", "--out", "{tmp}/afile"], "already exists"),
+    (["import-hf", "{tmp}/pickled", "--out", "{tmp}/afile"], "is a file"),
     (["export-hf", "{tmp}/nowhere", "--out", "{tmp}/exported"], "does not exist"),
-    (["export-hf", "{ckpt}", "--out", "{tmp}/afile"], "already exists"),
+    (["export-hf", "{ckpt}", "--out", "{tmp}/afile"], "is a file"),
     (["export-hf", "{tmp}/notok", "--out", "{tmp}/exported"], "tokenizer.json is missing"),
 ]
 

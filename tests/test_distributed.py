@@ -56,7 +56,7 @@ def test_losses_match_single_process_with_same_global_batch(tmp_path, base, para
     lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 12 + 2
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "checkpoints", "config.yaml", "loss.png", "metrics.jsonl", "run.json"]
+        ".gptcli", ".gptcli.lock", "checkpoints", "config.yaml", "loss.png", "metrics.jsonl", "run.json"]
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == [
         "best", "latest", "step-000006", "step-000012"]
     assert f"2 processes ({parallel})" in done.stderr

@@ -104,7 +104,7 @@ def test_overwrite_protects_existing_output(tmp_path, corpus_dir):
     out = tmp_path / "tok"
     tokenize_corpus([str(corpus_dir)], out, tokenizer="bytes")
     before = (out / "train.bin").read_bytes()
-    with pytest.raises(GptcliError, match="already exists.*--overwrite"):
+    with pytest.raises(GptcliError, match="already holds a tokenized dataset; pass --overwrite"):
         tokenize_corpus([str(corpus_dir)], out, tokenizer="char")
     assert (out / "train.bin").read_bytes() == before
     tokenize_corpus([str(corpus_dir)], out, tokenizer="char", overwrite=True)

@@ -15,6 +15,7 @@ temporary name and renamed into place, so a crash leaves the previous one intact
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import shutil
@@ -28,10 +29,11 @@ from safetensors.torch import load_file, save_file
 
 from gptcli.atomic import staging_dir, write_text
 from gptcli.classify import GPTClassifier
-from gptcli.config import ModelConfig, config_from_dict
-from gptcli.errors import GptcliError
+from gptcli.config import ModelConfig, config_from_dict, model_config_problems
+from gptcli.errors import GptcliError, shorten
 from gptcli.lora import LoRASpec, apply_lora
-from gptcli.model import GPT
+from gptcli.model import GPT, check_fits
+from gptcli.outputs import mark
 from gptcli.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -65,11 +67,12 @@ def step_name(step: int) -> str:
 
 def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config_yaml: str,
                     trainer: TrainerState | None = None,
-                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    weights: dict[str, torch.Tensor] | None = None, mark_as: str | None = None) -> Path:
     """Write a checkpoint directory at `target` atomically (temp dir, fsync, rename).
-    `weights` (full tensors, e.g. gathered from shards) replace `model.state_dict()`."""
+    `weights` (full tensors, e.g. gathered from shards) replace `model.state_dict()`;
+    `mark_as` marks a checkpoint that is a command's whole output (see outputs.py)."""
     target = Path(target)
-    for stale in target.parent.glob(f".tmp-{target.name}-*"):  # left by a killed save
+    for stale in target.parent.glob(f".tmp-{glob.escape(target.name)}-*"):  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
     with staging_dir(target) as tmp:
         weights = {k: v.detach().contiguous() for k, v in (weights or model.state_dict()).items()
@@ -90,6 +93,8 @@ def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config
         (tmp / CONFIG_YAML).write_text(config_yaml)
         if trainer is not None:
             _save_trainer(tmp, trainer)
+        if mark_as is not None:
+            mark(tmp, mark_as)
         write_manifest(tmp)
     return target
 
@@ -191,12 +196,23 @@ def read_metadata(directory: str | Path) -> dict[str, str]:
 
 
 def read_model_config(directory: str | Path) -> ModelConfig:
-    """The model config stored in a checkpoint's weights metadata."""
+    """The model config stored in a checkpoint's weights metadata, checked as a run's is."""
+    path = Path(directory) / WEIGHTS
     try:
         data = json.loads(read_metadata(directory)["model_config"])
     except ValueError as exc:
-        raise GptcliError(f"{Path(directory) / WEIGHTS}: unreadable model config ({exc})") from None
-    return config_from_dict(data, ModelConfig)
+        raise GptcliError(f"{path}: unreadable model config ({shorten(str(exc))})") from None
+    try:
+        cfg = config_from_dict(data, ModelConfig)
+    except GptcliError as exc:
+        raise GptcliError(f"{path}: invalid model config: {exc}") from None
+    problems = model_config_problems(cfg)
+    if cfg.vocab_size is None:
+        problems.append("model.vocab_size: missing")
+    if problems:
+        raise GptcliError(f"{path}: invalid model config: {'; '.join(problems)}; the checkpoint is "
+                          f"damaged or was not written by gptcli")
+    return cfg
 
 
 def checkpoint_task(directory: str | Path) -> str:
@@ -207,6 +223,8 @@ def build_model(directory: str | Path) -> GPT:
     """An untrained model of the checkpoint's shape, task head and LoRA adapters."""
     metadata = read_metadata(directory)
     cfg = read_model_config(directory)
+    check_fits(cfg, torch.device("cpu"), training=False,  # built on the CPU, moved afterwards
+               fix=f"{directory} holds a model too large for this machine (or a damaged config)")
     if metadata.get("task") == "classify":
         model: GPT = GPTClassifier(cfg, json.loads(metadata["labels"]))
     else:
@@ -301,26 +319,6 @@ def resolve_checkpoint(path: str | Path | None, prefer: str = BEST) -> Path:
         if found is not None:
             return found
     raise GptcliError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
-
-
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path | None, bool]:
-    """Check `run_dir` against --resume/--overwrite before anything is written.
-
-    Returns the checkpoint to resume from (or None) and whether an old run must be cleared
-    (done by the caller only once everything else has been validated).
-    """
-    if resume and overwrite:
-        raise GptcliError("--resume and --overwrite contradict each other; pick one")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise GptcliError(f"out_dir {run_dir} is a file; choose a directory path")
-    latest = read_pointer(run_dir, LATEST)
-    used = run_dir.is_dir() and any(run_dir.iterdir())
-    if resume and latest is None:
-        raise GptcliError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if used and not (resume or overwrite):
-        raise GptcliError(f"{run_dir} already holds a run; pass --resume to continue it or "
-                          f"--overwrite to start over")
-    return (latest if resume else None), (used and overwrite)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:

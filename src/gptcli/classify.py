@@ -79,28 +79,56 @@ def pad_batch(sequences: list[np.ndarray], pad_id: int, device: torch.device
     return torch.from_numpy(ids).to(device), torch.from_numpy(lengths).to(device)
 
 
+DETAILED_CLASSES = 50  # up to this many classes an evaluation records every class in full
+WORST_SHOWN = 50  # beyond it: the per-class rows of this many classes with the lowest F1
+CONFUSIONS_SHOWN = 50  # and this many most frequent (true, predicted) mistakes
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix
-    (rows: true class, columns: predicted class)."""
+    """Accuracy and macro-F1, with per-class detail whose size does not grow with the classes.
+
+    Up to DETAILED_CLASSES classes: precision/recall/F1/support of every class and the
+    confusion matrix (rows: true class, columns: predicted class). Beyond that a K x K
+    matrix and K rows would not fit a log or a screen (10,000 classes: 10^8 cells), so the
+    record holds `classes` (K), `classes_in_data`, the per-class rows of the WORST_SHOWN
+    classes in the data with the lowest F1 (ties: more support first) and `most_confused`,
+    the CONFUSIONS_SHOWN most frequent mistakes as {true, predicted, count}.
+    """
     k = len(labels)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (y_true, y_pred), 1)
-    true_pos = np.diag(confusion).astype(float)
-    predicted = confusion.sum(0)
-    actual = confusion.sum(1)
+    actual = np.bincount(y_true, minlength=k)  # (K,) support
+    predicted = np.bincount(y_pred, minlength=k)  # (K,)
+    true_pos = np.bincount(y_true[y_true == y_pred], minlength=k).astype(float)  # (K,)
     precision = np.divide(true_pos, predicted, out=np.zeros(k), where=predicted > 0)
     recall = np.divide(true_pos, actual, out=np.zeros(k), where=actual > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k),
                    where=(precision + recall) > 0)
     present = actual > 0  # macro-F1 over the classes that occur in this data
-    return {
-        "accuracy": float(true_pos.sum() / max(len(y_true), 1)),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
-                             "f1": float(f1[i]), "support": int(actual[i])}
-                      for i, name in enumerate(labels)},
-        "confusion": confusion.tolist(),
-    }
+    metrics = {"accuracy": float(true_pos.sum() / max(len(y_true), 1)),
+               "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
+
+    def rows(indices) -> dict:
+        return {labels[i]: {"precision": float(precision[i]), "recall": float(recall[i]),
+                            "f1": float(f1[i]), "support": int(actual[i])} for i in indices}
+
+    if k <= DETAILED_CLASSES:
+        confusion = np.zeros((k, k), dtype=np.int64)
+        np.add.at(confusion, (y_true, y_pred), 1)
+        return {**metrics, "per_class": rows(range(k)), "confusion": confusion.tolist()}
+    by_f1 = np.lexsort((-actual, f1))  # f1 ascending, then support descending
+    worst = by_f1[present[by_f1]][:WORST_SHOWN]
+    return {**metrics, "classes": k, "classes_in_data": int(present.sum()), "per_class": rows(worst),
+            "most_confused": _most_confused(y_true, y_pred, labels)}
+
+
+def _most_confused(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> list[dict]:
+    """The CONFUSIONS_SHOWN most frequent (true, predicted) pairs among the mistakes, most
+    frequent first, counted without a K x K matrix."""
+    k = len(labels)
+    wrong = y_true != y_pred
+    pairs, counts = np.unique(y_true[wrong].astype(np.int64) * k + y_pred[wrong], return_counts=True)
+    top = np.argsort(-counts, kind="stable")[:CONFUSIONS_SHOWN]
+    return [{"true": labels[pairs[i] // k], "predicted": labels[pairs[i] % k], "count": int(counts[i])}
+            for i in top]
 
 
 class ClassifyData:
@@ -155,9 +183,9 @@ class ClassifyData:
         loss = float(-np.log(np.maximum(picked, 1e-12)).mean())
         metrics = classification_metrics(self.val_y, probs.argmax(1), self.labels)
         majority = np.bincount(self.val_y, minlength=len(self.labels)).max() / len(self.val_y)
-        return {"val_loss": loss, "val_accuracy": metrics["accuracy"],
-                "val_macro_f1": metrics["macro_f1"], "val_majority_baseline": float(majority),
-                "per_class": metrics["per_class"], "confusion": metrics["confusion"]}
+        return {"val_loss": loss, "val_accuracy": metrics.pop("accuracy"),
+                "val_macro_f1": metrics.pop("macro_f1"), "val_majority_baseline": float(majority),
+                **metrics}  # per-class detail, bounded (see classification_metrics)
 
 
 def check_labels(train_labels: list[str], val_labels: list[str], source: str) -> list[str]:

@@ -42,7 +42,7 @@ def tokenize(
     val_fraction: Annotated[float, typer.Option(help="Share of documents for validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 1337,
     jsonl_field: Annotated[str, typer.Option(help="Text field of .jsonl inputs.")] = "text",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a tokenized directory that gptcli wrote at --out.")] = False,
 ) -> None:
     """Tokenize raw text into train.bin / val.bin / meta.json.
 
@@ -51,13 +51,14 @@ def tokenize(
     from gptcli.display import ProgressDisplay, console
     from gptcli.shards import tokenize_corpus
     from rich.table import Table
+    from rich.text import Text
 
     with ProgressDisplay() as display:
         result = tokenize_corpus(inputs, out, tokenizer=tokenizer, val_fraction=val_fraction,
                                  seed=seed, jsonl_field=jsonl_field, train_bpe=train_bpe,
                                  overwrite=overwrite, on_event=display)
-    table = Table(title=f"{result.out_dir}  ·  {result.tokenizer} ({result.vocab_size} ids, "
-                        f"{result.dtype})  ·  {result.sources} files  ·  {result.seconds:.1f}s",
+    table = Table(title=Text(f"{result.out_dir}  ·  {result.tokenizer} ({result.vocab_size} ids, "
+                             f"{result.dtype})  ·  {result.sources} files  ·  {result.seconds:.1f}s"),
                   title_justify="left")
     for column in ("split", "documents", "MB", "tokens", "bytes/token"):
         table.add_column(column, justify="right" if column != "split" else "left")
@@ -77,7 +78,8 @@ def pretrain(
         "--set", metavar="KEY=VALUE", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in out_dir from its latest checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Delete an existing run in out_dir and start over.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the gptcli run in out_dir (kept until the new run saves its first checkpoint).")] = False,
 ) -> None:
     """Train a GPT from scratch.
 
@@ -97,7 +99,7 @@ def pretrain(
         return
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "-"
     console.print(f"done: {result.steps} steps in {result.seconds:.0f}s, best val loss {best}; "
-                  f"sample with: gptcli sample --checkpoint {result.run_dir} --prompt '...'")
+                  f"sample with: gptcli sample --checkpoint {result.run_dir} --prompt '...'", markup=False)
 
 
 @app.command()
@@ -109,7 +111,8 @@ def finetune(
         "--set", metavar="KEY=VALUE", help="Override a config value, e.g. --set finetune.lora.rank=8 (repeatable).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in out_dir from its latest checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Delete an existing run in out_dir and start over.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the gptcli run in out_dir (kept until the new run saves its first checkpoint).")] = False,
 ) -> None:
     """Adapt a checkpoint to a labelled task, new-domain text, or prompt/response pairs.
 
@@ -135,14 +138,15 @@ def finetune(
         display.close()
     if not _is_rank_zero():
         return
-    if display.last_eval and "confusion" in display.last_eval:
+    if display.last_eval and "per_class" in display.last_eval:  # a classifier's evaluation
         render_classify_metrics(display.last_eval)
     if result.before:
         console.print(f"before: val loss {result.before['val_loss']:.4f}"
                       + (f", bpb {result.before['val_bpb']:.4f}" if "val_bpb" in result.before else ""))
     best = f"{result.best_metric:.4f}" if result.best_metric is not None else "-"
     console.print(f"done: {result.task}, {result.steps} steps in {result.seconds:.0f}s, best "
-                  f"{result.metric} {best}; use it with: gptcli sample --checkpoint {result.run_dir} -p '...'")
+                  f"{result.metric} {best}; use it with: gptcli sample --checkpoint {result.run_dir} -p '...'",
+                  markup=False)
 
 
 @app.command("eval")
@@ -175,7 +179,7 @@ def evaluate(
       gptcli eval -c runs/classify-stdlib --data test.csv --predictions preds.csv
     """
     from gptcli.checkpoint import resolve_checkpoint
-    from gptcli.display import ProgressDisplay, console, render_classify_metrics, render_lm_metrics
+    from gptcli.display import ProgressDisplay, render_classify_metrics, render_lm_metrics, show_checkpoint
     from gptcli.sample import is_classifier
 
     path = resolve_checkpoint(checkpoint)
@@ -196,7 +200,7 @@ def evaluate(
             path, metrics = evaluate_lm(path, data, split, batch_size, precision, device, on_event=display)
         if not json_output:
             render_lm_metrics(metrics)
-    console.print(f"[dim]checkpoint: {path}[/]", highlight=False)
+    show_checkpoint(path)
     if json_output:
         print(json.dumps(metrics))
 
@@ -220,7 +224,7 @@ def plot(
     from gptcli.plot import plot_runs
 
     path = plot_runs(runs, out, x, log)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)
 
 
 @app.command("runs")
@@ -272,7 +276,12 @@ def info(
 
 @app.command()
 def sample(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (empty: start a document).")] = "",
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", help="Text to continue (empty: start a document; -: read it from standard input).")
+    ] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(
+        "--prompt-file", help="Read the prompt from this UTF-8 file (its text exactly, final newline included).")
+    ] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(
         "--checkpoint", "-c", help="Run or checkpoint directory (default: the latest run under runs/).")
     ] = None,
@@ -283,7 +292,10 @@ def sample(
     greedy: Annotated[bool, typer.Option(help="Always take the most likely token.")] = False,
     num_samples: Annotated[int, typer.Option(help="Independent samples, generated as one batch.")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible samples.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="End a sample at this string (repeatable).")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        help="End a sample at this string (repeatable). Escapes: \\n newline, \\t tab, \\r return, "
+             "\\\\ backslash, \\uXXXX and \\UXXXXXXXX code points; other text is taken as typed.")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[str, typer.Option(
@@ -294,15 +306,17 @@ def sample(
 
     Example: gptcli sample --prompt 'def fib(n):' -n 200 --top-k 50 --stop '\\n\\n'
     """
-    from gptcli.display import console, notice
+    from gptcli.display import notice, render_class_probabilities, show_checkpoint
     from gptcli.events import Notice
     from gptcli.checkpoint import resolve_checkpoint
-    from gptcli.sample import SampleRequest, classify, is_classifier, sample as run_sample
+    from gptcli.sample import (SampleRequest, classify, decode_escapes, is_classifier, read_prompt,
+                               sample as run_sample)
 
+    prompt = read_prompt(prompt, prompt_file)
     request = SampleRequest(prompt=prompt, max_new_tokens=max_new_tokens,
                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
-                            num_samples=num_samples, seed=seed, stops=stop or [], device=device,
-                            precision=precision)
+                            num_samples=num_samples, seed=seed, stops=[decode_escapes(s) for s in stop or []],
+                            device=device, precision=precision)
     request.check()  # option errors first, before any checkpoint is looked at
     checkpoint = resolve_checkpoint(checkpoint)  # once: a run dir, an HF dir or the latest run
     if is_classifier(checkpoint):
@@ -311,9 +325,8 @@ def sample(
             print(json.dumps({"text": prompt, "label": next(iter(probs)), "probs": probs}))
         else:
             print(next(iter(probs)))
-            for label, p in probs.items():
-                console.print(f"  {label:<20} {p:.4f}", highlight=False)
-        console.print(f"[dim]checkpoint: {path}[/]", highlight=False)
+            render_class_probabilities(probs)
+        show_checkpoint(path)
         return
 
     def stream(row: int, text: str) -> None:
@@ -336,7 +349,7 @@ def sample(
         for s in samples[1:]:
             sys.stdout.write(f"---\n{prompt}{s.text}\n")
     sys.stdout.flush()
-    console.print(f"[dim]checkpoint: {path}[/]", highlight=False)
+    show_checkpoint(path)
 
 
 @app.command("import-hf")
@@ -346,6 +359,7 @@ def import_hf(
     tokenizer: Annotated[Optional[Path], typer.Option(
         help="GPT-2's ranks as a .tiktoken file, for machines without internet "
              "(default: the directory's vocab.json, else tiktoken's gpt2).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a checkpoint that import-hf wrote at --out.")] = False,
 ) -> None:
     """Import OpenAI's GPT-2 (or any HF GPT-2) as a gptcli checkpoint.
 
@@ -354,14 +368,15 @@ def import_hf(
     from gptcli.display import console
     from gptcli.hf import import_hf as run_import
 
-    path = run_import(hf_dir, out, tokenizer)
-    console.print(f"imported {hf_dir} -> {path}; sample with: gptcli sample -c {path} -p '...'")
+    path = run_import(hf_dir, out, tokenizer, overwrite)
+    console.print(f"imported {hf_dir} -> {path}; sample with: gptcli sample -c {path} -p '...'", markup=False)
 
 
 @app.command("export-hf")
 def export_hf(
     checkpoint: Annotated[Path, typer.Argument(help="Run or checkpoint directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Hugging Face directory to write.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a directory that export-hf wrote at --out.")] = False,
 ) -> None:
     """Export a checkpoint for transformers (GPT2LMHeadModel or GPT2ForSequenceClassification).
 
@@ -370,8 +385,8 @@ def export_hf(
     from gptcli.display import console
     from gptcli.hf import export_hf as run_export
 
-    path = run_export(checkpoint, out)
-    console.print(f"exported -> {path}; load with transformers' from_pretrained('{path}')")
+    path = run_export(checkpoint, out, overwrite)
+    console.print(f"exported -> {path}; load with transformers' from_pretrained('{path}')", markup=False)
 
 
 def _is_rank_zero() -> bool:

@@ -13,33 +13,38 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from gptcli.errors import GptcliError
+from gptcli.errors import GptcliError, shorten
 
 
-def _field(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field whose `help` documents it (and whose list default is copied)."""
+def _field(default: Any, help: str, path: bool = False) -> Any:
+    """A dataclass field whose `help` documents it (and whose list default is copied);
+    `path`: its value names files, so a leading `~` is expanded on loading."""
+    metadata = {"help": help, "path": path}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class DataConfig:
     inputs: list[str] = _field(
         [], "Raw text files, folders, globs, `stdlib` (the Python standard library), "
-        "or one directory written by `gptcli tokenize`."
+        "or one directory written by `gptcli tokenize`.", path=True
     )
     tokenizer: str = _field(
         "gpt2", "`gpt2`, `r50k_base`, `p50k_base`, `cl100k_base`, `o200k_base`, a path to a "
-        "`.tiktoken` file, `bytes` or `char`. Ignored for a tokenized directory (it records its own)."
+        "`.tiktoken` file, `bytes` or `char`. Ignored for a tokenized directory (it records its own).",
+        path=True,
     )
     val_fraction: float = _field(0.1, "Share of documents held out for validation, in (0, 1).")
     jsonl_field: str = _field("text", "Field holding the text in `.jsonl` inputs.")
@@ -120,7 +125,7 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    out_dir: str = _field("runs/gpt", "Run directory: config, metrics and checkpoints go here.")
+    out_dir: str = _field("runs/gpt", "Run directory: config, metrics and checkpoints go here.", path=True)
     seed: int = _field(1337, "Seed for initialisation, data order and dropout.")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -150,13 +155,14 @@ class FinetuneConfig:
         "classify", "What to adapt the model to (`--task` on the command line overrides it)."
     )
     init_from: str = _field(
-        "", "Run or checkpoint directory to start from; empty: the latest pretrained run under runs/."
+        "", "Run or checkpoint directory to start from; empty: the latest pretrained run under runs/.",
+        path=True,
     )
     train_file: str = _field(
         "", "classify/instruct: CSV, TSV or JSONL training data; `stdlib-packages` and "
-        "`stdlib-docstrings` are the built-in examples. lm: use data.inputs instead."
+        "`stdlib-docstrings` are the built-in examples. lm: use data.inputs instead.", path=True
     )
-    val_file: str = _field("", "Validation data; empty: hold out val_fraction of train_file.")
+    val_file: str = _field("", "Validation data; empty: hold out val_fraction of train_file.", path=True)
     val_fraction: float = _field(0.1, "Share of train_file held out when there is no val_file.")
     text_column: str = _field("text", "classify: column (or JSONL field) with the text.")
     label_column: str = _field("label", "classify: column (or JSONL field) with the label.")
@@ -167,6 +173,11 @@ class FinetuneConfig:
         0.0, "classify: weight of an auxiliary language-modelling loss (0.5 in the GPT paper)."
     )
     pack: bool = _field(False, "instruct: pack short conversations into full rows.")
+    too_long: Literal["drop", "error"] = _field(
+        "drop", "instruct: a conversation longer than the context is `drop`ped (the count is "
+        "reported; none left in training or validation is an error) or an `error` naming its "
+        "file:line. Never cut: that would teach half answers."
+    )
     patience: int = _field(
         5, "Stop after this many evaluations without improving the validation metric; 0 never stops."
     )
@@ -179,7 +190,8 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneRunConfig:
-    out_dir: str = _field("runs/finetune", "Run directory: config, metrics and checkpoints go here.")
+    out_dir: str = _field("runs/finetune", "Run directory: config, metrics and checkpoints go here.",
+                          path=True)
     seed: int = _field(1337, "Seed for the head, adapters, data order and dropout.")
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,30 +210,52 @@ class FinetuneRunConfig:
 # Validation of values that types alone cannot express. Each returns a list of problems.
 
 
+# torch.manual_seed takes [-2**63, 2**64 - 1] and numpy's default_rng no negative seed:
+# every seed both accept.
+SEED_RANGE = (0, 2**64 - 1)
+
+
+def _show(number: int | float) -> str:
+    """A number as an error message quotes it: a whole number can be thousands of digits."""
+    return shorten(str(number))
+
+
+def model_config_problems(m: ModelConfig) -> list[str]:
+    """Problems with a model's shape: of a run config, or one stored in a checkpoint.
+    Sizes too large for memory are left to the memory check made before building."""
+    problems = []
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        if getattr(m, name) < 1:
+            problems.append(f"model.{name}: must be at least 1, got {_show(getattr(m, name))}")
+    if m.n_head >= 1 and m.n_embd >= 1 and m.n_embd % m.n_head:
+        problems.append(f"model.n_embd: {_show(m.n_embd)} is not divisible by "
+                        f"model.n_head={_show(m.n_head)}")
+    if not 0.0 <= m.dropout < 1.0:
+        problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.vocab_size is not None and m.vocab_size < 1:
+        problems.append(f"model.vocab_size: must be at least 1, got {_show(m.vocab_size)}")
+    return problems
+
+
 def _range_problems(cfg: RunConfig) -> list[str]:
-    problems: list[str] = []
+    problems = model_config_problems(cfg.model)
 
     def need(condition: bool, message: str) -> None:
         if not condition:
             problems.append(message)
 
-    m, t, d = cfg.model, cfg.train, cfg.data
-    for name in ("n_layer", "n_head", "n_embd", "block_size"):
-        need(getattr(m, name) >= 1, f"model.{name}: must be at least 1, got {getattr(m, name)}")
-    if m.n_head >= 1 and m.n_embd >= 1:
-        need(m.n_embd % m.n_head == 0,
-             f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}")
-    need(0.0 <= m.dropout < 1.0, f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if m.vocab_size is not None:
-        need(m.vocab_size >= 1, f"model.vocab_size: must be at least 1, got {m.vocab_size}")
+    t, d = cfg.train, cfg.data
+    low, high = SEED_RANGE
+    need(low <= cfg.seed <= high, f"seed: must be in [0, 2**64 - 1] (what both torch and numpy "
+                                  f"accept), got {_show(cfg.seed)}")
     for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
                  "save_every", "log_every", "max_bad_steps"):
-        need(getattr(t, name) >= 1, f"train.{name}: must be at least 1, got {getattr(t, name)}")
-    need(t.warmup_steps >= 0, f"train.warmup_steps: must be 0 or more, got {t.warmup_steps}")
-    need(t.keep_last >= 0, f"train.keep_last: must be 0 or more, got {t.keep_last}")
+        need(getattr(t, name) >= 1, f"train.{name}: must be at least 1, got {_show(getattr(t, name))}")
+    need(t.warmup_steps >= 0, f"train.warmup_steps: must be 0 or more, got {_show(t.warmup_steps)}")
+    need(t.keep_last >= 0, f"train.keep_last: must be 0 or more, got {_show(t.keep_last)}")
     if t.lr_decay_steps is not None:
-        need(t.lr_decay_steps > t.warmup_steps,
-             f"train.lr_decay_steps: must be greater than train.warmup_steps, got {t.lr_decay_steps}")
+        need(t.lr_decay_steps > t.warmup_steps, f"train.lr_decay_steps: must be greater than "
+                                                f"train.warmup_steps, got {_show(t.lr_decay_steps)}")
     need(t.lr > 0, f"train.lr: must be greater than 0, got {t.lr}")
     need(0 <= t.min_lr <= t.lr, f"train.min_lr: must be in [0, train.lr={t.lr}], got {t.min_lr}")
     need(t.weight_decay >= 0, f"train.weight_decay: must be 0 or more, got {t.weight_decay}")
@@ -237,22 +271,22 @@ def _finetune_problems(cfg: FinetuneRunConfig) -> list[str]:
     problems = []
     f = cfg.finetune
     if f.lora.rank < 0:
-        problems.append(f"finetune.lora.rank: must be 0 or more, got {f.lora.rank}")
+        problems.append(f"finetune.lora.rank: must be 0 or more, got {_show(f.lora.rank)}")
     if not 0 <= f.lora.dropout < 1:
         problems.append(f"finetune.lora.dropout: must be in [0, 1), got {f.lora.dropout}")
     if f.lora.rank and not f.lora.targets:
         problems.append("finetune.lora.targets: name at least one layer")
     if f.freeze.blocks < 0:
-        problems.append(f"finetune.freeze.blocks: must be 0 or more, got {f.freeze.blocks}")
+        problems.append(f"finetune.freeze.blocks: must be 0 or more, got {_show(f.freeze.blocks)}")
     if f.patience < 0:
-        problems.append(f"finetune.patience: must be 0 or more, got {f.patience}")
+        problems.append(f"finetune.patience: must be 0 or more, got {_show(f.patience)}")
     if f.aux_lm_weight < 0:
         problems.append(f"finetune.aux_lm_weight: must be 0 or more, got {f.aux_lm_weight}")
     if not 0 < f.val_fraction < 1:
         problems.append(f"finetune.val_fraction: must be in (0, 1), got {f.val_fraction}")
     unknown = sorted(set(cfg.model) - set(ModelConfig.__dataclass_fields__))
     if unknown:
-        problems.append(f"model.{unknown[0]}: unknown key")
+        problems.append(f"model.{shorten(str(unknown[0]))}: unknown key")
     # The shared sections follow pretrain's rules (a RunConfig view of them).
     shared = RunConfig(out_dir=cfg.out_dir, seed=cfg.seed, data=cfg.data, train=cfg.train)
     return problems + [p for p in _range_problems(shared) if not p.startswith("model.")]
@@ -263,7 +297,9 @@ def _finetune_problems(cfg: FinetuneRunConfig) -> list[str]:
 
 
 def _describe(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+    """A user's value as an error quotes it: its repr (shortened) and, unless text, its type."""
+    text = shorten(repr(value))
+    return text if isinstance(value, str) else f"{text} ({type(value).__name__})"
 
 
 def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
@@ -301,13 +337,15 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{path}: expected true or false, got {_describe(value)}")
     elif hint is int:
         number = _as_number(value)
-        if number is not None and float(number).is_integer():
+        if isinstance(number, int):  # as it is: a huge one is not a float (and is range-checked)
+            return number
+        if isinstance(number, float) and number.is_integer():
             return int(number)
         problems.append(f"{path}: expected a whole number, got {_describe(value)}")
     elif hint is float:
-        number = _as_number(value)
+        number = _as_float(value)
         if number is not None and math.isfinite(number):
-            return float(number)
+            return number
         problems.append(f"{path}: expected a number, got {_describe(value)}")
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -316,6 +354,15 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
     else:  # pragma: no cover - a field type this loader was not taught
         raise TypeError(f"unsupported config type {hint!r} at {path}")
     return None
+
+
+def _as_float(value: Any) -> float | None:
+    """`_as_number` as a float; None for a whole number too large for one (over 1e308)."""
+    number = _as_number(value)
+    try:
+        return None if number is None else float(number)
+    except OverflowError:
+        return None
 
 
 def _as_number(value: Any) -> float | int | None:
@@ -352,7 +399,7 @@ def _build(cls: type, data: Any, path: str, problems: list[str], base: Any = Non
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
-            problems.append(f"{dotted}: unknown key{hint}")
+            problems.append(f"{shorten(dotted)}: unknown key{hint}")
             continue
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value, dotted, problems, getattr(base, key))
@@ -376,10 +423,14 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -
     seen: set = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a plain value, not a list or mapping", key_node.start_mark
+            )
         if key in seen:
             line = key_node.start_mark.line + 1
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key '{key}' (line {line})", key_node.start_mark
+                None, None, f"duplicate key '{shorten(str(key))}' (line {line})", key_node.start_mark
             )
         seen.add(key)
     return loader.construct_mapping(node)
@@ -403,6 +454,9 @@ def read_yaml(path: str | Path) -> dict:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise GptcliError(f"{path}: invalid YAML: {_one_line(exc)}") from None
+    except ValueError as exc:  # a scalar YAML cannot build: a date 2024-13-45, a 5000-digit number
+        raise GptcliError(f"{path}: invalid YAML value ({shorten(str(exc), 100)}); correct it, "
+                          f"or quote it to make it text") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -425,26 +479,40 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise GptcliError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+            raise GptcliError(f"--set {shorten(repr(item))}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: a scalar YAML cannot build
             value = raw
         parts = key.strip().split(".")
         node = data
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise GptcliError(f"--set {item!r}: '{part}' is not a section")
+                raise GptcliError(f"--set {shorten(repr(item))}: '{shorten(part)}' is not a section")
             node = child
         node[parts[-1]] = value
     return data
 
 
+def _expand_user_paths(cfg: Any) -> Any:
+    """`~` in path fields (YAML and --set values never pass through a shell)."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = _expand_user_paths(value)
+        elif f.metadata.get("path") and isinstance(value, str):
+            changes[f.name] = os.path.expanduser(value)
+        elif f.metadata.get("path") and isinstance(value, list):
+            changes[f.name] = [os.path.expanduser(v) if isinstance(v, str) else v for v in value]
+    return dataclasses.replace(cfg, **changes)
+
+
 def config_from_dict(data: dict, cls: type = RunConfig) -> Any:
     """Build and validate a config from plain data; raise one error listing every problem."""
     problems: list[str] = []
-    cfg = _build(cls, data, "", problems)
+    cfg = _expand_user_paths(_build(cls, data, "", problems))
     if not problems and isinstance(cfg, RunConfig):
         problems = _range_problems(cfg)
     if not problems and isinstance(cfg, FinetuneRunConfig):

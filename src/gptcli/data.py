@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gptcli.atomic import write_text
 from gptcli.config import DataConfig
 from gptcli.corpus import expand_inputs
 from gptcli.errors import GptcliError
@@ -70,32 +71,65 @@ def prepare_dataset(cfg: DataConfig, seed: int, on_event: EventSink = ignore,
     return target
 
 
-_VERIFIED = ".verified.json"  # shards whose checksum matched, by size and modification time
+_VERIFIED = ".verified.json"  # per shard: the version (size, mtime, checksum) verified, its largest id
+_CHUNK_BYTES = 1 << 24  # a shard is read 16 MiB at a time: flat memory at any size
 
 
-def _check_shard(file: Path, expected_bytes: int, sha256: str) -> None:
-    """A token file must have the size and checksum meta.json recorded. The checksum is
-    computed once per version of the file (remembered by size and mtime), not every run."""
+def _check_shard(file: Path, dtype: np.dtype, tokens: int, sha256: str, vocab_size: int) -> None:
+    """A token file must have the size and checksum meta.json recorded, and hold only ids
+    below `vocab_size`. Checksum and largest id come from one pass, made once per version
+    of the file (remembered by size, mtime and checksum), not every run."""
+    expected_bytes = tokens * dtype.itemsize
     if not file.is_file() or file.stat().st_size != expected_bytes:
         raise GptcliError(f"{file} is missing or has the wrong size ({expected_bytes} bytes expected "
                           f"from {META_FILE}): it changed since tokenizing; tokenize the corpus again")
     stamp_path = file.parent / _VERIFIED
     info = file.stat()
     key = f"{info.st_size}:{info.st_mtime_ns}:{sha256}"
-    try:
-        stamps = json.loads(stamp_path.read_text())
-    except (OSError, ValueError):
-        stamps = {}
-    if stamps.get(file.name) == key:
-        return
-    with open(file, "rb") as f:
-        if hashlib.file_digest(f, "sha256").hexdigest() != sha256:
+    stamps = _read_stamps(stamp_path)
+    largest = _remembered_largest(stamps.get(file.name), key)
+    if largest is None:
+        digest, largest = _digest_and_largest(file, dtype)
+        if digest != sha256:
             raise GptcliError(f"{file} does not match the checksum in {META_FILE}: it changed since "
                               f"tokenizing; tokenize the corpus again")
+        try:
+            write_text(stamp_path, json.dumps({**stamps, file.name: {"key": key, "largest_id": largest}}),
+                       fsync=False)
+        except OSError:
+            pass  # a read-only dataset is verified again next time
+    if largest >= vocab_size:
+        raise GptcliError(f"{file} holds token id {largest}, but its tokenizer has {vocab_size} ids "
+                          f"(0 to {vocab_size - 1}): the tokens were not made by this tokenizer; "
+                          f"tokenize the corpus again")
+
+
+def _read_stamps(path: Path) -> dict:
     try:
-        stamp_path.write_text(json.dumps({**stamps, file.name: key}))
-    except OSError:
-        pass  # a read-only dataset is verified again next time
+        stamps = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _remembered_largest(stamp: object, key: str) -> int | None:
+    """The largest id a stamp recorded for this version of the file; None if it is for
+    another version (or from an older gptcli, which remembered no ids)."""
+    if isinstance(stamp, dict) and stamp.get("key") == key and isinstance(stamp.get("largest_id"), int):
+        return stamp["largest_id"]
+    return None
+
+
+def _digest_and_largest(file: Path, dtype: np.dtype) -> tuple[str, int]:
+    """The sha256 and the largest token id (-1 if empty) of a token file, in one chunked pass."""
+    digest, largest = hashlib.sha256(), -1
+    buffer = bytearray(_CHUNK_BYTES)  # a multiple of every token size, so no id straddles chunks
+    with open(file, "rb") as f:
+        while size := f.readinto(buffer):  # full chunks until the last (a buffered reader)
+            digest.update(memoryview(buffer)[:size])
+            ids = np.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize)
+            largest = max(largest, int(ids.max()))
+    return digest.hexdigest(), largest
 
 
 @dataclass
@@ -117,7 +151,8 @@ class TokenDataset:
         for split in SPLITS:
             info = meta["splits"][split]
             file = path / info["file"]
-            _check_shard(file, info["tokens"] * np.dtype(meta["dtype"]).itemsize, info["sha256"])
+            _check_shard(file, np.dtype(meta["dtype"]), info["tokens"], info["sha256"],
+                         tokenizer.vocab_size)
             splits[split] = np.memmap(file, dtype=meta["dtype"], mode="r")
             bytes_per_token[split] = info["bytes"] / max(info["tokens"], 1)
         return cls(path, tokenizer, splits, bytes_per_token, meta["splits"]["val"]["sha256"])

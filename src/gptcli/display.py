@@ -2,6 +2,11 @@
 
 On a terminal they draw live progress bars; otherwise (CI, a log file) they print one
 plain line per logged step, so logs stay readable.
+
+Text from the user (paths, run names, labels, tokenizer names, keys read from files, error
+messages) is shown verbatim: it goes into tables as `Text` and into markup lines through
+`escape`, because rich would read `runs/exp[lr=3e-4]` as a style tag and drop it, and
+raise on a `[/]`.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from gptcli.events import (
     CheckpointSaved,
@@ -31,11 +38,21 @@ from gptcli.events import (
 )
 
 _EVAL_KEYS = ("val_loss", "val_bpb", "val_accuracy", "val_macro_f1")  # scalar metrics shown per eval
-console = Console(stderr=True, soft_wrap=True)  # long messages stay one line for grep
+# Long messages stay one line for grep; emoji codes are text too (`:cat:` in a path stays).
+console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 def notice(message: str) -> None:
-    console.print(f"[yellow]note:[/] {message}", highlight=False)
+    console.print(_note(message), highlight=False)
+
+
+def _note(message: str) -> str:
+    return f"[yellow]note:[/] {escape(message)}"
+
+
+def show_checkpoint(path: object) -> None:
+    """Which checkpoint a command used, dimmed, after its output."""
+    console.print(Text(f"checkpoint: {path}", style="dim"))
 
 
 class ProgressDisplay:
@@ -44,7 +61,7 @@ class ProgressDisplay:
 
     def __init__(self) -> None:
         self.progress = Progress(
-            TextColumn("{task.description:<14}"), BarColumn(), TaskProgressColumn(),
+            TextColumn("{task.description:<14}", markup=False), BarColumn(), TaskProgressColumn(),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
             console=console, transient=False,
         )
@@ -60,7 +77,7 @@ class ProgressDisplay:
 
     def __call__(self, event: object) -> None:
         if isinstance(event, Notice):
-            self.progress.console.print(f"[yellow]note:[/] {event.message}", highlight=False)
+            self.progress.console.print(_note(event.message), highlight=False)
         if not isinstance(event, ProgressEvent):
             return
         if not self.tasks:
@@ -93,8 +110,8 @@ class TrainDisplay:
             self.progress.stop()
             self.progress = None
 
-    def _print(self, text: str) -> None:
-        (self.progress.console if self.progress else console).print(text, highlight=False)
+    def _print(self, markup: str) -> None:
+        (self.progress.console if self.progress else console).print(markup, highlight=False)
 
     def __call__(self, event: object) -> None:
         if self.quiet:
@@ -103,7 +120,7 @@ class TrainDisplay:
             if event.done == event.total:
                 self._print(f"tokenized {event.total / 1e6:.1f} MB into {event.tokens:,} tokens (cached)")
         elif isinstance(event, Notice):
-            self._print(f"[yellow]note:[/] {event.message}")
+            self._print(_note(event.message))
         elif isinstance(event, RunStarted):
             self._start(event)
         elif isinstance(event, StepLogged):
@@ -115,14 +132,14 @@ class TrainDisplay:
                               for key in _EVAL_KEYS if key in m)
             self._print(f"step {m['step']:>6}  val {shown}{star}")
         elif isinstance(event, CheckpointSaved) and not self.live:
-            self._print(f"saved {event.path}")
+            self._print(f"saved {escape(str(event.path))}")
         elif isinstance(event, RunFinished):
             self.close()
 
     def _start(self, event: RunStarted) -> None:
-        table = Table(title=f"run → {event.run_dir}", show_header=False, title_justify="left")
+        table = Table(title=Text(f"run → {event.run_dir}"), show_header=False, title_justify="left")
         for key, value in event.facts.items():
-            table.add_row(key, str(value))
+            table.add_row(Text(key), Text(str(value)))
         console.print(table)
         if self.live:
             self.progress = Progress(
@@ -143,30 +160,64 @@ class TrainDisplay:
 
 
 def render_classify_metrics(m: dict) -> None:
-    """Accuracy, macro-F1, per-class precision/recall, and the confusion matrix as tables."""
+    """Accuracy, macro-F1, per-class precision/recall, and the confusion matrix as tables;
+    for a summary record of many classes (see classify.classification_metrics), the rows of
+    the worst classes and the most frequent mistakes instead."""
     console.print(f"accuracy {m['val_accuracy']:.4f}  macro-F1 {m['val_macro_f1']:.4f}  "
                   f"(majority-class baseline {m['val_majority_baseline']:.4f})", highlight=False)
-    labels = list(m["per_class"])
-    per_class = Table(title="per class", title_justify="left")
+    if "classes" in m:
+        title = (f"per class: the {len(m['per_class'])} with the lowest F1, of {m['classes_in_data']:,} "
+                 f"classes in the data ({m['classes']:,} in the classifier)")
+    else:
+        title = "per class"
+    per_class = Table(title=title, title_justify="left")
     for column in ("label", "precision", "recall", "F1", "support"):
         per_class.add_column(column, justify="left" if column == "label" else "right")
     for label, row in m["per_class"].items():
-        per_class.add_row(label, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+        per_class.add_row(Text(label), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
                           str(row["support"]))
     console.print(per_class)
-    confusion = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
-    confusion.add_column("")
+    if "confusion" in m:
+        _render_confusion(list(m["per_class"]), m["confusion"])
+    else:
+        _render_most_confused(m["most_confused"])
+
+
+def _render_confusion(labels: list[str], confusion: list[list[int]]) -> None:
+    table = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
+    table.add_column("")
     for label in labels:
-        confusion.add_column(label, justify="right")
-    for label, row in zip(labels, m["confusion"]):
-        confusion.add_row(label, *map(str, row))
-    console.print(confusion)
+        table.add_column(Text(label), justify="right")
+    for label, row in zip(labels, confusion):
+        table.add_row(Text(label), *map(str, row))
+    console.print(table)
+
+
+def _render_most_confused(mistakes: list[dict]) -> None:
+    table = Table(title=f"the {len(mistakes)} most frequent mistakes", title_justify="left")
+    for column in ("true", "predicted", "count"):
+        table.add_column(column, justify="right" if column == "count" else "left")
+    for mistake in mistakes:
+        table.add_row(Text(mistake["true"]), Text(mistake["predicted"]), f"{mistake['count']:,}")
+    console.print(table)
+
+
+_PROBABILITIES_SHOWN = 50  # as many classes as an evaluation details (classify.DETAILED_CLASSES)
+
+
+def render_class_probabilities(probs: dict[str, float]) -> None:
+    """A classifier's probability per label, most likely first; the top 50 of many."""
+    for label, p in list(probs.items())[:_PROBABILITIES_SHOWN]:
+        console.print(f"  {label:<20} {p:.4f}", markup=False, highlight=False)
+    if len(probs) > _PROBABILITIES_SHOWN:
+        console.print(f"  ... and {len(probs) - _PROBABILITIES_SHOWN:,} less likely classes (--json lists all)",
+                      highlight=False)
 
 
 def render_lm_metrics(m: dict) -> None:
     """Loss, perplexity and bits per byte of a language-model evaluation."""
     table = Table(show_header=False, box=None)
-    table.add_row("data", str(m["data"]))
+    table.add_row("data", Text(str(m["data"])))
     if "tokens" in m:
         table.add_row("tokens", f"{m['tokens']:,} ({m['bytes']:,} bytes)")
     table.add_row("loss", f"{m['loss']:.4f} nats/token")
@@ -196,30 +247,72 @@ def _count(n: int | None) -> str:
 
 
 _STATUS_STYLE = {"running": "cyan", "finished": "green", "interrupted": "yellow", "failed": "red"}
+_RUN_COLUMNS = ("task", "params", "steps", "best", "tokens", "wall", "status")
+_LEFT_ALIGNED = ("task", "best", "status")
+_MEASURE_WIDTH = 1_000_000  # wide enough that a table measured against it is never squeezed
 
 
 def render_runs(summaries: list, root) -> None:
-    """`gptcli runs`: one row per run (a list of runlog.RunSummary)."""
-    table = Table(title=f"{len(summaries)} run{'s' * (len(summaries) != 1)} under {root}", title_justify="left")
-    table.add_column("run", overflow="fold", min_width=12)
-    for column in ("task", "params", "steps", "best", "tokens", "wall", "status"):
-        table.add_column(column, justify="left" if column in ("task", "best", "status") else "right",
-                         no_wrap=True)
-    for r in summaries:
-        best = f"{r.metric.removeprefix('val_')} {r.best:.4f}" if r.best is not None else "-"
-        steps = f"{r.step:,}/{r.max_steps:,}" if r.max_steps else f"{r.step:,}"
-        style = _STATUS_STYLE.get(r.status, "dim")
-        table.add_row(str(r.path.relative_to(root) if r.path != root else r.path), r.task,
-                      _count(r.parameters), steps, best, _count(r.tokens_seen), _duration(r.wall_seconds),
-                      f"[{style}]{r.status}[/]")
-    console.print(table)
+    """`gptcli runs`: one row per run (a list of runlog.RunSummary).
+
+    When the table is wider than the console (at 80 columns it usually is: the other
+    columns alone take ~75), a squeezed name column would lose the names, so each run's
+    name gets a line of its own instead, with its row of figures under it."""
+    title = Text(f"{len(summaries)} run{'s' * (len(summaries) != 1)} under {root}")
+    names = [Text(str(r.path.relative_to(root) if r.path != root else r.path)) for r in summaries]
+    rows = [_run_cells(r) for r in summaries]
+    table = Table(title=title, title_justify="left")
+    table.add_column("run")
+    for column in _RUN_COLUMNS:
+        table.add_column(column, justify="left" if column in _LEFT_ALIGNED else "right")
+    for name, row in zip(names, rows):
+        table.add_row(name, *row)
+    natural = console.measure(table, options=console.options.update_width(_MEASURE_WIDTH)).maximum
+    if natural <= console.width:
+        console.print(table)
+    else:
+        _render_runs_stacked(title, names, rows)
+
+
+def _run_cells(r) -> list[Text]:
+    best = f"{r.metric.removeprefix('val_')} {r.best:.4f}" if r.best is not None else "-"
+    steps = f"{r.step:,}/{r.max_steps:,}" if r.max_steps else f"{r.step:,}"
+    return [Text(str(r.task)), Text(_count(r.parameters)), Text(steps), Text(best), Text(_count(r.tokens_seen)),
+            Text(_duration(r.wall_seconds)), Text(str(r.status), style=_STATUS_STYLE.get(r.status, "dim"))]
+
+
+def _render_runs_stacked(title: Text, names: list[Text], rows: list[list[Text]]) -> None:
+    """Each run as its name (a whole line, however long) over an indented line of figures;
+    the figures are padded to shared column widths, so they line up as a table's would, and
+    are never cut (a console narrower than them wraps the line)."""
+    header = [Text(column, style="bold") for column in _RUN_COLUMNS]
+    widths = [max(cell.cell_len for cell in column) for column in zip(header, *rows)]
+
+    def figures(cells: list[Text]) -> Text:
+        padded = []
+        for column, width, cell in zip(_RUN_COLUMNS, widths, cells):
+            cell = cell.copy()
+            cell.align("left" if column in _LEFT_ALIGNED else "right", width)
+            padded.append(cell)
+        line = Text("  ") + Text("  ").join(padded)
+        line.rstrip()
+        return line
+
+    console.print(title)
+    console.print(figures(header))
+    for name, row in zip(names, rows):
+        console.print(name, style="bold")
+        console.print(figures(row))
+
+
+_LABELS_SHOWN = 50  # `gptcli info` lists this many of a classifier's labels (--json: all)
 
 
 def render_info(d: dict) -> None:
     """`gptcli info`: a checkpoint's description (from info.checkpoint_info)."""
     model = d["model"]
-    table = Table(show_header=False, box=None, title=d["checkpoint"], title_justify="left")
-    table.add_row("kind", d["kind"])
+    table = Table(show_header=False, box=None, title=Text(d["checkpoint"]), title_justify="left")
+    table.add_row("kind", Text(d["kind"]))
     table.add_row("model", f"{model['n_layer']} layers x {model['n_embd']} wide, {model['n_head']} heads, "
                            f"context {model['block_size']}, vocab {model['vocab_size']}, "
                            f"bias {str(model['bias']).lower()}, dropout {model['dropout']}")
@@ -228,22 +321,27 @@ def render_info(d: dict) -> None:
         lora = d["lora"]
         table.add_row("LoRA", f"rank {lora['rank']}, alpha {lora['alpha']}, "
                               f"{lora['adapter_parameters']:,} adapter parameters")
-    table.add_row("tokenizer", d["tokenizer"])
+    table.add_row("tokenizer", Text(d["tokenizer"]))
     if "labels" in d:
-        table.add_row("labels", ", ".join(d["labels"]))
+        table.add_row("labels", Text(_some_labels(d["labels"])))
     if "step" in d:
         table.add_row("step", f"{d['step']:,}")
         table.add_row("tokens seen", f"{d['tokens_seen']:,} ({_count(d['tokens_seen'])})")
         if "precision" in d:
-            table.add_row("precision", d["precision"])
+            table.add_row("precision", Text(d["precision"]))
         if d.get("metrics"):
             table.add_row(f"metrics (step {d['metrics_step']:,})",
-                          "  ".join(f"{k} {v:.4f}" for k, v in d["metrics"].items()))
+                          Text("  ".join(f"{k} {v:.4f}" for k, v in d["metrics"].items())))
     else:
-        table.add_row("training", d["training"])
-    table.add_row("files", "  ".join(f"{name} {_count(size)}B" for name, size in d["files"].items()
-                                     if "/" not in name)
-                  + f"  (total {_count(sum(d['files'].values()))}B)")
+        table.add_row("training", Text(d["training"]))
+    table.add_row("files", Text("  ".join(f"{name} {_count(size)}B" for name, size in d["files"].items()
+                                          if "/" not in name)
+                                + f"  (total {_count(sum(d['files'].values()))}B)"))
     style = "green" if d["checksums"].startswith("ok") else "red"
-    table.add_row("checksums", f"[{style}]{d['checksums']}[/]")
+    table.add_row("checksums", Text(d["checksums"], style=style))
     console.print(table, highlight=False)
+
+
+def _some_labels(labels: list[str]) -> str:
+    shown = ", ".join(labels[:_LABELS_SHOWN])
+    return shown if len(labels) <= _LABELS_SHOWN else f"{shown}, ... ({len(labels):,} labels; --json lists all)"

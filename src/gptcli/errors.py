@@ -9,6 +9,14 @@ class GptcliError(Exception):
     """A problem with the user's input (config, data, paths, options), not a bug."""
 
 
+def shorten(text: str, limit: int = 60) -> str:
+    """`text` cut to its first `limit` characters and its length, so that an error line
+    quoting a user's value stays one short line even when the value is megabytes."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
 class Interrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint at `step`."""
 

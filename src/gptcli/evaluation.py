@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
 
+from gptcli.atomic import write_text
 from gptcli.checkpoint import load_model, resolve_checkpoint
 from gptcli.classify import ClassifyData, GPTClassifier, classification_metrics
 from gptcli.errors import GptcliError
+from gptcli.outputs import check_output_file, input_paths
 from gptcli.records import column, read_records
 from gptcli.runtime import Precision, resolve_device
 
@@ -25,6 +28,8 @@ def evaluate_classifier(checkpoint: str | Path | None, data_file: str | Path,
     texts = [str(t) for t in column(records, text_column, data_file, "--text-column")]
     truth = [str(y) for y in column(records, label_column, data_file, "--label-column")]
     path = resolve_checkpoint(checkpoint)
+    if predictions is not None:
+        predictions = check_output_file(predictions, input_paths([data_file, path]), "--predictions")
     dev = resolve_device(device)
     model, tokenizer = load_model(path, dev)
     if not isinstance(model, GPTClassifier):
@@ -41,15 +46,19 @@ def evaluate_classifier(checkpoint: str | Path | None, data_file: str | Path,
     counts = np.bincount(data.val_y, minlength=len(model.labels))
     metrics["majority_baseline"] = float(counts.max() / counts.sum())
     if predictions is not None:
-        _write_predictions(Path(predictions), texts, truth, predicted, probs, model.labels)
+        _write_predictions(predictions, texts, truth, predicted, probs, model.labels)
     return path, metrics
 
 
 def _write_predictions(out: Path, texts, truth, predicted, probs, labels) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label", "predicted", *[f"p_{name}" for name in labels]])
-        for text, label, pred, row in zip(texts, truth, predicted, probs):
-            writer.writerow([text, label, labels[pred], *[f"{p:.6f}" for p in row]])
-    tmp.replace(out)
+    """One CSV row per text, replacing `out` atomically."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["text", "label", "predicted", *[f"p_{name}" for name in labels]])
+    for text, label, pred, row in zip(texts, truth, predicted, probs):
+        writer.writerow([text, label, labels[pred], *[f"{p:.6f}" for p in row]])
+    try:
+        write_text(out, buffer.getvalue())
+    except OSError as exc:
+        raise GptcliError(f"--predictions: cannot write {out} ({exc.strerror or exc}); "
+                          f"choose a writable path") from None

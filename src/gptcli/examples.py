@@ -1,5 +1,7 @@
 """Built-in example datasets made from the running Python's standard library, so every
-finetune task can be demonstrated on any machine with no download."""
+finetune task can be demonstrated on any machine with no download.
+They have no file: their records are numbered 1, 2, ... in the order returned (fixed by
+the seed), and `source_name` names them for messages."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import sysconfig
 from pathlib import Path
 
 from gptcli.corpus import stdlib_files
+from gptcli.records import Record, numbered
 
 STDLIB_PACKAGES = "stdlib-packages"
 STDLIB_DOCSTRINGS = "stdlib-docstrings"
@@ -16,7 +19,13 @@ STDLIB_DOCSTRINGS = "stdlib-docstrings"
 PACKAGES = ("asyncio", "email", "tkinter", "xml")
 
 
-def stdlib_package_snippets(lines: int = 6, per_class: int = 500, seed: int = 0) -> list[dict]:
+def source_name(example: str) -> str:
+    """What messages call a built-in example, as Python says `<stdin>`: `<stdlib-docstrings>:17`
+    is its record 17."""
+    return f"<{example}>"
+
+
+def stdlib_package_snippets(lines: int = 6, per_class: int = 500, seed: int = 0) -> list[Record]:
     """Records {"text": a snippet of `lines` source lines, "label": its top-level package},
     at most `per_class` per package, shuffled with `seed`. Snippets of under 80 characters
     (mostly blank lines) are skipped."""
@@ -36,10 +45,10 @@ def stdlib_package_snippets(lines: int = 6, per_class: int = 500, seed: int = 0)
         rng.shuffle(snippets)
         records += [{"text": t, "label": package} for t in snippets[:per_class]]
     rng.shuffle(records)
-    return records
+    return numbered(records)
 
 
-def stdlib_docstring_pairs(limit: int = 3000, seed: int = 0) -> list[dict]:
+def stdlib_docstring_pairs(limit: int = 3000, seed: int = 0) -> list[Record]:
     """Records {"prompt": "def name(args):", "response": first line of its docstring} for
     public functions of the standard library: an instruction-style task with no download."""
     rng = random.Random(seed)
@@ -56,4 +65,4 @@ def stdlib_docstring_pairs(limit: int = 3000, seed: int = 0) -> list[dict]:
                     signature = f"def {node.name}({ast.unparse(node.args)}):"
                     records.append({"prompt": signature, "response": doc.splitlines()[0]})
     rng.shuffle(records)
-    return records[:limit]
+    return numbered(records[:limit])

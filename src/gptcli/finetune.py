@@ -20,7 +20,6 @@ from gptcli.checkpoint import (
     BEST,
     CHECKPOINTS,
     TrainerState,
-    check_run_dir,
     checkpoint_task,
     find_latest_run,
     load_model,
@@ -39,13 +38,16 @@ from gptcli.examples import (
     STDLIB_DOCSTRINGS,
     STDLIB_PACKAGES,
     stdlib_docstring_pairs,
+    source_name,
     stdlib_package_snippets,
 )
-from gptcli.instruct import CHAT_TOKENS, InstructData, has_chat_template, messages_of
+from gptcli.instruct import CHAT_TOKENS, InstructData, conversations, has_chat_template
 from gptcli.lora import LoRASpec, apply_lora, merge_lora
-from gptcli.model import GPT
+from gptcli.model import GPT, check_fits
+from gptcli.outputs import input_paths
 from gptcli.pretrain import PretrainData
-from gptcli.records import column, read_records
+from gptcli.records import Record, column, read_records
+from gptcli.rundir import RunClaim, claim_run_dir
 from gptcli.runtime import (
     Distributed,
     configure_matmul,
@@ -107,21 +109,22 @@ def _split(records: list, cfg: FinetuneRunConfig) -> tuple[list, list]:
     return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
 
 
-def _records(cfg: FinetuneRunConfig) -> tuple[list[dict], list[dict], str]:
+def _records(cfg: FinetuneRunConfig) -> tuple[list[Record], list[Record], str]:
+    """Training and validation records, and what messages call the training data."""
     f = cfg.finetune
     if not f.train_file:
         example = STDLIB_PACKAGES if f.task == "classify" else STDLIB_DOCSTRINGS
         raise GptcliError(f"finetune.train_file: required for --task {f.task} (CSV, TSV or JSONL; "
                           f"or {example} for the built-in example)")
     if f.train_file == STDLIB_PACKAGES:
-        train = stdlib_package_snippets(seed=cfg.seed)
+        train, source = stdlib_package_snippets(seed=cfg.seed), source_name(f.train_file)
     elif f.train_file == STDLIB_DOCSTRINGS:
-        train = stdlib_docstring_pairs(seed=cfg.seed)
+        train, source = stdlib_docstring_pairs(seed=cfg.seed), source_name(f.train_file)
     else:
-        train = read_records(f.train_file)
+        train, source = read_records(f.train_file), f.train_file
     if f.val_file:
-        return train, read_records(f.val_file), f.train_file
-    return (*_split(train, cfg), f.train_file)
+        return train, read_records(f.val_file), source
+    return (*_split(train, cfg), source)
 
 
 def _classify(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg: ModelConfig,
@@ -161,18 +164,20 @@ def _lm(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg: Mode
 
 
 def _instruct(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg: ModelConfig,
-              device: torch.device, dist: Distributed) -> tuple[GPT, InstructData, Tokenizer]:
+              device: torch.device, dist: Distributed, on_event: EventSink
+              ) -> tuple[GPT, InstructData, Tokenizer]:
     f = cfg.finetune
     train, val, source = _records(cfg)
-    train_msgs = [messages_of(r, f"{source}: record {i}") for i, r in enumerate(train, start=1)]
-    val_msgs = [messages_of(r, f"{f.val_file or source}: record {i}") for i, r in enumerate(val, start=1)]
+    train_conversations = conversations(train, source)
+    val_conversations = conversations(val, f.val_file or source)
     if not has_chat_template(tokenizer):
         tokenizer = WithAddedTokens(tokenizer, CHAT_TOKENS)
     model = GPT(model_cfg)
     model.load_state_dict(_trunk_state(base), strict=False)
     model.resize_vocab(tokenizer.vocab_size)
-    data = InstructData(tokenizer, train_msgs, val_msgs, model_cfg.block_size, cfg.train.batch_size,
-                        f.pack, cfg.seed, device, cfg.train.grad_accum, dist)
+    data = InstructData(tokenizer, train_conversations, val_conversations, model_cfg.block_size,
+                        cfg.train.batch_size, f.pack, cfg.seed, device, cfg.train.grad_accum, dist,
+                        too_long=f.too_long, on_event=on_event)
     return model, data, tokenizer
 
 
@@ -202,18 +207,35 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
              on_event: EventSink = ignore) -> FinetuneResult:
     started, started_at = time.perf_counter(), time.time()
     f = cfg.finetune
-    run_dir = Path(cfg.out_dir)
-    checkpoint, must_clear = check_run_dir(run_dir, resume, overwrite)
+    dist, device = init_distributed(resolve_device(cfg.train.device))
+    init = resolve_init(f.init_from)
+    files = [name for name in (f.train_file, f.val_file) if name not in (STDLIB_PACKAGES, STDLIB_DOCSTRINGS)]
+    claim = claim_run_dir(cfg.out_dir, resume=resume, overwrite=overwrite, dist=dist, on_event=on_event,
+                          inputs=input_paths([init, *files, *cfg.data.inputs]))
+    failed = True
+    try:
+        result = _finetune(cfg, claim, init, dist, device, started, started_at, on_event)
+        failed = False
+    finally:
+        claim.close(failed)
+    return result
+
+
+def _finetune(cfg: FinetuneRunConfig, claim: RunClaim, init: Path, dist: Distributed,
+              device: torch.device, started: float, started_at: float,
+              on_event: EventSink) -> FinetuneResult:
+    f = cfg.finetune
+    run_dir, checkpoint = claim.path, claim.resume_from
     if checkpoint is not None and checkpoint_task(checkpoint) != ("classify" if f.task == "classify" else "lm"):
         raise GptcliError(f"--resume: {checkpoint} holds a {checkpoint_task(checkpoint)} model, "
                           f"not one for --task {f.task}")
-    dist, device = init_distributed(resolve_device(cfg.train.device))
     configure_matmul(device)
-    init = resolve_init(f.init_from)
     base, tokenizer = load_model(init, device)
     if base.lora_spec is not None:
         merge_lora(base)  # start from the adapted weights as plain weights
     model_cfg = _model_config(base.config, cfg.model)
+    check_fits(model_cfg, device, training=True, shards=dist.world_size if cfg.train.parallel == "fsdp" else 1,
+               fix="use LoRA (finetune.lora.rank) or shard it over more GPUs (train.parallel=fsdp under torchrun)")
 
     seed_everything(cfg.seed)
     if f.task == "classify":
@@ -221,7 +243,7 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
     elif f.task == "lm":
         model, data = _lm(cfg, base, tokenizer, model_cfg, device, dist, on_event)
     else:
-        model, data, tokenizer = _instruct(cfg, base, tokenizer, model_cfg, device, dist)
+        model, data, tokenizer = _instruct(cfg, base, tokenizer, model_cfg, device, dist, on_event)
     del base
     _adapt(model, cfg)
     model.to(device)
@@ -230,13 +252,12 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
         load_weights(model, checkpoint, device)
         state = load_trainer_state(checkpoint)
         check_global_batch(state, cfg.train, dist.world_size)
-    setup = prepare_loop(model, data, tokenizer, cfg.train, run_dir, device, state,
-                         config_yaml=dump_yaml(cfg), clear_run_dir=must_clear,
-                         resuming=checkpoint is not None, task=f.task, patience=f.patience,
+    setup = prepare_loop(model, data, tokenizer, cfg.train, claim, device, state,
+                         config_yaml=dump_yaml(cfg), on_event=on_event, task=f.task, patience=f.patience,
                          eval_at_start=f.task == "lm", dist=dist, started_at=started_at)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = model.num_params()
-    on_event(RunStarted(str(run_dir), {
+    on_event(RunStarted(str(cfg.out_dir), {
         "task": f.task,
         "init from": str(init),
         "parameters": f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",

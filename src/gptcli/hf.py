@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gptcli.atomic import staging_dir
@@ -30,9 +30,10 @@ from gptcli.checkpoint import is_checkpoint, load_model, resolve_checkpoint, sav
 from gptcli.classify import GPTClassifier
 from gptcli.config import ModelConfig
 from gptcli.data import cache_root
-from gptcli.errors import GptcliError
+from gptcli.errors import GptcliError, shorten
 from gptcli.lora import merge_lora
-from gptcli.model import GPT
+from gptcli.model import GPT, check_fits
+from gptcli.outputs import check_output_dir, input_paths, mark
 from gptcli.tokenizer import (
     EOT,
     TiktokenTokenizer,
@@ -122,14 +123,22 @@ def _is_gpt2_tokenizer(tokenizer: Tokenizer) -> bool:
 # --- import ------------------------------------------------------------------------------
 
 
+_HF_SIZES = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+
+
 def _read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / HF_CONFIG
     try:
-        config = json.loads((hf_dir / HF_CONFIG).read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise GptcliError(f"{hf_dir / HF_CONFIG} is unreadable: {exc}") from None
+        raise GptcliError(f"{path} is unreadable: {shorten(str(exc), 200)}") from None
+    if not isinstance(config, dict):
+        raise GptcliError(f"{path} must hold a JSON object of settings, not a {type(config).__name__}; "
+                          f"it is not a Hugging Face config")
     if config.get("model_type") != "gpt2":
-        raise GptcliError(f"{hf_dir} holds a '{config.get('model_type')}' model; only GPT-2 "
-                          f"(model_type gpt2) can be imported")
+        raise GptcliError(f"{hf_dir} holds a '{shorten(str(config.get('model_type')))}' model; only "
+                          f"GPT-2 (model_type gpt2) can be imported")
+    _check_hf_sizes(path, config)
     unsupported = {
         "activation_function": ("gelu_new", config.get("activation_function", "gelu_new")),
         "n_inner": (None, config.get("n_inner")),
@@ -139,8 +148,55 @@ def _read_hf_config(hf_dir: Path) -> dict:
     }
     for name, (wanted, found) in unsupported.items():
         if found != wanted and not (name == "n_inner" and found == 4 * config["n_embd"]):
-            raise GptcliError(f"{hf_dir}: {name}={found!r} is not supported (gptcli's GPT needs {wanted!r})")
+            raise GptcliError(f"{hf_dir}: {name}={shorten(repr(found))} is not supported (gptcli's GPT "
+                              f"needs {wanted!r})")
     return config
+
+
+def _check_hf_sizes(path: Path, config: dict) -> None:
+    """The sizes GPT-2 is built from: each present, a whole number (not a boolean) of at
+    least 1; n_head divides n_embd."""
+    for name in _HF_SIZES:
+        if name not in config:
+            raise GptcliError(f"{path}: '{name}' is missing; a GPT-2 config names {', '.join(_HF_SIZES)}")
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GptcliError(f"{path}: {name} must be a whole number of at least 1, got "
+                              f"{shorten(json.dumps(value))}")
+    if config["n_embd"] % config["n_head"]:
+        raise GptcliError(f"{path}: n_embd={shorten(str(config['n_embd']))} is not divisible by "
+                          f"n_head={shorten(str(config['n_head']))}; the config is damaged")
+
+
+def _gptcli_key(hf_key: str) -> str | None:
+    """gptcli's name for an HF GPT-2 tensor; None for the ones import skips (the tied
+    lm_head and old files' causal-mask buffers)."""
+    key = hf_key.removeprefix("transformer.")
+    if key == "lm_head.weight" or key.split(".")[-2:] in _MASK_BUFFERS:
+        return None
+    return key
+
+
+def _check_weight_shapes(path: Path, model: GPT) -> None:
+    """Every tensor of the weights file must have the shape config.json implies. Read from
+    the file's header alone, before any tensor is loaded; names the first that differs."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise GptcliError(f"{path} is unreadable: {exc}") from None
+    hf_names = {_gptcli_key(name): name for name in found}  # the others are reported after loading
+    for key, shape in expected.items():  # in the model's order: wte, wpe, h.0 ...
+        if key not in hf_names:
+            continue
+        name = hf_names[key]
+        want = shape[::-1] if key.endswith(_CONV1D) else shape  # Conv1D weights are (in, out)
+        if key == "wte.weight":
+            want = (model.config.vocab_size, model.config.n_embd)  # unpadded rows
+        if found[name] != want:
+            raise GptcliError(f"{path}: {shorten(name)} has shape {list(found[name])}, but config.json "
+                              f"implies {list(want)}; the weights and config.json do not belong together")
 
 
 def hf_tokenizer(hf_dir: Path, tokenizer_path: str | Path | None) -> Tokenizer:
@@ -169,15 +225,18 @@ def import_hf_model(hf_dir: str | Path) -> GPT:
     cfg = ModelConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
                       block_size=config["n_positions"], vocab_size=config["vocab_size"], bias=True,
                       dropout=0.0)
+    check_fits(cfg, torch.device("cpu"), training=False,
+               fix=f"{hf_dir} holds a model too large for this machine (or a damaged {HF_CONFIG})")
+    model = GPT(cfg)
+    _check_weight_shapes(hf_dir / HF_WEIGHTS, model)
     try:
         weights = load_file(hf_dir / HF_WEIGHTS)
     except (OSError, SafetensorError) as exc:
         raise GptcliError(f"{hf_dir / HF_WEIGHTS} is unreadable: {exc}") from None
-    model = GPT(cfg)
     state = {}
-    for key, value in weights.items():
-        key = key.removeprefix("transformer.")
-        if key == "lm_head.weight" or key.split(".")[-2:] in _MASK_BUFFERS:
+    for hf_key, value in weights.items():
+        key = _gptcli_key(hf_key)
+        if key is None:
             continue
         if key.endswith(_CONV1D):
             value = value.t()
@@ -189,23 +248,26 @@ def import_hf_model(hf_dir: str | Path) -> GPT:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if set(missing) - {"lm_head.weight"} or unexpected:
         raise GptcliError(f"{hf_dir / HF_WEIGHTS}: not GPT-2 weights (missing {sorted(missing)[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+                          f"unexpected {shorten(str(unexpected[:3]), 200)})")
     return model.eval()
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_path: str | Path | None = None) -> Path:
-    """`gptcli import-hf`: write an HF GPT-2 directory as a gptcli checkpoint directory."""
-    hf_dir, out = Path(hf_dir), Path(out)
+def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_path: str | Path | None = None,
+              overwrite: bool = False) -> Path:
+    """`gptcli import-hf`: write an HF GPT-2 directory as a gptcli checkpoint directory
+    (`overwrite`: replacing an earlier import)."""
+    hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise GptcliError(f"{hf_dir} is not a directory")
-    if out.exists():
-        raise GptcliError(f"{out} already exists; choose a new --out directory")
+    target = check_output_dir(out, "checkpoint", replace=overwrite,
+                              inputs=input_paths([hf_dir, tokenizer_path or ""]))
     model = import_hf_model(hf_dir)
     tokenizer = hf_tokenizer(hf_dir, tokenizer_path)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise GptcliError(f"the tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}")
     note = f"# imported from Hugging Face GPT-2 directory {hf_dir}\n"
-    return save_checkpoint(out, model, tokenizer, note)
+    save_checkpoint(target, model, tokenizer, note, mark_as="checkpoint")
+    return Path(out)
 
 
 def cached_import(hf_dir: Path) -> Path:
@@ -226,12 +288,12 @@ def cached_import(hf_dir: Path) -> Path:
 # --- export ------------------------------------------------------------------------------
 
 
-def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
-    """`gptcli export-hf`: a checkpoint as an HF directory that transformers loads."""
+def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """`gptcli export-hf`: a checkpoint as an HF directory that transformers loads
+    (`overwrite`: replacing an earlier export)."""
     source = resolve_checkpoint(checkpoint)
-    out = Path(out)
-    if out.exists():
-        raise GptcliError(f"{out} already exists; choose a new --out directory")
+    target = check_output_dir(out, "hf-export", replace=overwrite,
+                              inputs=input_paths([checkpoint, source]))
     model, tokenizer = load_model(source)
     if model.lora_spec is not None:
         merge_lora(model)
@@ -268,7 +330,8 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         config.update(num_labels=len(model.labels), pad_token_id=tokenizer.eot_id,
                       id2label={str(i): name for i, name in enumerate(model.labels)},
                       label2id={name: i for i, name in enumerate(model.labels)})
-    with staging_dir(out) as work:
+    with staging_dir(target) as work:
+        mark(work, "hf-export")
         save_file(weights, work / HF_WEIGHTS, metadata={"format": "pt"})
         (work / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
@@ -281,6 +344,6 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
             (work / "tokenizer_config.json").write_text(json.dumps(
                 {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT,
                  "unk_token": EOT, "model_max_length": cfg.block_size, "add_prefix_space": False}))
-    return out
+    return Path(out)
 
 

@@ -11,16 +11,23 @@ encoded as ordinary text, so a user can never type a special token):
 Loss falls only on assistant content and its closing <|end|> (so the model learns to stop);
 everything else is masked with IGNORE_INDEX. `gptcli sample` on such a checkpoint wraps the
 prompt as one user turn plus `<|assistant|>` and stops at `<|end|>`.
+
+A conversation longer than the context is dropped (reported in one Notice) or, with
+finetune.too_long=error, refused with its `file:line`; cutting it would teach half answers.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from gptcli.errors import GptcliError
+from gptcli.events import EventSink, Notice, ignore
 from gptcli.model import IGNORE_INDEX
 from gptcli.data import step_rows
+from gptcli.records import Record, where
 from gptcli.runtime import Distributed, Precision
 from gptcli.tokenizer import Tokenizer
 from gptcli.train import lm_evaluate
@@ -54,6 +61,20 @@ def messages_of(record: dict, where: str) -> list[dict]:
     raise GptcliError(f"{where}: expected 'prompt' and 'response' strings, or 'messages'")
 
 
+class Conversation(NamedTuple):
+    where: str  # `file:line` of the record it came from
+    messages: list[dict]
+
+
+def conversations(records: list[Record], path: str) -> list[Conversation]:
+    """The conversation of every record of `path`, each knowing its line."""
+    found = []
+    for record in records:
+        place = where(path, record)
+        found.append(Conversation(place, messages_of(record, place)))
+    return found
+
+
 def render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and their targets for next-token training: targets[i]
     is ids[i + 1] where that token is assistant content or its <|end|>, else IGNORE_INDEX."""
@@ -81,29 +102,25 @@ class InstructData:
     metric = "val_loss"
     higher_is_better = False
 
-    def __init__(self, tokenizer: Tokenizer, train: list[list[dict]], val: list[list[dict]],
+    def __init__(self, tokenizer: Tokenizer, train: list[Conversation], val: list[Conversation],
                  block_size: int, batch_size: int, pack: bool, seed: int, device: torch.device,
-                 grad_accum: int = 1, dist: Distributed = Distributed()):
+                 grad_accum: int = 1, dist: Distributed = Distributed(), too_long: str = "drop",
+                 on_event: EventSink = ignore):
         self.pad_id = tokenizer.eot_id
-        self.train_rows = self._rows(tokenizer, train, block_size, pack)
-        self.val_rows = self._rows(tokenizer, val, block_size, pack)
+        train_rows = _fitting_rows(tokenizer, train, block_size, too_long, "training")
+        val_rows = _fitting_rows(tokenizer, val, block_size, too_long, "validation")
+        dropped = len(train) - len(train_rows), len(val) - len(val_rows)
+        if any(dropped):
+            on_event(Notice(f"dropped {dropped[0]} of {len(train)} training and {dropped[1]} of "
+                            f"{len(val)} validation conversations longer than the {block_size}-token "
+                            f"context (finetune.too_long=drop)"))
+        self.train_rows = _pack(train_rows, block_size) if pack else train_rows
+        self.val_rows = _pack(val_rows, block_size) if pack else val_rows
         self.batch_size = batch_size
         self.per_step = batch_size * grad_accum * dist.world_size
         self.dist = dist
         self.seed = seed
         self.device = device
-
-    @staticmethod
-    def _rows(tokenizer: Tokenizer, conversations: list[list[dict]], block_size: int,
-              pack: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-        rows = []
-        for number, messages in enumerate(conversations, start=1):
-            ids, targets = render(tokenizer, messages)
-            if len(ids) > block_size:
-                raise GptcliError(f"conversation {number} is {len(ids)} tokens, longer than the "
-                                  f"{block_size}-token context; shorten it or drop it")
-            rows.append((np.array(ids), np.array(targets)))
-        return _pack(rows, block_size) if pack else rows
 
     def _batch(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids, _ in rows)
@@ -127,6 +144,26 @@ class InstructData:
     def evaluate(self, model: torch.nn.Module, precision: Precision) -> dict[str, float]:
         """Mean loss per response token over every validation conversation."""
         return lm_evaluate(model, self.val_batches(), precision)
+
+
+def _fitting_rows(tokenizer: Tokenizer, candidates: list[Conversation], block_size: int,
+                  too_long: str, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, targets) of the conversations that fit the context. A longer one is left out,
+    or with too_long="error" refused; a split left with none is refused either way."""
+    rows = []
+    for conversation in candidates:
+        ids, targets = render(tokenizer, conversation.messages)
+        if len(ids) <= block_size:
+            rows.append((np.array(ids), np.array(targets)))
+        elif too_long == "error":
+            raise GptcliError(f"{conversation.where}: conversation is {len(ids)} tokens, longer than "
+                              f"the {block_size}-token context; shorten it, or set "
+                              f"finetune.too_long=drop to leave such conversations out")
+    if not rows:
+        raise GptcliError(f"all {len(candidates)} {split} conversations are longer than the "
+                          f"{block_size}-token context (finetune.too_long=drop leaves none); "
+                          f"shorten them")
+    return rows
 
 
 def _pack(rows: list[tuple[np.ndarray, np.ndarray]], block_size: int

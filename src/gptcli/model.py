@@ -23,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 from gptcli.attention import causal_attention
 from gptcli.config import ModelConfig
+from gptcli.errors import shorten
+from gptcli.runtime import check_memory
 
 IGNORE_INDEX = -1  # target id that contributes no loss (padding, prompt tokens)
 
@@ -202,3 +204,26 @@ class GPT(nn.Module):
     def clear_kv_cache(self) -> None:
         for block in self.h:
             block.attn.kv_cache = None
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """The parameters `GPT(cfg).num_params()` counts, from the config alone: exact, and
+    instant for any size, so a model too large to build is refused before it is built."""
+    C, bias = cfg.n_embd, int(cfg.bias)
+
+    def linear(n_in: int, n_out: int) -> int:
+        return n_in * n_out + bias * n_out
+
+    norm = C + bias * C  # LayerNorm gain (and shift)
+    block = 2 * norm + linear(C, 3 * C) + linear(C, C) + linear(C, 4 * C) + linear(4 * C, C)
+    rows = -(-cfg.vocab_size // 64) * 64  # padded_vocab_size in whole numbers: exact at any size
+    return rows * C + cfg.block_size * C + cfg.n_layer * block + norm  # wte, wpe, h, ln_f; lm_head is wte
+
+
+def check_fits(cfg: ModelConfig, device: torch.device, training: bool, fix: str,
+               shards: int = 1) -> None:
+    """Refuse (with the numbers) a model whose parameters alone overflow `device`'s memory;
+    called before `GPT(cfg)` so an absurd config never starts allocating."""
+    shape = ", ".join(f"{name}={shorten(str(getattr(cfg, name)), 20)}"
+                      for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"))
+    check_memory(count_params(cfg), device, training, f"model ({shape})", fix, shards)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from gptcli.errors import GptcliError
-from gptcli.runlog import METRICS_FILE, read_metrics
+from gptcli.outputs import check_output_file, input_paths
+from gptcli.runlog import METRICS_FILE, RUN_FILE, read_metrics
 
 LOSS_PNG = "loss.png"
 X_AXES = {"step": "step", "tokens": "tokens seen"}
@@ -55,6 +56,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise GptcliError(f"--out: {out} should end in .png")
+    read = [Path(run_dir) / name for run_dir in run_dirs for name in (METRICS_FILE, RUN_FILE)]
+    check_output_file(out, input_paths(read), "--out")
     runs = {}
     for run_dir in map(Path, run_dirs):
         records = read_metrics(run_dir)
@@ -106,4 +109,5 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
 def _short_names(run_dirs: list[Path]) -> dict[Path, str]:
     """Legend names: each run's folder name, or its path when two names clash."""
     names = [d.name or str(d) for d in run_dirs]
-    return {d: (n if names.count(n) == 1 else str(d)) for d, n in zip(run_dirs, names)}
+    # `$` would start matplotlib's maths mode: a name is shown as written.
+    return {d: (n if names.count(n) == 1 else str(d)).replace("$", r"\$") for d, n in zip(run_dirs, names)}

@@ -23,7 +23,6 @@ import torch
 from gptcli.checkpoint import (
     CONFIG_YAML,
     TrainerState,
-    check_run_dir,
     load_trainer_state,
     load_weights,
     read_metadata,
@@ -33,7 +32,9 @@ from gptcli.config import RunConfig, dump_yaml, load_config
 from gptcli.data import BatchSampler, TokenDataset, prepare_dataset
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, RunFinished, RunStarted, ignore
-from gptcli.model import GPT
+from gptcli.model import GPT, check_fits
+from gptcli.outputs import input_paths
+from gptcli.rundir import RunClaim, claim_run_dir
 from gptcli.runtime import (
     Distributed,
     Precision,
@@ -104,10 +105,21 @@ def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerSta
 def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
              on_event: EventSink = ignore) -> PretrainResult:
     started, started_at = time.perf_counter(), time.time()
-    run_dir = Path(cfg.out_dir)
-    checkpoint, must_clear = check_run_dir(run_dir, resume, overwrite)
-
     dist, device = init_distributed(resolve_device(cfg.train.device))
+    claim = claim_run_dir(cfg.out_dir, resume=resume, overwrite=overwrite, dist=dist,
+                          inputs=input_paths([*cfg.data.inputs, cfg.data.tokenizer]), on_event=on_event)
+    failed = True
+    try:
+        result = _pretrain(cfg, claim, dist, device, started, started_at, on_event)
+        failed = False
+    finally:
+        claim.close(failed)
+    return result
+
+
+def _pretrain(cfg: RunConfig, claim: RunClaim, dist: Distributed, device: torch.device,
+              started: float, started_at: float, on_event: EventSink) -> PretrainResult:
+    checkpoint = claim.resume_from
     configure_matmul(device)
     dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event, dist=dist))
     vocab = dataset.tokenizer.vocab_size
@@ -116,6 +128,10 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                           f"{dataset.path} has {vocab} ids; remove model.vocab_size or retokenize")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     dataset.check_context(cfg.model.block_size)
+    shards = dist.world_size if cfg.train.parallel == "fsdp" else 1
+    check_fits(cfg.model, device, training=True, shards=shards,
+               fix="shrink model.n_layer, model.n_embd or model.block_size (or shard it over more "
+                   "GPUs: train.parallel=fsdp under torchrun)")
 
     seed_everything(cfg.seed)
     model = GPT(cfg.model).to(device)
@@ -126,11 +142,11 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         load_weights(model, checkpoint, device)
     state.extra["val_sha256"] = dataset.val_sha256  # lets `gptcli eval` check it repeats this validation
     data = PretrainData(dataset, cfg, device, dist)
-    setup = prepare_loop(model, data, dataset.tokenizer, cfg.train, run_dir, device, state,
-                         config_yaml=dump_yaml(cfg), clear_run_dir=must_clear,
-                         resuming=checkpoint is not None, dist=dist, started_at=started_at)
+    setup = prepare_loop(model, data, dataset.tokenizer, cfg.train, claim, device, state,
+                         config_yaml=dump_yaml(cfg), dist=dist, on_event=on_event,
+                         started_at=started_at)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size * cfg.model.block_size
-    on_event(RunStarted(str(run_dir), {
+    on_event(RunStarted(str(cfg.out_dir), {
         "parameters": f"{model.num_params() / 1e6:.2f}M",
         "tokenizer": f"{dataset.tokenizer.name} ({vocab} ids)",
         "data": f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens",
@@ -143,7 +159,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     if checkpoint is not None:
         restore_rng_state(state.rng)  # last, so nothing above shifts the dropout stream
     state = train_loop(model, data, setup, state, on_event)
-    result = PretrainResult(run_dir, state.step, state.best_metric, time.perf_counter() - started)
+    result = PretrainResult(claim.path, state.step, state.best_metric, time.perf_counter() - started)
     on_event(RunFinished({"steps": result.steps, "best_val_loss": result.best_val_loss,
                           "seconds": result.seconds}))
     return result

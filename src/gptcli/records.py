@@ -1,68 +1,119 @@
-"""Reading labelled examples: CSV, TSV or JSONL files into lists of dicts.
+"""Reading labelled examples: CSV, TSV or JSONL files into lists of records.
 
-Every problem names the file (and line, for JSONL and CSV rows) so the user can fix it.
+Data is read exactly: a quoted CSV field keeps its line breaks as written (LF or CRLF),
+only a line break ends a row or a JSONL line (never a form feed or U+2028), an unclosed
+quote is an error rather than a field swallowing the rest of the file, and a UTF-8
+byte-order mark at the start is dropped. Every record remembers the line of its file where
+it starts, so each problem names `file:line` as an editor shows it, whatever order the
+records are used in later.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import zip_longest
 from pathlib import Path
 
 from gptcli.errors import GptcliError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+BOM = "\ufeff"
+JSON_BLANKS = " \t\r"  # JSON's whitespace within one line (str.strip would also eat U+2028)
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """All records of a `.csv`, `.tsv` or `.jsonl` file, in order."""
+class Record(dict):
+    """The fields of one record, plus `line`: the line of its source where it starts (1-based)."""
+
+    def __init__(self, fields: Mapping | Iterable[tuple], line: int):
+        super().__init__(fields)
+        self.line = line
+
+
+def numbered(rows: list[dict]) -> list[Record]:
+    """Records of data that has no file (the built-in examples), numbered in list order."""
+    return [Record(row, line) for line, row in enumerate(rows, start=1)]
+
+
+def where(path: str | Path, record: Record) -> str:
+    """`path:line` of a record, for messages about it."""
+    return f"{path}:{record.line}"
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """All records of a `.csv`, `.tsv` or `.jsonl` file, in file order."""
     path = Path(path)
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise GptcliError(f"{path}: unknown data format (use .csv, .tsv or .jsonl)")
     if not path.is_file():
         raise GptcliError(f"data file {path} does not exist")
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as exc:
-        raise GptcliError(f"{path}: invalid UTF-8 at byte {exc.start}") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise GptcliError(f"{path}:{line}: invalid UTF-8 at byte {exc.start}") from None
     records = _jsonl(path, text) if kind == "jsonl" else _table(path, text, kind)
     if not records:
         raise GptcliError(f"data file {path} has no records")
     return records
 
 
-def _jsonl(path: Path, text: str) -> list[dict]:
+def _jsonl(path: Path, text: str) -> list[Record]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip(JSON_BLANKS):
             continue
         try:
-            record = json.loads(line)
+            fields = json.loads(line)
         except json.JSONDecodeError as exc:
             raise GptcliError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise GptcliError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
+        if not isinstance(fields, dict):
+            raise GptcliError(f"{path}:{number}: expected a JSON object, got {type(fields).__name__}")
+        records.append(Record(fields, number))
     return records
 
 
-def _table(path: Path, text: str, kind: str) -> list[dict]:
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if kind == "tsv" else ",")
+def _table(path: Path, text: str, kind: str) -> list[Record]:
+    """The rows after the header as records; a short row's missing cells are None."""
+    rows = _rows_with_lines(path, text, kind)
+    _, header = next(rows, (0, None))
     records = []
-    for record in reader:
-        if None in record:  # more cells than header names
-            raise GptcliError(f"{path}:{reader.line_num}: more values than columns in the header")
-        records.append(record)
+    for line, row in rows:
+        if len(row) > len(header):
+            raise GptcliError(f"{path}:{line}: more values than columns in the header")
+        records.append(Record(zip_longest(header, row), line))
     return records
 
 
-def column(records: list[dict], name: str, path: str | Path, option: str) -> list:
+def _rows_with_lines(path: Path, text: str, kind: str) -> Iterator[tuple[int, list[str]]]:
+    """(line where it starts, cells) of every row that is not a blank line. newline=""
+    hands line endings to the csv module, which keeps those inside quotes; strict mode
+    refuses an unclosed quote instead of reading the rest of the file into one field."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",",
+                        strict=True)
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise GptcliError(f"{path}:{start}: invalid {kind.upper()} ({exc})") from None
+        if row:
+            yield start, row
+        start = reader.line_num + 1
+
+
+def column(records: list[Record], name: str, path: str | Path, option: str) -> list:
     """The values of column `name`; an error naming `option` if a record lacks it."""
     values = []
-    for index, record in enumerate(records, start=1):
+    for record in records:
         if name not in record or record[name] is None:
-            raise GptcliError(f"{path}: record {index} has no '{name}' column (set {option}; "
+            raise GptcliError(f"{where(path, record)}: record has no '{name}' column (set {option}; "
                               f"columns found: {', '.join(map(str, record))})")
         values.append(record[name])
     return values

@@ -1,5 +1,5 @@
 """Where and how the math runs: device, precision (autocast, loss scaling), compile, seeding,
-and the device's peak FLOP/s for MFU.
+whether a model fits the device's memory, and the device's peak FLOP/s for MFU.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 
 import torch
 
@@ -90,6 +91,79 @@ def should_compile(setting: str, device: torch.device) -> bool:
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA generators too
+
+
+# The least memory a parameter takes. Training in fp32 keeps the weight, its gradient and
+# AdamW's two moments, 4 bytes each; activations come on top and are not counted, so a model
+# that passes the check may still run out of memory, but one that fails it cannot fit.
+TRAIN_BYTES_PER_PARAM = 16
+INFER_BYTES_PER_PARAM = 4  # the fp32 weights alone
+
+
+def check_memory(params: int, device: torch.device, training: bool, what: str, fix: str,
+                 shards: int = 1) -> None:
+    """Refuse a model of `params` parameters whose weights (and, to train, gradients and
+    AdamW moments) cannot fit in `device`'s memory, before anything is allocated. Under
+    FSDP over `shards` processes, each first builds the whole model, then keeps its share."""
+    per_param = TRAIN_BYTES_PER_PARAM if training else INFER_BYTES_PER_PARAM
+    needed = max(params * INFER_BYTES_PER_PARAM, params * per_param // shards)
+    available = available_memory(device)
+    if available is None or needed <= available:
+        return
+    parts = "fp32 weights, gradients and AdamW moments" if training else "fp32 weights"
+    where = (f"{device} has {human_bytes(available)} free" if device.type == "cuda"
+             else f"this machine has {human_bytes(available)} available")
+    raise GptcliError(f"{what}: about {human_count(params)} parameters need at least "
+                      f"{human_bytes(needed)} to {'train' if training else 'load'} ({parts}); "
+                      f"{where}; {fix}")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a model can use: free memory on a CUDA GPU; otherwise (CPU, and MPS, which
+    shares it) the machine's memory. None when it cannot be found out."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return _host_memory()
+
+
+def _host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux: free memory plus the cache it can drop),
+    else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts in KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def human_count(n: int) -> str:
+    """A count in thousands: 1_234_567_890 -> '1.2B'."""
+    return _in_thousands(n, ["", "K", "M", "B", "T"])
+
+
+def human_bytes(n: int) -> str:
+    """Bytes in decimal units: 19_600_000_000_000 -> '19.6 TB'."""
+    return _in_thousands(n, [" bytes", " KB", " MB", " GB", " TB", " PB"])
+
+
+def _in_thousands(n: int, units: list[str]) -> str:
+    """`n` in the largest of `units` (each 1000 times the last) it reaches; past the last
+    one, in powers of ten. Decimal, not float: an absurd config's count can pass 1e308."""
+    power = 0
+    while power + 1 < len(units) and n >= 1000 ** (power + 1):
+        power += 1
+    if n >= 1000 ** (power + 1):
+        return f"{Decimal(n):.1e}{units[0]}"
+    if power == 0:
+        return f"{n}{units[0]}"
+    return f"{Decimal(n) / 1000 ** power:.1f}{units[power]}"
 
 
 def configure_matmul(device: torch.device) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -17,6 +21,71 @@ from gptcli.instruct import END, has_chat_template, prompt_ids
 from gptcli.inference import for_generation
 from gptcli.lora import merge_lora
 from gptcli.runtime import DTYPES, resolve_device, resolve_precision
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and folds negatives onto it)
+_ESCAPE = re.compile(r"\\(?:([\\nrt])|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
+_SIMPLE_ESCAPES = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def decode_escapes(text: str) -> str:
+    """`text` with the escapes of `--stop` turned into characters: \\n newline, \\t tab,
+    \\r carriage return, \\\\ backslash, \\uXXXX and \\UXXXXXXXX (hex code points).
+
+    Any other backslash, and all other text (non-ASCII included), stays as typed. The text
+    is read once from left to right, so `\\\\n` is a backslash followed by `n`. (Not
+    codecs' unicode_escape, which reads the text as Latin-1 and so mangles UTF-8.)
+    """
+    return _ESCAPE.sub(_unescape, text)
+
+
+def _unescape(match: re.Match) -> str:
+    simple, short, long = match.groups()
+    if simple:
+        return _SIMPLE_ESCAPES[simple]
+    code = int(short or long, 16)
+    return chr(code) if code <= sys.maxunicode else match.group(0)  # beyond Unicode: as typed
+
+
+def read_prompt(prompt: str | None, prompt_file: str | Path | None, stdin: BinaryIO | None = None) -> str:
+    """The prompt: `--prompt` as given (`-`: all of standard input) or `--prompt-file`'s
+    text. Read text is UTF-8, taken exactly (a final newline stays); a byte-order mark at
+    its start is dropped."""
+    if prompt is not None and prompt_file is not None:
+        raise GptcliError("--prompt and --prompt-file both given; use one of them")
+    if prompt_file is not None:
+        return _utf8(_read_prompt_file(Path(prompt_file)), f"--prompt-file: {prompt_file}")
+    if prompt == "-":
+        return _utf8((stdin or sys.stdin.buffer).read(), "--prompt -: standard input")
+    return prompt or ""
+
+
+def _read_prompt_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise GptcliError(f"--prompt-file: {path} does not exist") from None
+    except IsADirectoryError:
+        raise GptcliError(f"--prompt-file: {path} is a directory; name a text file") from None
+    except OSError as exc:
+        raise GptcliError(f"--prompt-file: cannot read {path} ({exc.strerror or exc})") from None
+
+
+def _utf8(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise GptcliError(f"{source}: invalid UTF-8 at byte {exc.start}; convert it (e.g. with iconv)") from None
+
+
+def _not_utf8_at(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode, or None. Such characters are lone
+    surrogates: what command-line bytes that are not UTF-8 turn into (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 @dataclass(frozen=True)
@@ -36,14 +105,25 @@ class SampleRequest:
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        bad = _not_utf8_at(self.prompt)
+        if bad is not None:
+            problems.append(f"--prompt is not valid UTF-8 text (character {bad} is {ascii(self.prompt[bad])}); "
+                            f"pass UTF-8 text, or a UTF-8 file with --prompt-file")
+        if not math.isfinite(self.temperature) or self.temperature < 0:  # nan passes `< 0`
+            problems.append(f"--temperature must be 0 (greedy) or more, and finite; got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             problems.append(f"--top-k must be at least 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.num_samples < 1:
             problems.append(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"--seed must be between 0 and 2**64 - 1 ({MAX_SEED}), got {self.seed}")
+        for stop in self.stops:
+            if not stop:
+                problems.append("--stop must not be empty (an empty string would end every sample at once)")
+            elif _not_utf8_at(stop) is not None:
+                problems.append(f"--stop {ascii(stop)} is not valid UTF-8 text")
         if self.precision not in ("auto", *DTYPES):
             problems.append(f"--precision must be auto, {', '.join(DTYPES)}, got {self.precision}")
         if problems:

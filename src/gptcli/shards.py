@@ -6,6 +6,7 @@ Layout of a tokenized directory:
     train.bin     flat array of token ids (uint16 if the vocabulary fits, else uint32);
     val.bin       documents separated by the end-of-text id
     tokenizer/    the tokenizer itself (see tokenizer.py)
+    .gptcli       the marker that lets `--overwrite` replace it (see outputs.py)
 
 The corpus is streamed piece by piece and encoded in batches with tiktoken's threaded
 batch API, so memory stays flat. Everything is written into a temporary sibling
@@ -31,6 +32,7 @@ from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, Progress, ignore
 from gptcli.atomic import staging_dir
 from gptcli.bpe import GPT2_PATTERN
+from gptcli.outputs import check_output_dir, input_paths, mark
 from gptcli.tokenizer import Tokenizer, is_corpus_dependent, resolve_tokenizer, tiktoken_from_ranks
 
 META_FILE = "meta.json"
@@ -123,13 +125,6 @@ def _build_tokenizer(spec: str | Tokenizer, sources: list[Source], jsonl_field: 
     return resolve_tokenizer(spec)
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise GptcliError(f"--out {out_dir} is a file; choose a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise GptcliError(f"{out_dir} already exists and is not empty; pass --overwrite to replace it")
-
-
 def tokenize_corpus(
     inputs: list[str],
     out_dir: str | Path,
@@ -147,10 +142,13 @@ def tokenize_corpus(
         raise GptcliError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     out_dir = Path(out_dir)
     sources = expand_inputs(inputs)
-    _prepare_out_dir(out_dir, overwrite)
+    tokenizer_file = [tokenizer] if isinstance(tokenizer, str) else []
+    target = check_output_dir(out_dir, "tokenized", replace=overwrite,
+                              inputs=input_paths([*inputs, *tokenizer_file]))
     tok = _build_tokenizer(tokenizer, sources, jsonl_field, val_fraction, seed, train_bpe, on_event)
     try:
-        with staging_dir(out_dir) as work:
+        with staging_dir(target) as work:
+            mark(work, "tokenized")
             dtype = token_dtype(tok.vocab_size)
             stats, digests = _write_splits(tok, dtype, sources, jsonl_field, val_fraction, seed,
                                            work, on_event)

@@ -11,7 +11,6 @@ pointers, and events for a progress display. The host syncs with the device only
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -20,8 +19,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
+from gptcli import atomic
 from gptcli.checkpoint import (
     CHECKPOINTS,
     CONFIG_YAML,
@@ -33,7 +34,7 @@ from gptcli.checkpoint import (
 )
 from gptcli.config import TrainConfig
 from gptcli.errors import GptcliError, Interrupted
-from gptcli.events import CheckpointSaved, EvalDone, EventSink, Notice, StepLogged
+from gptcli.events import CheckpointSaved, EvalDone, EventSink, Notice, StepLogged, ignore
 from gptcli.model import IGNORE_INDEX
 from gptcli.optim import build_optimizer, lr_at
 from gptcli.parallel import (
@@ -45,6 +46,7 @@ from gptcli.parallel import (
     shard,
     wrap_for_steps,
 )
+from gptcli.rundir import RunClaim
 from gptcli.runlog import RunLog, require_tensorboard, trim_metrics
 from gptcli.runtime import Distributed, Precision, peak_flops, resolve_precision, should_compile
 from gptcli.signals import StopRequest
@@ -88,13 +90,16 @@ class LoopSetup:
 
 
 def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: TrainConfig,
-                 run_dir: Path, device: torch.device, state: TrainerState, *, config_yaml: str,
-                 clear_run_dir: bool, resuming: bool, dist: Distributed = Distributed(),
+                 claim: RunClaim, device: torch.device, state: TrainerState, *, config_yaml: str,
+                 dist: Distributed = Distributed(), on_event: EventSink = ignore,
                  **options) -> LoopSetup:
     """What pretrain and finetune both do between building the model and training it: the
-    optimizer (restored when resuming), the precision, the run directory (an old run is
-    cleared only now, once every input has been validated), and how to save checkpoints."""
-    precision = resolve_precision(cfg.precision, device, cpu_step_timer(model, data))
+    optimizer (restored when resuming), the precision (a resumed run keeps its own), the
+    run directory (an old run is moved aside only now, once every input has been
+    validated), and how to save checkpoints."""
+    resuming = claim.resume_from is not None
+    precision = _run_precision(cfg.precision, device, model, data,
+                               state.extra.get("precision") if resuming else None, on_event)
     precision = Precision(dist.from_main(precision.name), precision.device_type)  # timed per rank
     state.extra["precision"] = precision.name  # what `gptcli eval` repeats the validation in
     if cfg.tensorboard:
@@ -106,21 +111,47 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
     if state.optimizer is not None:
         load_optimizer_state(optimizer, state.optimizer)
     dist.barrier()  # every rank has checked the run directory before rank 0 changes it
+    run_dir = claim.path
     if dist.is_main:
-        if clear_run_dir:
-            shutil.rmtree(run_dir)
-        (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_YAML).write_text(config_yaml)
+        claim.start()
+        try:
+            (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            atomic.write_text(run_dir / CONFIG_YAML, config_yaml)
+        except OSError as exc:
+            raise GptcliError(f"cannot write to {run_dir} ({exc.strerror or exc}); free disk "
+                              f"space or choose a writable out_dir") from None
         if resuming:
             trim_metrics(run_dir, state.step)
+
+    def save(s: TrainerState, weights: dict) -> Path:
+        path = save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model, tokenizer,
+                               config_yaml, s, weights=weights)
+        claim.saved()
+        return path
+
     return LoopSetup(
         cfg=cfg, optimizer=optimizer, precision=precision, device=device, run_dir=run_dir,
-        save=lambda s, weights: save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model,
-                                                tokenizer, config_yaml, s, weights=weights),
-        point_to=lambda name, path: write_pointer(run_dir, name, path),
+        save=save, point_to=lambda name, path: write_pointer(run_dir, name, path),
         flops_per_token=model.flops_per_token(), peak_flops=peak_flops(device, precision),
         compile=should_compile(cfg.compile, device), dist=dist, **options,
     )
+
+
+def _run_precision(setting: str, device: torch.device, model: nn.Module, data: TrainData,
+                   resumed: str | None, on_event: EventSink) -> Precision:
+    """The precision to train in. A resumed run keeps the one it started with: `auto` is
+    not decided again (a CPU timing trial could flip fp32 and bf16 and break exact
+    resume); an explicit different one is honoured with a note."""
+    if resumed is not None and setting in ("auto", resumed):
+        try:
+            return resolve_precision(resumed, device)
+        except GptcliError as exc:  # e.g. fp16 from a GPU, resumed on a CPU
+            on_event(Notice(f"the run trained in {resumed}, which this device cannot use ({exc}); "
+                            f"choosing again"))
+    elif resumed is not None:
+        on_event(Notice(f"the run trained in {resumed}; continuing in {setting} as asked (the "
+                        f"losses will not match an uninterrupted run exactly)"))
+    return resolve_precision(setting, device, cpu_step_timer(model, data))
 
 
 def global_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -410,8 +441,8 @@ def _save(model: nn.Module, state: TrainerState, done: int, setup: LoopSetup,
                 setup.point_to("best", path)
             if setup.cfg.keep_last:
                 prune_checkpoints(setup.run_dir, setup.cfg.keep_last)
-        except OSError as exc:
-            problem = exc.strerror or str(exc)
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk its own way
+            problem = getattr(exc, "strerror", None) or str(exc)
     state.optimizer = None  # a full copy in host memory until the next save would be waste
     problem = dist.from_main(problem)
     if problem is not None:

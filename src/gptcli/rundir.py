@@ -1,0 +1,202 @@
+"""A run directory claimed by one training process, from the first check to the last save.
+
+    claim = claim_run_dir(out_dir, resume=..., overwrite=..., inputs=..., dist=dist)
+    ... validate everything, build model and data ...
+    claim.start()      # only now: an old run is moved aside (with --overwrite)
+    ... train; after each checkpoint: claim.saved() ...
+    claim.close(failed=...)
+
+- The claim holds the directory's lock (rank 0 only, under torchrun), so a second
+  `pretrain`/`finetune` on it is refused naming the running pid and host.
+- `--overwrite` replaces only a marked gptcli run (see outputs.py) and never removes it up
+  front: the old run is renamed to a hidden sibling `.NAME.replaced-PID` when training
+  starts, deleted once the new run has saved its first checkpoint, and put back if the new
+  run fails before that. So a failed run never leaves the user with neither.
+- A run that fails during validation leaves the directory as it was (a folder the claim
+  created is removed again).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from gptcli.checkpoint import LATEST, read_pointer
+from gptcli.errors import GptcliError
+from gptcli.events import EventSink, Notice, ignore
+from gptcli.outputs import (
+    KIND_NAMES,
+    LOCK_FILE,
+    MARKER,
+    DirLock,
+    check_no_overlap,
+    mark,
+    marked_kind,
+    protected_reason,
+    resolved,
+)
+from gptcli.runtime import Distributed
+
+_OWN_FILES = {MARKER, LOCK_FILE}  # a folder holding only these has no run in it yet
+
+
+class RunClaim:
+    """Rank 0's hold on a run directory (on other ranks every method does nothing)."""
+
+    def __init__(self, path: Path, resume_from: Path | None, lock: DirLock | None = None,
+                 created: Path | None = None, marked: bool = False, replace: bool = False,
+                 on_event: EventSink = ignore):
+        self.path = path
+        self.resume_from = resume_from
+        self._lock = lock
+        self._created = created  # the outermost folder this claim made (removed on a failed check)
+        self._marked = marked  # this claim wrote the marker into a folder that existed
+        self._replace = replace  # --overwrite of an existing run: move it aside at start()
+        self._backup: Path | None = None
+        self._started = False
+        self._saved = False
+        self._on_event = on_event
+
+    def start(self) -> None:
+        """Training begins: move an old run aside (replace) and take a fresh folder."""
+        self._started = True
+        if not self._replace or self._lock is None:
+            return
+        self._backup = self.path.with_name(f".{self.path.name}.replaced-{os.getpid()}")
+        os.replace(self.path, self._backup)
+        old_lock, self._lock = self._lock, None
+        try:
+            self.path.mkdir()
+            mark(self.path, "run")
+            self._lock = DirLock(self.path, "another run")
+        finally:
+            old_lock.release()
+
+    def saved(self) -> None:
+        """A checkpoint of the new run exists: the replaced run is no longer needed."""
+        self._saved = True
+        if self._backup is not None:
+            shutil.rmtree(self._backup, ignore_errors=True)
+            self._backup = None
+
+    def close(self, failed: bool) -> None:
+        """Release the lock; after a failure, undo what this claim changed on disk."""
+        if self._lock is None:
+            return
+        try:
+            if failed and not self._started:
+                self._undo_claim()
+            elif failed and self._backup is not None and not self._saved:
+                self._restore_replaced()
+        finally:
+            self._lock.release()
+            self._lock = None
+
+    def _undo_claim(self) -> None:
+        """Validation failed: leave the folder as it was before the claim."""
+        if self._created is not None:
+            shutil.rmtree(self._created, ignore_errors=True)
+        elif self._marked and set(os.listdir(self.path)) <= _OWN_FILES:
+            (self.path / MARKER).unlink(missing_ok=True)
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+
+    def _restore_replaced(self) -> None:
+        """The new run failed before its first checkpoint: put the old run back."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.replace(self._backup, self.path)
+        self._on_event(Notice(f"the run failed before its first checkpoint; the previous run "
+                              f"in {self.path} was put back"))
+        self._backup = None
+
+
+def claim_run_dir(out_dir: str | Path, *, resume: bool, overwrite: bool, inputs: Iterable[Path],
+                  dist: Distributed = Distributed(), on_event: EventSink = ignore) -> RunClaim:
+    """Check `out_dir` against --resume/--overwrite and the command's inputs, and (rank 0)
+    lock it. Under torchrun rank 0 decides and every rank gets its verdict, so all fail
+    with the same one-line error or none does."""
+    claim, problem = None, None
+    if dist.is_main:
+        try:
+            claim = _claim(out_dir, resume, overwrite, list(inputs), on_event)
+        except GptcliError as exc:
+            problem = str(exc)
+    problem = dist.from_main(problem)
+    if problem is not None:
+        raise GptcliError(problem)
+    if not dist.is_main:
+        path, resume_from = dist.from_main(None)
+        return RunClaim(path, resume_from)
+    dist.from_main((claim.path, claim.resume_from))
+    return claim
+
+
+def _claim(out_dir: str | Path, resume: bool, overwrite: bool, inputs: list[Path],
+           on_event: EventSink) -> RunClaim:
+    if resume and overwrite:
+        raise GptcliError("--resume and --overwrite contradict each other; pick one")
+    path = resolved(out_dir, "out_dir")
+    if path.exists() and not path.is_dir():
+        raise GptcliError(f"out_dir {out_dir} is a file; choose a directory path")
+    check_no_overlap(path, inputs, "out_dir")
+    kind = marked_kind(path) if path.is_dir() else None
+    lock = None
+    try:
+        if kind == "run":  # first: a process training there is the clearest answer
+            lock = DirLock(path, "another run")
+        latest = read_pointer(path, LATEST) if path.is_dir() else None
+        used = path.is_dir() and bool(set(os.listdir(path)) - _OWN_FILES)
+        _check_claim(out_dir, path, kind, used, latest, resume, overwrite)
+        created = _first_missing(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if lock is None:
+            lock = DirLock(path, "another run")
+        if kind is None:
+            mark(path, "run")
+    except OSError as exc:
+        if lock is not None:
+            lock.release()
+        raise GptcliError(f"cannot use out_dir {out_dir} ({exc.strerror or exc}); choose a "
+                          f"writable out_dir") from None
+    except GptcliError:
+        if lock is not None:
+            lock.release()
+        raise
+    leftovers = sorted(path.parent.glob(f"{glob.escape('.' + path.name)}.replaced-*"))
+    if leftovers:
+        on_event(Notice(f"{leftovers[0]} holds a run that an interrupted --overwrite moved "
+                        f"aside; delete it, or move it back if you need it"))
+    return RunClaim(path, latest if resume else None, lock, created=created,
+                    marked=kind is None, replace=used and overwrite, on_event=on_event)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of `path` and its parents that does not exist yet."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _check_claim(out_dir: str | Path, path: Path, kind: str | None, used: bool,
+                 latest: Path | None, resume: bool, overwrite: bool) -> None:
+    """Refuse every combination of folder state and flags that could lose data."""
+    if used and kind is None and not (resume and latest is not None):  # runs of older versions resume
+        raise GptcliError(f"out_dir {out_dir} is a non-empty folder that gptcli did not create; "
+                          f"choose a new or empty out_dir")
+    if kind not in (None, "run"):
+        raise GptcliError(f"out_dir {out_dir} holds {KIND_NAMES.get(kind, kind)}, not a training "
+                          f"run; choose another out_dir")
+    if used and overwrite:
+        reason = protected_reason(path)
+        if reason is not None:
+            raise GptcliError(f"out_dir {out_dir} cannot be replaced: {reason}; choose another out_dir")
+    if resume and latest is None:
+        raise GptcliError(f"--resume: {out_dir} has no checkpoint to resume from")
+    if used and not (resume or overwrite):
+        raise GptcliError(f"{out_dir} already holds a run; pass --resume to continue it or "
+                          f"--overwrite to start over")

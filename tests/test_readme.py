@@ -1,0 +1,273 @@
+"""Every `gptcli` command the README shows runs, shortened with --set, in a folder laid out
+as the README assumes (configs/, ../shared/data, corpora, earlier runs).
+
+Each command has a row in COMMANDS: what must exist first (other commands, run before it
+in the same folder) and what is appended to shorten it; a command that cannot run here says
+why. A README command without a row, or a row whose command left the README, fails the test.
+Folder states are built once per list of prerequisites and copied for each command.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import GPT2_TIKTOKEN, PY_SNIPPETS, SHARED, needs_gpt2_ranks, needs_shakespeare
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+PRETRAIN = ["--set", "train.max_steps=2", "--set", "train.eval_every=2", "--set", "train.eval_batches=1",
+            "--set", "train.save_every=2", "--set", "train.batch_size=2", "--set", "model.n_layer=1",
+            "--set", "model.n_head=2", "--set", "model.n_embd=32", "--set", "train.device=cpu",
+            "--set", "train.precision=fp32", "--set", "train.compile=false"]
+FINETUNE = ["--set", "train.max_steps=2", "--set", "train.eval_every=2", "--set", "train.eval_batches=1",
+            "--set", "train.save_every=2", "--set", "train.batch_size=2", "--set", "train.device=cpu",
+            "--set", "train.precision=fp32", "--set", "train.compile=false"]
+OFFLINE_GPT2 = ["--tokenizer", str(GPT2_TIKTOKEN)]  # tiktoken's own gpt2 files need a download
+
+DEMO = "gptcli pretrain configs/demo.yaml"
+CLASSIFY = "gptcli finetune --task classify"
+INSTRUCT = "gptcli finetune configs/finetune-instruct.yaml"
+SHAKESPEARE_RUN = "gptcli pretrain configs/shakespeare-char.yaml"
+IMPORT = "gptcli import-hf hf/gpt2 --out checkpoints/gpt2"
+GPT2_CLASSIFY = ("gptcli finetune configs/finetune-classify.yaml --set finetune.init_from=checkpoints/gpt2 "
+                 "--set finetune.lora.rank=8 --set out_dir=runs/gpt2-classify")
+
+
+# A README command; any command and what to append to it; or a function of the repo folder.
+Step = str | tuple[str, tuple[str, ...]] | Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class Row:
+    needs: tuple[Step, ...] = ()  # commands run first, in order, in the same folder
+    extra: tuple[str, ...] = ()  # appended to shorten the command (later --set wins)
+    skip: str = ""  # why it cannot run here
+    data: tuple = ()  # pytest marks for the shared data files it reads
+
+
+COMMANDS: dict[str, Row] = {
+    "gptcli tokenize corpus/ --out data/mycorpus": Row(extra=tuple(OFFLINE_GPT2), data=(needs_gpt2_ranks,)),
+    DEMO: Row(),
+    'gptcli sample --prompt "def "': Row(needs=(DEMO,), extra=("-n", "8")),
+    "gptcli tokenize stdlib --out data/stdlib --tokenizer bytes": Row(),
+    "gptcli tokenize ../shared/data/tinyshakespeare.txt --out data/shakespeare --tokenizer char":
+        Row(data=(needs_shakespeare,)),
+    "gptcli tokenize 'books/**/*.txt' notes/ --out data/books --tokenizer path/to/gpt2.tiktoken":
+        Row(data=(needs_gpt2_ranks,)),
+    "gptcli tokenize corpus.jsonl --jsonl-field body --out data/corpus --train-bpe 8192": Row(),
+    SHAKESPEARE_RUN: Row(data=(needs_shakespeare,)),
+    "gptcli pretrain configs/demo.yaml --set train.max_steps=300 --set model.n_layer=2": Row(),
+    "gptcli pretrain configs/demo.yaml --resume": Row(needs=(DEMO,), extra=("--set", "train.max_steps=4")),
+    "gptcli pretrain configs/demo.yaml --overwrite": Row(needs=(DEMO,)),
+    CLASSIFY: Row(needs=(DEMO,)),
+    "gptcli finetune configs/finetune-classify.yaml --set finetune.lora.rank=8": Row(needs=(DEMO,)),
+    "gptcli finetune configs/finetune-lm.yaml": Row(needs=(DEMO,), data=(needs_shakespeare,)),
+    INSTRUCT: Row(needs=(DEMO,)),
+    "gptcli finetune my.yaml --task instruct --resume":
+        Row(needs=(DEMO, ("gptcli finetune my.yaml --task instruct", ())), extra=("--set", "train.max_steps=4")),
+    'gptcli sample -c runs/classify-stdlib -p "msg = email.message_from_string(text)"':
+        Row(needs=(DEMO, CLASSIFY)),
+    "gptcli eval -c runs/classify-stdlib --data test.csv --predictions preds.csv": Row(needs=(DEMO, CLASSIFY)),
+    'gptcli sample -c runs/instruct-docstrings -p "def read_config(path):"':
+        Row(needs=(DEMO, INSTRUCT), extra=("-n", "8")),
+    IMPORT: Row(data=(needs_gpt2_ranks,)),
+    "gptcli import-hf hf/gpt2 --out checkpoints/gpt2 --tokenizer ../shared/data/gpt2.tiktoken":
+        Row(data=(needs_gpt2_ranks,)),
+    'gptcli sample -c checkpoints/gpt2 -p "The meaning of life is" -n 60 --top-k 40':
+        Row(needs=(IMPORT,), data=(needs_gpt2_ranks,)),
+    GPT2_CLASSIFY: Row(needs=(IMPORT,), data=(needs_gpt2_ranks,)),
+    "gptcli export-hf runs/gpt2-classify --out hf/gpt2-classify":
+        Row(needs=(IMPORT, GPT2_CLASSIFY), data=(needs_gpt2_ranks,)),
+    'gptcli sample -c runs/shakespeare-char -p "ROMEO:" -n 500 --top-k 200 --temperature 0.8':
+        Row(needs=(SHAKESPEARE_RUN,), extra=("-n", "20"), data=(needs_shakespeare,)),
+    'gptcli sample -c runs/demo/checkpoints/step-001500 -p "class " --stop "\\n\\n" --num-samples 4':
+        Row(needs=(DEMO, lambda repo: shutil.copytree(repo / "runs/demo/checkpoints/step-000002",
+                                                      repo / "runs/demo/checkpoints/step-001500")),
+            extra=("-n", "8")),  # the name the full demo's last checkpoint has
+    'gptcli sample -p "import " --greedy --json': Row(needs=(DEMO,), extra=("-n", "8")),
+    "gptcli plot runs/demo --out demo.png": Row(needs=(DEMO,)),
+    "gptcli plot runs/a runs/b --x tokens --log -o ab.png":
+        Row(needs=((DEMO, ("--set", "out_dir=runs/a")), (DEMO, ("--set", "out_dir=runs/b")))),
+    "gptcli runs": Row(needs=(DEMO,)),
+    "gptcli info runs/demo": Row(needs=(DEMO,)),
+    "gptcli eval -c runs/demo": Row(needs=(DEMO,)),
+    "gptcli eval -c runs/demo --data notes/ --data 'more/*.md'": Row(needs=(DEMO,)),
+    "torchrun --standalone --nproc_per_node 2 -m gptcli pretrain configs/demo.yaml": Row(),
+    "torchrun --standalone --nproc_per_node 8 -m gptcli pretrain configs/gpt2-124m.yaml --set train.grad_accum=5":
+        Row(skip="needs 8 GPUs"),
+    "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 -m gptcli pretrain "
+    "configs/gpt2-124m.yaml --set train.grad_accum=5": Row(skip="needs two machines with 8 GPUs"),
+    "torchrun --standalone --nproc_per_node 8 -m gptcli finetune configs/finetune-classify.yaml":
+        Row(skip="needs 8 GPUs"),
+    "torchrun --standalone --nproc_per_node 8 -m gptcli pretrain configs/gpt2-124m.yaml --set "
+    "train.parallel=fsdp --set train.activation_checkpointing=true": Row(skip="needs 8 GPUs"),
+    # The two fresh-machine commands install the project: CI runs the test one (.ci/run),
+    # and their gptcli parts are the DEMO and 'sample --prompt "def "' rows above.
+    'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e . && '
+    'gptcli pretrain configs/demo.yaml && gptcli sample --prompt "def "':
+        Row(skip="installs the project; its gptcli commands have their own rows"),
+}
+
+
+def readme_commands() -> list[str]:
+    """The README's shell lines that run gptcli, comments cut, continuations joined."""
+    commands = []
+    for block in re.findall(r"```(?:bash)?\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            line = " ".join(shlex.split(line, posix=False))  # one space between words
+            if re.match(r"(gptcli |torchrun .*-m gptcli |python3 -m venv .*&& gptcli )", line):
+                commands.append(line)
+    return list(dict.fromkeys(commands))
+
+
+def test_every_readme_command_has_a_row():
+    shown = readme_commands()
+    assert sorted(set(shown) - set(COMMANDS)) == [], "README commands without a row in COMMANDS"
+    assert sorted(set(COMMANDS) - set(shown)) == [], "rows for commands no longer in the README"
+
+
+# --- the folder the README assumes -------------------------------------------------------
+
+
+def lay_out(root: Path) -> None:
+    """configs/, ../shared beside it, and the inputs the README's examples name."""
+    repo = root / "repo"
+    shutil.copytree(REPO / "configs", repo / "configs")
+    (root / "shared").symlink_to(SHARED.parent)
+    for folder in ("corpus", "books/a", "notes", "more", "path/to"):
+        (repo / folder).mkdir(parents=True)
+    for i, text in enumerate(PY_SNIPPETS * 4):
+        (repo / "corpus" / f"m{i}.py").write_text(text)
+        (repo / "books" / "a" / f"b{i}.txt").write_text(text.upper())
+        (repo / "notes" / f"n{i}.md").write_text(text)
+        (repo / "more" / f"m{i}.md").write_text(text[::-1])
+    (repo / "corpus.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in PY_SNIPPETS * 8))
+    if GPT2_TIKTOKEN.is_file():
+        shutil.copy(GPT2_TIKTOKEN, repo / "path" / "to" / "gpt2.tiktoken")
+        make_hf_gpt2(repo / "hf" / "gpt2")
+    instruct = (REPO / "configs" / "finetune-instruct.yaml").read_text()
+    (repo / "my.yaml").write_text(instruct.replace("runs/instruct-docstrings", "runs/my"))
+    rows = ["asyncio.run(main())", "msg = email.message_from_string(s)", "root = tkinter.Tk()",
+            "tree = xml.etree.ElementTree.parse(f)"]
+    labels = ["asyncio", "email", "tkinter", "xml"]
+    (repo / "test.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in zip(rows, labels)))
+
+
+def make_hf_gpt2(folder: Path) -> None:
+    """A tiny random GPT-2 as `save_pretrained` writes it, with GPT-2's tokenizer files
+    (derived from the shared ranks, as the hub would serve them)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptcli.hf import tokenizer_files
+    from gptcli.tokenizer import tiktoken_from_file
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64)).save_pretrained(folder)
+    tokenizer = tiktoken_from_file(GPT2_TIKTOKEN)
+    vocab, merges = tokenizer_files(tokenizer.encoding._mergeable_ranks)
+    vocab["<|endoftext|>"] = tokenizer.eot_id
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def shortened(step: Step) -> list[str]:
+    """A command's arguments after `gptcli`, with the shortening its kind needs and then
+    what its row (or the step itself) appends."""
+    command, extra = step if isinstance(step, tuple) else (step, COMMANDS[step].extra)
+    words = shlex.split(command)
+    args = words[words.index("gptcli") + 1:] if "gptcli" in words else words[words.index("-m") + 2:]
+    kind = {"pretrain": PRETRAIN, "finetune": FINETUNE}.get(args[0], [])
+    return [*args, *kind, *extra]
+
+
+def invoke(args: list[str], cwd: Path, cache: Path) -> tuple[int, str, str]:
+    """`gptcli ARGS` in this process, in `cwd`; returns (exit code, stdout, stderr)."""
+    from gptcli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = (sys.argv, os.getcwd(), os.environ.get("GPTCLI_CACHE"))
+    sys.argv, code = ["gptcli", *args], 0
+    os.chdir(cwd)
+    os.environ["GPTCLI_CACHE"] = str(cache)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        os.environ["GPTCLI_CACHE"] = saved[2] or ""
+        if saved[2] is None:
+            del os.environ["GPTCLI_CACHE"]
+    return code, out.getvalue(), err.getvalue()
+
+
+class Folders:
+    """Folder states by the commands run in them, each built once from the one before."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cache = root / "cache"
+        self.states: dict[tuple[Step, ...], Path] = {(): root / "base"}
+        lay_out(root / "base")
+
+    def state(self, needs: tuple[Step, ...]) -> Path:
+        if needs not in self.states:
+            folder = self.copy(self.state(needs[:-1]), f"state{len(self.states)}")
+            if callable(needs[-1]):
+                needs[-1](folder / "repo")
+            else:
+                code, _, err = invoke(shortened(needs[-1]), folder / "repo", self.cache)
+                assert code == 0, f"{needs[-1]} (needed first) failed:\n{err[-3000:]}"
+            self.states[needs] = folder
+        return self.states[needs]
+
+    def copy(self, folder: Path, name: str) -> Path:
+        target = self.root / name
+        shutil.copytree(folder / "repo", target / "repo", symlinks=True)
+        (target / "shared").symlink_to(SHARED.parent)
+        return target
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Folders:
+    return Folders(tmp_path_factory.mktemp("readme"))
+
+
+def rows_to_run():
+    for command, row in COMMANDS.items():
+        marks = [*row.data, *([pytest.mark.skip(reason=row.skip)] if row.skip else [])]
+        yield pytest.param(command, marks=marks, id=command[:70])
+
+
+@pytest.mark.parametrize("command", list(rows_to_run()))
+def test_readme_command_runs(command, folders):
+    row = COMMANDS[command]
+    folder = folders.copy(folders.state(row.needs), f"run-{abs(hash(command))}")
+    if command.startswith("torchrun"):
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "GPTCLI_CACHE": str(folders.cache),
+               "OMP_NUM_THREADS": "1"}
+        words = shlex.split(command)
+        module = words.index("-m")
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *words[1:module], "-m",
+                               "gptcli", *shortened(command)], cwd=folder / "repo", env=env,
+                              capture_output=True, text=True, timeout=300)
+        code, err = done.returncode, done.stderr
+    else:
+        code, _, err = invoke(shortened(command), folder / "repo", folders.cache)
+    assert code == 0, err[-3000:]
