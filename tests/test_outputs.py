@@ -363,3 +363,21 @@ def test_read_only_out_dir_is_one_line(tmp_path, corpus_dir, capsys, tmpfs):
     assert code == 2 and err.count("\n") == 1 and "Read-only file system" in err, err
     code, _, err = run_cli(["tokenize", corpus_dir, "--out", disk / "tokens", "--tokenizer", "bytes"], capsys)
     assert code == 2 and err.count("\n") == 1 and "Read-only file system" in err, err
+
+
+def test_a_run_left_aside_by_a_killed_overwrite_is_named_but_never_listed(tmp_path, corpus_dir):
+    import shutil
+
+    from gptcli.checkpoint import find_latest_run
+    from gptcli.runlog import find_runs
+
+    runs = tmp_path / "runs"
+    pretrain(quick(corpus_dir, runs / "a"))
+    shutil.copytree(runs / "a", runs / ".a.replaced-4242")  # what kill -9 mid --overwrite leaves
+    os.utime(runs / ".a.replaced-4242" / "checkpoints" / "latest")  # newest: still not picked
+    assert [r.path.name for r in find_runs(runs)] == ["a"]
+    assert find_latest_run(runs) == runs / "a"
+    events = []
+    pretrain(quick(corpus_dir, runs / "a"), overwrite=True, on_event=events.append)
+    assert any(".a.replaced-4242 holds a run that an interrupted --overwrite moved aside" in e.message
+               for e in events if isinstance(e, Notice))

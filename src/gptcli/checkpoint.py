@@ -33,7 +33,7 @@ from gptcli.config import ModelConfig, config_from_dict, model_config_problems
 from gptcli.errors import GptcliError, shorten
 from gptcli.lora import LoRASpec, apply_lora
 from gptcli.model import GPT, check_fits
-from gptcli.outputs import mark
+from gptcli.outputs import hidden_below, mark
 from gptcli.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -286,7 +286,7 @@ def find_latest_run(root: str | Path = "runs", task: str | None = None) -> Path 
     root = Path(root)
     if not root.is_dir():
         return None
-    pointers = [p for p in root.glob(f"**/{CHECKPOINTS}/{LATEST}") if p.is_file()]
+    pointers = [p for p in root.glob(f"**/{CHECKPOINTS}/{LATEST}") if p.is_file() and not hidden_below(p, root)]
     if task is not None:
         pointers = [p for p in pointers
                     if (c := read_pointer(p.parent.parent, LATEST)) and checkpoint_task(c) == task]

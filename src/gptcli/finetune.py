@@ -272,7 +272,7 @@ def _finetune(cfg: FinetuneRunConfig, claim: RunClaim, init: Path, dist: Distrib
     state = train_loop(model, data, setup, state, on_event)
     if f.lora.rank and f.merge and dist.is_main:
         _save_merged(run_dir, tokenizer, dump_yaml(cfg))
-    result = FinetuneResult(run_dir, f.task, state.step, data.metric, state.best_metric,
+    result = FinetuneResult(Path(cfg.out_dir), f.task, state.step, data.metric, state.best_metric,
                             state.extra.get("before", {}), trainable, total,
                             time.perf_counter() - started)
     on_event(RunFinished({"steps": state.step, data.metric: state.best_metric}))

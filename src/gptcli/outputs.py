@@ -99,15 +99,22 @@ def protected_reason(path: Path) -> str | None:
     return None
 
 
-def check_no_overlap(target: Path, inputs: Iterable[Path], option: str) -> None:
-    """An output must neither contain one of the command's inputs nor lie inside one."""
+def check_no_overlap(target: Path, inputs: Iterable[Path], option: str, shown: str | Path) -> None:
+    """An output (`target`, resolved; `shown` as the user wrote it) must neither contain
+    one of the command's inputs nor lie inside one."""
     for source in inputs:
         if target == source or source.is_relative_to(target):
-            raise GptcliError(f"{option} {target} contains the input {source}; write the "
+            raise GptcliError(f"{option} {shown} contains the input {source}; write the "
                               f"output somewhere else")
         if target.is_relative_to(source):
-            raise GptcliError(f"{option} {target} is inside the input {source}; write the "
+            raise GptcliError(f"{option} {shown} is inside the input {source}; write the "
                               f"output somewhere else")
+
+
+def hidden_below(path: Path, root: Path) -> bool:
+    """Whether `path` lies in a hidden folder under `root`: staging folders (`.tmp-*`) and
+    runs moved aside by --overwrite (`.NAME.replaced-PID`) are never listed as runs."""
+    return any(part.startswith(".") for part in path.relative_to(root).parent.parts)
 
 
 def is_empty_dir(path: Path) -> bool:
@@ -123,7 +130,7 @@ def check_output_dir(target: str | Path, kind: str, *, inputs: Iterable[Path] = 
     path = resolved(target, option)
     if path.exists() and not path.is_dir():
         raise GptcliError(f"{option} {target} is a file; choose a directory path")
-    check_no_overlap(path, inputs, option)
+    check_no_overlap(path, inputs, option, target)
     if not path.exists() or is_empty_dir(path):
         return path
     found = marked_kind(path)

@@ -159,7 +159,7 @@ def _pretrain(cfg: RunConfig, claim: RunClaim, dist: Distributed, device: torch.
     if checkpoint is not None:
         restore_rng_state(state.rng)  # last, so nothing above shifts the dropout stream
     state = train_loop(model, data, setup, state, on_event)
-    result = PretrainResult(claim.path, state.step, state.best_metric, time.perf_counter() - started)
+    result = PretrainResult(Path(cfg.out_dir), state.step, state.best_metric, time.perf_counter() - started)
     on_event(RunFinished({"steps": result.steps, "best_val_loss": result.best_val_loss,
                           "seconds": result.seconds}))
     return result

@@ -140,7 +140,7 @@ def _claim(out_dir: str | Path, resume: bool, overwrite: bool, inputs: list[Path
     path = resolved(out_dir, "out_dir")
     if path.exists() and not path.is_dir():
         raise GptcliError(f"out_dir {out_dir} is a file; choose a directory path")
-    check_no_overlap(path, inputs, "out_dir")
+    check_no_overlap(path, inputs, "out_dir", out_dir)
     kind = marked_kind(path) if path.is_dir() else None
     lock = None
     try:

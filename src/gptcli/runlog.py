@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gptcli.atomic import write_text
 from gptcli.errors import GptcliError
+from gptcli.outputs import hidden_below
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
@@ -191,5 +192,6 @@ def find_runs(root: str | Path) -> list[RunSummary]:
     if not root.is_dir():
         raise GptcliError(f"{root} is not a directory; name the folder that holds your runs "
                           f"(default: runs)")
-    dirs = {p.parent for name in (RUN_FILE, METRICS_FILE) for p in root.rglob(name)}
+    dirs = {p.parent for name in (RUN_FILE, METRICS_FILE) for p in root.rglob(name)
+            if not hidden_below(p, root)}
     return [summarize_run(d) for d in sorted(dirs)]
