@@ -381,3 +381,83 @@ def test_a_run_left_aside_by_a_killed_overwrite_is_named_but_never_listed(tmp_pa
     pretrain(quick(corpus_dir, runs / "a"), overwrite=True, on_event=events.append)
     assert any(".a.replaced-4242 holds a run that an interrupted --overwrite moved aside" in e.message
                for e in events if isinstance(e, Notice))
+
+
+# --- failure paths of a claim (review findings) ------------------------------------------
+
+
+def test_overwrite_of_a_mount_point_is_one_line_and_keeps_the_run(tmp_path, corpus_dir, capsys, tmpfs):
+    volume = tmpfs("volume", "size=8m")  # e.g. a Docker volume used as out_dir
+    config = write_config(tmp_path / "c.yaml", tiny_config([str(corpus_dir)], volume, max_steps=2))
+    assert run_cli(["pretrain", config], capsys)[0] == 0
+    (volume / "notes.txt").write_text("mine\n")
+    before = snapshot(volume)
+    code, _, err = run_cli(["pretrain", config, "--overwrite"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "it is a mount point" in err, err
+    after = snapshot(volume)
+    after.pop(LOCK_FILE), before.pop(LOCK_FILE)
+    assert after == before and not list(tmp_path.glob(".volume.replaced-*"))
+
+
+def test_a_failed_claim_removes_only_its_own_empty_folders(tmp_path):
+    from gptcli.rundir import claim_run_dir
+
+    claim = claim_run_dir(tmp_path / "new" / "a", resume=False, overwrite=False, inputs=[])
+    other = tmp_path / "new" / "b"  # another process's run, made meanwhile under the same new folder
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("{}\n")
+    claim.close(failed=True)
+    assert not (tmp_path / "new" / "a").exists()
+    assert (other / "metrics.jsonl").read_text() == "{}\n"
+    claim = claim_run_dir(tmp_path / "fresh" / "deeper", resume=False, overwrite=False, inputs=[])
+    claim.close(failed=True)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_resuming_a_run_without_the_marker_does_not_make_it_replaceable(tmp_path, corpus_dir):
+    run = tmp_path / "old-version-run"
+    pretrain(quick(corpus_dir, run))
+    (run / MARKER).unlink()  # as runs of gptcli versions before the marker
+    (run / "notes.txt").write_text("mine\n")
+    pretrain(quick(corpus_dir, run, max_steps=6), resume=True)
+    assert not (run / MARKER).exists()
+    with pytest.raises(GptcliError, match="did not create"):
+        pretrain(quick(corpus_dir, run), overwrite=True)
+    assert (run / "notes.txt").read_text() == "mine\n"
+
+
+def test_sigterm_after_the_old_run_moved_aside_puts_it_back(tmp_path, corpus_dir):
+    from gptcli.events import RunStarted
+
+    run = tmp_path / "run"
+    pretrain(quick(corpus_dir, run))
+    before = snapshot(run)
+
+    def terminate_at_start(event):  # the window between moving the old run and the first step
+        if isinstance(event, RunStarted):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(quick(corpus_dir, run, max_steps=50), overwrite=True, on_event=terminate_at_start)
+    after = snapshot(run)
+    after.pop(LOCK_FILE), before.pop(LOCK_FILE)
+    assert after == before and not list(tmp_path.glob(".run.replaced-*"))
+
+
+def test_a_first_save_that_fails_does_not_promise_a_checkpoint(tmp_path, corpus_dir, capsys, tmpfs):
+    disk = tmpfs("tiny", "size=300k")
+    cfg = tiny_config([str(corpus_dir)], disk / "run", max_steps=4, save_every=1, eval_every=1000)
+    cfg["model"].update(n_embd=64, n_head=2)  # ~1.5 MB a checkpoint: the first does not fit
+    code, _, err = run_cli(["pretrain", write_config(tmp_path / "c.yaml", cfg)], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "then start again (no checkpoint of this run was saved)" in errors[0]
+
+
+def test_an_output_never_renames_the_current_directory_even_when_empty(tmp_path, corpus_dir, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    with pytest.raises(GptcliError, match="it is the current directory"):
+        tokenize_corpus([str(corpus_dir)], ".", tokenizer="bytes")
+    assert Path.cwd() == empty and list(empty.iterdir()) == []

@@ -154,3 +154,14 @@ def test_instruct_too_long_refusals(tmp_path, base_run, policy, val_rows, messag
     with pytest.raises(GptcliError, match=message):
         finetune(cfg)
     assert not (tmp_path / "ft").exists()
+
+
+def test_a_missing_column_error_stays_short_with_a_huge_header(tmp_path):
+    from gptcli.records import column
+
+    path = tmp_path / "wide.csv"
+    header = ",".join(f"column_{i}" for i in range(200_000))
+    path.write_text(header + "\n" + ",".join("x" * 200_000) + "\n")
+    with pytest.raises(GptcliError) as info:
+        column(read_records(path), "text", path, "finetune.text_column")
+    assert len(str(info.value)) < 600 and f"{path}:2" in str(info.value)

@@ -55,6 +55,7 @@ from gptcli.runtime import (
     resolve_device,
     seed_everything,
 )
+from gptcli.signals import terminate_as_interrupt
 from gptcli.tokenizer import Tokenizer, WithAddedTokens
 from gptcli.train import check_global_batch, global_batch, prepare_loop, restore_rng_state, train_loop
 
@@ -214,7 +215,8 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
                           inputs=input_paths([init, *files, *cfg.data.inputs]))
     failed = True
     try:
-        result = _finetune(cfg, claim, init, dist, device, started, started_at, on_event)
+        with terminate_as_interrupt():
+            result = _finetune(cfg, claim, init, dist, device, started, started_at, on_event)
         failed = False
     finally:
         claim.close(failed)

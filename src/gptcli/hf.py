@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -177,6 +178,20 @@ def _gptcli_key(hf_key: str) -> str | None:
     return key
 
 
+def _check_block_count(path: Path, n_layer: int) -> None:
+    """The weights file must hold blocks h.0 ... h.{n_layer - 1}: read from its header alone,
+    so a config.json claiming a million layers is refused before anything is built."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+    except (OSError, SafetensorError) as exc:
+        raise GptcliError(f"{path} is unreadable: {exc}") from None
+    blocks = {int(m.group(1)) for name in names if (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", name))}
+    if len(blocks) != n_layer or max(blocks, default=-1) != n_layer - 1:  # exactly 0 ... n_layer - 1
+        raise GptcliError(f"{path} holds {len(blocks)} blocks but {HF_CONFIG} says n_layer="
+                          f"{shorten(str(n_layer), 20)}; the weights and {HF_CONFIG} do not belong together")
+
+
 def _check_weight_shapes(path: Path, model: GPT) -> None:
     """Every tensor of the weights file must have the shape config.json implies. Read from
     the file's header alone, before any tensor is loaded; names the first that differs."""
@@ -225,6 +240,7 @@ def import_hf_model(hf_dir: str | Path) -> GPT:
     cfg = ModelConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
                       block_size=config["n_positions"], vocab_size=config["vocab_size"], bias=True,
                       dropout=0.0)
+    _check_block_count(hf_dir / HF_WEIGHTS, cfg.n_layer)  # before building: n_layer may be absurd
     check_fits(cfg, torch.device("cpu"), training=False,
                fix=f"{hf_dir} holds a model too large for this machine (or a damaged {HF_CONFIG})")
     model = GPT(cfg)
@@ -293,7 +309,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
     (`overwrite`: replacing an earlier export)."""
     source = resolve_checkpoint(checkpoint)
     target = check_output_dir(out, "hf-export", replace=overwrite,
-                              inputs=input_paths([checkpoint, source]))
+                              inputs=input_paths([source] if checkpoint is None else [checkpoint, source]))
     model, tokenizer = load_model(source)
     if model.lora_spec is not None:
         merge_lora(model)

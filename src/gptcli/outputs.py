@@ -131,7 +131,12 @@ def check_output_dir(target: str | Path, kind: str, *, inputs: Iterable[Path] = 
     if path.exists() and not path.is_dir():
         raise GptcliError(f"{option} {target} is a file; choose a directory path")
     check_no_overlap(path, inputs, option, target)
-    if not path.exists() or is_empty_dir(path):
+    if not path.exists():
+        return path
+    reason = protected_reason(path)  # an output replaces the folder itself, even an empty one
+    if reason is not None:
+        raise GptcliError(f"{option} {target} cannot be replaced: {reason}; choose another folder")
+    if is_empty_dir(path):
         return path
     found = marked_kind(path)
     if found is None:
@@ -143,9 +148,6 @@ def check_output_dir(target: str | Path, kind: str, *, inputs: Iterable[Path] = 
     if not replace:
         raise GptcliError(f"{option} {target} already holds {KIND_NAMES[kind]}; pass "
                           f"--overwrite to replace it")
-    reason = protected_reason(path)
-    if reason is not None:
-        raise GptcliError(f"{option} {target} cannot be replaced: {reason}; choose another folder")
     return path
 
 

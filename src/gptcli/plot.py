@@ -57,7 +57,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
     if out.suffix.lower() != ".png":
         raise GptcliError(f"--out: {out} should end in .png")
     read = [Path(run_dir) / name for run_dir in run_dirs for name in (METRICS_FILE, RUN_FILE)]
-    check_output_file(out, input_paths(read), "--out")
+    target = check_output_file(out, input_paths(read), "--out")  # a symlink's target, written in place
     runs = {}
     for run_dir in map(Path, run_dirs):
         records = read_metrics(run_dir)
@@ -92,11 +92,11 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
+    tmp = target.with_name(f".{target.name}.tmp.png")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, dpi=110)
-        tmp.replace(out)
+        tmp.replace(target)
     except OSError as exc:
         raise GptcliError(f"--out: cannot write {out} ({exc.strerror or exc}); choose a writable path") from None
     finally:

@@ -43,6 +43,7 @@ from gptcli.runtime import (
     resolve_device,
     seed_everything,
 )
+from gptcli.signals import terminate_as_interrupt
 from gptcli.tokenizer import Tokenizer
 from gptcli.train import check_global_batch, global_batch, lm_evaluate, prepare_loop, restore_rng_state, train_loop
 
@@ -110,7 +111,8 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                           inputs=input_paths([*cfg.data.inputs, cfg.data.tokenizer]), on_event=on_event)
     failed = True
     try:
-        result = _pretrain(cfg, claim, dist, device, started, started_at, on_event)
+        with terminate_as_interrupt():
+            result = _pretrain(cfg, claim, dist, device, started, started_at, on_event)
         failed = False
     finally:
         claim.close(failed)

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from itertools import zip_longest
 from pathlib import Path
 
-from gptcli.errors import GptcliError
+from gptcli.errors import GptcliError, shorten
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 BOM = "\ufeff"
@@ -114,6 +114,6 @@ def column(records: list[Record], name: str, path: str | Path, option: str) -> l
     for record in records:
         if name not in record or record[name] is None:
             raise GptcliError(f"{where(path, record)}: record has no '{name}' column (set {option}; "
-                              f"columns found: {', '.join(map(str, record))})")
+                              f"columns found: {shorten(', '.join(map(str, record)), 200)})")
         values.append(record[name])
     return values

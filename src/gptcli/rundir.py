@@ -18,9 +18,11 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -53,30 +55,46 @@ class RunClaim:
         self.resume_from = resume_from
         self._lock = lock
         self._created = created  # the outermost folder this claim made (removed on a failed check)
-        self._marked = marked  # this claim wrote the marker into a folder that existed
+        self._marked = marked  # this claim wrote the marker (into a new or empty folder)
         self._replace = replace  # --overwrite of an existing run: move it aside at start()
-        self._backup: Path | None = None
+        self._backup: Path | None = None  # where the replaced run waits for the first checkpoint
         self._started = False
         self._saved = False
         self._on_event = on_event
 
     def start(self) -> None:
-        """Training begins: move an old run aside (replace) and take a fresh folder."""
+        """Training begins: move an old run aside (replace) and take a fresh folder. If that
+        cannot be done, everything stays as it was and the error is one line."""
         self._started = True
         if not self._replace or self._lock is None:
             return
-        self._backup = self.path.with_name(f".{self.path.name}.replaced-{os.getpid()}")
-        os.replace(self.path, self._backup)
+        backup = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.replaced-{os.getpid()}-",
+                                       dir=self.path.parent))
+        try:
+            os.replace(self.path, backup)  # onto the empty folder just made: a name no one has
+        except OSError as exc:
+            backup.rmdir()
+            raise GptcliError(f"cannot move the old run in {self.path} aside ({exc.strerror or exc}"
+                              f"{'; it is a mount point' if exc.errno == errno.EBUSY else ''}); "
+                              f"delete it yourself or choose another out_dir") from None
+        self._backup = backup
         old_lock, self._lock = self._lock, None
         try:
             self.path.mkdir()
             mark(self.path, "run")
             self._lock = DirLock(self.path, "another run")
+        except (OSError, GptcliError) as exc:
+            shutil.rmtree(self.path, ignore_errors=True)  # the folder made just above, if any
+            os.replace(backup, self.path)
+            self._backup = None
+            raise GptcliError(f"cannot start a new run in {self.path} ({exc}); the old run is "
+                              f"unchanged") from None
         finally:
             old_lock.release()
 
     def saved(self) -> None:
-        """A checkpoint of the new run exists: the replaced run is no longer needed."""
+        """A checkpoint of the new run exists and `latest` names it: the replaced run is no
+        longer needed."""
         self._saved = True
         if self._backup is not None:
             shutil.rmtree(self._backup, ignore_errors=True)
@@ -96,15 +114,26 @@ class RunClaim:
             self._lock = None
 
     def _undo_claim(self) -> None:
-        """Validation failed: leave the folder as it was before the claim."""
-        if self._created is not None:
-            shutil.rmtree(self._created, ignore_errors=True)
-        elif self._marked and set(os.listdir(self.path)) <= _OWN_FILES:
-            (self.path / MARKER).unlink(missing_ok=True)
-            (self.path / LOCK_FILE).unlink(missing_ok=True)
+        """Validation failed: leave the folders as they were before the claim. Only the
+        claim's own files go, and folders only while empty (bottom up), so nothing another
+        process wrote meanwhile is touched."""
+        if not self._marked:
+            return
+        (self.path / MARKER).unlink(missing_ok=True)
+        (self.path / LOCK_FILE).unlink(missing_ok=True)
+        if self._created is None:
+            return
+        for folder in (self.path, *self.path.parents):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: someone else's files are in it
+                return
+            if folder == self._created:
+                return
 
     def _restore_replaced(self) -> None:
-        """The new run failed before its first checkpoint: put the old run back."""
+        """The new run failed before its first checkpoint: put the old run back (the new
+        folder is the one `start` made)."""
         shutil.rmtree(self.path, ignore_errors=True)
         os.replace(self._backup, self.path)
         self._on_event(Notice(f"the run failed before its first checkpoint; the previous run "
@@ -153,7 +182,7 @@ def _claim(out_dir: str | Path, resume: bool, overwrite: bool, inputs: list[Path
         path.mkdir(parents=True, exist_ok=True)
         if lock is None:
             lock = DirLock(path, "another run")
-        if kind is None:
+        if kind is None and not used:  # a run of an older version (resumed) stays unmarked
             mark(path, "run")
     except OSError as exc:
         if lock is not None:
@@ -169,7 +198,7 @@ def _claim(out_dir: str | Path, resume: bool, overwrite: bool, inputs: list[Path
         on_event(Notice(f"{leftovers[0]} holds a run that an interrupted --overwrite moved "
                         f"aside; delete it, or move it back if you need it"))
     return RunClaim(path, latest if resume else None, lock, created=created,
-                    marked=kind is None, replace=used and overwrite, on_event=on_event)
+                    marked=kind is None and not used, replace=used and overwrite, on_event=on_event)
 
 
 def _first_missing(path: Path) -> Path | None:

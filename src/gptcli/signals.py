@@ -1,11 +1,14 @@
 """Graceful stops: the first SIGINT/SIGTERM asks the training loop to finish its step,
 save and exit; a second SIGINT/SIGTERM stops at once (checkpoints are written atomically,
-so nothing is corrupted either way)."""
+so nothing is corrupted either way). Before and after the loop, SIGTERM interrupts like
+Ctrl-C, so a command's cleanup runs."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 
 class StopRequest:
@@ -31,3 +34,22 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt  # the second signal: stop now
         self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, instead of ending the process on the
+    spot: cleanup in `finally` blocks runs (a run directory claimed for --overwrite puts the
+    old run back). The training loop's StopRequest takes over while it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

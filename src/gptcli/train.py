@@ -26,8 +26,10 @@ from gptcli import atomic
 from gptcli.checkpoint import (
     CHECKPOINTS,
     CONFIG_YAML,
+    LATEST,
     TrainerState,
     prune_checkpoints,
+    read_pointer,
     save_checkpoint,
     step_name,
     write_pointer,
@@ -123,15 +125,16 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
         if resuming:
             trim_metrics(run_dir, state.step)
 
-    def save(s: TrainerState, weights: dict) -> Path:
-        path = save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model, tokenizer,
-                               config_yaml, s, weights=weights)
-        claim.saved()
-        return path
+    def point_to(name: str, path: Path) -> None:
+        write_pointer(run_dir, name, path)
+        if name == LATEST:
+            claim.saved()  # a resumable new run exists: a replaced old one may go
 
     return LoopSetup(
         cfg=cfg, optimizer=optimizer, precision=precision, device=device, run_dir=run_dir,
-        save=save, point_to=lambda name, path: write_pointer(run_dir, name, path),
+        save=lambda s, weights: save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model,
+                                                tokenizer, config_yaml, s, weights=weights),
+        point_to=point_to,
         flops_per_token=model.flops_per_token(), peak_flops=peak_flops(device, precision),
         compile=should_compile(cfg.compile, device), dist=dist, **options,
     )
@@ -446,10 +449,11 @@ def _save(model: nn.Module, state: TrainerState, done: int, setup: LoopSetup,
     state.optimizer = None  # a full copy in host memory until the next save would be waste
     problem = dist.from_main(problem)
     if problem is not None:
-        raise GptcliError(
-            f"could not save the checkpoint of step {done} in {setup.run_dir} ({problem}); "
-            f"free disk space or make the directory writable, then continue with --resume "
-            f"(the previous checkpoint is intact)")
+        previous = read_pointer(setup.run_dir, LATEST) if dist.is_main else None
+        then = (f"then continue with --resume (the checkpoint {previous.name} is intact)" if previous
+                else "then start again (no checkpoint of this run was saved)")
+        raise GptcliError(f"could not save the checkpoint of step {done} in {setup.run_dir} "
+                          f"({problem}); free disk space or make the directory writable, {then}")
     on_event(CheckpointSaved(str(path), done, best=new_best))
     return path
 
