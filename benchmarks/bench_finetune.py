@@ -26,7 +26,7 @@ MODES = {"full": [], "lora r8": ["finetune.lora.rank=8", "finetune.lora.alpha=16
 def child(init: str, steps: int, overrides: list[str], out_dir: str) -> None:
     """Run one finetune in this process and print its result as JSON."""
     from gptcli.config import FinetuneRunConfig, load_config
-    from gptcli.finetune import finetune
+    from gptcli.tasks.finetune import finetune
 
     cfg = load_config(ROOT / "configs" / "finetune-classify.yaml",
                       [f"finetune.init_from={init}", f"train.max_steps={steps}", f"out_dir={out_dir}",

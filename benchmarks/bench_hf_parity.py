@@ -30,10 +30,10 @@ def main() -> None:
     args = parser.parse_args()
     import transformers
 
-    from gptcli.hf import import_hf_model
+    from gptcli.store.hf import import_hf_model
     from gptcli.runtime import Precision
-    from gptcli.tokenizer import tiktoken_from_file
-    from gptcli.train import lm_evaluate
+    from gptcli.data.tokenizer import tiktoken_from_file
+    from gptcli.train.loop import lm_evaluate
 
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()  # GPT-2 small's shape

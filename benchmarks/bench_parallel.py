@@ -56,7 +56,7 @@ def saved_activation_mb(recompute: bool, block_size: int = 1024, batch_size: int
     import torch
 
     from gptcli.config import ModelConfig
-    from gptcli.model import GPT
+    from gptcli.model.gpt import GPT
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(**MID, block_size=block_size, vocab_size=256))

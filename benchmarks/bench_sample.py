@@ -36,9 +36,9 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from gptcli.generate import SamplingSettings, generate_tokens
-    from gptcli.hf import import_hf_model
-    from gptcli.inference import for_generation
+    from gptcli.infer.generate import SamplingSettings, generate_tokens
+    from gptcli.store.hf import import_hf_model
+    from gptcli.infer.cpu_layout import for_generation
     from gptcli.runtime import DTYPES
 
     rows = []

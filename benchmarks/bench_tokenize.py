@@ -26,7 +26,7 @@ RANKS = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
 
 
 def build_corpus(folder: Path, megabytes: int) -> list[Path]:
-    from gptcli.corpus import stdlib_files
+    from gptcli.data.corpus import stdlib_files
 
     texts = [p.read_text(encoding="utf-8") for p in stdlib_files()]
     chunk = "".join(texts)
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=200)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    from gptcli.tokenizer import tiktoken_from_file
+    from gptcli.data.tokenizer import tiktoken_from_file
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -25,11 +25,11 @@ def main() -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    from gptcli.checkpoint import load_model, resolve_checkpoint
+    from gptcli.store.checkpoint import load_model, resolve_checkpoint
     from gptcli.config import load_config
-    from gptcli.data import TokenDataset, prepare_dataset
+    from gptcli.data.dataset import TokenDataset, prepare_dataset
     from gptcli.runtime import Precision
-    from gptcli.train import lm_evaluate
+    from gptcli.train.loop import lm_evaluate
 
     cfg = load_config(f"{args.run_dir}/config.yaml")
     checkpoint = resolve_checkpoint(args.run_dir)

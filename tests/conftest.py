@@ -57,7 +57,7 @@ def tiny_config(inputs: list[str], out_dir: Path, **train) -> dict:
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run `gptcli ARGS` in this process; return (exit code, stdout, stderr)."""
-    from gptcli.cli import main
+    from gptcli.cli.app import main
 
     old_argv = sys.argv
     sys.argv = ["gptcli", *map(str, args)]

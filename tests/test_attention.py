@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptcli.attention import EXPLICIT_MAX_CONTEXT, explicit_causal_attention, use_explicit_attention
+from gptcli.model.attention import EXPLICIT_MAX_CONTEXT, explicit_causal_attention, use_explicit_attention
 from gptcli.config import ModelConfig
-from gptcli.model import GPT
+from gptcli.model.gpt import GPT
 
 
 def _qkv(dtype, B=2, nh=3, T=17, hs=8, seed=0):
@@ -98,7 +98,7 @@ def test_model_bf16_training_step_matches_the_sdpa_path(monkeypatch, dropout):
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    import gptcli.attention as attention
+    import gptcli.model.attention as attention
 
     chosen = []
     decide = attention.use_explicit_attention

@@ -1,4 +1,4 @@
-"""Tests for gptcli.bpe: byte-level BPE training and the .tiktoken writer."""
+"""Tests for gptcli.data.bpe: byte-level BPE training and the .tiktoken writer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from gptcli.bpe import GPT2_PATTERN, train_bpe, write_tiktoken_file
+from gptcli.data.bpe import GPT2_PATTERN, train_bpe, write_tiktoken_file
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 

@@ -150,9 +150,9 @@ BAD = [
 def lm_ckpt(tmp_path_factory):
     """A tiny trained checkpoint, made once for the bad-input table."""
     from conftest import PY_SNIPPETS
-    from gptcli.checkpoint import resolve_checkpoint
+    from gptcli.store.checkpoint import resolve_checkpoint
     from gptcli.config import config_from_dict
-    from gptcli.pretrain import pretrain
+    from gptcli.tasks.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("lm")
     for i in range(20):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import GPT2_TIKTOKEN, SHAKESPEARE, SHARED, needs_gpt2_ranks, needs_shakespeare, run_cli
-from gptcli.checkpoint import resolve_checkpoint
+from gptcli.store.checkpoint import resolve_checkpoint
 from gptcli.config import load_config, read_yaml
-from gptcli.pretrain import pretrain
+from gptcli.tasks.pretrain import pretrain
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO = "demo.yaml"

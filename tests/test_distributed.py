@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_config
 from gptcli.config import config_from_dict
-from gptcli.pretrain import pretrain
+from gptcli.tasks.pretrain import pretrain
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform == "win32",
                                 reason="needs torchrun")
@@ -104,7 +104,7 @@ def test_an_error_is_reported_once(tmp_path, base):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_finetune_under_torchrun_matches_single_process(tmp_path, base, parallel):
     from gptcli.config import FinetuneRunConfig
-    from gptcli.finetune import finetune
+    from gptcli.tasks.finetune import finetune
 
     pretrain(config_from_dict({**base, "out_dir": str(tmp_path / "base")}))
     rows = ["text,label"] + [f"{'aeiou' * 3 if i % 2 else 'zxqvk' * 3} {i},{i % 2}" for i in range(80)]

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from gptcli.checkpoint import load_model, resolve_checkpoint
-from gptcli.classify import GPTClassifier, classification_metrics
+from gptcli.store.checkpoint import load_model, resolve_checkpoint
+from gptcli.tasks.classify import GPTClassifier, classification_metrics
 from gptcli.config import FinetuneRunConfig, ModelConfig, config_from_dict
 from gptcli.errors import GptcliError
-from gptcli.finetune import finetune
-from gptcli.instruct import CHAT_TOKENS, END, render
-from gptcli.lora import LoRASpec, apply_lora, merge_lora
-from gptcli.model import GPT, IGNORE_INDEX
-from gptcli.pretrain import pretrain
-from gptcli.tokenizer import BytesTokenizer, WithAddedTokens
+from gptcli.tasks.finetune import finetune
+from gptcli.tasks.instruct import CHAT_TOKENS, END, render
+from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
+from gptcli.model.gpt import GPT, IGNORE_INDEX
+from gptcli.tasks.pretrain import pretrain
+from gptcli.data.tokenizer import BytesTokenizer, WithAddedTokens
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_lm_task_reports_before_and_after(tmp_path, base_run):
 
 
 def test_sampling_a_lora_checkpoint_equals_sampling_its_merged_copy(tmp_path, base_run):
-    from gptcli.sample import SampleRequest, sample
+    from gptcli.infer.sample import SampleRequest, sample
 
     domain = tmp_path / "domain"
     domain.mkdir()
@@ -264,7 +264,7 @@ def test_resume_refuses_other_task_head(tmp_path, base_run):
 
 
 def test_packing_fills_rows_without_exceeding_context():
-    from gptcli.instruct import _pack
+    from gptcli.tasks.instruct import _pack
 
     rows = [(np.arange(n), np.arange(n)) for n in [10, 20, 30, 5, 60, 1]]
     packed = _pack(rows, block_size=64)

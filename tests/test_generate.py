@@ -1,9 +1,9 @@
 import torch
 
 from gptcli.config import ModelConfig
-from gptcli.generate import SampleText, SamplingSettings, generate_tokens, logits_to_probs, next_token
-from gptcli.model import GPT
-from gptcli.tokenizer import BytesTokenizer, CharTokenizer
+from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens, logits_to_probs, next_token
+from gptcli.model.gpt import GPT
+from gptcli.data.tokenizer import BytesTokenizer, CharTokenizer
 
 
 def test_top_k_keeps_k_tokens():
@@ -87,7 +87,7 @@ def test_sample_text_ends_at_end_of_text():
 def _model_pair(bias: bool):
     import copy
 
-    from gptcli.inference import for_generation
+    from gptcli.infer.cpu_layout import for_generation
 
     torch.manual_seed(0)
     plain = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=70, bias=bias)).eval()
@@ -112,7 +112,7 @@ def test_generation_layout_computes_the_same_logits_and_tokens():
 def test_bf16_generation_follows_the_fp32_model():
     import copy
 
-    from gptcli.inference import for_generation
+    from gptcli.infer.cpu_layout import for_generation
 
     plain, _ = _model_pair(True)
     half = for_generation(copy.deepcopy(plain), torch.bfloat16)

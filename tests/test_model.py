@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptcli.config import ModelConfig
-from gptcli.model import GPT, IGNORE_INDEX
+from gptcli.model.gpt import GPT, IGNORE_INDEX
 
 
 def make(**overrides) -> GPT:

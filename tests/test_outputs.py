@@ -13,14 +13,14 @@ import pytest
 import yaml
 
 from conftest import run_cli, tiny_config
-from gptcli.checkpoint import read_pointer
+from gptcli.store.checkpoint import read_pointer
 from gptcli.config import config_from_dict
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
-from gptcli.model import GPT
+from gptcli.model.gpt import GPT
 from gptcli.outputs import LOCK_FILE, MARKER
-from gptcli.pretrain import pretrain
-from gptcli.shards import tokenize_corpus
+from gptcli.tasks.pretrain import pretrain
+from gptcli.data.shards import tokenize_corpus
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -149,7 +149,7 @@ def test_tokenize_replaces_only_a_tokenized_directory(tmp_path, corpus_dir):
 
 
 def test_export_and_import_replace_only_their_own_output(tmp_path, corpus_dir):
-    from gptcli.hf import export_hf, import_hf
+    from gptcli.store.hf import export_hf, import_hf
 
     run = tmp_path / "run"
     pretrain(quick(corpus_dir, run))
@@ -300,7 +300,7 @@ def test_a_second_process_on_a_running_run_is_refused(tmp_path, corpus_dir, caps
 
 
 def test_resume_keeps_the_precision_the_run_started_with(tmp_path, corpus_dir, monkeypatch):
-    from gptcli import train as train_module
+    from gptcli.train import loop as train_module
 
     run = tmp_path / "run"
     pretrain(quick(corpus_dir, run, precision="bf16"))
@@ -351,7 +351,7 @@ def test_disk_full_during_a_checkpoint_is_one_line(tmp_path, corpus_dir, capsys,
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
     assert "No space left on device" in errors[0] and "--resume" in errors[0]
-    from gptcli.checkpoint import load_model
+    from gptcli.store.checkpoint import load_model
 
     load_model(read_pointer(disk / "run", "latest"))  # the last good checkpoint is intact
 
@@ -368,8 +368,8 @@ def test_read_only_out_dir_is_one_line(tmp_path, corpus_dir, capsys, tmpfs):
 def test_a_run_left_aside_by_a_killed_overwrite_is_named_but_never_listed(tmp_path, corpus_dir):
     import shutil
 
-    from gptcli.checkpoint import find_latest_run
-    from gptcli.runlog import find_runs
+    from gptcli.store.checkpoint import find_latest_run
+    from gptcli.store.runlog import find_runs
 
     runs = tmp_path / "runs"
     pretrain(quick(corpus_dir, runs / "a"))
@@ -400,7 +400,7 @@ def test_overwrite_of_a_mount_point_is_one_line_and_keeps_the_run(tmp_path, corp
 
 
 def test_a_failed_claim_removes_only_its_own_empty_folders(tmp_path):
-    from gptcli.rundir import claim_run_dir
+    from gptcli.store.rundir import claim_run_dir
 
     claim = claim_run_dir(tmp_path / "new" / "a", resume=False, overwrite=False, inputs=[])
     other = tmp_path / "new" / "b"  # another process's run, made meanwhile under the same new folder

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from gptcli.checkpoint import load_model, load_trainer_state, read_pointer, resolve_checkpoint
+from gptcli.store.checkpoint import load_model, load_trainer_state, read_pointer, resolve_checkpoint
 from gptcli.config import config_from_dict, load_config
 from gptcli.errors import GptcliError
 from gptcli.events import CheckpointSaved, EvalDone, RunStarted, StepLogged
-from gptcli.pretrain import pretrain
+from gptcli.tasks.pretrain import pretrain
 
 
 def losses(run_dir):
@@ -97,7 +97,7 @@ def test_resume_refuses_shape_change(tmp_path, corpus_dir):
 
 
 def test_tokenized_dir_input_and_cache_reuse(tmp_path, corpus_dir):
-    from gptcli.shards import tokenize_corpus
+    from gptcli.data.shards import tokenize_corpus
 
     tokenize_corpus([str(corpus_dir)], tmp_path / "tok", tokenizer="char")
     cfg = tiny_config([str(tmp_path / "tok")], tmp_path / "run", max_steps=2)
@@ -129,7 +129,7 @@ def test_vocab_and_context_mismatches(tmp_path, corpus_dir):
 
 def test_lr_schedule():
     from gptcli.config import TrainConfig
-    from gptcli.optim import lr_at
+    from gptcli.train.optim import lr_at
 
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert lr_at(0, cfg) == pytest.approx(1 / 11) and lr_at(9, cfg) == pytest.approx(10 / 11)
@@ -143,9 +143,9 @@ def test_lr_schedule():
 def test_grad_accumulation_matches_one_big_batch(tmp_path, corpus_dir):
     """Loss normalised over the whole step: 2 micro-batches of 2 give the same update as 1 of 4."""
     from gptcli.runtime import Precision
-    from gptcli.train import _forward_backward
+    from gptcli.train.loop import _forward_backward
     from gptcli.config import ModelConfig
-    from gptcli.model import GPT
+    from gptcli.model.gpt import GPT
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))

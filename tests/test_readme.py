@@ -172,8 +172,8 @@ def make_hf_gpt2(folder: Path) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gptcli.hf import tokenizer_files
-    from gptcli.tokenizer import tiktoken_from_file
+    from gptcli.store.hf import tokenizer_files
+    from gptcli.data.tokenizer import tiktoken_from_file
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64)).save_pretrained(folder)
@@ -196,7 +196,7 @@ def shortened(step: Step) -> list[str]:
 
 def invoke(args: list[str], cwd: Path, cache: Path) -> tuple[int, str, str]:
     """`gptcli ARGS` in this process, in `cwd`; returns (exit code, stdout, stderr)."""
-    from gptcli.cli import main
+    from gptcli.cli.app import main
 
     out, err = io.StringIO(), io.StringIO()
     saved = (sys.argv, os.getcwd(), os.environ.get("GPTCLI_CACHE"))

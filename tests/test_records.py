@@ -9,9 +9,9 @@ from conftest import PY_SNIPPETS, tiny_config
 from gptcli.config import FinetuneRunConfig, config_from_dict
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
-from gptcli.finetune import finetune
-from gptcli.pretrain import pretrain
-from gptcli.records import column, read_records
+from gptcli.tasks.finetune import finetune
+from gptcli.tasks.pretrain import pretrain
+from gptcli.data.records import column, read_records
 
 
 def write(path, text: str):
@@ -157,7 +157,7 @@ def test_instruct_too_long_refusals(tmp_path, base_run, policy, val_rows, messag
 
 
 def test_a_missing_column_error_stays_short_with_a_huge_header(tmp_path):
-    from gptcli.records import column
+    from gptcli.data.records import column
 
     path = tmp_path / "wide.csv"
     header = ",".join(f"column_{i}" for i in range(200_000))

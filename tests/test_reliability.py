@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from gptcli import checkpoint as checkpoint_module
-from gptcli.checkpoint import load_model, read_pointer, resolve_checkpoint
+from gptcli.store import checkpoint as checkpoint_module
+from gptcli.store.checkpoint import load_model, read_pointer, resolve_checkpoint
 from gptcli.config import config_from_dict
-from gptcli.data import TokenDataset
+from gptcli.data.dataset import TokenDataset
 from gptcli.errors import GptcliError, Interrupted
 from gptcli.events import Notice
-from gptcli.model import GPT
-from gptcli.pretrain import pretrain
-from gptcli.shards import tokenize_corpus
+from gptcli.model.gpt import GPT
+from gptcli.tasks.pretrain import pretrain
+from gptcli.data.shards import tokenize_corpus
 
 
 def losses(run_dir):
@@ -32,10 +32,10 @@ def losses(run_dir):
 SAVER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from gptcli.checkpoint import save_checkpoint, step_name, write_pointer
+    from gptcli.store.checkpoint import save_checkpoint, step_name, write_pointer
     from gptcli.config import ModelConfig
-    from gptcli.model import GPT
-    from gptcli.tokenizer import BytesTokenizer
+    from gptcli.model.gpt import GPT
+    from gptcli.data.tokenizer import BytesTokenizer
     run = Path(sys.argv[1])
     model = GPT(ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=64, vocab_size=257))
     for step in range(1, 10_000):
@@ -87,7 +87,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, corpus_dir):
 def test_signal_in_process_saves_and_raises(tmp_path, corpus_dir, monkeypatch):
     cfg = config_from_dict(tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=50, save_every=100))
     sent = {"done": False}
-    real_batch = __import__("gptcli.pretrain", fromlist=["PretrainData"]).PretrainData.train_batch
+    real_batch = __import__("gptcli.tasks.pretrain", fromlist=["PretrainData"]).PretrainData.train_batch
 
     def batch_then_signal(self, step, micro):
         if step == 7 and not sent["done"]:
@@ -95,7 +95,7 @@ def test_signal_in_process_saves_and_raises(tmp_path, corpus_dir, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real_batch(self, step, micro)
 
-    monkeypatch.setattr("gptcli.pretrain.PretrainData.train_batch", batch_then_signal)
+    monkeypatch.setattr("gptcli.tasks.pretrain.PretrainData.train_batch", batch_then_signal)
     with pytest.raises(Interrupted) as info:
         pretrain(cfg)
     assert info.value.step == 8 and info.value.exit_code == 130
@@ -241,7 +241,7 @@ def test_resume_refuses_other_tokenizer(tmp_path, corpus_dir):
 
 
 def test_nothing_left_half_written_after_a_failed_tokenize(tmp_path, corpus_dir, monkeypatch):
-    import gptcli.shards as shards
+    import gptcli.data.shards as shards
 
     def explode(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from conftest import GPT2_TIKTOKEN, SHAKESPEARE, needs_gpt2_ranks, needs_shakespeare
-from gptcli import corpus
+from gptcli.data import corpus as corpus
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
-from gptcli.shards import read_meta, tokenize_corpus
-from gptcli.tokenizer import load_tokenizer
+from gptcli.data.shards import read_meta, tokenize_corpus
+from gptcli.data.tokenizer import load_tokenizer
 
 
 def decode_split(out, split):
@@ -86,7 +86,7 @@ def test_jsonl_field_and_uint32(tmp_path):
     out = tmp_path / "tok"
     tokenize_corpus([str(path)], out, tokenizer="bytes", jsonl_field="body", val_fraction=0.1)
     assert sorted(decode_split(out, "train") + decode_split(out, "val")) == sorted(r["body"] for r in records)
-    from gptcli.shards import token_dtype
+    from gptcli.data.shards import token_dtype
 
     assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_config
-from gptcli.checkpoint import save_checkpoint
-from gptcli.classify import DETAILED_CLASSES, ClassifyData, GPTClassifier, classification_metrics
+from gptcli.store.checkpoint import save_checkpoint
+from gptcli.tasks.classify import DETAILED_CLASSES, ClassifyData, GPTClassifier, classification_metrics
 from gptcli.config import ModelConfig
-from gptcli.model import GPT
+from gptcli.model.gpt import GPT
 from gptcli.runtime import Precision
-from gptcli.sample import decode_escapes
-from gptcli.tokenizer import BytesTokenizer
+from gptcli.infer.sample import decode_escapes
+from gptcli.data.tokenizer import BytesTokenizer
 
 WEIRD_RUNS = ["exp[lr=3e-4]", "odd[/]name:smile:"]  # a style tag, a closing tag, an emoji code
 WEIRD_LABELS = ["[/]", "[neg]", "[pos]"]
@@ -92,7 +92,7 @@ def test_classifier_labels_are_shown_verbatim(tmp_path, capsys, monkeypatch):
 
 
 def test_long_run_names_stay_whole_at_80_columns(tmp_path, capsys, monkeypatch):
-    from gptcli.display import console
+    from gptcli.cli.display import console
 
     names = [f"sweep-{i}-" + "x" * 52 for i in range(3)]  # 60 characters each
     for i, name in enumerate(names):
@@ -128,8 +128,8 @@ def test_decode_escapes(typed, meant):
 
 
 def test_stop_escapes_reach_the_sampler_and_are_documented(lm_checkpoint, capsys, monkeypatch):
-    import gptcli.sample
-    from gptcli.sample import Sample
+    import gptcli.infer.sample
+    from gptcli.infer.sample import Sample
 
     requests = []
 
@@ -137,7 +137,7 @@ def test_stop_escapes_reach_the_sampler_and_are_documented(lm_checkpoint, capsys
         requests.append(request)
         return checkpoint, [Sample("", [])]
 
-    monkeypatch.setattr(gptcli.sample, "sample", fake_sample)
+    monkeypatch.setattr(gptcli.infer.sample, "sample", fake_sample)
     code, _, err = run_cli(["sample", "-c", lm_checkpoint, "--stop", "\\n\\n", "--stop", "é\\t"], capsys)
     assert code == 0, err
     assert requests[0].stops == ["\n\n", "é\t"]
@@ -233,7 +233,7 @@ def test_few_classes_keep_every_row_and_the_confusion_matrix(k):
 
 
 def test_many_classes_give_a_small_summary(capsys):
-    from gptcli.display import render_classify_metrics
+    from gptcli.cli.display import render_classify_metrics
 
     k = 3000
     y_true, y_pred = noisy_predictions(k, 30_000)

@@ -6,7 +6,7 @@ import tiktoken
 
 from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks
 from gptcli.errors import GptcliError
-from gptcli.tokenizer import (
+from gptcli.data.tokenizer import (
     BytesTokenizer,
     CharTokenizer,
     load_tokenizer,

@@ -1,5 +1,5 @@
 """`python -m gptcli` runs the command-line interface."""
 
-from gptcli.cli import main
+from gptcli.cli.app import main
 
 main()

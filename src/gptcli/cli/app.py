@@ -48,8 +48,8 @@ def tokenize(
 
     Example: gptcli tokenize stdlib --out data/stdlib --tokenizer bytes
     """
-    from gptcli.display import ProgressDisplay, console
-    from gptcli.shards import tokenize_corpus
+    from gptcli.cli.display import ProgressDisplay, console
+    from gptcli.data.shards import tokenize_corpus
     from rich.table import Table
     from rich.text import Text
 
@@ -86,8 +86,8 @@ def pretrain(
     Example: gptcli pretrain configs/demo.yaml --set train.max_steps=100
     """
     from gptcli.config import load_config
-    from gptcli.display import TrainDisplay, console
-    from gptcli.pretrain import pretrain as run_pretrain
+    from gptcli.cli.display import TrainDisplay, console
+    from gptcli.tasks.pretrain import pretrain as run_pretrain
 
     cfg = load_config(config, set_ or [])
     display = TrainDisplay(quiet=not _is_rank_zero())
@@ -119,8 +119,8 @@ def finetune(
     Example: gptcli finetune --task classify   (built-in example on the latest pretrained run)
     """
     from gptcli.config import FinetuneRunConfig, load_config
-    from gptcli.display import TrainDisplay, console, render_classify_metrics
-    from gptcli.finetune import finetune as run_finetune
+    from gptcli.cli.display import TrainDisplay, console, render_classify_metrics
+    from gptcli.tasks.finetune import finetune as run_finetune
 
     overrides = list(set_ or [])
     if task is not None:
@@ -178,13 +178,13 @@ def evaluate(
 
       gptcli eval -c runs/classify-stdlib --data test.csv --predictions preds.csv
     """
-    from gptcli.checkpoint import resolve_checkpoint
-    from gptcli.display import ProgressDisplay, render_classify_metrics, render_lm_metrics, show_checkpoint
-    from gptcli.sample import is_classifier
+    from gptcli.store.checkpoint import resolve_checkpoint
+    from gptcli.cli.display import ProgressDisplay, render_classify_metrics, render_lm_metrics, show_checkpoint
+    from gptcli.infer.sample import is_classifier
 
     path = resolve_checkpoint(checkpoint)
     if is_classifier(path):
-        from gptcli.evaluation import evaluate_classifier
+        from gptcli.evals.classify import evaluate_classifier
 
         if not data or len(data) != 1:
             raise GptcliError("--data: a classifier is evaluated on exactly one labelled file (CSV, TSV or JSONL)")
@@ -194,7 +194,7 @@ def evaluate(
             render_classify_metrics({f"val_{k}" if k in ("accuracy", "macro_f1", "majority_baseline") else k: v
                                      for k, v in metrics.items()})
     else:
-        from gptcli.lm_eval import evaluate_lm
+        from gptcli.evals.lm import evaluate_lm
 
         with ProgressDisplay() as display:
             path, metrics = evaluate_lm(path, data, split, batch_size, precision, device, on_event=display)
@@ -220,8 +220,8 @@ def plot(
 
       gptcli plot runs/a runs/b --x tokens --log --out compare.png
     """
-    from gptcli.display import console
-    from gptcli.plot import plot_runs
+    from gptcli.cli.display import console
+    from gptcli.cli.plot import plot_runs
 
     path = plot_runs(runs, out, x, log)
     console.print(f"wrote {path}", markup=False)
@@ -240,8 +240,8 @@ def list_runs(
 
       gptcli runs experiments/ --json
     """
-    from gptcli.display import render_runs
-    from gptcli.runlog import find_runs
+    from gptcli.cli.display import render_runs
+    from gptcli.store.runlog import find_runs
 
     summaries = find_runs(root)
     if json_output:
@@ -264,8 +264,8 @@ def info(
 
       gptcli info runs/demo/checkpoints/step-002000 --json
     """
-    from gptcli.display import render_info
-    from gptcli.info import checkpoint_info
+    from gptcli.cli.display import render_info
+    from gptcli.store.info import checkpoint_info
 
     description = checkpoint_info(checkpoint)
     if json_output:
@@ -306,10 +306,10 @@ def sample(
 
     Example: gptcli sample --prompt 'def fib(n):' -n 200 --top-k 50 --stop '\\n\\n'
     """
-    from gptcli.display import notice, render_class_probabilities, show_checkpoint
+    from gptcli.cli.display import notice, render_class_probabilities, show_checkpoint
     from gptcli.events import Notice
-    from gptcli.checkpoint import resolve_checkpoint
-    from gptcli.sample import (SampleRequest, classify, decode_escapes, is_classifier, read_prompt,
+    from gptcli.store.checkpoint import resolve_checkpoint
+    from gptcli.infer.sample import (SampleRequest, classify, decode_escapes, is_classifier, read_prompt,
                                sample as run_sample)
 
     prompt = read_prompt(prompt, prompt_file)
@@ -365,8 +365,8 @@ def import_hf(
 
     Example: gptcli import-hf ~/models/gpt2 --out checkpoints/gpt2
     """
-    from gptcli.display import console
-    from gptcli.hf import import_hf as run_import
+    from gptcli.cli.display import console
+    from gptcli.store.hf import import_hf as run_import
 
     path = run_import(hf_dir, out, tokenizer, overwrite)
     console.print(f"imported {hf_dir} -> {path}; sample with: gptcli sample -c {path} -p '...'", markup=False)
@@ -382,8 +382,8 @@ def export_hf(
 
     Example: gptcli export-hf runs/demo --out hf/demo
     """
-    from gptcli.display import console
-    from gptcli.hf import export_hf as run_export
+    from gptcli.cli.display import console
+    from gptcli.store.hf import export_hf as run_export
 
     path = run_export(checkpoint, out, overwrite)
     console.print(f"exported -> {path}; load with transformers' from_pretrained('{path}')", markup=False)
@@ -398,13 +398,13 @@ def main() -> None:
     try:
         app()
     except GptcliError as exc:
-        from gptcli.display import console
+        from gptcli.cli.display import console
 
         if _is_rank_zero():
             console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except Interrupted as exc:
-        from gptcli.display import console
+        from gptcli.cli.display import console
 
         again = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")] + ["--resume"]
         if _is_rank_zero():

@@ -12,14 +12,14 @@ from typing import BinaryIO
 
 import torch
 
-from gptcli.checkpoint import checkpoint_task, load_model, resolve_checkpoint
-from gptcli.classify import GPTClassifier, encode_texts
+from gptcli.store.checkpoint import checkpoint_task, load_model, resolve_checkpoint
+from gptcli.tasks.classify import GPTClassifier, encode_texts
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
-from gptcli.generate import SampleText, SamplingSettings, generate_tokens
-from gptcli.instruct import END, has_chat_template, prompt_ids
-from gptcli.inference import for_generation
-from gptcli.lora import merge_lora
+from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
+from gptcli.tasks.instruct import END, has_chat_template, prompt_ids
+from gptcli.infer.cpu_layout import for_generation
+from gptcli.model.lora import merge_lora
 from gptcli.runtime import DTYPES, resolve_device, resolve_precision
 
 

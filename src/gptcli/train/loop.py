@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from gptcli import atomic
-from gptcli.checkpoint import (
+from gptcli.store.checkpoint import (
     CHECKPOINTS,
     CONFIG_YAML,
     LATEST,
@@ -37,9 +37,9 @@ from gptcli.checkpoint import (
 from gptcli.config import TrainConfig
 from gptcli.errors import GptcliError, Interrupted
 from gptcli.events import CheckpointSaved, EvalDone, EventSink, Notice, StepLogged, ignore
-from gptcli.model import IGNORE_INDEX
-from gptcli.optim import build_optimizer, lr_at
-from gptcli.parallel import (
+from gptcli.model.gpt import IGNORE_INDEX
+from gptcli.train.optim import build_optimizer, lr_at
+from gptcli.train.parallel import (
     full_optimizer_state,
     full_state_dict,
     gathered,
@@ -48,11 +48,11 @@ from gptcli.parallel import (
     shard,
     wrap_for_steps,
 )
-from gptcli.rundir import RunClaim
-from gptcli.runlog import RunLog, require_tensorboard, trim_metrics
+from gptcli.store.rundir import RunClaim
+from gptcli.store.runlog import RunLog, require_tensorboard, trim_metrics
 from gptcli.runtime import Distributed, Precision, peak_flops, resolve_precision, should_compile
-from gptcli.signals import StopRequest
-from gptcli.tokenizer import Tokenizer
+from gptcli.train.signals import StopRequest
+from gptcli.data.tokenizer import Tokenizer
 
 # A batch is the keyword arguments of the model's forward: at least `idx` (B, T) and
 # `targets` (IGNORE_INDEX where no loss is taken); the forward returns the summed loss.
@@ -260,7 +260,7 @@ def _plot_run(run_dir: Path, on_event: EventSink) -> None:
     """loss.png in the run directory, when the optional matplotlib is installed."""
     import importlib.util
 
-    from gptcli.plot import LOSS_PNG, plot_runs
+    from gptcli.cli.plot import LOSS_PNG, plot_runs
 
     if importlib.util.find_spec("matplotlib") is None:
         return  # `gptcli plot` says how to install it

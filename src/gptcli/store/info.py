@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
-from gptcli.checkpoint import (
+from gptcli.store.checkpoint import (
     CONFIG_YAML,
     LATEST,
     MANIFEST,
@@ -23,7 +23,7 @@ from gptcli.checkpoint import (
     verify_checkpoint,
 )
 from gptcli.errors import GptcliError
-from gptcli.runlog import read_metrics
+from gptcli.store.runlog import read_metrics
 
 _MERGED_SUFFIX = "-merged"  # finetune.py names merged LoRA copies step-NNNNNN-merged
 

@@ -28,13 +28,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gptcli.atomic import staging_dir, write_text
-from gptcli.classify import GPTClassifier
+from gptcli.tasks.classify import GPTClassifier
 from gptcli.config import ModelConfig, config_from_dict, model_config_problems
 from gptcli.errors import GptcliError, shorten
-from gptcli.lora import LoRASpec, apply_lora
-from gptcli.model import GPT, check_fits
+from gptcli.model.lora import LoRASpec, apply_lora
+from gptcli.model.gpt import GPT, check_fits
 from gptcli.outputs import hidden_below, mark
-from gptcli.tokenizer import Tokenizer, load_tokenizer
+from gptcli.data.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"  # sha256 and size of every other file, checked on load
@@ -308,7 +308,7 @@ def resolve_checkpoint(path: str | Path | None, prefer: str = BEST) -> Path:
     path = Path(path)
     if not path.exists():
         raise GptcliError(f"checkpoint {path} does not exist")
-    from gptcli.hf import cached_import, is_hf_dir  # hf builds on this module: import late
+    from gptcli.store.hf import cached_import, is_hf_dir  # hf builds on this module: import late
 
     if is_hf_dir(path):  # before is_checkpoint: both hold a model.safetensors
         return cached_import(path)

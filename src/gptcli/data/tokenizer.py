@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcli.bpe import GPT2_PATTERN, write_tiktoken_file
+from gptcli.data.bpe import GPT2_PATTERN, write_tiktoken_file
 from gptcli.errors import GptcliError
 
 EOT = "<|endoftext|>"

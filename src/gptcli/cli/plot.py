@@ -15,7 +15,7 @@ import numpy as np
 
 from gptcli.errors import GptcliError
 from gptcli.outputs import check_output_file, input_paths
-from gptcli.runlog import METRICS_FILE, RUN_FILE, read_metrics
+from gptcli.store.runlog import METRICS_FILE, RUN_FILE, read_metrics
 
 LOSS_PNG = "loss.png"
 X_AXES = {"step": "step", "tokens": "tokens seen"}

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gptcli.model import GPT
-from gptcli.tokenizer import Tokenizer
+from gptcli.model.gpt import GPT
+from gptcli.data.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

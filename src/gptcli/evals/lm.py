@@ -22,17 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptcli.checkpoint import CONFIG_YAML, TRAINER_JSON, load_model, resolve_checkpoint
+from gptcli.store.checkpoint import CONFIG_YAML, TRAINER_JSON, load_model, resolve_checkpoint
 from gptcli.config import RunConfig, load_config
-from gptcli.corpus import expand_inputs, iter_pieces
-from gptcli.data import TokenDataset, prepare_dataset
+from gptcli.data.corpus import expand_inputs, iter_pieces
+from gptcli.data.dataset import TokenDataset, prepare_dataset
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Progress, ignore
-from gptcli.model import GPT
+from gptcli.model.gpt import GPT
 from gptcli.runtime import DTYPES, Precision, resolve_device, resolve_precision
-from gptcli.shards import SPLITS, is_tokenized_dir
-from gptcli.tokenizer import Tokenizer
-from gptcli.train import lm_evaluate
+from gptcli.data.shards import SPLITS, is_tokenized_dir
+from gptcli.data.tokenizer import Tokenizer
+from gptcli.train.loop import lm_evaluate
 
 SPLIT_CHOICES = ("all", *SPLITS)
 
@@ -85,7 +85,7 @@ def _trained_precision(trained: dict, device: torch.device) -> str:
 def _repeat_run_validation(model: GPT, checkpoint: Path, trained: dict, precision: Precision,
                            device: torch.device, on_event: EventSink) -> dict:
     """The pretraining run's own validation: the same val windows the loop evaluated."""
-    from gptcli.pretrain import PretrainData  # pretrain builds on this package's modules
+    from gptcli.tasks.pretrain import PretrainData  # pretrain builds on this package's modules
 
     try:
         cfg = load_config(checkpoint / CONFIG_YAML)

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from gptcli.atomic import write_text
-from gptcli.checkpoint import load_model, resolve_checkpoint
-from gptcli.classify import ClassifyData, GPTClassifier, classification_metrics
+from gptcli.store.checkpoint import load_model, resolve_checkpoint
+from gptcli.tasks.classify import ClassifyData, GPTClassifier, classification_metrics
 from gptcli.errors import GptcliError
 from gptcli.outputs import check_output_file, input_paths
-from gptcli.records import column, read_records
+from gptcli.data.records import column, read_records
 from gptcli.runtime import Precision, resolve_device
 
 

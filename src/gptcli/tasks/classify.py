@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from gptcli.config import ModelConfig
 from gptcli.errors import GptcliError
-from gptcli.model import GPT, IGNORE_INDEX
-from gptcli.data import step_rows
+from gptcli.model.gpt import GPT, IGNORE_INDEX
+from gptcli.data.dataset import step_rows
 from gptcli.runtime import Distributed, Precision
-from gptcli.tokenizer import Tokenizer
+from gptcli.data.tokenizer import Tokenizer
 
 
 class GPTClassifier(GPT):

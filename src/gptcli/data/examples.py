@@ -10,8 +10,8 @@ import random
 import sysconfig
 from pathlib import Path
 
-from gptcli.corpus import stdlib_files
-from gptcli.records import Record, numbered
+from gptcli.data.corpus import stdlib_files
+from gptcli.data.records import Record, numbered
 
 STDLIB_PACKAGES = "stdlib-packages"
 STDLIB_DOCSTRINGS = "stdlib-docstrings"

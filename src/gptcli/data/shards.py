@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcli.corpus import Piece, Source, expand_inputs, iter_pieces, single_document_split
+from gptcli.data.corpus import Piece, Source, expand_inputs, iter_pieces, single_document_split
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, Progress, ignore
 from gptcli.atomic import staging_dir
-from gptcli.bpe import GPT2_PATTERN
+from gptcli.data.bpe import GPT2_PATTERN
 from gptcli.outputs import check_output_dir, input_paths, mark
-from gptcli.tokenizer import Tokenizer, is_corpus_dependent, resolve_tokenizer, tiktoken_from_ranks
+from gptcli.data.tokenizer import Tokenizer, is_corpus_dependent, resolve_tokenizer, tiktoken_from_ranks
 
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
@@ -105,7 +105,7 @@ def _build_tokenizer(spec: str | Tokenizer, sources: list[Source], jsonl_field: 
                      seed: int, train_bpe: int | None, on_event: EventSink) -> Tokenizer:
     """The tokenizer for this corpus; BPE training and `char` vocabularies read it once first."""
     if train_bpe is not None:
-        from gptcli.bpe import train_bpe as learn
+        from gptcli.data.bpe import train_bpe as learn
 
         texts = (p.text for split, p in _pieces(sources, jsonl_field, val_fraction, seed)
                  if split == "train")

@@ -26,16 +26,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gptcli.atomic import staging_dir
-from gptcli.bpe import GPT2_PATTERN
-from gptcli.checkpoint import is_checkpoint, load_model, resolve_checkpoint, save_checkpoint
-from gptcli.classify import GPTClassifier
+from gptcli.data.bpe import GPT2_PATTERN
+from gptcli.store.checkpoint import is_checkpoint, load_model, resolve_checkpoint, save_checkpoint
+from gptcli.tasks.classify import GPTClassifier
 from gptcli.config import ModelConfig
-from gptcli.data import cache_root
+from gptcli.data.dataset import cache_root
 from gptcli.errors import GptcliError, shorten
-from gptcli.lora import merge_lora
-from gptcli.model import GPT, check_fits
+from gptcli.model.lora import merge_lora
+from gptcli.model.gpt import GPT, check_fits
 from gptcli.outputs import check_output_dir, input_paths, mark
-from gptcli.tokenizer import (
+from gptcli.data.tokenizer import (
     EOT,
     TiktokenTokenizer,
     Tokenizer,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gptcli.model import GPT
+from gptcli.model.gpt import GPT
 
 
 class InferenceLinear(nn.Module):

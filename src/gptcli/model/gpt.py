@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gptcli.attention import causal_attention
+from gptcli.model.attention import causal_attention
 from gptcli.config import ModelConfig
 from gptcli.errors import shorten
 from gptcli.runtime import check_memory

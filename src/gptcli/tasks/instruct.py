@@ -25,12 +25,12 @@ import torch
 
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
-from gptcli.model import IGNORE_INDEX
-from gptcli.data import step_rows
-from gptcli.records import Record, where
+from gptcli.model.gpt import IGNORE_INDEX
+from gptcli.data.dataset import step_rows
+from gptcli.data.records import Record, where
 from gptcli.runtime import Distributed, Precision
-from gptcli.tokenizer import Tokenizer
-from gptcli.train import lm_evaluate
+from gptcli.data.tokenizer import Tokenizer
+from gptcli.train.loop import lm_evaluate
 
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"

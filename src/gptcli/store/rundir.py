@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from gptcli.checkpoint import LATEST, read_pointer
+from gptcli.store.checkpoint import LATEST, read_pointer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.outputs import (

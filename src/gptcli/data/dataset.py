@@ -18,12 +18,12 @@ import torch
 
 from gptcli.atomic import write_text
 from gptcli.config import DataConfig
-from gptcli.corpus import expand_inputs
+from gptcli.data.corpus import expand_inputs
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
 from gptcli.runtime import Distributed
-from gptcli.shards import META_FILE, SPLITS, TOKENIZER_DIR, is_tokenized_dir, read_meta, tokenize_corpus
-from gptcli.tokenizer import Tokenizer, load_tokenizer
+from gptcli.data.shards import META_FILE, SPLITS, TOKENIZER_DIR, is_tokenized_dir, read_meta, tokenize_corpus
+from gptcli.data.tokenizer import Tokenizer, load_tokenizer
 
 _STREAMS = {"train": 0, "val": 1}  # random streams: 2 and 3 are the classify and instruct rows
 
