@@ -16,7 +16,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from report import describe_machine, publish
 
 SHAPES = [(12, 4, 64, 32), (8, 6, 128, 64), (8, 6, 256, 64), (8, 6, 512, 64), (4, 12, 1024, 64)]  # B, nh, T, hs

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from report import describe_machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +29,10 @@ def main() -> None:
     args = parser.parse_args()
     import transformers
 
-    from gptcli.store.hf import import_hf_model
-    from gptcli.runtime import Precision
     from gptcli.data.tokenizer import tiktoken_from_file
-    from gptcli.train.loop import lm_evaluate
+    from gptcli.evals.lm import lm_evaluate
+    from gptcli.runtime import Precision
+    from gptcli.store.hf import import_hf_model
 
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()  # GPT-2 small's shape

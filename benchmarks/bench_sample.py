@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import torch
-
 from report import describe_machine, publish
 
 SHAPES = {"mid": (6, 6, 384, 256, 65), "124M": (12, 12, 768, 1024, 50257)}
@@ -36,10 +35,10 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from gptcli.infer.generate import SamplingSettings, generate_tokens
-    from gptcli.store.hf import import_hf_model
     from gptcli.infer.cpu_layout import for_generation
+    from gptcli.infer.generate import SamplingSettings, generate_tokens
     from gptcli.runtime import DTYPES
+    from gptcli.store.hf import import_hf_model
 
     rows = []
     for name in args.shapes:

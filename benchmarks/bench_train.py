@@ -17,7 +17,6 @@ import statistics
 import time
 
 import torch
-
 from report import describe_machine, publish
 
 SHAPES = {  # name: (n_layer, n_head, n_embd, context, batch, vocab)
@@ -30,9 +29,9 @@ SHAPES = {  # name: (n_layer, n_head, n_embd, context, batch, vocab)
 def gptcli_step(shape, precision_name, compiled=False):
     from gptcli.config import ModelConfig, TrainConfig
     from gptcli.model.gpt import GPT
-    from gptcli.train.optim import build_optimizer
     from gptcli.runtime import Precision
     from gptcli.train.loop import _clip, _forward_backward
+    from gptcli.train.optim import build_optimizer
 
     n_layer, n_head, n_embd, ctx, batch, vocab = shape
     model = GPT(ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=ctx,

@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import torch
-
 from report import describe_machine, publish
 
 
@@ -25,11 +24,12 @@ def main() -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    from gptcli.store.checkpoint import load_model, resolve_checkpoint
     from gptcli.config import load_config
     from gptcli.data.dataset import TokenDataset, prepare_dataset
+    from gptcli.evals.lm import lm_evaluate
     from gptcli.runtime import Precision
-    from gptcli.train.loop import lm_evaluate
+    from gptcli.store.checkpoint import load_model
+    from gptcli.store.rundir import resolve_checkpoint
 
     cfg = load_config(f"{args.run_dir}/config.yaml")
     checkpoint = resolve_checkpoint(args.run_dir)

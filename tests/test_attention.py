@@ -4,8 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptcli.model.attention import EXPLICIT_MAX_CONTEXT, explicit_causal_attention, use_explicit_attention
 from gptcli.config import ModelConfig
+from gptcli.model.attention import (
+    EXPLICIT_MAX_CONTEXT,
+    explicit_causal_attention,
+    use_explicit_attention,
+)
 from gptcli.model.gpt import GPT
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import run_cli
 
 
@@ -150,8 +149,9 @@ BAD = [
 def lm_ckpt(tmp_path_factory):
     """A tiny trained checkpoint, made once for the bad-input table."""
     from conftest import PY_SNIPPETS
-    from gptcli.store.checkpoint import resolve_checkpoint
+
     from gptcli.config import config_from_dict
+    from gptcli.store.rundir import resolve_checkpoint
     from gptcli.tasks.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("lm")

@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from gptcli.config import RunConfig, apply_overrides, config_from_dict, field_docs, load_config, read_yaml
+from gptcli.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    field_docs,
+    load_config,
+    read_yaml,
+)
 from gptcli.errors import GptcliError
 
 

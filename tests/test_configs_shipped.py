@@ -10,10 +10,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import (
+    GPT2_TIKTOKEN,
+    SHAKESPEARE,
+    SHARED,
+    needs_gpt2_ranks,
+    needs_shakespeare,
+    run_cli,
+)
 
-from conftest import GPT2_TIKTOKEN, SHAKESPEARE, SHARED, needs_gpt2_ranks, needs_shakespeare, run_cli
-from gptcli.store.checkpoint import resolve_checkpoint
 from gptcli.config import load_config, read_yaml
+from gptcli.store.rundir import resolve_checkpoint
 from gptcli.tasks.pretrain import pretrain
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

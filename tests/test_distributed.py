@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import tiny_config
+
 from gptcli.config import config_from_dict
 from gptcli.tasks.pretrain import pretrain
 

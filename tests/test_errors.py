@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import run_cli, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli, tiny_config
-from gptcli.data import dataset as data_module
 from gptcli import runtime
-from gptcli.store.checkpoint import build_model, load_model, save_checkpoint, write_manifest
 from gptcli.config import SEED_RANGE, FinetuneRunConfig, ModelConfig, config_from_dict
+from gptcli.data import dataset as data_module
 from gptcli.data.dataset import TokenDataset
-from gptcli.errors import GptcliError, shorten
-from gptcli.model.gpt import GPT, count_params
 from gptcli.data.shards import META_FILE, tokenize_corpus
 from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.errors import GptcliError, shorten
+from gptcli.model.gpt import GPT, count_params
+from gptcli.store.checkpoint import build_model, load_model, save_checkpoint, write_manifest
 
 LONG = "x" * 5_000_000  # a value pasted by mistake: 5 MB
 

@@ -5,18 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
-from gptcli.store.checkpoint import load_model, resolve_checkpoint
-from gptcli.tasks.classify import GPTClassifier, classification_metrics
+
 from gptcli.config import FinetuneRunConfig, ModelConfig, config_from_dict
+from gptcli.data.tokenizer import BytesTokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
+from gptcli.evals.classify import classification_metrics
+from gptcli.model.gpt import GPT, IGNORE_INDEX
+from gptcli.model.heads import GPTClassifier
+from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
+from gptcli.store.checkpoint import load_model
+from gptcli.store.rundir import resolve_checkpoint
 from gptcli.tasks.finetune import finetune
 from gptcli.tasks.instruct import CHAT_TOKENS, END, render
-from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
-from gptcli.model.gpt import GPT, IGNORE_INDEX
 from gptcli.tasks.pretrain import pretrain
-from gptcli.data.tokenizer import BytesTokenizer, WithAddedTokens
 
 
 @pytest.fixture

@@ -1,9 +1,15 @@
 import torch
 
 from gptcli.config import ModelConfig
-from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens, logits_to_probs, next_token
-from gptcli.model.gpt import GPT
 from gptcli.data.tokenizer import BytesTokenizer, CharTokenizer
+from gptcli.infer.generate import (
+    SampleText,
+    SamplingSettings,
+    generate_tokens,
+    logits_to_probs,
+    next_token,
+)
+from gptcli.model.gpt import GPT
 
 
 def test_top_k_keeps_k_tokens():

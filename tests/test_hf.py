@@ -4,15 +4,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks, run_cli
-from gptcli.store.checkpoint import load_model, resolve_checkpoint, save_checkpoint
+
 from gptcli.config import ModelConfig
+from gptcli.data.tokenizer import BytesTokenizer, tiktoken_from_file
 from gptcli.errors import GptcliError
 from gptcli.infer.generate import SamplingSettings, generate_tokens
-from gptcli.store.hf import byte_to_char, export_hf, import_hf, ranks_from_vocab, tokenizer_files
 from gptcli.model.gpt import GPT
-from gptcli.data.tokenizer import BytesTokenizer, tiktoken_from_file
+from gptcli.store.checkpoint import load_model, save_checkpoint
+from gptcli.store.hf import byte_to_char, export_hf, import_hf, ranks_from_vocab, tokenizer_files
+from gptcli.store.rundir import resolve_checkpoint
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -39,8 +40,8 @@ def hf_model(tmp_path, seed=0, **shape):
 def import_with_char_tokenizer(hf_dir, out, vocab_size):
     """Import weights; these random models' vocabularies are not GPT-2's, so pair them with
     a tokenizer of the same size for the checkpoint."""
-    from gptcli.store.hf import import_hf_model
     from gptcli.data.tokenizer import CharTokenizer
+    from gptcli.store.hf import import_hf_model
 
     tok = CharTokenizer("".join(chr(0x100 + i) for i in range(vocab_size - 1)))
     save_checkpoint(out, import_hf_model(hf_dir), tok, "# test\n")
@@ -102,7 +103,7 @@ def test_round_trip_is_bit_identical(tmp_path):
 
 
 def test_classifier_exports_as_sequence_classification(tmp_path):
-    from gptcli.tasks.classify import GPTClassifier
+    from gptcli.model.heads import GPTClassifier
 
     torch.manual_seed(2)
     model = GPTClassifier(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=257),

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_cli, tiny_config
-from gptcli.store.checkpoint import read_pointer
+
 from gptcli.config import config_from_dict
+from gptcli.data.shards import tokenize_corpus
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
 from gptcli.model.gpt import GPT
 from gptcli.outputs import LOCK_FILE, MARKER
+from gptcli.store.rundir import read_pointer
 from gptcli.tasks.pretrain import pretrain
-from gptcli.data.shards import tokenize_corpus
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -150,19 +150,21 @@ def test_tokenize_replaces_only_a_tokenized_directory(tmp_path, corpus_dir):
 
 def test_export_and_import_replace_only_their_own_output(tmp_path, corpus_dir):
     from gptcli.store.hf import export_hf, import_hf
+    from gptcli.store.rundir import resolve_checkpoint
 
     run = tmp_path / "run"
     pretrain(quick(corpus_dir, run))
-    export_hf(run, tmp_path / "hf")
-    export_hf(run, tmp_path / "hf", overwrite=True)
+    checkpoint = resolve_checkpoint(run)
+    export_hf(checkpoint, tmp_path / "hf")
+    export_hf(checkpoint, tmp_path / "hf", overwrite=True)
     with pytest.raises(GptcliError, match="already holds a Hugging Face export; pass --overwrite"):
-        export_hf(run, tmp_path / "hf")
+        export_hf(checkpoint, tmp_path / "hf")
     mine = user_folder(tmp_path / "mine")
     before = snapshot(mine)
     with pytest.raises(GptcliError, match="did not create"):
-        export_hf(run, mine, overwrite=True)
+        export_hf(checkpoint, mine, overwrite=True)
     with pytest.raises(GptcliError, match="is inside the input"):
-        export_hf(run, run / "checkpoints" / "hf")
+        export_hf(checkpoint, run / "checkpoints" / "hf")
     assert snapshot(mine) == before
     with pytest.raises(GptcliError, match="did not create"):
         import_hf(tmp_path / "hf", mine, overwrite=True)
@@ -368,7 +370,7 @@ def test_read_only_out_dir_is_one_line(tmp_path, corpus_dir, capsys, tmpfs):
 def test_a_run_left_aside_by_a_killed_overwrite_is_named_but_never_listed(tmp_path, corpus_dir):
     import shutil
 
-    from gptcli.store.checkpoint import find_latest_run
+    from gptcli.store.rundir import find_latest_run
     from gptcli.store.runlog import find_runs
 
     runs = tmp_path / "runs"

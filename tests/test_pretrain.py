@@ -3,12 +3,13 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from gptcli.store.checkpoint import load_model, load_trainer_state, read_pointer, resolve_checkpoint
+
 from gptcli.config import config_from_dict, load_config
 from gptcli.errors import GptcliError
 from gptcli.events import CheckpointSaved, EvalDone, RunStarted, StepLogged
+from gptcli.store.checkpoint import load_model, load_trainer_state
+from gptcli.store.rundir import read_pointer, resolve_checkpoint
 from gptcli.tasks.pretrain import pretrain
 
 
@@ -142,10 +143,10 @@ def test_lr_schedule():
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, corpus_dir):
     """Loss normalised over the whole step: 2 micro-batches of 2 give the same update as 1 of 4."""
-    from gptcli.runtime import Precision
-    from gptcli.train.loop import _forward_backward
     from gptcli.config import ModelConfig
     from gptcli.model.gpt import GPT
+    from gptcli.runtime import Precision
+    from gptcli.train.loop import _forward_backward
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import GPT2_TIKTOKEN, PY_SNIPPETS, SHARED, needs_gpt2_ranks, needs_shakespeare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,8 +171,8 @@ def make_hf_gpt2(folder: Path) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gptcli.store.hf import tokenizer_files
     from gptcli.data.tokenizer import tiktoken_from_file
+    from gptcli.store.hf import tokenizer_files
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64)).save_pretrained(folder)

@@ -4,14 +4,14 @@ a byte-order mark accepted, and every error naming the file's own line of the re
 import json
 
 import pytest
-
 from conftest import PY_SNIPPETS, tiny_config
+
 from gptcli.config import FinetuneRunConfig, config_from_dict
+from gptcli.data.records import column, read_records
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
 from gptcli.tasks.finetune import finetune
 from gptcli.tasks.pretrain import pretrain
-from gptcli.data.records import column, read_records
 
 
 def write(path, text: str):

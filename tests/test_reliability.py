@@ -11,17 +11,18 @@ import time
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from gptcli.store import checkpoint as checkpoint_module
-from gptcli.store.checkpoint import load_model, read_pointer, resolve_checkpoint
+
 from gptcli.config import config_from_dict
 from gptcli.data.dataset import TokenDataset
+from gptcli.data.shards import tokenize_corpus
 from gptcli.errors import GptcliError, Interrupted
 from gptcli.events import Notice
 from gptcli.model.gpt import GPT
+from gptcli.store import checkpoint as checkpoint_module
+from gptcli.store.checkpoint import load_model
+from gptcli.store.rundir import read_pointer, resolve_checkpoint
 from gptcli.tasks.pretrain import pretrain
-from gptcli.data.shards import tokenize_corpus
 
 
 def losses(run_dir):
@@ -32,7 +33,8 @@ def losses(run_dir):
 SAVER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from gptcli.store.checkpoint import save_checkpoint, step_name, write_pointer
+    from gptcli.store.checkpoint import save_checkpoint, step_name
+    from gptcli.store.rundir import write_pointer
     from gptcli.config import ModelConfig
     from gptcli.model.gpt import GPT
     from gptcli.data.tokenizer import BytesTokenizer

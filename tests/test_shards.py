@@ -2,13 +2,13 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import GPT2_TIKTOKEN, SHAKESPEARE, needs_gpt2_ranks, needs_shakespeare
+
 from gptcli.data import corpus as corpus
-from gptcli.errors import GptcliError
-from gptcli.events import Notice
 from gptcli.data.shards import read_meta, tokenize_corpus
 from gptcli.data.tokenizer import load_tokenizer
+from gptcli.errors import GptcliError
+from gptcli.events import Notice
 
 
 def decode_split(out, split):

@@ -9,15 +9,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, tiny_config
-from gptcli.store.checkpoint import save_checkpoint
-from gptcli.tasks.classify import DETAILED_CLASSES, ClassifyData, GPTClassifier, classification_metrics
+
 from gptcli.config import ModelConfig
-from gptcli.model.gpt import GPT
-from gptcli.runtime import Precision
-from gptcli.infer.sample import decode_escapes
 from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.evals.classify import DETAILED_CLASSES, classification_metrics
+from gptcli.infer.sample import decode_escapes
+from gptcli.model.gpt import GPT
+from gptcli.model.heads import GPTClassifier
+from gptcli.runtime import Precision
+from gptcli.store.checkpoint import save_checkpoint
+from gptcli.tasks.classify import ClassifyData
 
 WEIRD_RUNS = ["exp[lr=3e-4]", "odd[/]name:smile:"]  # a style tag, a closing tag, an emoji code
 WEIRD_LABELS = ["[/]", "[neg]", "[pos]"]

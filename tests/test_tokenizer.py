@@ -3,9 +3,8 @@ import os
 
 import pytest
 import tiktoken
-
 from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks
-from gptcli.errors import GptcliError
+
 from gptcli.data.tokenizer import (
     BytesTokenizer,
     CharTokenizer,
@@ -13,6 +12,7 @@ from gptcli.data.tokenizer import (
     read_ranks,
     resolve_tokenizer,
 )
+from gptcli.errors import GptcliError
 
 TEXTS = ["hello world", "naïve café — 日本語 ✓ 🚀", "  spaces\n\ttabs\r\n", "<|endoftext|> as text", ""]
 

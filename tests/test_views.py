@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks, run_cli, tiny_config
+
 from gptcli.config import FinetuneRunConfig, config_from_dict
 from gptcli.errors import Interrupted
 from gptcli.events import StepLogged
+from gptcli.store.runlog import RUN_FILE, read_metrics
 from gptcli.tasks.finetune import finetune
 from gptcli.tasks.pretrain import pretrain
-from gptcli.store.runlog import RUN_FILE, read_metrics
 
 
 @pytest.fixture
@@ -50,8 +50,13 @@ def png_size(path):
 
 # --- plot ---------------------------------------------------------------------------------
 
-def test_training_writes_loss_png_and_plot_draws_one_run(tmp_path, lm_run, capsys):
-    assert png_size(lm_run / "loss.png") == (2 * 660, 462)  # panels: loss, val bpb; 6 x 4.2 in at 110 dpi
+def test_training_writes_loss_png_and_plot_draws_one_run(tmp_path, corpus_dir, lm_run, capsys):
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config([str(corpus_dir)], tmp_path / "runs" / "cli", max_steps=10)))
+    assert run_cli(["pretrain", config], capsys)[0] == 0  # the CLI draws a finished run's curves
+    assert png_size(tmp_path / "runs" / "cli" / "loss.png") == (2 * 660, 462)  # loss, val bpb; 6 x 4.2 in at 110 dpi
     code, _, err = run_cli(["plot", lm_run, "--out", tmp_path / "one.png", "--x", "tokens", "--log"], capsys)
     assert code == 0, err
     assert png_size(tmp_path / "one.png") == (2 * 660, 462)
@@ -90,6 +95,7 @@ def test_runs_lists_finished_interrupted_failed_and_killed(tmp_path, lm_run, cor
     with pytest.raises(Interrupted):
         pretrain(config_from_dict(cut), on_event=interrupt_at_step_10)
     from test_reliability import _nan_on_calls
+
     from gptcli.errors import GptcliError
 
     with monkeypatch.context() as patch:
@@ -114,7 +120,8 @@ def test_runs_lists_finished_interrupted_failed_and_killed(tmp_path, lm_run, cor
     assert lm["metric"] == "val_loss"
     assert lm["best"] == min(r["val_loss"] for r in read_metrics(lm_run) if "val_loss" in r)
     assert lm["tokens_seen"] == 20 * 4 * 32 and lm["wall_seconds"] > 0
-    from gptcli.store.checkpoint import load_model, resolve_checkpoint
+    from gptcli.store.checkpoint import load_model
+    from gptcli.store.rundir import resolve_checkpoint
 
     assert lm["parameters"] == load_model(resolve_checkpoint(lm_run))[0].num_params()
     assert runs["cut"]["step"] == 10 and runs["cut"]["max_steps"] == 20
@@ -141,7 +148,8 @@ def info_json(path, capsys):
 
 
 def test_info_on_pretrain_classify_lora_merged_and_imported(tmp_path, lm_run, capsys):
-    from gptcli.store.checkpoint import load_model, resolve_checkpoint
+    from gptcli.store.checkpoint import load_model
+    from gptcli.store.rundir import resolve_checkpoint
 
     lm = info_json(lm_run, capsys)
     assert lm["kind"] == "pretrain" and lm["step"] == 20 and lm["tokens_seen"] == 20 * 4 * 32
@@ -159,7 +167,7 @@ def test_info_on_pretrain_classify_lora_merged_and_imported(tmp_path, lm_run, ca
     lora = info_json(lora_run / "checkpoints" / "step-000010", capsys)
     assert lora["kind"] == "finetune classify, LoRA adapters (not merged), classifier"
     assert lora["lora"]["rank"] == 4 and 0 < lora["lora"]["adapter_parameters"] < lora["parameters"]
-    from gptcli.store.checkpoint import read_pointer
+    from gptcli.store.rundir import read_pointer
 
     merged = info_json(read_pointer(lora_run, "merged"), capsys)
     assert merged["kind"] == "finetune classify, LoRA adapters merged into the weights, classifier"
@@ -169,11 +177,11 @@ def test_info_on_pretrain_classify_lora_merged_and_imported(tmp_path, lm_run, ca
 
 @needs_gpt2_ranks
 def test_info_on_an_imported_hugging_face_model(tmp_path, capsys):
-    from gptcli.store.checkpoint import save_checkpoint
     from gptcli.config import ModelConfig
-    from gptcli.store.hf import export_hf
-    from gptcli.model.gpt import GPT
     from gptcli.data.tokenizer import tiktoken_from_file
+    from gptcli.model.gpt import GPT
+    from gptcli.store.checkpoint import save_checkpoint
+    from gptcli.store.hf import export_hf
 
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50257))
     hf_dir = export_hf(save_checkpoint(tmp_path / "ckpt", model, tiktoken_from_file(GPT2_TIKTOKEN), "# t\n"),
@@ -230,7 +238,8 @@ def test_eval_refuses_to_repeat_a_validation_whose_data_changed(lm_run, corpus_d
 
 def test_eval_on_text_scores_every_token_once(tmp_path, lm_run, capsys):
     """Against a direct computation: one forward over each block_size window by hand."""
-    from gptcli.store.checkpoint import load_model, resolve_checkpoint
+    from gptcli.store.checkpoint import load_model
+    from gptcli.store.rundir import resolve_checkpoint
 
     text = "".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(40))  # 1,000+ bytes
     (tmp_path / "eval.txt").write_text(text)
@@ -250,8 +259,8 @@ def test_eval_on_text_scores_every_token_once(tmp_path, lm_run, capsys):
 
 
 def test_eval_on_a_tokenized_split(tmp_path, lm_run, corpus_dir, capsys):
-    from gptcli.data.dataset import TokenDataset, prepare_dataset
     from gptcli.config import load_config
+    from gptcli.data.dataset import TokenDataset, prepare_dataset
 
     cfg = load_config(lm_run / "config.yaml")
     dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed))

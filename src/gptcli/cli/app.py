@@ -48,10 +48,11 @@ def tokenize(
 
     Example: gptcli tokenize stdlib --out data/stdlib --tokenizer bytes
     """
-    from gptcli.cli.display import ProgressDisplay, console
-    from gptcli.data.shards import tokenize_corpus
     from rich.table import Table
     from rich.text import Text
+
+    from gptcli.cli.display import ProgressDisplay, console
+    from gptcli.data.shards import tokenize_corpus
 
     with ProgressDisplay() as display:
         result = tokenize_corpus(inputs, out, tokenizer=tokenizer, val_fraction=val_fraction,
@@ -85,8 +86,8 @@ def pretrain(
 
     Example: gptcli pretrain configs/demo.yaml --set train.max_steps=100
     """
-    from gptcli.config import load_config
     from gptcli.cli.display import TrainDisplay, console
+    from gptcli.config import load_config
     from gptcli.tasks.pretrain import pretrain as run_pretrain
 
     cfg = load_config(config, set_ or [])
@@ -97,6 +98,7 @@ def pretrain(
         display.close()
     if not _is_rank_zero():
         return
+    _draw_loss(result.run_dir)
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "-"
     console.print(f"done: {result.steps} steps in {result.seconds:.0f}s, best val loss {best}; "
                   f"sample with: gptcli sample --checkpoint {result.run_dir} --prompt '...'", markup=False)
@@ -118,8 +120,8 @@ def finetune(
 
     Example: gptcli finetune --task classify   (built-in example on the latest pretrained run)
     """
-    from gptcli.config import FinetuneRunConfig, load_config
     from gptcli.cli.display import TrainDisplay, console, render_classify_metrics
+    from gptcli.config import FinetuneRunConfig, load_config
     from gptcli.tasks.finetune import finetune as run_finetune
 
     overrides = list(set_ or [])
@@ -138,6 +140,7 @@ def finetune(
         display.close()
     if not _is_rank_zero():
         return
+    _draw_loss(result.run_dir)
     if display.last_eval and "per_class" in display.last_eval:  # a classifier's evaluation
         render_classify_metrics(display.last_eval)
     if result.before:
@@ -178,9 +181,14 @@ def evaluate(
 
       gptcli eval -c runs/classify-stdlib --data test.csv --predictions preds.csv
     """
-    from gptcli.store.checkpoint import resolve_checkpoint
-    from gptcli.cli.display import ProgressDisplay, render_classify_metrics, render_lm_metrics, show_checkpoint
+    from gptcli.cli.display import (
+        ProgressDisplay,
+        render_classify_metrics,
+        render_lm_metrics,
+        show_checkpoint,
+    )
     from gptcli.infer.sample import is_classifier
+    from gptcli.store.rundir import resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     if is_classifier(path):
@@ -308,9 +316,15 @@ def sample(
     """
     from gptcli.cli.display import notice, render_class_probabilities, show_checkpoint
     from gptcli.events import Notice
-    from gptcli.store.checkpoint import resolve_checkpoint
-    from gptcli.infer.sample import (SampleRequest, classify, decode_escapes, is_classifier, read_prompt,
-                               sample as run_sample)
+    from gptcli.infer.sample import (
+        SampleRequest,
+        classify,
+        decode_escapes,
+        is_classifier,
+        read_prompt,
+    )
+    from gptcli.infer.sample import sample as run_sample
+    from gptcli.store.rundir import resolve_checkpoint
 
     prompt = read_prompt(prompt, prompt_file)
     request = SampleRequest(prompt=prompt, max_new_tokens=max_new_tokens,
@@ -384,9 +398,26 @@ def export_hf(
     """
     from gptcli.cli.display import console
     from gptcli.store.hf import export_hf as run_export
+    from gptcli.store.rundir import resolve_checkpoint
 
-    path = run_export(checkpoint, out, overwrite)
+    path = run_export(resolve_checkpoint(checkpoint), out, overwrite)
     console.print(f"exported -> {path}; load with transformers' from_pretrained('{path}')", markup=False)
+
+
+def _draw_loss(run_dir: Path) -> None:
+    """loss.png in a finished run's directory, when the optional matplotlib is installed; a
+    plot that cannot be drawn is a note, never a failed run."""
+    import importlib.util
+
+    from gptcli.cli.display import notice
+    from gptcli.cli.plot import LOSS_PNG, plot_runs
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return  # `gptcli plot` says how to install it
+    try:
+        plot_runs([run_dir], run_dir / LOSS_PNG)
+    except Exception as exc:
+        notice(f"could not draw {LOSS_PNG}: {exc}")
 
 
 def _is_rank_zero() -> bool:

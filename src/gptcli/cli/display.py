@@ -31,11 +31,9 @@ from gptcli.events import (
     CheckpointSaved,
     EvalDone,
     Notice,
-    Progress as ProgressEvent,
-    RunFinished,
-    RunStarted,
-    StepLogged,
 )
+from gptcli.events import Progress as ProgressEvent
+from gptcli.events import RunFinished, RunStarted, StepLogged
 
 _EVAL_KEYS = ("val_loss", "val_bpb", "val_accuracy", "val_macro_f1")  # scalar metrics shown per eval
 # Long messages stay one line for grep; emoji codes are text too (`:cat:` in a path stays).

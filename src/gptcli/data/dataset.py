@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,18 +18,21 @@ import torch
 from gptcli.atomic import write_text
 from gptcli.config import DataConfig
 from gptcli.data.corpus import expand_inputs
+from gptcli.data.shards import (
+    META_FILE,
+    SPLITS,
+    TOKENIZER_DIR,
+    is_tokenized_dir,
+    read_meta,
+    tokenize_corpus,
+)
+from gptcli.data.tokenizer import Tokenizer, load_tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
+from gptcli.paths import cache_root
 from gptcli.runtime import Distributed
-from gptcli.data.shards import META_FILE, SPLITS, TOKENIZER_DIR, is_tokenized_dir, read_meta, tokenize_corpus
-from gptcli.data.tokenizer import Tokenizer, load_tokenizer
 
 _STREAMS = {"train": 0, "val": 1}  # random streams: 2 and 3 are the classify and instruct rows
-
-
-def cache_root() -> Path:
-    """Where pretrain keeps corpora it tokenized: $GPTCLI_CACHE, else ~/.cache/gptcli."""
-    return Path(os.environ.get("GPTCLI_CACHE") or Path.home() / ".cache" / "gptcli") / "tokens"
 
 
 def _cache_key(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> str:

@@ -27,13 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcli.data.corpus import Piece, Source, expand_inputs, iter_pieces, single_document_split
-from gptcli.errors import GptcliError
-from gptcli.events import EventSink, Notice, Progress, ignore
 from gptcli.atomic import staging_dir
 from gptcli.data.bpe import GPT2_PATTERN
+from gptcli.data.corpus import Piece, Source, expand_inputs, iter_pieces, single_document_split
+from gptcli.data.tokenizer import (
+    Tokenizer,
+    is_corpus_dependent,
+    resolve_tokenizer,
+    tiktoken_from_ranks,
+)
+from gptcli.errors import GptcliError
+from gptcli.events import EventSink, Notice, Progress, ignore
 from gptcli.outputs import check_output_dir, input_paths, mark
-from gptcli.data.tokenizer import Tokenizer, is_corpus_dependent, resolve_tokenizer, tiktoken_from_ranks
 
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"

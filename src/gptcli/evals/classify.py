@@ -1,5 +1,6 @@
-"""`gptcli eval` of a classifier: metrics on a labelled file, with optional per-row predictions
-(language models: lm_eval.py)."""
+"""A classifier's evaluation: class probabilities, accuracy / macro-F1 / per-class metrics
+(bounded for many classes), and `gptcli eval` on a labelled file with optional per-row
+predictions (language models: lm.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gptcli.atomic import write_text
-from gptcli.store.checkpoint import load_model, resolve_checkpoint
-from gptcli.tasks.classify import ClassifyData, GPTClassifier, classification_metrics
-from gptcli.errors import GptcliError
-from gptcli.outputs import check_output_file, input_paths
+from gptcli.data.labelled import encode_texts, pad_batch
 from gptcli.data.records import column, read_records
+from gptcli.errors import GptcliError
+from gptcli.model.heads import GPTClassifier
+from gptcli.outputs import check_output_file, input_paths
 from gptcli.runtime import Precision, resolve_device
+from gptcli.store.checkpoint import load_model
+from gptcli.store.rundir import resolve_checkpoint
 
 
 def evaluate_classifier(checkpoint: str | Path | None, data_file: str | Path,
@@ -38,16 +42,35 @@ def evaluate_classifier(checkpoint: str | Path | None, data_file: str | Path,
     unknown = sorted(set(truth) - set(model.labels))
     if unknown:
         raise GptcliError(f"{data_file}: labels the classifier never learned: {', '.join(unknown[:5])}")
-    data = ClassifyData(tokenizer, model.labels, ([], []), (texts, truth), model.config.block_size,
-                        batch_size, "end", 0, dev)
-    probs = data.predict(model, data.val_ids, Precision("fp32", dev.type))
+    index = {name: i for i, name in enumerate(model.labels)}
+    y = np.array([index[label] for label in truth])
+    sequences = encode_texts(tokenizer, texts, model.config.block_size, keep="end")
+    probs = predict_probs(model, sequences, tokenizer.eot_id, batch_size, Precision("fp32", dev.type), dev)
     predicted = probs.argmax(1)
-    metrics = classification_metrics(data.val_y, predicted, model.labels)
-    counts = np.bincount(data.val_y, minlength=len(model.labels))
+    metrics = classification_metrics(y, predicted, model.labels)
+    counts = np.bincount(y, minlength=len(model.labels))
     metrics["majority_baseline"] = float(counts.max() / counts.sum())
     if predictions is not None:
         _write_predictions(predictions, texts, truth, predicted, probs, model.labels)
     return path, metrics
+
+
+@torch.no_grad()
+def predict_probs(model: GPTClassifier, sequences: list[np.ndarray], pad_id: int, batch_size: int,
+                  precision: Precision, device: torch.device) -> np.ndarray:
+    """Class probabilities (N, K) for token sequences, in batches of similar length."""
+    was_training = model.training
+    model.eval()
+    order = np.argsort([len(s) for s in sequences])  # similar lengths pad less
+    probs = np.zeros((len(sequences), model.n_classes), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        idx, lengths = pad_batch([sequences[r] for r in rows], pad_id, device)
+        with precision.autocast():
+            logits = model(idx, lengths=lengths)
+        probs[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    model.train(was_training)
+    return probs
 
 
 def _write_predictions(out: Path, texts, truth, predicted, probs, labels) -> None:
@@ -62,3 +85,55 @@ def _write_predictions(out: Path, texts, truth, predicted, probs, labels) -> Non
     except OSError as exc:
         raise GptcliError(f"--predictions: cannot write {out} ({exc.strerror or exc}); "
                           f"choose a writable path") from None
+
+
+DETAILED_CLASSES = 50  # up to this many classes an evaluation records every class in full
+WORST_SHOWN = 50  # beyond it: the per-class rows of this many classes with the lowest F1
+CONFUSIONS_SHOWN = 50  # and this many most frequent (true, predicted) mistakes
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy and macro-F1, with per-class detail whose size does not grow with the classes.
+
+    Up to DETAILED_CLASSES classes: precision/recall/F1/support of every class and the
+    confusion matrix (rows: true class, columns: predicted class). Beyond that a K x K
+    matrix and K rows would not fit a log or a screen (10,000 classes: 10^8 cells), so the
+    record holds `classes` (K), `classes_in_data`, the per-class rows of the WORST_SHOWN
+    classes in the data with the lowest F1 (ties: more support first) and `most_confused`,
+    the CONFUSIONS_SHOWN most frequent mistakes as {true, predicted, count}.
+    """
+    k = len(labels)
+    actual = np.bincount(y_true, minlength=k)  # (K,) support
+    predicted = np.bincount(y_pred, minlength=k)  # (K,)
+    true_pos = np.bincount(y_true[y_true == y_pred], minlength=k).astype(float)  # (K,)
+    precision = np.divide(true_pos, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(true_pos, actual, out=np.zeros(k), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k),
+                   where=(precision + recall) > 0)
+    present = actual > 0  # macro-F1 over the classes that occur in this data
+    metrics = {"accuracy": float(true_pos.sum() / max(len(y_true), 1)),
+               "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
+
+    def rows(indices) -> dict:
+        return {labels[i]: {"precision": float(precision[i]), "recall": float(recall[i]),
+                            "f1": float(f1[i]), "support": int(actual[i])} for i in indices}
+
+    if k <= DETAILED_CLASSES:
+        confusion = np.zeros((k, k), dtype=np.int64)
+        np.add.at(confusion, (y_true, y_pred), 1)
+        return {**metrics, "per_class": rows(range(k)), "confusion": confusion.tolist()}
+    by_f1 = np.lexsort((-actual, f1))  # f1 ascending, then support descending
+    worst = by_f1[present[by_f1]][:WORST_SHOWN]
+    return {**metrics, "classes": k, "classes_in_data": int(present.sum()), "per_class": rows(worst),
+            "most_confused": _most_confused(y_true, y_pred, labels)}
+
+
+def _most_confused(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> list[dict]:
+    """The CONFUSIONS_SHOWN most frequent (true, predicted) pairs among the mistakes, most
+    frequent first, counted without a K x K matrix."""
+    k = len(labels)
+    wrong = y_true != y_pred
+    pairs, counts = np.unique(y_true[wrong].astype(np.int64) * k + y_pred[wrong], return_counts=True)
+    top = np.argsort(-counts, kind="stable")[:CONFUSIONS_SHOWN]
+    return [{"true": labels[pairs[i] // k], "predicted": labels[pairs[i] % k], "count": int(counts[i])}
+            for i in top]

@@ -17,22 +17,24 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from gptcli.store.checkpoint import CONFIG_YAML, TRAINER_JSON, load_model, resolve_checkpoint
 from gptcli.config import RunConfig, load_config
 from gptcli.data.corpus import expand_inputs, iter_pieces
-from gptcli.data.dataset import TokenDataset, prepare_dataset
-from gptcli.errors import GptcliError
-from gptcli.events import EventSink, Progress, ignore
-from gptcli.model.gpt import GPT
-from gptcli.runtime import DTYPES, Precision, resolve_device, resolve_precision
+from gptcli.data.dataset import BatchSampler, TokenDataset, prepare_dataset
 from gptcli.data.shards import SPLITS, is_tokenized_dir
 from gptcli.data.tokenizer import Tokenizer
-from gptcli.train.loop import lm_evaluate
+from gptcli.errors import GptcliError
+from gptcli.events import EventSink, Progress, ignore
+from gptcli.model.gpt import GPT, IGNORE_INDEX
+from gptcli.runtime import DTYPES, Precision, resolve_device, resolve_precision
+from gptcli.store.checkpoint import CONFIG_YAML, TRAINER_JSON, load_model
+from gptcli.store.rundir import resolve_checkpoint
 
 SPLIT_CHOICES = ("all", *SPLITS)
 
@@ -85,8 +87,6 @@ def _trained_precision(trained: dict, device: torch.device) -> str:
 def _repeat_run_validation(model: GPT, checkpoint: Path, trained: dict, precision: Precision,
                            device: torch.device, on_event: EventSink) -> dict:
     """The pretraining run's own validation: the same val windows the loop evaluated."""
-    from gptcli.tasks.pretrain import PretrainData  # pretrain builds on this package's modules
-
     try:
         cfg = load_config(checkpoint / CONFIG_YAML)
     except GptcliError:
@@ -100,11 +100,12 @@ def _repeat_run_validation(model: GPT, checkpoint: Path, trained: dict, precisio
         raise GptcliError(f"the run's data ({', '.join(cfg.data.inputs)}) is not what it was during "
                           f"training (its validation split differs), so its validation cannot be "
                           f"repeated; evaluate the text you want with --data")
-    data = PretrainData(dataset, cfg, device)
+    windows = BatchSampler(dataset.splits["val"], cfg.train.batch_size, cfg.model.block_size,
+                           cfg.seed, "val", device)  # what the loop's validation draws
     total = cfg.train.eval_batches
-    batches = ({"idx": x, "targets": y} for x, y in map(data.val.batch, range(total)))
+    batches = ({"idx": x, "targets": y} for x, y in map(windows.batch, range(total)))
     metrics = lm_evaluate(model, _counting(batches, total, on_event), precision,
-                          data.val_bytes_per_token)
+                          dataset.bytes_per_token["val"])
     return {"loss": metrics["val_loss"], "bpb": metrics["val_bpb"], "data": f"{dataset.path} (val split, "
             f"{total} x {cfg.train.batch_size} windows, as in training)"}
 
@@ -182,3 +183,22 @@ def _counting(batches, total: int, on_event: EventSink):
         yield batch
         tokens += batch["targets"].numel()
         on_event(Progress("evaluating", done, total, tokens))
+
+
+@torch.no_grad()
+def lm_evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], precision: Precision,
+                bytes_per_token: float | None = None) -> dict[str, float]:
+    """Mean loss per target token over `batches`; bits per byte when bytes per token is known."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for batch in batches:
+        with precision.autocast():
+            total += model(**batch).double().cpu()
+        count += int((batch["targets"] != IGNORE_INDEX).sum())
+    model.train(was_training)
+    metrics = {"val_loss": total.item() / max(count, 1)}
+    if bytes_per_token:
+        metrics["val_bpb"] = metrics["val_loss"] / math.log(2) / bytes_per_token
+    return metrics

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gptcli.model.gpt import GPT
 from gptcli.data.tokenizer import Tokenizer
+from gptcli.model.gpt import GPT
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,17 @@ from typing import BinaryIO
 
 import torch
 
-from gptcli.store.checkpoint import checkpoint_task, load_model, resolve_checkpoint
-from gptcli.tasks.classify import GPTClassifier, encode_texts
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
-from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
-from gptcli.tasks.instruct import END, has_chat_template, prompt_ids
 from gptcli.infer.cpu_layout import for_generation
+from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
+from gptcli.model.heads import GPTClassifier
 from gptcli.model.lora import merge_lora
 from gptcli.runtime import DTYPES, resolve_device, resolve_precision
-
+from gptcli.store.checkpoint import checkpoint_task, load_model
+from gptcli.store.rundir import resolve_checkpoint
+from gptcli.tasks.classify import encode_texts
+from gptcli.tasks.instruct import END, has_chat_template, prompt_ids
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and folds negatives onto it)
 _ESCAPE = re.compile(r"\\(?:([\\nrt])|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gptcli.model.attention import causal_attention
 from gptcli.config import ModelConfig
 from gptcli.errors import shorten
+from gptcli.model.attention import causal_attention
 from gptcli.runtime import check_memory
 
 IGNORE_INDEX = -1  # target id that contributes no loss (padding, prompt tokens)

@@ -27,14 +27,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gptcli.atomic import staging_dir, write_text
-from gptcli.tasks.classify import GPTClassifier
+from gptcli.atomic import staging_dir
 from gptcli.config import ModelConfig, config_from_dict, model_config_problems
-from gptcli.errors import GptcliError, shorten
-from gptcli.model.lora import LoRASpec, apply_lora
-from gptcli.model.gpt import GPT, check_fits
-from gptcli.outputs import hidden_below, mark
 from gptcli.data.tokenizer import Tokenizer, load_tokenizer
+from gptcli.errors import GptcliError, shorten
+from gptcli.model.gpt import GPT, check_fits
+from gptcli.model.heads import GPTClassifier
+from gptcli.model.lora import LoRASpec, apply_lora
+from gptcli.outputs import mark
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"  # sha256 and size of every other file, checked on load
@@ -263,74 +263,7 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     return model.eval(), tokenizer
 
 
-def write_pointer(run_dir: str | Path, name: str, checkpoint: Path) -> None:
-    """Atomically point `checkpoints/<name>` at `checkpoint`."""
-    write_text(Path(run_dir) / CHECKPOINTS / name, checkpoint.name + "\n")
-
-
-def read_pointer(run_dir: str | Path, name: str) -> Path | None:
-    pointer = Path(run_dir) / CHECKPOINTS / name
-    if not pointer.is_file():
-        return None
-    target = pointer.parent / pointer.read_text().strip()
-    return target if (target / WEIGHTS).is_file() else None
-
-
 def is_checkpoint(path: Path) -> bool:
     return (path / WEIGHTS).is_file()
 
 
-def find_latest_run(root: str | Path = "runs", task: str | None = None) -> Path | None:
-    """The run under `root` whose latest checkpoint was written most recently (of `task`,
-    `lm` or `classify`, if given)."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    pointers = [p for p in root.glob(f"**/{CHECKPOINTS}/{LATEST}") if p.is_file() and not hidden_below(p, root)]
-    if task is not None:
-        pointers = [p for p in pointers
-                    if (c := read_pointer(p.parent.parent, LATEST)) and checkpoint_task(c) == task]
-    if not pointers:
-        return None
-    return max(pointers, key=lambda p: p.stat().st_mtime).parent.parent
-
-
-def resolve_checkpoint(path: str | Path | None, prefer: str = BEST) -> Path:
-    """A checkpoint directory from a checkpoint path, a run directory (its `prefer`red
-    checkpoint, else the latest), a Hugging Face GPT-2 directory (imported once into the
-    cache), or nothing (the most recent run under ./runs)."""
-    if path is None:
-        run = find_latest_run()
-        if run is None:
-            raise GptcliError("no checkpoint given and no trained run found under runs/; train "
-                              "one first (gptcli pretrain configs/demo.yaml) or pass --checkpoint")
-        path = run
-    path = Path(path)
-    if not path.exists():
-        raise GptcliError(f"checkpoint {path} does not exist")
-    from gptcli.store.hf import cached_import, is_hf_dir  # hf builds on this module: import late
-
-    if is_hf_dir(path):  # before is_checkpoint: both hold a model.safetensors
-        return cached_import(path)
-    if is_checkpoint(path):
-        return path
-    for name in (prefer, LATEST):
-        found = read_pointer(path, name)
-        if found is not None:
-            return found
-    raise GptcliError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
-
-
-def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
-    """Delete step checkpoints beyond the newest `keep_last`, never the ones that
-    `latest`, `best` or `merged` name. Returns what was deleted."""
-    folder = Path(run_dir) / CHECKPOINTS
-    protected = {p for p in (read_pointer(run_dir, n) for n in (LATEST, BEST, "merged")) if p}
-    steps = sorted(p for p in folder.glob("step-*") if p.is_dir() and p not in protected
-                   and not p.name.endswith("-merged"))
-    newest = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith("-merged"))
-    keep = set(newest[-keep_last:]) if keep_last > 0 else set(newest)
-    removed = [p for p in steps if p not in keep]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed

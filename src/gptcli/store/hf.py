@@ -26,15 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gptcli.atomic import staging_dir
-from gptcli.data.bpe import GPT2_PATTERN
-from gptcli.store.checkpoint import is_checkpoint, load_model, resolve_checkpoint, save_checkpoint
-from gptcli.tasks.classify import GPTClassifier
 from gptcli.config import ModelConfig
-from gptcli.data.dataset import cache_root
-from gptcli.errors import GptcliError, shorten
-from gptcli.model.lora import merge_lora
-from gptcli.model.gpt import GPT, check_fits
-from gptcli.outputs import check_output_dir, input_paths, mark
+from gptcli.data.bpe import GPT2_PATTERN
 from gptcli.data.tokenizer import (
     EOT,
     TiktokenTokenizer,
@@ -43,6 +36,13 @@ from gptcli.data.tokenizer import (
     tiktoken_from_file,
     tiktoken_from_ranks,
 )
+from gptcli.errors import GptcliError, shorten
+from gptcli.model.gpt import GPT, check_fits
+from gptcli.model.heads import GPTClassifier
+from gptcli.model.lora import merge_lora
+from gptcli.outputs import check_output_dir, input_paths, mark
+from gptcli.paths import cache_root
+from gptcli.store.checkpoint import CHECKPOINTS, is_checkpoint, load_model, save_checkpoint
 
 HF_CONFIG, HF_WEIGHTS, HF_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -304,12 +304,12 @@ def cached_import(hf_dir: Path) -> Path:
 # --- export ------------------------------------------------------------------------------
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """`gptcli export-hf`: a checkpoint as an HF directory that transformers loads
-    (`overwrite`: replacing an earlier export)."""
-    source = resolve_checkpoint(checkpoint)
-    target = check_output_dir(out, "hf-export", replace=overwrite,
-                              inputs=input_paths([source] if checkpoint is None else [checkpoint, source]))
+def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
+    """`gptcli export-hf`: the checkpoint directory `source` as an HF directory that
+    transformers loads (`overwrite`: replacing an earlier export). The export may not
+    overlap the checkpoint nor the run that holds it."""
+    run = source.parent.parent if source.parent.name == CHECKPOINTS else source
+    target = check_output_dir(out, "hf-export", replace=overwrite, inputs=input_paths([run, source]))
     model, tokenizer = load_model(source)
     if model.lora_spec is not None:
         merge_lora(model)

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
+from gptcli.errors import GptcliError
 from gptcli.store.checkpoint import (
     CONFIG_YAML,
     LATEST,
@@ -19,10 +20,9 @@ from gptcli.store.checkpoint import (
     WEIGHTS,
     read_metadata,
     read_model_config,
-    resolve_checkpoint,
     verify_checkpoint,
 )
-from gptcli.errors import GptcliError
+from gptcli.store.rundir import resolve_checkpoint
 from gptcli.store.runlog import read_metrics
 
 _MERGED_SUFFIX = "-merged"  # finetune.py names merged LoRA copies step-NNNNNN-merged

@@ -1,4 +1,10 @@
-"""A run directory claimed by one training process, from the first check to the last save.
+"""Run directories: the `latest`/`best` pointers, finding and resolving runs and
+checkpoints, pruning old checkpoints, and the claim of one training process on a run.
+
+    runs/NAME/checkpoints/step-000500/ ...    see checkpoint.py
+    runs/NAME/checkpoints/latest, best        one-line files naming a checkpoint directory
+
+A run directory is claimed by one training process, from the first check to the last save:
 
     claim = claim_run_dir(out_dir, resume=..., overwrite=..., inputs=..., dist=dist)
     ... validate everything, build model and data ...
@@ -26,7 +32,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from gptcli.store.checkpoint import LATEST, read_pointer
+from gptcli.atomic import write_text
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.outputs import (
@@ -35,12 +41,22 @@ from gptcli.outputs import (
     MARKER,
     DirLock,
     check_no_overlap,
+    hidden_below,
     mark,
     marked_kind,
     protected_reason,
     resolved,
 )
 from gptcli.runtime import Distributed
+from gptcli.store.checkpoint import (
+    BEST,
+    CHECKPOINTS,
+    LATEST,
+    WEIGHTS,
+    checkpoint_task,
+    is_checkpoint,
+)
+from gptcli.store.hf import cached_import, is_hf_dir
 
 _OWN_FILES = {MARKER, LOCK_FILE}  # a folder holding only these has no run in it yet
 
@@ -229,3 +245,71 @@ def _check_claim(out_dir: str | Path, path: Path, kind: str | None, used: bool,
     if used and not (resume or overwrite):
         raise GptcliError(f"{out_dir} already holds a run; pass --resume to continue it or "
                           f"--overwrite to start over")
+
+
+def write_pointer(run_dir: str | Path, name: str, checkpoint: Path) -> None:
+    """Atomically point `checkpoints/<name>` at `checkpoint`."""
+    write_text(Path(run_dir) / CHECKPOINTS / name, checkpoint.name + "\n")
+
+
+def read_pointer(run_dir: str | Path, name: str) -> Path | None:
+    pointer = Path(run_dir) / CHECKPOINTS / name
+    if not pointer.is_file():
+        return None
+    target = pointer.parent / pointer.read_text().strip()
+    return target if (target / WEIGHTS).is_file() else None
+
+
+def find_latest_run(root: str | Path = "runs", task: str | None = None) -> Path | None:
+    """The run under `root` whose latest checkpoint was written most recently (of `task`,
+    `lm` or `classify`, if given)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    pointers = [p for p in root.glob(f"**/{CHECKPOINTS}/{LATEST}") if p.is_file() and not hidden_below(p, root)]
+    if task is not None:
+        pointers = [p for p in pointers
+                    if (c := read_pointer(p.parent.parent, LATEST)) and checkpoint_task(c) == task]
+    if not pointers:
+        return None
+    return max(pointers, key=lambda p: p.stat().st_mtime).parent.parent
+
+
+def resolve_checkpoint(path: str | Path | None, prefer: str = BEST) -> Path:
+    """A checkpoint directory from a checkpoint path, a run directory (its `prefer`red
+    checkpoint, else the latest), a Hugging Face GPT-2 directory (imported once into the
+    cache), or nothing (the most recent run under ./runs)."""
+    if path is None:
+        run = find_latest_run()
+        if run is None:
+            raise GptcliError("no checkpoint given and no trained run found under runs/; train "
+                              "one first (gptcli pretrain configs/demo.yaml) or pass --checkpoint")
+        path = run
+    path = Path(path)
+    if not path.exists():
+        raise GptcliError(f"checkpoint {path} does not exist")
+
+    if is_hf_dir(path):  # before is_checkpoint: both hold a model.safetensors
+        return cached_import(path)
+    if is_checkpoint(path):
+        return path
+    for name in (prefer, LATEST):
+        found = read_pointer(path, name)
+        if found is not None:
+            return found
+    raise GptcliError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete step checkpoints beyond the newest `keep_last`, never the ones that
+    `latest`, `best` or `merged` name. Returns what was deleted."""
+    folder = Path(run_dir) / CHECKPOINTS
+    protected = {p for p in (read_pointer(run_dir, n) for n in (LATEST, BEST, "merged")) if p}
+    steps = sorted(p for p in folder.glob("step-*") if p.is_dir() and p not in protected
+                   and not p.name.endswith("-merged"))
+    newest = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith("-merged"))
+    keep = set(newest[-keep_last:]) if keep_last > 0 else set(newest)
+    removed = [p for p in steps if p not in keep]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed

@@ -16,38 +16,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptcli.store.checkpoint import (
-    BEST,
-    CHECKPOINTS,
-    TrainerState,
-    checkpoint_task,
-    find_latest_run,
-    load_model,
-    load_trainer_state,
-    load_weights,
-    resolve_checkpoint,
-    save_checkpoint,
-    write_pointer,
-)
-from gptcli.tasks.classify import ClassifyData, GPTClassifier, check_labels
 from gptcli.config import FinetuneRunConfig, ModelConfig, RunConfig, dump_yaml
 from gptcli.data.dataset import TokenDataset, prepare_dataset
-from gptcli.errors import GptcliError
-from gptcli.events import EventSink, RunFinished, RunStarted, ignore
 from gptcli.data.examples import (
     STDLIB_DOCSTRINGS,
     STDLIB_PACKAGES,
-    stdlib_docstring_pairs,
     source_name,
+    stdlib_docstring_pairs,
     stdlib_package_snippets,
 )
-from gptcli.tasks.instruct import CHAT_TOKENS, InstructData, conversations, has_chat_template
-from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
-from gptcli.model.gpt import GPT, check_fits
-from gptcli.outputs import input_paths
-from gptcli.tasks.pretrain import PretrainData
 from gptcli.data.records import Record, column, read_records
-from gptcli.store.rundir import RunClaim, claim_run_dir
+from gptcli.data.tokenizer import Tokenizer, WithAddedTokens
+from gptcli.errors import GptcliError
+from gptcli.events import EventSink, RunFinished, RunStarted, ignore
+from gptcli.model.gpt import GPT, check_fits
+from gptcli.model.heads import GPTClassifier
+from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
+from gptcli.outputs import input_paths
 from gptcli.runtime import (
     Distributed,
     configure_matmul,
@@ -55,9 +40,34 @@ from gptcli.runtime import (
     resolve_device,
     seed_everything,
 )
+from gptcli.store.checkpoint import (
+    BEST,
+    CHECKPOINTS,
+    TrainerState,
+    checkpoint_task,
+    load_model,
+    load_trainer_state,
+    load_weights,
+    save_checkpoint,
+)
+from gptcli.store.rundir import (
+    RunClaim,
+    claim_run_dir,
+    find_latest_run,
+    resolve_checkpoint,
+    write_pointer,
+)
+from gptcli.tasks.classify import ClassifyData, check_labels
+from gptcli.tasks.instruct import CHAT_TOKENS, InstructData, conversations, has_chat_template
+from gptcli.tasks.pretrain import PretrainData
+from gptcli.train.loop import (
+    check_global_batch,
+    global_batch,
+    prepare_loop,
+    restore_rng_state,
+    train_loop,
+)
 from gptcli.train.signals import terminate_as_interrupt
-from gptcli.data.tokenizer import Tokenizer, WithAddedTokens
-from gptcli.train.loop import check_global_batch, global_batch, prepare_loop, restore_rng_state, train_loop
 
 MERGED = "merged"
 _MAY_CHANGE = {"dropout", "block_size"}  # model keys a finetune config may set differently

@@ -23,14 +23,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gptcli.errors import GptcliError
-from gptcli.events import EventSink, Notice, ignore
-from gptcli.model.gpt import IGNORE_INDEX
 from gptcli.data.dataset import step_rows
 from gptcli.data.records import Record, where
-from gptcli.runtime import Distributed, Precision
 from gptcli.data.tokenizer import Tokenizer
-from gptcli.train.loop import lm_evaluate
+from gptcli.errors import GptcliError
+from gptcli.evals.lm import lm_evaluate
+from gptcli.events import EventSink, Notice, ignore
+from gptcli.model.gpt import IGNORE_INDEX
+from gptcli.runtime import Distributed, Precision
 
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"

@@ -20,21 +20,14 @@ from pathlib import Path
 
 import torch
 
-from gptcli.store.checkpoint import (
-    CONFIG_YAML,
-    TrainerState,
-    load_trainer_state,
-    load_weights,
-    read_metadata,
-    read_model_config,
-)
 from gptcli.config import RunConfig, dump_yaml, load_config
 from gptcli.data.dataset import BatchSampler, TokenDataset, prepare_dataset
+from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
+from gptcli.evals.lm import lm_evaluate
 from gptcli.events import EventSink, Notice, RunFinished, RunStarted, ignore
 from gptcli.model.gpt import GPT, check_fits
 from gptcli.outputs import input_paths
-from gptcli.store.rundir import RunClaim, claim_run_dir
 from gptcli.runtime import (
     Distributed,
     Precision,
@@ -43,9 +36,23 @@ from gptcli.runtime import (
     resolve_device,
     seed_everything,
 )
+from gptcli.store.checkpoint import (
+    CONFIG_YAML,
+    TrainerState,
+    load_trainer_state,
+    load_weights,
+    read_metadata,
+    read_model_config,
+)
+from gptcli.store.rundir import RunClaim, claim_run_dir
+from gptcli.train.loop import (
+    check_global_batch,
+    global_batch,
+    prepare_loop,
+    restore_rng_state,
+    train_loop,
+)
 from gptcli.train.signals import terminate_as_interrupt
-from gptcli.data.tokenizer import Tokenizer
-from gptcli.train.loop import check_global_batch, global_batch, lm_evaluate, prepare_loop, restore_rng_state, train_loop
 
 
 class PretrainData:

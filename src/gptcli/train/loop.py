@@ -10,10 +10,9 @@ pointers, and events for a progress display. The host syncs with the device only
 
 from __future__ import annotations
 
-import math
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -23,21 +22,22 @@ from safetensors import SafetensorError
 from torch import nn
 
 from gptcli import atomic
+from gptcli.config import TrainConfig
+from gptcli.data.tokenizer import Tokenizer
+from gptcli.errors import GptcliError, Interrupted
+from gptcli.events import CheckpointSaved, EvalDone, EventSink, Notice, StepLogged, ignore
+from gptcli.model.gpt import IGNORE_INDEX
+from gptcli.runtime import Distributed, Precision, peak_flops, resolve_precision, should_compile
 from gptcli.store.checkpoint import (
     CHECKPOINTS,
     CONFIG_YAML,
     LATEST,
     TrainerState,
-    prune_checkpoints,
-    read_pointer,
     save_checkpoint,
     step_name,
-    write_pointer,
 )
-from gptcli.config import TrainConfig
-from gptcli.errors import GptcliError, Interrupted
-from gptcli.events import CheckpointSaved, EvalDone, EventSink, Notice, StepLogged, ignore
-from gptcli.model.gpt import IGNORE_INDEX
+from gptcli.store.rundir import RunClaim, prune_checkpoints, read_pointer, write_pointer
+from gptcli.store.runlog import RunLog, require_tensorboard, trim_metrics
 from gptcli.train.optim import build_optimizer, lr_at
 from gptcli.train.parallel import (
     full_optimizer_state,
@@ -48,11 +48,7 @@ from gptcli.train.parallel import (
     shard,
     wrap_for_steps,
 )
-from gptcli.store.rundir import RunClaim
-from gptcli.store.runlog import RunLog, require_tensorboard, trim_metrics
-from gptcli.runtime import Distributed, Precision, peak_flops, resolve_precision, should_compile
 from gptcli.train.signals import StopRequest
-from gptcli.data.tokenizer import Tokenizer
 
 # A batch is the keyword arguments of the model's forward: at least `idx` (B, T) and
 # `targets` (IGNORE_INDEX where no loss is taken); the forward returns the summed loss.
@@ -187,25 +183,6 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-@torch.no_grad()
-def lm_evaluate(model: nn.Module, batches: Iterable[Batch], precision: Precision,
-                bytes_per_token: float | None = None) -> dict[str, float]:
-    """Mean loss per target token over `batches`; bits per byte when bytes per token is known."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
-    for batch in batches:
-        with precision.autocast():
-            total += model(**batch).double().cpu()
-        count += int((batch["targets"] != IGNORE_INDEX).sum())
-    model.train(was_training)
-    metrics = {"val_loss": total.item() / max(count, 1)}
-    if bytes_per_token:
-        metrics["val_bpb"] = metrics["val_loss"] / math.log(2) / bytes_per_token
-    return metrics
-
-
 def cpu_step_timer(model: nn.Module, data: TrainData) -> Callable[[Precision], float]:
     """A trial for `precision: auto` on CPU: seconds per forward+backward of the real model
     on a real batch, in a given precision (the best of 4 after one warm-up)."""
@@ -236,7 +213,7 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
     `model` is the plain module (saved as is); a compiled wrapper is used for the steps
     when `setup.compile` is set, falling back to eager if compilation fails. A SIGINT or
     SIGTERM finishes the current step, saves, and raises `Interrupted`. run.json records
-    how the session ended; a finished run also gets loss.png when matplotlib is installed.
+    how the session ended.
     """
     log = RunLog(setup.run_dir, enabled=setup.dist.is_main, tensorboard=setup.cfg.tensorboard,
                  started_at=setup.started_at, first_step=state.step, facts={
@@ -251,23 +228,7 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
         log.close("failed", f"{type(exc).__name__}: {exc}")
         raise
     log.close("finished")
-    if setup.dist.is_main:
-        _plot_run(setup.run_dir, on_event)
     return state
-
-
-def _plot_run(run_dir: Path, on_event: EventSink) -> None:
-    """loss.png in the run directory, when the optional matplotlib is installed."""
-    import importlib.util
-
-    from gptcli.cli.plot import LOSS_PNG, plot_runs
-
-    if importlib.util.find_spec("matplotlib") is None:
-        return  # `gptcli plot` says how to install it
-    try:
-        plot_runs([run_dir], run_dir / LOSS_PNG)
-    except Exception as exc:  # a plot must never fail a finished run
-        on_event(Notice(f"could not draw {LOSS_PNG}: {exc}"))
 
 
 def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerState,
