@@ -30,7 +30,7 @@ def main() -> None:
     import transformers
 
     from gptcli.data.tokenizer import tiktoken_from_file
-    from gptcli.evals.lm import lm_evaluate
+    from gptcli.evals.lm import validation_loss
     from gptcli.runtime import Precision
     from gptcli.store.hf import import_hf_model
 
@@ -45,7 +45,7 @@ def main() -> None:
     x, y = windows[:, :-1], windows[:, 1:]
     with torch.no_grad():
         hf_loss = torch.nn.functional.cross_entropy(hf(x).logits.reshape(-1, 50257), y.reshape(-1)).item()
-    ours_loss = lm_evaluate(ours, [{"idx": x, "targets": y}], Precision("fp32", "cpu"))["val_loss"]
+    ours_loss = validation_loss(ours, [{"idx": x, "targets": y}], Precision("fp32", "cpu"))["val_loss"]
     lines = [f"### Hugging Face parity: validation loss of an imported GPT-2-shaped model ({time.strftime('%Y-%m-%d')})",
              "", describe_machine(), "",
              "`python benchmarks/bench_hf_parity.py`: GPT-2 124M shape, random weights made in "
@@ -53,7 +53,7 @@ def main() -> None:
              "Shakespeare; fp32, CPU.", "",
              "| evaluator | val loss (nats/token) |", "|---|---|",
              f"| transformers `GPT2LMHeadModel` | {hf_loss:.6f} |",
-             f"| gptcli `lm_evaluate` (the training loop's eval) | {ours_loss:.6f} |",
+             f"| gptcli `validation_loss` (the training loop's eval) | {ours_loss:.6f} |",
              f"| absolute difference | {abs(hf_loss - ours_loss):.2e} |", ""]
     text = "\n".join(lines)
     publish(text, args.write)

@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     from gptcli.config import load_config
     from gptcli.data.dataset import TokenDataset, prepare_dataset
-    from gptcli.evals.lm import lm_evaluate
+    from gptcli.evals.lm import validation_loss
     from gptcli.runtime import Precision
     from gptcli.store.checkpoint import load_model
     from gptcli.store.rundir import resolve_checkpoint
@@ -41,7 +41,7 @@ def main() -> None:
     x = torch.from_numpy(val[: n * T].reshape(n, T))
     y = torch.from_numpy(val[1: n * T + 1].reshape(n, T))
     batches = ({"idx": x[i:i + 64], "targets": y[i:i + 64]} for i in range(0, n, 64))
-    metrics = lm_evaluate(model, batches, Precision("fp32", "cpu"), dataset.bytes_per_token["val"])
+    metrics = validation_loss(model, batches, Precision("fp32", "cpu"), dataset.bytes_per_token["val"])
     text = "\n".join([
         f"Full validation split of `{args.run_dir}` ({time.strftime('%Y-%m-%d')}, `python benchmarks/full_val.py "
         f"{args.run_dir}`): checkpoint `{checkpoint.name}`, {n:,} windows of {T} tokens "

@@ -26,7 +26,7 @@ def main() -> None:
     text = README.read_text()
     run = field_docs(RunConfig)
     finetune = [row for row in field_docs(FinetuneRunConfig)
-                if row[0].startswith("finetune.") or row[0] == "model"]
+                if row[0].startswith(("finetune.", "model."))]
     for marker, rows in (("config-reference", run), ("finetune-reference", finetune)):
         pattern = re.compile(rf"(<!-- {marker} -->\n)(.*?)(?=\n#)", re.S)
         text = pattern.sub(lambda m: m.group(1) + table(rows), text, count=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -30,16 +31,30 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture
-def corpus_dir(tmp_path) -> Path:
-    """A folder of 40 small text documents (Python snippets repeated with variations)."""
-    folder = tmp_path / "corpus"
+def write_corpus(folder: Path) -> Path:
+    """Write 40 small text documents (Python snippets repeated with variations) into `folder`."""
     (folder / "pkg").mkdir(parents=True)
     for i in range(40):
         text = "".join(PY_SNIPPETS[(i + j) % len(PY_SNIPPETS)] for j in range(6)) + f"# file {i}\n"
         sub = folder / "pkg" if i % 2 else folder
         (sub / f"mod_{i:02d}.py").write_text(text, encoding="utf-8")
     return folder
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    """This test's own copy of the 40-document corpus (see write_corpus)."""
+    return write_corpus(tmp_path / "corpus")
+
+
+@contextlib.contextmanager
+def own_cache(folder: Path):
+    """Run the block in `folder` with its own tokenization cache, whatever the test around
+    it set: for fixtures that outlive one test (scope module or session)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GPTCLI_CACHE", str(folder / "cache"))
+        patch.chdir(folder)
+        yield folder
 
 
 def tiny_config(inputs: list[str], out_dir: Path, **train) -> dict:

@@ -5,9 +5,11 @@ from gptcli.data.tokenizer import BytesTokenizer, CharTokenizer
 from gptcli.infer.generate import (
     SampleText,
     SamplingSettings,
+    decode_one_token,
     generate_tokens,
     logits_to_probs,
     next_token,
+    prefill,
 )
 from gptcli.model.gpt import GPT
 
@@ -59,6 +61,53 @@ def test_greedy_with_cache_equals_recomputing_without():
     for _ in range(8):
         seq.append(int(model(torch.tensor([seq]))[0, -1, :20].argmax()))
     assert cached == seq[len(prompt):]
+
+
+def test_decode_step_at_a_position_equals_the_full_forward():
+    for model in _model_pair(bias=True):
+        tokens = torch.randint(0, 70, (2, 11))
+        with torch.inference_mode():
+            full = model(tokens)[:, -1]
+            cache = model.new_kv_cache(batch_size=2, length=24)
+            prefill(model, cache, tokens[:, :10])
+            step = decode_one_token(model, cache, tokens[:, 10], torch.tensor([10]))
+        torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
+
+
+def test_two_caches_interleaved_on_one_model_give_each_ones_tokens():
+    """Two generations step by step in turn on one model, each with its own cache (different
+    prompts and batch sizes), give the tokens each gives alone."""
+    model = tiny_model(block_size=32, vocab=20)
+    greedy = SamplingSettings(temperature=0)
+    prompts = ([3, 1, 4], [2, 7, 1, 8, 2])
+    alone = [torch.stack(list(generate_tokens(model, p, 12, greedy, num_samples=b)), dim=1)
+             for p, b in zip(prompts, (1, 2))]
+    with torch.inference_mode():
+        caches = [model.new_kv_cache(b, 32) for b in (1, 2)]
+        tokens = [next_token(prefill(model, c, torch.tensor([p] * b)), greedy, None)[:, None]
+                  for c, p, b in zip(caches, prompts, (1, 2))]
+        for step in range(11):
+            for i, (cache, prompt) in enumerate(zip(caches, prompts)):
+                pos = torch.tensor([len(prompt) + step])
+                logits = decode_one_token(model, cache, tokens[i][:, -1], pos)
+                tokens[i] = torch.cat([tokens[i], next_token(logits, greedy, None)[:, None]], dim=1)
+    assert torch.equal(tokens[0], alone[0]) and torch.equal(tokens[1], alone[1])
+
+
+def test_the_model_keeps_no_state_from_generation():
+    """No buffer, parameter or attribute appears on any module during or after generation."""
+    model = tiny_model(block_size=8, vocab=20)
+
+    def state():
+        return ([(name, sorted(vars(m))) for name, m in model.named_modules()],
+                [name for name, _ in model.named_buffers()], [name for name, _ in model.named_parameters()])
+
+    before = state()
+    tokens = generate_tokens(model, [1, 2, 3], 20, SamplingSettings(temperature=0), num_samples=2)
+    next(tokens)
+    assert state() == before
+    list(tokens)  # on past the context: the sliding-window rewrite too
+    assert state() == before
 
 
 def test_seeded_sampling_is_reproducible():

@@ -102,12 +102,13 @@ def test_round_trip_is_bit_identical(tmp_path):
         assert torch.equal(x, y), name
 
 
-def test_classifier_exports_as_sequence_classification(tmp_path):
+@pytest.mark.parametrize("bias", [True, False])
+def test_classifier_exports_as_sequence_classification(tmp_path, bias):
     from gptcli.model.heads import GPTClassifier
 
     torch.manual_seed(2)
-    model = GPTClassifier(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=257),
-                          ["neg", "pos", "neutral"]).eval()
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=257, bias=bias)
+    model = GPTClassifier(GPT(cfg), ["neg", "pos", "neutral"]).eval()
     ckpt = save_checkpoint(tmp_path / "cls", model, BytesTokenizer(), "# test\n")
     out = export_hf(ckpt, tmp_path / "exported")
     hf, info = transformers.GPT2ForSequenceClassification.from_pretrained(out, output_loading_info=True)

@@ -74,14 +74,12 @@ def test_kv_cache_matches_full_forward(bias):
     model = make(bias=bias)
     idx = torch.randint(0, 100, (2, 12))
     full = model(idx)
-    model.setup_kv_cache(batch_size=2, length=16)
-    hidden = model.hidden_states(idx[:, :5], start=0)
+    cache = model.new_kv_cache(batch_size=2, length=16)
+    hidden = model.hidden_states(idx[:, :5], cache, torch.arange(5))
     torch.testing.assert_close(model.logits(hidden), full[:, :5], atol=1e-5, rtol=1e-4)
     for t in range(5, 12):
-        step = model.logits(model.hidden_states(idx[:, t:t + 1], start=t))
+        step = model.logits(model.hidden_states(idx[:, t:t + 1], cache, torch.tensor([t])))
         torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-4)
-    model.clear_kv_cache()
-    assert all(b.attn.kv_cache is None for b in model.h)
 
 
 def test_dropout_only_in_training():
@@ -92,12 +90,17 @@ def test_dropout_only_in_training():
     assert not torch.allclose(model(idx), model(idx))
 
 
-def test_kv_cache_refuses_multi_token_writes_after_the_start():
+def test_kv_cache_takes_chunks_anywhere_and_hides_stale_slots():
+    """A sequence written in chunks at any position equals a full pass, also in a cache that
+    still holds a longer earlier sequence (the sliding-window rewrite): the mask hides it."""
     model = make()
-    model.setup_kv_cache(batch_size=1, length=16)
-    model.hidden_states(torch.randint(0, 100, (1, 4)), start=0)
-    with pytest.raises(ValueError, match="only from position 0"):
-        model.hidden_states(torch.randint(0, 100, (1, 2)), start=4)
+    old, idx = torch.randint(0, 100, (2, 1, 16))
+    full = model(idx[:, :10])
+    cache = model.new_kv_cache(batch_size=1, length=16)
+    model.hidden_states(old, cache, torch.arange(16))
+    model.hidden_states(idx[:, :4], cache, torch.arange(4))
+    hidden = model.hidden_states(idx[:, 4:10], cache, torch.arange(4, 10))
+    torch.testing.assert_close(model.logits(hidden), full[:, 4:], atol=1e-5, rtol=1e-4)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():

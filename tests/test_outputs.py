@@ -312,10 +312,10 @@ def test_resume_keeps_the_precision_the_run_started_with(tmp_path, corpus_dir, m
     events = []
     pretrain(quick(corpus_dir, run, precision="auto", max_steps=6), resume=True, on_event=events.append)
     trainer = json.loads((read_pointer(run, "latest") / "trainer.json").read_text())
-    assert trainer["extra"]["precision"] == "bf16"
+    assert trainer["precision"] == "bf16"
     pretrain(quick(corpus_dir, run, precision="fp32", max_steps=8), resume=True, on_event=events.append)
     trainer = json.loads((read_pointer(run, "latest") / "trainer.json").read_text())
-    assert trainer["extra"]["precision"] == "fp32"
+    assert trainer["precision"] == "fp32"
     assert any("trained in bf16; continuing in fp32" in e.message for e in events if isinstance(e, Notice))
 
 

@@ -25,7 +25,7 @@ def test_loss_falls_and_run_dir_layout(tmp_path, corpus_dir):
     run = tmp_path / "run"
     logged = losses(run)
     assert logged[60] < logged[5] - 1.0  # bytes start near ln(320)=5.8 and fall fast on repetitive code
-    assert result.steps == 60 and result.best_val_loss < 4.0  # uniform over 257 bytes is 5.55
+    assert result.steps == 60 and result.best_metric < 4.0  # uniform over 257 bytes is 5.55
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "best", "latest", "step-000010", "step-000020", "step-000030", "step-000040",
         "step-000050", "step-000060"]
@@ -162,3 +162,25 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, corpus_dir):
     torch.testing.assert_close(big, small)
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_peak_is_measured_once_per_device_and_dtype_unless_fresh(monkeypatch):
+    from gptcli import runtime
+
+    timings = iter([5.0, 7.0, 3.0, 9.0])  # FLOP/s each new measurement reports
+    calls = []
+
+    def measure(device, dtype):
+        calls.append((str(device), dtype))
+        return next(timings)
+
+    monkeypatch.setattr(runtime, "measure_matmul_flops", measure)
+    monkeypatch.setattr(runtime, "_MEASURED_PEAKS", {})
+    cpu, fp32, bf16 = torch.device("cpu"), runtime.Precision("fp32", "cpu"), runtime.Precision("bf16", "cpu")
+    assert runtime.peak_flops(cpu, fp32) == 5.0
+    assert runtime.peak_flops(cpu, fp32) == 5.0  # cached: no second timing
+    assert runtime.peak_flops(cpu, bf16) == 7.0  # another dtype is timed on its own
+    assert runtime.peak_flops(cpu, fp32, fresh=True) == 5.0  # timed again (3.0); the best is kept
+    assert runtime.peak_flops(cpu, fp32, fresh=True) == 9.0
+    assert runtime.peak_flops(cpu, fp32) == 9.0
+    assert calls == [("cpu", torch.float32), ("cpu", torch.bfloat16)] + [("cpu", torch.float32)] * 2

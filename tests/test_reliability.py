@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import own_cache, tiny_config, write_corpus
 
 from gptcli.config import config_from_dict
 from gptcli.data.dataset import TokenDataset
@@ -104,10 +105,20 @@ def test_signal_in_process_saves_and_raises(tmp_path, corpus_dir, monkeypatch):
     assert read_pointer(tmp_path / "run", "latest").name == "step-000008"
 
 
+@pytest.fixture(scope="module")
+def intact_run(tmp_path_factory):
+    """A finished 10-step run beside its corpus, trained once for this module; tests that
+    damage or extend it work on copies."""
+    root = tmp_path_factory.mktemp("intact")
+    with own_cache(root):
+        pretrain(config_from_dict(tiny_config([str(write_corpus(root / "corpus"))], root / "run", max_steps=10)))
+    return root / "run"
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete_tokenizer", "manifest"])
-def test_corrupted_checkpoint_is_detected(tmp_path, corpus_dir, damage):
-    pretrain(config_from_dict(tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=10)))
-    ckpt = resolve_checkpoint(tmp_path / "run")
+def test_corrupted_checkpoint_is_detected(tmp_path, intact_run, damage):
+    ckpt = shutil.copytree(resolve_checkpoint(intact_run), tmp_path / "ckpt")
+    load_model(ckpt)  # the copy itself is sound
     weights = ckpt / "model.safetensors"
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:-100])
@@ -217,10 +228,9 @@ def test_out_of_memory_advice(tmp_path, corpus_dir, monkeypatch):
         pretrain(config_from_dict(cfg))
 
 
-def test_resume_notes_changed_settings(tmp_path, corpus_dir):
-    cfg = tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=10)
-    pretrain(config_from_dict(cfg))
-    cfg["train"].update(max_steps=12, eval_every=6)
+def test_resume_notes_changed_settings(tmp_path, intact_run):
+    run = shutil.copytree(intact_run, tmp_path / "run")  # trained with max_steps=10, eval_every=10
+    cfg = tiny_config([str(intact_run.parent / "corpus")], run, max_steps=12, eval_every=6)
     events = []
     pretrain(config_from_dict(cfg), resume=True, on_event=events.append)
     notes = " ".join(e.message for e in events if isinstance(e, Notice))

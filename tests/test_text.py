@@ -42,7 +42,7 @@ def lm_checkpoint(tmp_path):
 
 def classifier_checkpoint(path, labels):
     torch.manual_seed(0)
-    return save_checkpoint(path, GPTClassifier(TINY, labels), BytesTokenizer(), "# test classifier\n")
+    return save_checkpoint(path, GPTClassifier(GPT(TINY), labels), BytesTokenizer(), "# test classifier\n")
 
 
 # --- user text shown verbatim ---------------------------------------------------------------
@@ -267,11 +267,11 @@ def test_many_classes_give_a_small_summary(capsys):
 def test_evaluation_record_of_a_classifier_with_many_classes_stays_small():
     labels = [f"class-{i:04d}" for i in range(2000)]
     torch.manual_seed(0)
-    model = GPTClassifier(TINY, labels)
+    model = GPTClassifier(GPT(TINY), labels)
     texts = [f"text {i}" for i in range(600)]
     data = ClassifyData(BytesTokenizer(), labels, ([], []), (texts, labels[:600]), 32, 64, "end", 0,
                         torch.device("cpu"))
-    record = data.evaluate(model, Precision("fp32", "cpu"))
+    record = data.validate(model, Precision("fp32", "cpu"))
     assert len(json.dumps(record)) < 100_000 and "confusion" not in record
     assert record["classes"] == 2000 and record["classes_in_data"] == 600 and len(record["per_class"]) == 50
 

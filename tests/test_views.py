@@ -3,13 +3,14 @@
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks, run_cli, tiny_config
+from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks, own_cache, run_cli, tiny_config, write_corpus
 
 from gptcli.config import FinetuneRunConfig, config_from_dict
 from gptcli.errors import Interrupted
@@ -19,11 +20,15 @@ from gptcli.tasks.finetune import finetune
 from gptcli.tasks.pretrain import pretrain
 
 
-@pytest.fixture
-def lm_run(tmp_path, corpus_dir):
-    cfg = tiny_config([str(corpus_dir)], tmp_path / "runs" / "lm", max_steps=20)
-    pretrain(config_from_dict(cfg))
-    return tmp_path / "runs" / "lm"
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    """A finished 20-step pretraining run, trained once for this module. Tests only read it;
+    one that needs it beside runs of its own copies it."""
+    root = tmp_path_factory.mktemp("views")
+    cfg = tiny_config([str(write_corpus(root / "corpus"))], root / "runs" / "lm", max_steps=20)
+    with own_cache(root):
+        pretrain(config_from_dict(cfg))
+    return root / "runs" / "lm"
 
 
 def classify_run(tmp_path, base, lora_rank=0, name="cls"):
@@ -62,8 +67,8 @@ def test_training_writes_loss_png_and_plot_draws_one_run(tmp_path, corpus_dir, l
     assert png_size(tmp_path / "one.png") == (2 * 660, 462)
 
 
-def test_plot_several_runs_of_different_tasks(tmp_path, lm_run, capsys):
-    other = tiny_config([str(lm_run.parent.parent / "corpus")], tmp_path / "runs" / "lm2", max_steps=10, lr=1e-3)
+def test_plot_several_runs_of_different_tasks(tmp_path, lm_run, corpus_dir, capsys):
+    other = tiny_config([str(corpus_dir)], tmp_path / "runs" / "lm2", max_steps=10, lr=1e-3)
     pretrain(config_from_dict(other))
     cls = classify_run(tmp_path, lm_run)
     code, _, err = run_cli(["plot", lm_run, tmp_path / "runs" / "lm2", cls, "--out", tmp_path / "all.png"], capsys)
@@ -87,6 +92,8 @@ def runs_json(root, capsys):
 
 
 def test_runs_lists_finished_interrupted_failed_and_killed(tmp_path, lm_run, corpus_dir, capsys, monkeypatch):
+    lm_run = shutil.copytree(lm_run, tmp_path / "runs" / "lm")  # beside the runs made here
+
     def interrupt_at_step_10(event):
         if isinstance(event, StepLogged) and event.metrics["step"] == 10:
             os.kill(os.getpid(), signal.SIGINT)
@@ -197,8 +204,6 @@ def test_info_on_an_imported_hugging_face_model(tmp_path, capsys):
 
 
 def test_info_reports_a_corrupted_file(tmp_path, lm_run, capsys):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(lm_run / "checkpoints" / "step-000020", copy)
     with open(copy / "trainer.safetensors", "r+b") as f:
@@ -229,10 +234,13 @@ def test_eval_repeats_the_runs_validation_exactly(tmp_path, lm_run, capsys):
     assert got["perplexity"] == pytest.approx(math.exp(logged["val_loss"]), rel=1e-6)
 
 
-def test_eval_refuses_to_repeat_a_validation_whose_data_changed(lm_run, corpus_dir, capsys):
+def test_eval_refuses_to_repeat_a_validation_whose_data_changed(tmp_path, corpus_dir, capsys):
+    run = tmp_path / "runs" / "own"  # its own run: the corpus it read is edited here
+    pretrain(config_from_dict(tiny_config([str(corpus_dir)], run, max_steps=2, eval_every=2, save_every=2)))
+    assert math.isfinite(eval_json(["-c", run], capsys)["loss"])  # unchanged data: the validation repeats
     for path in corpus_dir.rglob("*.py"):
         path.write_text(path.read_text() + "# edited after training\n")
-    code, out, err = run_cli(["eval", "-c", lm_run], capsys)
+    code, out, err = run_cli(["eval", "-c", run], capsys)
     assert code == 2 and "is not what it was during training" in err and out == ""
 
 
@@ -258,7 +266,7 @@ def test_eval_on_text_scores_every_token_once(tmp_path, lm_run, capsys):
     assert got["bpb"] == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-5)  # all nats / all bytes
 
 
-def test_eval_on_a_tokenized_split(tmp_path, lm_run, corpus_dir, capsys):
+def test_eval_on_a_tokenized_split(tmp_path, lm_run, capsys):
     from gptcli.config import load_config
     from gptcli.data.dataset import TokenDataset, prepare_dataset
 

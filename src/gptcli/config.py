@@ -189,17 +189,28 @@ class FinetuneConfig:
 
 
 @dataclass
+class FinetuneModelConfig:
+    """A finetune config's `model` section: the shape comes from the checkpoint, so every
+    key is optional and must agree with it, except the two a finetune may change."""
+
+    dropout: float | None = _field(None, "Dropout for finetuning (empty: the checkpoint's).")
+    block_size: int | None = _field(
+        None, "A shorter context than the checkpoint's (its first positions are kept); empty: the same.")
+    n_layer: int | None = _field(None, "Must equal the checkpoint's (or stay empty).")
+    n_head: int | None = _field(None, "Must equal the checkpoint's (or stay empty).")
+    n_embd: int | None = _field(None, "Must equal the checkpoint's (or stay empty).")
+    bias: bool | None = _field(None, "Must equal the checkpoint's (or stay empty).")
+    vocab_size: int | None = _field(None, "Must equal the checkpoint's (or stay empty).")
+
+
+@dataclass
 class FinetuneRunConfig:
     out_dir: str = _field("runs/finetune", "Run directory: config, metrics and checkpoints go here.",
                           path=True)
     seed: int = _field(1337, "Seed for the head, adapters, data order and dropout.")
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict = field(
-        default_factory=dict,
-        metadata={"help": "Optional: must agree with the checkpoint (dropout and a shorter "
-                          "block_size may change)."},
-    )
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         max_steps=300, lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0, eval_every=25,
         eval_batches=20, save_every=100, log_every=5,
@@ -284,9 +295,11 @@ def _finetune_problems(cfg: FinetuneRunConfig) -> list[str]:
         problems.append(f"finetune.aux_lm_weight: must be 0 or more, got {f.aux_lm_weight}")
     if not 0 < f.val_fraction < 1:
         problems.append(f"finetune.val_fraction: must be in (0, 1), got {f.val_fraction}")
-    unknown = sorted(set(cfg.model) - set(ModelConfig.__dataclass_fields__))
-    if unknown:
-        problems.append(f"model.{shorten(str(unknown[0]))}: unknown key")
+    m = cfg.model
+    if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
+        problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.block_size is not None and m.block_size < 1:
+        problems.append(f"model.block_size: must be at least 1, got {m.block_size}")
     # The shared sections follow pretrain's rules (a RunConfig view of them).
     shared = RunConfig(out_dir=cfg.out_dir, seed=cfg.seed, data=cfg.data, train=cfg.train)
     return problems + [p for p in _range_problems(shared) if not p.startswith("model.")]
@@ -326,11 +339,6 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a list, got {_describe(value)}")
             return None
         return [_coerce(v, item_hint, f"{path}[{i}]", problems) for i, v in enumerate(value)]
-    if hint is dict:
-        if isinstance(value, dict):
-            return value
-        problems.append(f"{path}: expected a mapping, got {_describe(value)}")
-        return None
     if hint is bool:
         if isinstance(value, bool):
             return value

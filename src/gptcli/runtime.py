@@ -173,15 +173,28 @@ def configure_matmul(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def peak_flops(device: torch.device, precision: Precision) -> float:
-    """Peak FLOP/s to compute MFU against: datasheet figures for known GPUs, otherwise
-    measured once with a large matrix product in the run's precision."""
+# Measured peaks, kept for the life of the process: (device type, device index, dtype) -> FLOP/s.
+_MEASURED_PEAKS: dict[tuple[str, int | None, torch.dtype], float] = {}
+
+
+def peak_flops(device: torch.device, precision: Precision, fresh: bool = False) -> float:
+    """Peak FLOP/s to compute MFU against: datasheet figures for known GPUs, otherwise a large
+    matrix product in the run's precision, timed once per process for each device and dtype
+    (later runs in the same process reuse it). `fresh=True` times it again, for when a step
+    beat the figure (the first timing ran on a busy host); the best timing seen is kept."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, flops in _GPU_PEAK_BF16.items():
             if fragment in name:
                 return flops if precision.name != "fp32" else flops / 2  # TF32 runs at half rate
-    return measure_matmul_flops(device, precision.dtype)
+    index = device.index
+    if index is None and device.type == "cuda":
+        index = torch.cuda.current_device()  # "cuda" and "cuda:N" for the same GPU share a figure
+    key = (device.type, index, precision.dtype)
+    if fresh or key not in _MEASURED_PEAKS:
+        measured = measure_matmul_flops(device, precision.dtype)
+        _MEASURED_PEAKS[key] = max(measured, _MEASURED_PEAKS.get(key, 0.0))
+    return _MEASURED_PEAKS[key]
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024,

@@ -99,7 +99,7 @@ def pretrain(
     if not _is_rank_zero():
         return
     _draw_loss(result.run_dir)
-    best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "-"
+    best = f"{result.best_metric:.4f}" if result.best_metric is not None else "-"
     console.print(f"done: {result.steps} steps in {result.seconds:.0f}s, best val loss {best}; "
                   f"sample with: gptcli sample --checkpoint {result.run_dir} --prompt '...'", markup=False)
 
@@ -122,16 +122,13 @@ def finetune(
     """
     from gptcli.cli.display import TrainDisplay, console, render_classify_metrics
     from gptcli.config import FinetuneRunConfig, load_config
-    from gptcli.tasks.finetune import finetune as run_finetune
+    from gptcli.tasks.finetune import builtin_example, finetune as run_finetune
 
     overrides = list(set_ or [])
     if task is not None:
         overrides.append(f"finetune.task={task}")
     if config is None:
-        if task not in (None, "classify"):
-            raise GptcliError(f"--task {task} needs a config naming its data (see configs/finetune-{task}.yaml)")
-        overrides = ["finetune.train_file=stdlib-packages", "out_dir=runs/classify-stdlib",
-                     "model.dropout=0.1", "train.batch_size=32", *overrides]
+        overrides = [*builtin_example(task), *overrides]
     cfg = load_config(config, overrides, FinetuneRunConfig)
     display = TrainDisplay(quiet=not _is_rank_zero())
     try:
@@ -153,7 +150,7 @@ def finetune(
 
 
 @app.command("eval")
-def evaluate(
+def eval_command(
     checkpoint: Annotated[Optional[Path], typer.Option(
         "--checkpoint", "-c", help="Run or checkpoint directory (default: the latest run under runs/).")] = None,
     data: Annotated[Optional[list[str]], typer.Option(
@@ -192,20 +189,20 @@ def evaluate(
 
     path = resolve_checkpoint(checkpoint)
     if is_classifier(path):
-        from gptcli.evals.classify import evaluate_classifier
+        from gptcli.evals.classify import eval_classifier_checkpoint
 
         if not data or len(data) != 1:
             raise GptcliError("--data: a classifier is evaluated on exactly one labelled file (CSV, TSV or JSONL)")
-        path, metrics = evaluate_classifier(path, data[0], text_column, label_column, predictions,
+        path, metrics = eval_classifier_checkpoint(path, data[0], text_column, label_column, predictions,
                                             batch_size=batch_size, device=device)
         if not json_output:
             render_classify_metrics({f"val_{k}" if k in ("accuracy", "macro_f1", "majority_baseline") else k: v
                                      for k, v in metrics.items()})
     else:
-        from gptcli.evals.lm import evaluate_lm
+        from gptcli.evals.lm import eval_lm_checkpoint
 
         with ProgressDisplay() as display:
-            path, metrics = evaluate_lm(path, data, split, batch_size, precision, device, on_event=display)
+            path, metrics = eval_lm_checkpoint(path, data, split, batch_size, precision, device, on_event=display)
         if not json_output:
             render_lm_metrics(metrics)
     show_checkpoint(path)

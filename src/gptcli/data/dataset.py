@@ -32,7 +32,9 @@ from gptcli.events import EventSink, ignore
 from gptcli.paths import cache_root
 from gptcli.runtime import Distributed
 
-_STREAMS = {"train": 0, "val": 1}  # random streams: 2 and 3 are the classify and instruct rows
+# The seeded random streams batches are drawn from, one per kind of data: every draw is
+# a function of (seed, stream, step), so no two kinds ever share random numbers.
+STREAMS = {"train": 0, "val": 1, "classify": 2, "instruct": 3}
 
 
 def _cache_key(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> str:
@@ -196,7 +198,7 @@ class BatchSampler:
         self.batch_size = batch_size
         self.block_size = block_size
         self.seed = seed
-        self.stream = _STREAMS[split]
+        self.stream = STREAMS[split]
         self.device = device
         self.per_step = batch_size * grad_accum * world_size
         self.world_size = world_size

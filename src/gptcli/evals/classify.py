@@ -18,11 +18,11 @@ from gptcli.errors import GptcliError
 from gptcli.model.heads import GPTClassifier
 from gptcli.outputs import check_output_file, input_paths
 from gptcli.runtime import Precision, resolve_device
-from gptcli.store.checkpoint import load_model
+from gptcli.store.checkpoint import checkpoint_task, load_model
 from gptcli.store.rundir import resolve_checkpoint
 
 
-def evaluate_classifier(checkpoint: str | Path | None, data_file: str | Path,
+def eval_classifier_checkpoint(checkpoint: str | Path | None, data_file: str | Path,
                         text_column: str = "text", label_column: str = "label",
                         predictions: str | Path | None = None, batch_size: int = 32,
                         device: str = "auto") -> tuple[Path, dict]:
@@ -34,11 +34,11 @@ def evaluate_classifier(checkpoint: str | Path | None, data_file: str | Path,
     path = resolve_checkpoint(checkpoint)
     if predictions is not None:
         predictions = check_output_file(predictions, input_paths([data_file, path]), "--predictions")
-    dev = resolve_device(device)
-    model, tokenizer = load_model(path, dev)
-    if not isinstance(model, GPTClassifier):
+    if checkpoint_task(path) != "classify":
         raise GptcliError(f"{path} is not a classifier checkpoint; `gptcli eval --data TEXT` "
                           f"evaluates language models")
+    dev = resolve_device(device)
+    model, tokenizer = load_model(path, dev)
     unknown = sorted(set(truth) - set(model.labels))
     if unknown:
         raise GptcliError(f"{data_file}: labels the classifier never learned: {', '.join(unknown[:5])}")

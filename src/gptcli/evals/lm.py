@@ -9,13 +9,12 @@ Two modes:
   exactly (same data, windows, batch size and precision), so the numbers equal those the
   training loop logged at that step.
 
-Both compute through the training loop's `lm_evaluate`: loss per target token, bits per
+Both compute through `validation_loss` (as the training loop's validation does): loss per target token, bits per
 byte = loss / ln 2 / (UTF-8 bytes per token).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,15 +30,16 @@ from gptcli.data.shards import SPLITS, is_tokenized_dir
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Progress, ignore
-from gptcli.model.gpt import GPT, IGNORE_INDEX
+from gptcli.model import Model
+from gptcli.model.gpt import IGNORE_INDEX
 from gptcli.runtime import DTYPES, Precision, resolve_device, resolve_precision
-from gptcli.store.checkpoint import CONFIG_YAML, TRAINER_JSON, load_model
+from gptcli.store.checkpoint import CONFIG_YAML, checkpoint_task, load_model, read_trainer_json
 from gptcli.store.rundir import resolve_checkpoint
 
 SPLIT_CHOICES = ("all", *SPLITS)
 
 
-def evaluate_lm(checkpoint: str | Path | None, inputs: list[str] | None, split: str = "all",
+def eval_lm_checkpoint(checkpoint: str | Path | None, inputs: list[str] | None, split: str = "all",
                 batch_size: int = 8, precision: str = "auto", device: str = "auto",
                 jsonl_field: str = "text", on_event: EventSink = ignore) -> tuple[Path, dict]:
     """Loss, perplexity and bits per byte of a language-model checkpoint; see the module doc.
@@ -51,11 +51,11 @@ def evaluate_lm(checkpoint: str | Path | None, inputs: list[str] | None, split: 
     if precision not in ("auto", *DTYPES):
         raise GptcliError(f"--precision: '{precision}' is not one of auto, {', '.join(DTYPES)}")
     path = resolve_checkpoint(checkpoint)
+    if checkpoint_task(path) == "classify":
+        raise GptcliError(f"{path} is a classifier; evaluate it on a labelled file with --data FILE.csv")
     dev = resolve_device(device)
     model, tokenizer = load_model(path, dev)
-    if type(model) is not GPT:
-        raise GptcliError(f"{path} is a classifier; evaluate it on a labelled file with --data FILE.csv")
-    trained = _trainer_extra(path)  # the precision and validation data of the run, when known
+    trained = _trainer_record(path)  # the precision and validation data of the run, when known
     precision_ = resolve_precision(_trained_precision(trained, dev) if precision == "auto" else precision,
                                    dev, option="--precision")
     if inputs:
@@ -68,10 +68,10 @@ def evaluate_lm(checkpoint: str | Path | None, inputs: list[str] | None, split: 
     return path, metrics
 
 
-def _trainer_extra(checkpoint: Path) -> dict:
-    """The free-form part of a checkpoint's trainer state ({} without one)."""
+def _trainer_record(checkpoint: Path) -> dict:
+    """A checkpoint's trainer.json ({} without one: an export or a merged copy)."""
     try:
-        return json.loads((checkpoint / TRAINER_JSON).read_text()).get("extra", {})
+        return read_trainer_json(checkpoint)
     except (OSError, ValueError):
         return {}
 
@@ -79,12 +79,12 @@ def _trainer_extra(checkpoint: Path) -> dict:
 def _trained_precision(trained: dict, device: torch.device) -> str:
     """The precision the run trained in, if this device can run it; else fp32."""
     try:
-        return resolve_precision(trained.get("precision", "fp32"), device).name
+        return resolve_precision(trained.get("precision") or "fp32", device).name
     except GptcliError:
         return "fp32"
 
 
-def _repeat_run_validation(model: GPT, checkpoint: Path, trained: dict, precision: Precision,
+def _repeat_run_validation(model: Model, checkpoint: Path, trained: dict, precision: Precision,
                            device: torch.device, on_event: EventSink) -> dict:
     """The pretraining run's own validation: the same val windows the loop evaluated."""
     try:
@@ -104,13 +104,13 @@ def _repeat_run_validation(model: GPT, checkpoint: Path, trained: dict, precisio
                            cfg.seed, "val", device)  # what the loop's validation draws
     total = cfg.train.eval_batches
     batches = ({"idx": x, "targets": y} for x, y in map(windows.batch, range(total)))
-    metrics = lm_evaluate(model, _counting(batches, total, on_event), precision,
+    metrics = validation_loss(model, _counting(batches, total, on_event), precision,
                           dataset.bytes_per_token["val"])
     return {"loss": metrics["val_loss"], "bpb": metrics["val_bpb"], "data": f"{dataset.path} (val split, "
             f"{total} x {cfg.train.batch_size} windows, as in training)"}
 
 
-def _evaluate_inputs(model: GPT, tokenizer: Tokenizer, inputs: list[str], split: str, batch_size: int,
+def _evaluate_inputs(model: Model, tokenizer: Tokenizer, inputs: list[str], split: str, batch_size: int,
                      precision: Precision, device: torch.device, jsonl_field: str,
                      on_event: EventSink) -> dict:
     if len(inputs) == 1 and is_tokenized_dir(inputs[0]):
@@ -136,7 +136,7 @@ def _evaluate_inputs(model: GPT, tokenizer: Tokenizer, inputs: list[str], split:
     n_tokens = sum(len(s) for s in streams)
     n_targets = sum(max(len(s) - 1, 0) for s in streams)  # the first token of a stream is not scored
     # bits per byte = all nats / ln 2 / all bytes: bytes per *scored* token makes that exact.
-    metrics = lm_evaluate(model, _counting(batches, total, on_event), precision, n_bytes / n_targets)
+    metrics = validation_loss(model, _counting(batches, total, on_event), precision, n_bytes / n_targets)
     return {"loss": metrics["val_loss"], "bpb": metrics["val_bpb"], "data": described,
             "tokens": n_tokens, "bytes": int(n_bytes)}
 
@@ -186,7 +186,7 @@ def _counting(batches, total: int, on_event: EventSink):
 
 
 @torch.no_grad()
-def lm_evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], precision: Precision,
+def validation_loss(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], precision: Precision,
                 bytes_per_token: float | None = None) -> dict[str, float]:
     """Mean loss per target token over `batches`; bits per byte when bytes per token is known."""
     was_training = model.training

@@ -1,8 +1,10 @@
-"""Generation as small functions: logits -> probabilities -> token, prefill, decode step,
-and a loop over them using the model's preallocated KV cache.
+"""Generation as small pure functions: logits -> probabilities -> token, prefill, the
+one-token decode step, and a loop over them that owns its KV cache (the model keeps none).
 
-When a sequence fills the context (`block_size`), the cache is rebuilt from the last half
-of the context (a sliding window), so generation can run past the context length.
+The cache is preallocated and positions are tensors (`input_pos`), so the decode step has
+the same shapes at every position. When a sequence fills the context (`block_size`), the
+cache is rewritten from the last half of the context (a sliding window), so generation can
+run past the context length.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.model.gpt import GPT
+from gptcli.model.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -54,16 +57,17 @@ def next_token(logits: torch.Tensor, settings: SamplingSettings,
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def prefill(model: GPT, tokens: torch.Tensor) -> torch.Tensor:
-    """Fill the KV cache with `tokens` (B, T) at positions 0..T-1; logits (B, V) of the last."""
-    hidden = model.hidden_states(tokens, start=0)
-    return model.logits(hidden[:, -1])
+def prefill(model: GPT, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Write `tokens` (B, T) into `cache` at positions 0..T-1; logits (B, V) after the last."""
+    input_pos = torch.arange(tokens.size(1), device=tokens.device)
+    return model.logits(model.hidden_states(tokens, cache, input_pos)[:, -1])
 
 
-def decode_step(model: GPT, token: torch.Tensor, position: int) -> torch.Tensor:
-    """One token per row (B,) at cache `position` -> logits (B, V) for the next."""
-    hidden = model.hidden_states(token[:, None], start=position)
-    return model.logits(hidden[:, -1])
+def decode_one_token(model: GPT, cache: KVCache, token: torch.Tensor, input_pos: torch.Tensor
+                     ) -> torch.Tensor:
+    """One token per row (B,) written at position `input_pos` (1,) -> logits (B, V) for the
+    next. Its shapes do not depend on the position: this is the step worth compiling."""
+    return model.logits(model.hidden_states(token[:, None], cache, input_pos)[:, -1])
 
 
 @torch.inference_mode()
@@ -77,23 +81,24 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, settings
     context = model.config.block_size
     device = model.wte.weight.device
     history = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, T)
-    model.setup_kv_cache(num_samples, context)
-    try:
-        logits = prefill(model, history)
-        position = history.size(1)
-        for _ in range(max_new_tokens):
-            token = next_token(logits, settings, generator)
-            yield token
-            history = torch.cat([history, token[:, None]], dim=1)
-            if position == context:  # the cache is full: keep the last half of the context
-                history = history[:, -(context // 2):]
-                logits = prefill(model, history)
-                position = history.size(1)
-            else:
-                logits = decode_step(model, token, position)
-                position += 1
-    finally:
-        model.clear_kv_cache()
+    # Slots for the prompt and every new token but the last (never fed back), at most the
+    # context: a short request attends over a short cache.
+    cache = model.new_kv_cache(num_samples, len(prompt) + max(max_new_tokens - 1, 0))
+    logits = prefill(model, cache, history)
+    position = history.size(1)  # where the next token goes
+    for step in range(max_new_tokens):
+        token = next_token(logits, settings, generator)
+        yield token
+        if step == max_new_tokens - 1:
+            break
+        history = torch.cat([history, token[:, None]], dim=1)
+        if position == context:  # the context is full: start again from its last half
+            history = history[:, -(context // 2):]
+            logits = prefill(model, cache, history)
+            position = history.size(1)
+        else:
+            logits = decode_one_token(model, cache, token, torch.tensor([position], device=device))
+            position += 1
 
 
 class SampleText:

@@ -199,11 +199,12 @@ def classify(checkpoint: str | Path | None, text: str, device: str = "auto"
              ) -> tuple[Path, dict[str, float]]:
     """Class probabilities of `text` under a classifier checkpoint, most likely first."""
     path = resolve_checkpoint(checkpoint)
-    model, tokenizer = load_model(path, resolve_device(device))
-    if not isinstance(model, GPTClassifier):
+    if not is_classifier(path):
         raise GptcliError(f"{path} is not a classifier checkpoint")
+    dev = resolve_device(device)
+    model, tokenizer = load_model(path, dev)
     (ids,) = encode_texts(tokenizer, [text], model.config.block_size, keep="end")
-    idx = torch.tensor(ids, device=model.wte.weight.device)[None]
+    idx = torch.tensor(ids, device=dev)[None]
     probs = torch.softmax(model(idx).float(), dim=-1)[0].tolist()
     ranked = sorted(zip(model.labels, probs), key=lambda pair: -pair[1])
     return path, dict(ranked)

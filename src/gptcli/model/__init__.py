@@ -1,0 +1,63 @@
+"""Model families by name, and the protocol the rest of gptcli uses them through.
+
+A checkpoint records its family as `arch` (checkpoints from before it was recorded are
+`gpt2`); `get_arch` maps the name to the family's config dataclass, model class and
+checks. Outside model/, code sees a model only as a `Model`: the family's model, or a task
+head over one (heads.py), which offers the same members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from gptcli.config import ModelConfig, model_config_problems
+from gptcli.errors import GptcliError, shorten
+from gptcli.model.gpt import GPT, check_fits
+from gptcli.model.lora import LoRASpec
+
+
+class Model(Protocol):
+    """The members of a model (an nn.Module) that code outside model/ may use."""
+
+    arch: str  # the family's name in ARCHS
+    config: Any  # the family's config dataclass; has n_embd, block_size, vocab_size
+    lora_spec: LoRASpec | None  # what its adapters were made with (set by lora.apply_lora)
+    activation_checkpointing: bool  # recompute blocks in backward (set by the training loop)
+
+    @property
+    def blocks(self) -> nn.ModuleList: ...  # the repeated transformer blocks, in order
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor: ...  # (B, T) -> (B, T, C)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # (..., C) -> (..., vocab_size)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs for `idx` (B, T); given `targets`, the loss summed over them."""
+
+    def flops_per_token(self) -> float: ...  # training FLOPs per token, for MFU
+
+    def num_params(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Arch:
+    config: type  # the config dataclass, read from a checkpoint's metadata
+    model: Callable[[Any], Model]  # built from a config
+    problems: Callable[[Any], list[str]]  # a config's problems, for a checkpoint's stored one
+    check_fits: Callable[..., None]  # refuses, before building, a model too large for a device
+
+
+ARCHS = {"gpt2": Arch(ModelConfig, GPT, model_config_problems, check_fits)}
+DEFAULT_ARCH = "gpt2"  # what a checkpoint without `arch` in its metadata holds
+
+
+def get_arch(name: str) -> Arch:
+    if name not in ARCHS:
+        raise GptcliError(f"unknown model architecture '{shorten(name)}'; gptcli knows "
+                          f"{', '.join(ARCHS)}")
+    return ARCHS[name]

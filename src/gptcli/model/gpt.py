@@ -4,8 +4,8 @@ Names match GPT-2 (`wte, wpe, h.N.ln_1, h.N.attn.c_attn, ..., ln_f, lm_head`) so
 importing OpenAI's weights is a key match plus a transpose of Conv1D matrices.
 Pre-LayerNorm blocks, tanh-approximated GELU (as GPT-2), tied input/output embeddings,
 attention through `scaled_dot_product_attention` (flash kernels on GPU; see attention.py
-for the one measured exception), and a
-preallocated KV cache for generation.
+for the one measured exception). For generation the caller passes in a KV cache
+(kv_cache.py) and the tokens' positions; the model itself keeps no inference state.
 
 Shapes in comments: B batch, T time (tokens), C n_embd, nh heads, hs head size, L the
 KV cache length, V the vocabulary (padded to a multiple of 64 inside lm_head).
@@ -24,28 +24,10 @@ from torch.utils.checkpoint import checkpoint
 from gptcli.config import ModelConfig
 from gptcli.errors import shorten
 from gptcli.model.attention import causal_attention
+from gptcli.model.kv_cache import KVCache
 from gptcli.runtime import check_memory
 
 IGNORE_INDEX = -1  # target id that contributes no loss (padding, prompt tokens)
-
-
-class KVCache(nn.Module):
-    """Preallocated keys and values of one attention layer: (B, nh, L, hs) each."""
-
-    def __init__(self, batch_size: int, n_head: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        shape = (batch_size, n_head, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, nh, T, hs) at positions start..start+T-1; return the filled
-        prefix of the cache, (B, nh, start+T, hs) each."""
-        end = start + k.size(2)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,22 +39,21 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v together
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Without `cache`: causal attention within x. With it: write this layer's keys and
+        values at `input_pos` (T,) and attend over all L slots, `mask` (T, L) hiding the
+        ones each token may not see."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.kv_cache is None:
+        if cache is None:
             y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         else:
-            # Attend over the filled prefix only: one new token sees all of it (no mask);
-            # a prompt written from position 0 is plain causal attention.
-            if start != 0 and T > 1:
-                raise ValueError("the KV cache takes several tokens only from position 0")
-            k, v = self.kv_cache.update(start, k, v)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=T > 1)
+            k, v = cache.update(layer, input_pos, k, v)  # (B, nh, L, hs)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -96,12 +77,15 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), start)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, input_pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
+    arch = "gpt2"  # its name in model/__init__.py's ARCHS, recorded in checkpoints
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size is None:
@@ -129,6 +113,10 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.h
+
     def num_params(self, include_positions: bool = True) -> int:
         """Parameters counted once (the tied lm_head is wte)."""
         n = sum(p.numel() for p in self.parameters())
@@ -140,23 +128,25 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params(include_positions=False) + 12 * c.n_layer * c.block_size * c.n_embd
 
-    def hidden_states(self, idx: torch.Tensor, start: int | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, C) for token ids (B, T).
 
-        Without `start`: a full causal pass over positions 0..T-1 (training).
-        With `start`: these tokens sit at positions start..start+T-1 of the KV cache
-        (generation: a prompt from 0, then one token at a time).
+        Without `cache`: a full causal pass over positions 0..T-1 (training).
+        With `cache` (generation): the tokens sit at positions `input_pos` (T,), are written
+        into the cache there, and each attends to every cached position up to its own.
         """
-        T = idx.size(1)
-        offset = start or 0
-        pos = torch.arange(offset, offset + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        if cache is None:
+            input_pos, mask = torch.arange(idx.size(1), device=idx.device), None
+        else:
+            mask = cache.visible(input_pos)  # (T, L), shared by every layer
+        x = self.drop(self.wte(idx) + self.wpe(input_pos))  # (B, T, C)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.h:
+        for layer, block in enumerate(self.h):
             if recompute:  # keep only the block's input; rerun it (same dropout) in backward
-                x = checkpoint(block, x, start, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, start)
+                x = block(x, cache, layer, input_pos, mask)
         return self.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -176,6 +166,14 @@ class GPT(nn.Module):
                                ignore_index=IGNORE_INDEX, reduction="sum")
 
     @torch.no_grad()
+    def crop_context(self, block_size: int) -> None:
+        """Shorten the context to `block_size` positions, keeping the first ones' embeddings
+        (finetuning on shorter sequences than pretraining)."""
+        self.config = dataclasses.replace(self.config, block_size=block_size)
+        self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].clone())
+        self.wpe.num_embeddings = block_size
+
+    @torch.no_grad()
     def resize_vocab(self, vocab_size: int) -> None:
         """Grow the vocabulary to `vocab_size` ids (e.g. for added special tokens). New rows
         start at the mean embedding, so new tokens begin as an average known token."""
@@ -192,18 +190,12 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.wte.weight[old:vocab_size] = self.wte.weight[:old].mean(dim=0)
 
-    def setup_kv_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a KV cache of `length` positions (at most block_size) in every layer."""
-        length = min(length, self.config.block_size)
-        device = self.wte.weight.device
-        dtype = dtype or self.wte.weight.dtype
-        for block in self.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, length,
-                                          self.config.head_dim, dtype, device)
-
-    def clear_kv_cache(self) -> None:
-        for block in self.h:
-            block.attn.kv_cache = None
+    def new_kv_cache(self, batch_size: int, length: int) -> KVCache:
+        """An empty KV cache of `length` positions (at most block_size) for `batch_size`
+        sequences, in the weights' dtype and device; the caller keeps it, not the model."""
+        return KVCache(self.config.n_layer, batch_size, self.config.n_head,
+                       min(length, self.config.block_size), self.config.head_dim,
+                       self.wte.weight.dtype, self.wte.weight.device)
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -1,28 +1,96 @@
-"""Task heads over the GPT trunk.
+"""Task heads over a model of any family (a `Model`, see __init__.py).
 
 Sequence classification: a linear head `score` (no bias) on the hidden state of each
-sequence's last real token, as in Hugging Face's GPT2ForSequenceClassification, so a
-classifier checkpoint keeps GPT-2's names plus `score.weight`. Sequences are right-padded
-per batch; with causal attention the padding never reaches the real tokens.
+sequence's last real token, as in Hugging Face's GPT2ForSequenceClassification. Sequences
+are right-padded per batch; with causal attention the padding never reaches the real tokens.
+
+The head holds its model as `trunk`, but its state dict gives the trunk's tensors the
+trunk's own names (`wte.weight`, `h.0.attn.c_attn.weight`, ..., no `trunk.` prefix) next to
+`score.weight`, and loads them by those names. So a classifier checkpoint is its trunk's
+checkpoint plus one tensor: the layout checkpoints had when the classifier was a GPT
+subclass, and for GPT-2 the names HF's GPT2ForSequenceClassification uses (less its
+`transformer.` prefix). Whatever reads or loads weights treats a head like any model.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from gptcli.config import ModelConfig
-from gptcli.model.gpt import GPT, IGNORE_INDEX
+from gptcli.model import Model
+from gptcli.model.gpt import IGNORE_INDEX
+
+_TRUNK = "trunk."
 
 
-class GPTClassifier(GPT):
-    def __init__(self, cfg: ModelConfig, labels: list[str], aux_lm_weight: float = 0.0):
-        super().__init__(cfg)
+def _flatten_trunk_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: `{prefix}trunk.NAME` -> `{prefix}NAME`, in place, order kept."""
+    inner = prefix + _TRUNK
+    items = list(state_dict.items())
+    state_dict.clear()
+    state_dict.update((prefix + k[len(inner):] if k.startswith(inner) else k, v) for k, v in items)
+
+
+def _nest_trunk_keys(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook, the inverse: every key of this head but `score.` is the trunk's."""
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "score.")]:
+        state_dict[prefix + _TRUNK + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _flatten_reported_keys(module: nn.Module, incompatible) -> None:
+    """load_state_dict post-hook: missing and unexpected keys by the names the state dict uses
+    (as reported for a head that is the root module, the case load_weights checks)."""
+    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+        keys[:] = [k.removeprefix(_TRUNK) for k in keys]
+
+
+class GPTClassifier(nn.Module):
+    def __init__(self, trunk: Model, labels: list[str], aux_lm_weight: float = 0.0):
+        super().__init__()
+        self.trunk = trunk  # registered first: its parameters come first, as optimizer states expect
         self.labels = list(labels)
         self.n_classes = len(labels)
         self.aux_lm_weight = aux_lm_weight
-        self.score = torch.nn.Linear(cfg.n_embd, self.n_classes, bias=False)
-        torch.nn.init.normal_(self.score.weight, std=0.02)
+        self.lora_spec = None  # set by lora.apply_lora (the adapters go into the trunk's layers)
+        self.score = nn.Linear(trunk.config.n_embd, self.n_classes, bias=False)
+        nn.init.normal_(self.score.weight, std=0.02)
+        self.register_state_dict_post_hook(_flatten_trunk_keys)
+        self.register_load_state_dict_pre_hook(_nest_trunk_keys)
+        self.register_load_state_dict_post_hook(_flatten_reported_keys)
+
+    @property
+    def arch(self) -> str:
+        return self.trunk.arch
+
+    @property
+    def config(self):
+        return self.trunk.config
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.trunk.blocks
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.trunk.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool) -> None:  # the trunk runs the blocks
+        self.trunk.activation_checkpointing = value
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.trunk.hidden_states(idx)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.trunk.logits(hidden)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # shared (tied) tensors counted once
+
+    def flops_per_token(self) -> float:
+        """The trunk's, plus 6 per `score` weight (forward + backward)."""
+        return self.trunk.flops_per_token() + 6 * self.score.weight.numel()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:

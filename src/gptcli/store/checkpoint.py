@@ -1,7 +1,7 @@
 """Checkpoint directories: save atomically, load without unpickling anything.
 
     step-000500/
-      model.safetensors    weights; the model config and tokenizer spec in its metadata
+      model.safetensors    weights; arch, model config and tokenizer spec in its metadata
       tokenizer/           the tokenizer (see tokenizer.py)
       config.yaml          the resolved run config
       trainer.safetensors  optimizer moments and RNG states      (absent in export-only
@@ -28,10 +28,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gptcli.atomic import staging_dir
-from gptcli.config import ModelConfig, config_from_dict, model_config_problems
+from gptcli.config import config_from_dict
 from gptcli.data.tokenizer import Tokenizer, load_tokenizer
 from gptcli.errors import GptcliError, shorten
-from gptcli.model.gpt import GPT, check_fits
+from gptcli.model import DEFAULT_ARCH, Arch, Model, get_arch
 from gptcli.model.heads import GPTClassifier
 from gptcli.model.lora import LoRASpec, apply_lora
 from gptcli.outputs import mark
@@ -58,14 +58,21 @@ class TrainerState:
     optimizer: dict | None = None  # torch optimizer state_dict
     scaler: dict | None = None  # GradScaler state_dict (fp16 only)
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    global_batch: int | None = None  # sequences per step over all processes: a resume must keep it
+    precision: str | None = None  # what the run trains in: a resume and `gptcli eval` repeat it
+    val_sha256: str | None = None  # pretraining: the validation split `gptcli eval` can repeat
+    before: dict | None = None  # validation metrics before the first step (finetuning lm)
+    last_eval: dict | None = None  # the last evaluation's record: `gptcli info` shows it
+
+
+_RECORDED = ("global_batch", "precision", "val_sha256", "before", "last_eval")  # trainer.json keys
 
 
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config_yaml: str,
+def save_checkpoint(target: str | Path, model: Model, tokenizer: Tokenizer, config_yaml: str,
                     trainer: TrainerState | None = None,
                     weights: dict[str, torch.Tensor] | None = None, mark_as: str | None = None) -> Path:
     """Write a checkpoint directory at `target` atomically (temp dir, fsync, rename).
@@ -77,15 +84,17 @@ def save_checkpoint(target: str | Path, model: GPT, tokenizer: Tokenizer, config
     with staging_dir(target) as tmp:
         weights = {k: v.detach().contiguous() for k, v in (weights or model.state_dict()).items()
                    if k != _TIED}
+        labels = getattr(model, "labels", None)  # a classification head names its classes
         metadata = {
             "format": "gptcli/1",
-            "model_config": json.dumps(_model_dict(model.config)),
+            "arch": model.arch,
+            "model_config": json.dumps(dataclasses.asdict(model.config)),
             "tokenizer": json.dumps(tokenizer.spec),
             "tokenizer_fingerprint": tokenizer.fingerprint(),
-            "task": "classify" if isinstance(model, GPTClassifier) else "lm",
+            "task": "lm" if labels is None else "classify",
         }
-        if isinstance(model, GPTClassifier):
-            metadata["labels"] = json.dumps(model.labels)
+        if labels is not None:
+            metadata["labels"] = json.dumps(labels)
         if model.lora_spec is not None:
             metadata["lora"] = json.dumps(dataclasses.asdict(model.lora_spec))
         save_file(weights, tmp / WEIGHTS, metadata=metadata)
@@ -129,10 +138,6 @@ def verify_checkpoint(directory: str | Path) -> None:
                               f"{MANIFEST}); use another checkpoint")
 
 
-def _model_dict(cfg: ModelConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ModelConfig.__dataclass_fields__}
-
-
 def _save_trainer(directory: Path, state: TrainerState) -> None:
     """Optimizer moments and RNG states go to safetensors, the rest to JSON."""
     tensors: dict[str, torch.Tensor] = {}
@@ -152,16 +157,23 @@ def _save_trainer(directory: Path, state: TrainerState) -> None:
         "evals_since_best": state.evals_since_best,
         "optimizer_param_groups": optimizer_json,
         "scaler": state.scaler,
-        "extra": state.extra,
+        **{name: getattr(state, name) for name in _RECORDED},
     }
     (directory / TRAINER_JSON).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def read_trainer_json(directory: str | Path) -> dict:
+    """trainer.json of a checkpoint (no tensors). Checkpoints written before these fields were
+    typed kept them in an `extra` mapping: they are read as top-level keys too."""
+    info = json.loads((Path(directory) / TRAINER_JSON).read_text())
+    return {**info.pop("extra", {}), **info}
 
 
 def load_trainer_state(directory: str | Path) -> TrainerState:
     directory = Path(directory)
     verify_checkpoint(directory)
     try:
-        info = json.loads((directory / TRAINER_JSON).read_text())
+        info = read_trainer_json(directory)
         tensors = load_file(directory / TRAINER_TENSORS)
     except (OSError, ValueError, SafetensorError) as exc:
         raise GptcliError(f"{directory}: trainer state is missing or unreadable ({exc}); "
@@ -178,8 +190,8 @@ def load_trainer_state(directory: str | Path) -> TrainerState:
     rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
     return TrainerState(step=info["step"], tokens_seen=info["tokens_seen"],
                         best_metric=info["best_metric"], evals_since_best=info["evals_since_best"],
-                        optimizer=optimizer,
-                        scaler=info["scaler"], rng=rng, extra=info.get("extra", {}))
+                        optimizer=optimizer, scaler=info["scaler"], rng=rng,
+                        **{name: info.get(name) for name in _RECORDED})
 
 
 def read_metadata(directory: str | Path) -> dict[str, str]:
@@ -195,18 +207,30 @@ def read_metadata(directory: str | Path) -> dict[str, str]:
     return metadata
 
 
-def read_model_config(directory: str | Path) -> ModelConfig:
-    """The model config stored in a checkpoint's weights metadata, checked as a run's is."""
+def read_arch(directory: str | Path) -> Arch:
+    """The model family of a checkpoint: `arch` in its weights metadata, gpt2 for checkpoints
+    written before it was recorded."""
+    name = read_metadata(directory).get("arch", DEFAULT_ARCH)
+    try:
+        return get_arch(name)
+    except GptcliError as exc:
+        raise GptcliError(f"{Path(directory) / WEIGHTS}: {exc}") from None
+
+
+def read_model_config(directory: str | Path) -> Any:
+    """The model config (the arch's config dataclass) stored in a checkpoint's weights
+    metadata, checked as a run's is."""
     path = Path(directory) / WEIGHTS
+    arch = read_arch(directory)
     try:
         data = json.loads(read_metadata(directory)["model_config"])
     except ValueError as exc:
         raise GptcliError(f"{path}: unreadable model config ({shorten(str(exc))})") from None
     try:
-        cfg = config_from_dict(data, ModelConfig)
+        cfg = config_from_dict(data, arch.config)
     except GptcliError as exc:
         raise GptcliError(f"{path}: invalid model config: {exc}") from None
-    problems = model_config_problems(cfg)
+    problems = arch.problems(cfg)
     if cfg.vocab_size is None:
         problems.append("model.vocab_size: missing")
     if problems:
@@ -219,23 +243,23 @@ def checkpoint_task(directory: str | Path) -> str:
     return read_metadata(directory).get("task", "lm")
 
 
-def build_model(directory: str | Path) -> GPT:
-    """An untrained model of the checkpoint's shape, task head and LoRA adapters."""
+def build_model(directory: str | Path) -> Model:
+    """An untrained model of the checkpoint's family, shape, task head and LoRA adapters."""
     metadata = read_metadata(directory)
+    arch = read_arch(directory)
     cfg = read_model_config(directory)
-    check_fits(cfg, torch.device("cpu"), training=False,  # built on the CPU, moved afterwards
-               fix=f"{directory} holds a model too large for this machine (or a damaged config)")
+    arch.check_fits(cfg, torch.device("cpu"), training=False,  # built on the CPU, moved afterwards
+                    fix=f"{directory} holds a model too large for this machine (or a damaged config)")
+    model = arch.model(cfg)
     if metadata.get("task") == "classify":
-        model: GPT = GPTClassifier(cfg, json.loads(metadata["labels"]))
-    else:
-        model = GPT(cfg)
+        model = GPTClassifier(model, json.loads(metadata["labels"]))
     if "lora" in metadata:
         spec = json.loads(metadata["lora"])
         apply_lora(model, LoRASpec(**{**spec, "targets": tuple(spec["targets"])}))
     return model
 
 
-def load_weights(model: GPT, directory: str | Path, device: torch.device | str = "cpu") -> None:
+def load_weights(model: Model, directory: str | Path, device: torch.device | str = "cpu") -> None:
     """Load a checkpoint's weights into a model built for it; every weight must match."""
     path = Path(directory) / WEIGHTS
     try:
@@ -249,7 +273,7 @@ def load_weights(model: GPT, directory: str | Path, device: torch.device | str =
                           f"unexpected {unexpected[:3]})")
 
 
-def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer]:
+def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[Model, Tokenizer]:
     """The model (in eval mode, fp32) and tokenizer of a checkpoint directory."""
     directory = Path(directory)
     verify_checkpoint(directory)

@@ -38,11 +38,10 @@ from gptcli.data.tokenizer import (
 )
 from gptcli.errors import GptcliError, shorten
 from gptcli.model.gpt import GPT, check_fits
-from gptcli.model.heads import GPTClassifier
 from gptcli.model.lora import merge_lora
 from gptcli.outputs import check_output_dir, input_paths, mark
 from gptcli.paths import cache_root
-from gptcli.store.checkpoint import CHECKPOINTS, is_checkpoint, load_model, save_checkpoint
+from gptcli.store.checkpoint import CHECKPOINTS, checkpoint_task, is_checkpoint, load_model, save_checkpoint
 
 HF_CONFIG, HF_WEIGHTS, HF_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -311,11 +310,13 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
     run = source.parent.parent if source.parent.name == CHECKPOINTS else source
     target = check_output_dir(out, "hf-export", replace=overwrite, inputs=input_paths([run, source]))
     model, tokenizer = load_model(source)
+    classifier = checkpoint_task(source) == "classify"
     if model.lora_spec is not None:
         merge_lora(model)
     cfg = model.config
+    state = model.state_dict()  # GPT-2's names (plus `score.weight` for a classifier)
     weights = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         if key == "lm_head.weight":
             continue
         if key == "wte.weight":
@@ -325,15 +326,13 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
         prefix = "" if key.startswith("score.") else "transformer."
         weights[prefix + key] = value.contiguous()
     if not cfg.bias:  # GPT-2 always has biases: zeros compute the same function
-        for name, module in model.named_modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head" \
-                    and not name.startswith("score"):
-                size = module.weight.shape[0]
-                weights[f"transformer.{name}.bias"] = torch.zeros(size)
+        for key, value in state.items():
+            layer = key.removesuffix(".weight")  # a linear layer or LayerNorm, unless an embedding or head
+            if key.endswith(".weight") and layer not in ("wte", "wpe", "lm_head", "score"):
+                weights[f"transformer.{layer}.bias"] = torch.zeros(value.shape[0])  # (out,) or (C,)
     config = {
         "model_type": "gpt2",
-        "architectures": ["GPT2ForSequenceClassification" if isinstance(model, GPTClassifier)
-                          else "GPT2LMHeadModel"],
+        "architectures": ["GPT2ForSequenceClassification" if classifier else "GPT2LMHeadModel"],
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
         "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
@@ -342,7 +341,7 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
         "tie_word_embeddings": True, "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
         "torch_dtype": "float32",
     }
-    if isinstance(model, GPTClassifier):
+    if classifier:
         config.update(num_labels=len(model.labels), pad_token_id=tokenizer.eot_id,
                       id2label={str(i): name for i, name in enumerate(model.labels)},
                       label2id={name: i for i, name in enumerate(model.labels)})

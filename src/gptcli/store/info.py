@@ -4,6 +4,7 @@ sizes, and whether every file still matches its checksum."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 from safetensors import safe_open
 
 from gptcli.errors import GptcliError
+from gptcli.model import DEFAULT_ARCH
 from gptcli.store.checkpoint import (
     CONFIG_YAML,
     LATEST,
@@ -20,6 +22,7 @@ from gptcli.store.checkpoint import (
     WEIGHTS,
     read_metadata,
     read_model_config,
+    read_trainer_json,
     verify_checkpoint,
 )
 from gptcli.store.rundir import resolve_checkpoint
@@ -38,8 +41,7 @@ def checkpoint_info(path: str | Path) -> dict:
     info = {
         "checkpoint": str(checkpoint),
         "kind": _kind(source, checkpoint, metadata),
-        "model": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size",
-                                               "vocab_size", "bias", "dropout")},
+        "model": {"arch": metadata.get("arch", DEFAULT_ARCH), **dataclasses.asdict(cfg)},
         "parameters": parameters,
         "tokenizer": json.loads(metadata["tokenizer"]).get("name", "?"),
     }
@@ -99,15 +101,14 @@ def _training(checkpoint: Path) -> dict:
     if not path.is_file():
         return {"training": "no trainer state (an export or merged copy: not resumable)"}
     try:
-        trainer = json.loads(path.read_text())
+        trainer = read_trainer_json(checkpoint)
     except ValueError:
         return {"training": f"{path} is unreadable"}
-    extra = trainer.get("extra", {})
     result = {"step": trainer["step"], "tokens_seen": trainer["tokens_seen"],
               "best_metric": trainer["best_metric"]}
-    if "precision" in extra:
-        result["precision"] = extra["precision"]
-    evaluation = extra.get("last_eval") or _eval_record_from_run(checkpoint, trainer["step"])
+    if trainer.get("precision"):
+        result["precision"] = trainer["precision"]
+    evaluation = trainer.get("last_eval") or _eval_record_from_run(checkpoint, trainer["step"])
     if evaluation:
         result["metrics_step"] = evaluation["step"]  # the last evaluation may predate this save
         result["metrics"] = {k: v for k, v in evaluation.items()

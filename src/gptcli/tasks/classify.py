@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gptcli.data.dataset import step_rows
+from gptcli.data.dataset import STREAMS, step_rows
 from gptcli.data.labelled import encode_texts, pad_batch
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
@@ -38,14 +38,14 @@ class ClassifyData:
         self.device = device
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        rows = step_rows(self.seed, 2, step, micro, self.dist.rank, self.batch_size, self.per_step,
+        rows = step_rows(self.seed, STREAMS["classify"], step, micro, self.dist.rank, self.batch_size, self.per_step,
                          self.dist.world_size, len(self.train_ids))
         idx, lengths = pad_batch([self.train_ids[r] for r in rows], self.pad_id, self.device)
         return {"idx": idx, "targets": torch.from_numpy(self.train_y[rows]).to(self.device),
                 "lengths": lengths}
 
     @torch.no_grad()
-    def evaluate(self, model: GPTClassifier, precision: Precision) -> dict:
+    def validate(self, model: GPTClassifier, precision: Precision) -> dict:
         probs = predict_probs(model, self.val_ids, self.pad_id, self.batch_size, precision, self.device)
         picked = probs[np.arange(len(self.val_y)), self.val_y]
         loss = float(-np.log(np.maximum(picked, 1e-12)).mean())

@@ -1,22 +1,19 @@
-"""`gptcli finetune`: adapt a checkpoint to a task (classify, lm, instruct), full or LoRA,
-through the same training loop as pretrain.
+"""`gptcli finetune`: adapt a checkpoint to a task (classify, lm, instruct), full or LoRA.
 
-Each task contributes a model (the GPT, or the GPT plus a classification head) and a
-`TrainData`; everything else (precision, accumulation, evaluation, early stopping,
-checkpoints, resume) is shared.
+Each task (TASKS) turns the base model into its model (the trunk, or the trunk under a
+classification head) and its `TrainData`; tasks/run.py does everything else (precision,
+accumulation, evaluation, early stopping, checkpoints, resume) as for pretraining.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gptcli.config import FinetuneRunConfig, ModelConfig, RunConfig, dump_yaml
+from gptcli.config import FinetuneModelConfig, FinetuneRunConfig, ModelConfig, RunConfig, dump_yaml
 from gptcli.data.dataset import TokenDataset, prepare_dataset
 from gptcli.data.examples import (
     STDLIB_DOCSTRINGS,
@@ -28,62 +25,31 @@ from gptcli.data.examples import (
 from gptcli.data.records import Record, column, read_records
 from gptcli.data.tokenizer import Tokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
-from gptcli.events import EventSink, RunFinished, RunStarted, ignore
-from gptcli.model.gpt import GPT, check_fits
+from gptcli.events import EventSink, ignore
+from gptcli.model import Model, get_arch
+from gptcli.model.gpt import check_fits
 from gptcli.model.heads import GPTClassifier
 from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
 from gptcli.outputs import input_paths
-from gptcli.runtime import (
-    Distributed,
-    configure_matmul,
-    init_distributed,
-    resolve_device,
-    seed_everything,
-)
-from gptcli.store.checkpoint import (
-    BEST,
-    CHECKPOINTS,
-    TrainerState,
-    checkpoint_task,
-    load_model,
-    load_trainer_state,
-    load_weights,
-    save_checkpoint,
-)
-from gptcli.store.rundir import (
-    RunClaim,
-    claim_run_dir,
-    find_latest_run,
-    resolve_checkpoint,
-    write_pointer,
-)
+from gptcli.runtime import Distributed, seed_everything
+from gptcli.store.checkpoint import BEST, CHECKPOINTS, checkpoint_task, load_model, save_checkpoint
+from gptcli.store.rundir import find_latest_run, resolve_checkpoint, write_pointer
 from gptcli.tasks.classify import ClassifyData, check_labels
 from gptcli.tasks.instruct import CHAT_TOKENS, InstructData, conversations, has_chat_template
 from gptcli.tasks.pretrain import PretrainData
-from gptcli.train.loop import (
-    check_global_batch,
-    global_batch,
-    prepare_loop,
-    restore_rng_state,
-    train_loop,
-)
-from gptcli.train.signals import terminate_as_interrupt
+from gptcli.tasks.run import Built, Job, RunResult, run_job
 
 MERGED = "merged"
 _MAY_CHANGE = {"dropout", "block_size"}  # model keys a finetune config may set differently
 
 
-@dataclass
-class FinetuneResult:
-    run_dir: Path
-    task: str
-    steps: int
-    metric: str
-    best_metric: float | None
-    before: dict  # validation metrics before training (lm task), else {}
-    trainable_params: int
-    total_params: int
-    seconds: float
+def builtin_example(task: str | None) -> list[str]:
+    """The config overrides of `gptcli finetune` without a config: the built-in classify
+    example (stdlib snippets -> their package) on the latest pretrained run."""
+    if task not in (None, "classify"):
+        raise GptcliError(f"--task {task} needs a config naming its data (see configs/finetune-{task}.yaml)")
+    return [f"finetune.train_file={STDLIB_PACKAGES}", "out_dir=runs/classify-stdlib", "model.dropout=0.1",
+            "train.batch_size=32"]
 
 
 def resolve_init(init_from: str) -> Path:
@@ -97,17 +63,20 @@ def resolve_init(init_from: str) -> Path:
     return resolve_checkpoint(run)
 
 
-def _model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
-    """The checkpoint's model config with the allowed overrides; contradictions are errors."""
-    for key, value in overrides.items():
-        if key not in _MAY_CHANGE and getattr(base, key) != value:
-            raise GptcliError(f"model.{key}: the checkpoint has {getattr(base, key)!r}, the config "
-                              f"says {value!r}; remove it (the shape comes from the checkpoint)")
-    block = overrides.get("block_size", base.block_size)
-    if not 1 <= block <= base.block_size:
-        raise GptcliError(f"model.block_size: {block} is beyond the checkpoint's context of "
-                          f"{base.block_size} tokens")
-    return dataclasses.replace(base, dropout=overrides.get("dropout", base.dropout))
+def _model_config(base: ModelConfig, section: FinetuneModelConfig) -> ModelConfig:
+    """The checkpoint's model config with the section's dropout and (shorter) context; any
+    other key must agree with the checkpoint. All contradictions are reported at once."""
+    given = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+             if getattr(section, f.name) is not None}
+    problems = [f"model.{key}: the checkpoint has {getattr(base, key)!r}, the config says {value!r}"
+                for key, value in given.items() if key not in _MAY_CHANGE and getattr(base, key) != value]
+    block = given.get("block_size", base.block_size)
+    if block > base.block_size:
+        problems.append(f"model.block_size: {block} is beyond the checkpoint's context of "
+                        f"{base.block_size} tokens")
+    if problems:
+        raise GptcliError("; ".join(problems) + " (the shape comes from the checkpoint: remove those keys)")
+    return dataclasses.replace(base, dropout=given.get("dropout", base.dropout), block_size=block)
 
 
 def _split(records: list, cfg: FinetuneRunConfig) -> tuple[list, list]:
@@ -138,8 +107,9 @@ def _records(cfg: FinetuneRunConfig) -> tuple[list[Record], list[Record], str]:
     return (*_split(train, cfg), source)
 
 
-def _classify(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg: ModelConfig,
-              device: torch.device, dist: Distributed) -> tuple[GPTClassifier, ClassifyData]:
+def _classify(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: ModelConfig,
+              device: torch.device, dist: Distributed, on_event: EventSink
+              ) -> tuple[GPTClassifier, ClassifyData, Tokenizer]:
     f = cfg.finetune
     train, val, source = _records(cfg)
     where_val = f.val_file or source
@@ -148,42 +118,43 @@ def _classify(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg
     val_texts = [str(t) for t in column(val, f.text_column, where_val, "finetune.text_column")]
     val_labels = [str(y) for y in column(val, f.label_column, where_val, "finetune.label_column")]
     names = check_labels(labels, val_labels, source)
-    model = GPTClassifier(model_cfg, names, f.aux_lm_weight)
+    model = GPTClassifier(get_arch(base.arch).model(model_cfg), names, f.aux_lm_weight)
     model.load_state_dict(_trunk_state(base), strict=False)  # the head (`score`) starts fresh
     keep = "start" if f.truncate == "keep_start" else "end"
     data = ClassifyData(tokenizer, names, (texts, labels), (val_texts, val_labels),
                         model_cfg.block_size, cfg.train.batch_size, keep, cfg.seed, device,
                         cfg.train.grad_accum, dist)
-    return model, data
+    return model, data, tokenizer
 
 
-def _trunk_state(model: GPT) -> dict[str, torch.Tensor]:
-    """The weights every GPT-shaped model shares (no task head)."""
+def _trunk_state(model: Model) -> dict[str, torch.Tensor]:
+    """The trunk weights every task model starts from (a classifier's head starts fresh)."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith("score.")}
 
 
-def _lm(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg: ModelConfig,
-        device: torch.device, dist: Distributed, on_event: EventSink) -> tuple[GPT, PretrainData]:
+def _lm(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: ModelConfig,
+        device: torch.device, dist: Distributed, on_event: EventSink
+        ) -> tuple[Model, PretrainData, Tokenizer]:
     if not cfg.data.inputs:
         raise GptcliError("data.inputs: name the new-domain text for --task lm")
     dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event, tokenizer=tokenizer, dist=dist))
     dataset.check_context(model_cfg.block_size)
-    model = GPT(model_cfg)
+    model = get_arch(base.arch).model(model_cfg)
     model.load_state_dict(_trunk_state(base), strict=False)
     view = RunConfig(seed=cfg.seed, data=cfg.data, train=cfg.train, model=model_cfg)
-    return model, PretrainData(dataset, view, device, dist)
+    return model, PretrainData(dataset, view, device, dist), tokenizer
 
 
-def _instruct(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg: ModelConfig,
+def _instruct(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: ModelConfig,
               device: torch.device, dist: Distributed, on_event: EventSink
-              ) -> tuple[GPT, InstructData, Tokenizer]:
+              ) -> tuple[Model, InstructData, Tokenizer]:
     f = cfg.finetune
     train, val, source = _records(cfg)
     train_conversations = conversations(train, source)
     val_conversations = conversations(val, f.val_file or source)
     if not has_chat_template(tokenizer):
         tokenizer = WithAddedTokens(tokenizer, CHAT_TOKENS)
-    model = GPT(model_cfg)
+    model = get_arch(base.arch).model(model_cfg)
     model.load_state_dict(_trunk_state(base), strict=False)
     model.resize_vocab(tokenizer.vocab_size)
     data = InstructData(tokenizer, train_conversations, val_conversations, model_cfg.block_size,
@@ -192,15 +163,20 @@ def _instruct(cfg: FinetuneRunConfig, base: GPT, tokenizer: Tokenizer, model_cfg
     return model, data, tokenizer
 
 
-def freeze(model: GPT, embeddings: bool, blocks: int) -> None:
-    if blocks > len(model.h):
-        raise GptcliError(f"finetune.freeze.blocks: {blocks} is more than the model's {len(model.h)} blocks")
-    frozen = [model.wte, model.wpe] if embeddings else []
-    for module in frozen + list(model.h[:blocks]):
+# Each task turns the base model into its own model and data: (model, data, tokenizer).
+TASKS = {"classify": _classify, "lm": _lm, "instruct": _instruct}
+
+
+def freeze(model: Model, embeddings: bool, blocks: int) -> None:
+    if blocks > len(model.blocks):
+        raise GptcliError(f"finetune.freeze.blocks: {blocks} is more than the model's "
+                          f"{len(model.blocks)} blocks")
+    frozen = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)] if embeddings else []
+    for module in frozen + list(model.blocks[:blocks]):
         module.requires_grad_(False)
 
 
-def _adapt(model: GPT, cfg: FinetuneRunConfig) -> None:
+def _adapt(model: Model, cfg: FinetuneRunConfig) -> None:
     """Freeze what the config says; with LoRA, only adapters and the task head train."""
     f = cfg.finetune
     freeze(model, f.freeze.embeddings, f.freeze.blocks)
@@ -210,91 +186,67 @@ def _adapt(model: GPT, cfg: FinetuneRunConfig) -> None:
                                              tuple(f.lora.targets)))
         if wrapped == 0:
             raise GptcliError(f"finetune.lora.targets: {f.lora.targets} match no linear layer")
-        if isinstance(model, GPTClassifier):
+        if f.task == "classify":
             model.score.requires_grad_(True)
 
 
 def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = False,
-             on_event: EventSink = ignore) -> FinetuneResult:
-    started, started_at = time.perf_counter(), time.time()
+             on_event: EventSink = ignore) -> RunResult:
+    """`gptcli finetune`: adapt a checkpoint to `cfg.finetune.task` (see tasks/run.py)."""
     f = cfg.finetune
-    dist, device = init_distributed(resolve_device(cfg.train.device))
     init = resolve_init(f.init_from)
     files = [name for name in (f.train_file, f.val_file) if name not in (STDLIB_PACKAGES, STDLIB_DOCSTRINGS)]
-    claim = claim_run_dir(cfg.out_dir, resume=resume, overwrite=overwrite, dist=dist, on_event=on_event,
-                          inputs=input_paths([init, *files, *cfg.data.inputs]))
-    failed = True
-    try:
-        with terminate_as_interrupt():
-            result = _finetune(cfg, claim, init, dist, device, started, started_at, on_event)
-        failed = False
-    finally:
-        claim.close(failed)
-    return result
+    job = Job(task=f.task, cfg=cfg, inputs=input_paths([init, *files, *cfg.data.inputs]),
+              build=lambda dist, device, resume_from, on_event: build_finetune(cfg, init, dist, device,
+                                                                               on_event),
+              patience=f.patience, eval_at_start=f.task == "lm",
+              finish=lambda run_dir, built: _save_merged(run_dir, built) if f.lora.rank and f.merge else None)
+    return run_job(job, resume, overwrite, on_event)
 
 
-def _finetune(cfg: FinetuneRunConfig, claim: RunClaim, init: Path, dist: Distributed,
-              device: torch.device, started: float, started_at: float,
-              on_event: EventSink) -> FinetuneResult:
+def build_finetune(cfg: FinetuneRunConfig, init: Path, dist: Distributed, device: torch.device,
+                   on_event: EventSink) -> Built:
+    """The checkpoint `init` (LoRA adapters merged) turned into the task's model, with its data,
+    frozen parts and adapters."""
     f = cfg.finetune
-    run_dir, checkpoint = claim.path, claim.resume_from
-    if checkpoint is not None and checkpoint_task(checkpoint) != ("classify" if f.task == "classify" else "lm"):
-        raise GptcliError(f"--resume: {checkpoint} holds a {checkpoint_task(checkpoint)} model, "
-                          f"not one for --task {f.task}")
-    configure_matmul(device)
     base, tokenizer = load_model(init, device)
     if base.lora_spec is not None:
         merge_lora(base)  # start from the adapted weights as plain weights
     model_cfg = _model_config(base.config, cfg.model)
+    if model_cfg.block_size < base.config.block_size:
+        base.crop_context(model_cfg.block_size)
     check_fits(model_cfg, device, training=True, shards=dist.world_size if cfg.train.parallel == "fsdp" else 1,
                fix="use LoRA (finetune.lora.rank) or shard it over more GPUs (train.parallel=fsdp under torchrun)")
-
     seed_everything(cfg.seed)
-    if f.task == "classify":
-        model, data = _classify(cfg, base, tokenizer, model_cfg, device, dist)
-    elif f.task == "lm":
-        model, data = _lm(cfg, base, tokenizer, model_cfg, device, dist, on_event)
-    else:
-        model, data, tokenizer = _instruct(cfg, base, tokenizer, model_cfg, device, dist, on_event)
+    model, data, tokenizer = TASKS[f.task](cfg, base, tokenizer, model_cfg, device, dist, on_event)
     del base
     _adapt(model, cfg)
     model.to(device)
-    state = TrainerState(step=0, extra={"global_batch": global_batch(cfg.train, dist.world_size)})
-    if checkpoint is not None:
-        load_weights(model, checkpoint, device)
-        state = load_trainer_state(checkpoint)
-        check_global_batch(state, cfg.train, dist.world_size)
-    setup = prepare_loop(model, data, tokenizer, cfg.train, claim, device, state,
-                         config_yaml=dump_yaml(cfg), on_event=on_event, task=f.task, patience=f.patience,
-                         eval_at_start=f.task == "lm", dist=dist, started_at=started_at)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = model.num_params()
-    on_event(RunStarted(str(cfg.out_dir), {
-        "task": f.task,
-        "init from": str(init),
-        "parameters": f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
-        "method": f"LoRA rank {f.lora.rank}" if f.lora.rank else "full finetuning",
-        "tokenizer": f"{tokenizer.name} ({tokenizer.vocab_size} ids)",
-        "device": dist.describe(device, cfg.train.parallel),
-        "precision": setup.precision.name,
-        "resumed from": f"step {state.step}" if checkpoint is not None else "-",
-    }, cfg.train.max_steps, state.step))
-    if checkpoint is not None:
-        restore_rng_state(state.rng)
-    state = train_loop(model, data, setup, state, on_event)
-    if f.lora.rank and f.merge and dist.is_main:
-        _save_merged(run_dir, tokenizer, dump_yaml(cfg))
-    result = FinetuneResult(Path(cfg.out_dir), f.task, state.step, data.metric, state.best_metric,
-                            state.extra.get("before", {}), trainable, total,
-                            time.perf_counter() - started)
-    on_event(RunFinished({"steps": state.step, data.metric: state.best_metric}))
-    return result
+    return Built(model=model, data=data, tokenizer=tokenizer, config_yaml=dump_yaml(cfg),
+                 check_resume=lambda checkpoint, state: _check_resume_task(checkpoint, f.task),
+                 facts={
+                     "task": f.task,
+                     "init from": str(init),
+                     "parameters": f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
+                     "method": f"LoRA rank {f.lora.rank}" if f.lora.rank else "full finetuning",
+                     "tokenizer": f"{tokenizer.name} ({tokenizer.vocab_size} ids)",
+                 })
 
 
-def _save_merged(run_dir: Path, tokenizer: Tokenizer, config_yaml: str) -> None:
+def _check_resume_task(checkpoint: Path, task: str) -> None:
+    """A run resumes only as the task it trains: a classifier is not continued as an LM."""
+    if checkpoint_task(checkpoint) != ("classify" if task == "classify" else "lm"):
+        raise GptcliError(f"--resume: {checkpoint} holds a {checkpoint_task(checkpoint)} model, "
+                          f"not one for --task {task}")
+
+
+def _save_merged(run_dir: Path, built: Built) -> None:
     """The best checkpoint with its adapters folded in: plain weights for sampling and export."""
     best = resolve_checkpoint(run_dir, prefer=BEST)
     model, _ = load_model(best)
     merge_lora(model)
-    target = save_checkpoint(run_dir / CHECKPOINTS / f"{best.name}-{MERGED}", model, tokenizer, config_yaml)
+    target = save_checkpoint(run_dir / CHECKPOINTS / f"{best.name}-{MERGED}", model, built.tokenizer,
+                             built.config_yaml)
     write_pointer(run_dir, MERGED, target)

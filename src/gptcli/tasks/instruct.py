@@ -23,11 +23,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gptcli.data.dataset import step_rows
+from gptcli.data.dataset import STREAMS, step_rows
 from gptcli.data.records import Record, where
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
-from gptcli.evals.lm import lm_evaluate
+from gptcli.evals.lm import validation_loss
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.model.gpt import IGNORE_INDEX
 from gptcli.runtime import Distributed, Precision
@@ -133,7 +133,7 @@ class InstructData:
                 "targets": torch.from_numpy(targets).to(self.device)}
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        picks = step_rows(self.seed, 3, step, micro, self.dist.rank, self.batch_size, self.per_step,
+        picks = step_rows(self.seed, STREAMS["instruct"], step, micro, self.dist.rank, self.batch_size, self.per_step,
                           self.dist.world_size, len(self.train_rows))
         return self._batch([self.train_rows[i] for i in picks])
 
@@ -141,9 +141,9 @@ class InstructData:
         for start in range(0, len(self.val_rows), self.batch_size):
             yield self._batch(self.val_rows[start:start + self.batch_size])
 
-    def evaluate(self, model: torch.nn.Module, precision: Precision) -> dict[str, float]:
+    def validate(self, model: torch.nn.Module, precision: Precision) -> dict[str, float]:
         """Mean loss per response token over every validation conversation."""
-        return lm_evaluate(model, self.val_batches(), precision)
+        return validation_loss(model, self.val_batches(), precision)
 
 
 def _fitting_rows(tokenizer: Tokenizer, candidates: list[Conversation], block_size: int,

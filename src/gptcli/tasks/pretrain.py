@@ -1,4 +1,4 @@
-"""`gptcli pretrain`: build data, model and optimizer from a RunConfig and run the loop.
+"""`gptcli pretrain`: the data and model a RunConfig describes, trained by tasks/run.py.
 
 Run directory layout:
 
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,35 +22,13 @@ from gptcli.config import RunConfig, dump_yaml, load_config
 from gptcli.data.dataset import BatchSampler, TokenDataset, prepare_dataset
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
-from gptcli.evals.lm import lm_evaluate
-from gptcli.events import EventSink, Notice, RunFinished, RunStarted, ignore
+from gptcli.evals.lm import validation_loss
+from gptcli.events import EventSink, Notice, ignore
 from gptcli.model.gpt import GPT, check_fits
 from gptcli.outputs import input_paths
-from gptcli.runtime import (
-    Distributed,
-    Precision,
-    configure_matmul,
-    init_distributed,
-    resolve_device,
-    seed_everything,
-)
-from gptcli.store.checkpoint import (
-    CONFIG_YAML,
-    TrainerState,
-    load_trainer_state,
-    load_weights,
-    read_metadata,
-    read_model_config,
-)
-from gptcli.store.rundir import RunClaim, claim_run_dir
-from gptcli.train.loop import (
-    check_global_batch,
-    global_batch,
-    prepare_loop,
-    restore_rng_state,
-    train_loop,
-)
-from gptcli.train.signals import terminate_as_interrupt
+from gptcli.runtime import Distributed, Precision, seed_everything
+from gptcli.store.checkpoint import CONFIG_YAML, read_metadata, read_model_config
+from gptcli.tasks.run import Built, Job, RunResult, run_job
 
 
 class PretrainData:
@@ -76,21 +52,13 @@ class PretrainData:
         x, y = self.train.batch(step, micro, self.rank)
         return {"idx": x, "targets": y}
 
-    def evaluate(self, model: GPT, precision: Precision) -> dict[str, float]:
+    def validate(self, model: GPT, precision: Precision) -> dict[str, float]:
         batches = ({"idx": x, "targets": y} for x, y in map(self.val.batch, range(self.eval_batches)))
-        return lm_evaluate(model, batches, precision, self.val_bytes_per_token)
+        return validation_loss(model, batches, precision, self.val_bytes_per_token)
 
 
-@dataclass
-class PretrainResult:
-    run_dir: Path
-    steps: int
-    best_val_loss: float | None
-    seconds: float
-
-
-def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerState,
-                             tokenizer: Tokenizer, world_size: int, on_event: EventSink) -> None:
+def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, tokenizer: Tokenizer,
+                             on_event: EventSink) -> None:
     """Refuse changes that would break an exact continuation; note the harmless ones."""
     saved = read_model_config(checkpoint)
     if dataclasses.asdict(saved) != dataclasses.asdict(cfg.model):
@@ -102,7 +70,6 @@ def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerSta
         saved = json.loads(metadata["tokenizer"])["name"]
         raise GptcliError(f"--resume: the data's tokenizer ({tokenizer.name}) is not the checkpoint's "
                           f"({saved}, a different vocabulary); resume with the original data")
-    check_global_batch(state, cfg.train, world_size)
     before = load_config(checkpoint / CONFIG_YAML).train
     changed = [f"{f.name} {getattr(before, f.name)} -> {getattr(cfg.train, f.name)}"
                for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(cfg.train, f.name)]
@@ -111,25 +78,16 @@ def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, state: TrainerSta
 
 
 def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
-             on_event: EventSink = ignore) -> PretrainResult:
-    started, started_at = time.perf_counter(), time.time()
-    dist, device = init_distributed(resolve_device(cfg.train.device))
-    claim = claim_run_dir(cfg.out_dir, resume=resume, overwrite=overwrite, dist=dist,
-                          inputs=input_paths([*cfg.data.inputs, cfg.data.tokenizer]), on_event=on_event)
-    failed = True
-    try:
-        with terminate_as_interrupt():
-            result = _pretrain(cfg, claim, dist, device, started, started_at, on_event)
-        failed = False
-    finally:
-        claim.close(failed)
-    return result
+             on_event: EventSink = ignore) -> RunResult:
+    """`gptcli pretrain`: train a GPT from scratch on `cfg.data` (see tasks/run.py)."""
+    job = Job(task="pretrain", cfg=cfg, inputs=input_paths([*cfg.data.inputs, cfg.data.tokenizer]),
+              build=lambda dist, device, resume_from, on_event: build_pretrain(cfg, dist, device, on_event))
+    return run_job(job, resume, overwrite, on_event)
 
 
-def _pretrain(cfg: RunConfig, claim: RunClaim, dist: Distributed, device: torch.device,
-              started: float, started_at: float, on_event: EventSink) -> PretrainResult:
-    checkpoint = claim.resume_from
-    configure_matmul(device)
+def build_pretrain(cfg: RunConfig, dist: Distributed, device: torch.device, on_event: EventSink) -> Built:
+    """The tokenized data (made once into the cache from raw text), and a fresh GPT sized by
+    the config with the tokenizer's vocabulary."""
     dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event, dist=dist))
     vocab = dataset.tokenizer.vocab_size
     if cfg.model.vocab_size not in (None, vocab):
@@ -141,34 +99,17 @@ def _pretrain(cfg: RunConfig, claim: RunClaim, dist: Distributed, device: torch.
     check_fits(cfg.model, device, training=True, shards=shards,
                fix="shrink model.n_layer, model.n_embd or model.block_size (or shard it over more "
                    "GPUs: train.parallel=fsdp under torchrun)")
-
     seed_everything(cfg.seed)
     model = GPT(cfg.model).to(device)
-    state = TrainerState(step=0, extra={"global_batch": global_batch(cfg.train, dist.world_size)})
-    if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        _check_resume_compatible(cfg, checkpoint, state, dataset.tokenizer, dist.world_size, on_event)
-        load_weights(model, checkpoint, device)
-    state.extra["val_sha256"] = dataset.val_sha256  # lets `gptcli eval` check it repeats this validation
-    data = PretrainData(dataset, cfg, device, dist)
-    setup = prepare_loop(model, data, dataset.tokenizer, cfg.train, claim, device, state,
-                         config_yaml=dump_yaml(cfg), dist=dist, on_event=on_event,
-                         started_at=started_at)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size * cfg.model.block_size
-    on_event(RunStarted(str(cfg.out_dir), {
-        "parameters": f"{model.num_params() / 1e6:.2f}M",
-        "tokenizer": f"{dataset.tokenizer.name} ({vocab} ids)",
-        "data": f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens",
-        "device": dist.describe(device, cfg.train.parallel),
-        "precision": setup.precision.name,
-        "compile": str(setup.compile).lower(),
-        "tokens/step": f"{tokens_per_step:,}",
-        "resumed from": f"step {state.step}" if checkpoint is not None else "-",
-    }, cfg.train.max_steps, state.step))
-    if checkpoint is not None:
-        restore_rng_state(state.rng)  # last, so nothing above shifts the dropout stream
-    state = train_loop(model, data, setup, state, on_event)
-    result = PretrainResult(Path(cfg.out_dir), state.step, state.best_metric, time.perf_counter() - started)
-    on_event(RunFinished({"steps": result.steps, "best_val_loss": result.best_val_loss,
-                          "seconds": result.seconds}))
-    return result
+    return Built(
+        model=model, data=PretrainData(dataset, cfg, device, dist), tokenizer=dataset.tokenizer,
+        config_yaml=dump_yaml(cfg), val_sha256=dataset.val_sha256,
+        check_resume=lambda checkpoint, state: _check_resume_compatible(cfg, checkpoint, dataset.tokenizer,
+                                                                        on_event),
+        facts={
+            "parameters": f"{model.num_params() / 1e6:.2f}M",
+            "tokenizer": f"{dataset.tokenizer.name} ({vocab} ids)",
+            "data": f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens",
+            "tokens/step": f"{tokens_per_step:,}",
+        })

@@ -62,7 +62,7 @@ class TrainData(Protocol):
     def train_batch(self, step: int, micro: int) -> Batch:
         """The micro-batch `micro` of optimizer step `step` (deterministic)."""
 
-    def evaluate(self, model: nn.Module, precision: Precision) -> dict:
+    def validate(self, model: nn.Module, precision: Precision) -> dict:
         """Validation metrics, including `metric`; the same data at every evaluation."""
 
 
@@ -78,7 +78,7 @@ class LoopSetup:
     save: Callable[[TrainerState, dict], Path]  # writes a checkpoint (state, full weights)
     point_to: Callable[[str, Path], None]  # point `latest` / `best` at a checkpoint
     flops_per_token: float
-    peak_flops: float
+    peak_flops: float  # the device's at the start (MFU's denominator)
     compile: bool = False
     dist: Distributed = Distributed()
     task: str = "pretrain"  # pretrain | classify | lm | instruct: for run.json
@@ -97,9 +97,9 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
     validated), and how to save checkpoints."""
     resuming = claim.resume_from is not None
     precision = _run_precision(cfg.precision, device, model, data,
-                               state.extra.get("precision") if resuming else None, on_event)
+                               state.precision if resuming else None, on_event)
     precision = Precision(dist.from_main(precision.name), precision.device_type)  # timed per rank
-    state.extra["precision"] = precision.name  # what `gptcli eval` repeats the validation in
+    state.precision = precision.name
     if cfg.tensorboard:
         require_tensorboard()
     model.activation_checkpointing = cfg.activation_checkpointing
@@ -160,7 +160,7 @@ def global_batch(cfg: TrainConfig, world_size: int) -> int:
 
 def check_global_batch(state: TrainerState, cfg: TrainConfig, world_size: int) -> None:
     """Resuming needs the same sequences per step (the data position is re-derived from it)."""
-    saved, now = state.extra["global_batch"], global_batch(cfg, world_size)
+    saved, now = state.global_batch, global_batch(cfg, world_size)
     if saved != now:
         raise GptcliError(f"--resume: the global batch (batch_size x grad_accum x processes) was "
                           f"{saved}, now {now}; keep it the same to resume (e.g. double "
@@ -249,13 +249,13 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
         return model if dist.active else step_model
 
     if setup.eval_at_start and state.step == 0:
-        record = {"step": 0, **data.evaluate(eval_model(), precision)}
-        state.extra["before"] = record
+        record = {"step": 0, **data.validate(eval_model(), precision)}
+        state.before = record
         log.append(record)
         on_event(EvalDone({**record, "best": False, "metric": data.metric}))
     interval_start, interval_tokens = time.perf_counter(), 0
     bad_steps = 0  # consecutive steps with a non-finite loss or gradient
-    peak_remeasured = False
+    peak, peak_remeasured = setup.peak_flops, False  # the peak may be measured again (CPU)
     with StopRequest() as stop:
         for step in range(state.step, cfg.max_steps):
             lr = lr_at(step, cfg)
@@ -299,10 +299,10 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
             if done % cfg.log_every == 0 or last:
                 elapsed = time.perf_counter() - interval_start
                 achieved = setup.flops_per_token * interval_tokens / elapsed / dist.world_size  # per device
-                if achieved > setup.peak_flops and setup.device.type != "cuda" and not peak_remeasured:
+                if achieved > peak and setup.device.type != "cuda" and not peak_remeasured:
                     # The start-up measurement of a CPU's peak ran while the host was busy:
                     # measure once more, so MFU stays a fraction of the best seen.
-                    setup.peak_flops = max(achieved, peak_flops(setup.device, precision))
+                    peak = max(achieved, peak_flops(setup.device, precision, fresh=True))
                     peak_remeasured = True
                 record = {
                     "step": done,
@@ -310,7 +310,7 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
                     "lr": lr,
                     "tokens_seen": state.tokens_seen,
                     "tokens_per_sec": interval_tokens / elapsed,
-                    "mfu": achieved / setup.peak_flops,
+                    "mfu": achieved / peak,
                 }
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
@@ -321,7 +321,7 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
             paused_at = time.perf_counter()
             new_best = stop_early = False
             if done % cfg.eval_every == 0 or last:
-                new_best, stop_early = _evaluate(eval_model(), data, setup, state, done, on_event, log)
+                new_best, stop_early = _validate(eval_model(), data, setup, state, done, on_event, log)
             if done % cfg.save_every == 0 or last or new_best or stop_early or stop_now:
                 path = _save(model, state, done, setup, opt, scaler, new_best, on_event)
                 if stop_now:
@@ -362,10 +362,10 @@ def _oom_advice(cfg: TrainConfig) -> str:
             f"{cfg.batch_size * cfg.grad_accum} sequences per step)")
 
 
-def _evaluate(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerState,
+def _validate(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerState,
               done: int, on_event: EventSink, log: RunLog) -> tuple[bool, bool]:
     """Evaluate, update the best metric and patience; return (new best, stop early)."""
-    metrics = data.evaluate(model, setup.precision)  # every rank, same data: same verdict
+    metrics = data.validate(model, setup.precision)  # every rank, same data: same verdict
     new_best = is_better(metrics[data.metric], state.best_metric, data.higher_is_better)
     if new_best:
         state.best_metric = metrics[data.metric]
@@ -373,7 +373,7 @@ def _evaluate(model: nn.Module, data: TrainData, setup: LoopSetup, state: Traine
     stop_early = 0 < setup.patience <= state.evals_since_best
     record = {"step": done, "tokens_seen": state.tokens_seen, **metrics,
               f"best_{data.metric}": state.best_metric}
-    state.extra["last_eval"] = record  # saved with the checkpoint: `gptcli info` shows it
+    state.last_eval = record
     log.append(record)
     on_event(EvalDone({**record, "best": new_best, "metric": data.metric}))
     if stop_early:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from gptcli.errors import GptcliError
+from gptcli.model import Model
 from gptcli.runtime import Distributed, Precision
 
 
@@ -45,7 +46,7 @@ def _gathered_to_cpu(value: torch.Tensor, keep: bool) -> torch.Tensor | None:
     return whole.cpu() if keep else None
 
 
-def shard(model: nn.Module, precision: Precision) -> None:
+def shard(model: Model, precision: Precision) -> None:
     """FSDP2 in place: each block is its own shard group, the root module holds the rest.
     Under bf16, weights are gathered and computed in bf16 while gradients are reduced and
     kept in fp32 (the master weights stay fp32)."""
@@ -57,7 +58,7 @@ def shard(model: nn.Module, precision: Precision) -> None:
     policy = MixedPrecisionPolicy()
     if precision.name == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.h:
+    for block in model.blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
 
