@@ -53,7 +53,7 @@ class CausalSelfAttention(nn.Module):
             y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         else:
             k, v = cache.update(layer, input_pos, k, v)  # (B, nh, L, hs)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -193,9 +193,9 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch_size: int, length: int) -> KVCache:
         """An empty KV cache of `length` positions (at most block_size) for `batch_size`
         sequences, in the weights' dtype and device; the caller keeps it, not the model."""
-        return KVCache(self.config.n_layer, batch_size, self.config.n_head,
-                       min(length, self.config.block_size), self.config.head_dim,
-                       self.wte.weight.dtype, self.wte.weight.device)
+        return KVCache.empty(self.config.n_layer, batch_size, self.config.n_head,
+                             min(length, self.config.block_size), self.config.head_dim,
+                             self.wte.weight.dtype, self.wte.weight.device)
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -1,43 +1,59 @@
 """The KV cache: the keys and values of positions already seen, kept for generation.
 
 Preallocated buffers of fixed shape, written at the positions given as a tensor
-(`input_pos`), as in gpt-fast. Every layer attends over the whole buffer through a mask
-that hides the slots not yet written (or left over from an earlier window), so a decode
-step has the same shapes at every position and can be compiled once. The model holds no
-cache: whoever generates owns one, and several caches can share one model.
+(`input_pos`), as in gpt-fast. A layer attends over every slot of the cache it is given,
+with a mask that hides the slots its tokens may not see (not yet written, or left from an
+earlier window), so a decode step's shapes do not depend on the position and it can be
+compiled once. The model holds no cache: whoever generates owns one, and several caches
+can share one model.
 
-Shapes: n_layer layers, B batch, nh heads, L cache length (slots), hs head size, T new tokens.
+Shapes: B batch, nh heads, L cache length (slots), hs head size, T new tokens.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
+@dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer for one batch of sequences: (n_layer, B, nh, L, hs) each."""
+    """Keys and values of every layer for one batch of sequences, in the model's dtype.
+    One tensor per layer (not one stacked tensor), so a layer finds its own without an
+    indexing op on every step."""
 
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (n_layer, batch_size, n_head, length, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    k: tuple[torch.Tensor, ...]  # per layer (B, nh, L, hs)
+    v: tuple[torch.Tensor, ...]  # per layer (B, nh, L, hs)
+
+    @classmethod
+    def empty(cls, n_layer: int, batch_size: int, n_head: int, length: int, head_dim: int,
+              dtype: torch.dtype, device: torch.device) -> KVCache:
+        shape = (batch_size, n_head, length, head_dim)
+        return cls(*(tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer))
+                     for _ in "kv"))
 
     @property
     def length(self) -> int:
-        return self.k.size(3)
+        return self.k[0].size(2)
+
+    def prefix(self, length: int) -> KVCache:
+        """The first `length` slots, sharing this cache's memory: writes land in both, and
+        attention over it reads only those slots."""
+        return KVCache(tuple(t[:, :, :length] for t in self.k), tuple(t[:, :, :length] for t in self.v))
 
     def visible(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """(T, L) attention mask for tokens at positions `input_pos` (T,): each sees the slots
-        up to and including its own; later ones hold nothing of this sequence yet."""
-        slots = torch.arange(self.length, device=input_pos.device)
-        return slots <= input_pos[:, None]
+        """(T, L) attention mask for tokens at positions `input_pos` (T,): 0 on the slots up to
+        and including each one's own, -inf after. Additive, in the cache's dtype: SDPA would
+        turn a boolean mask into this in every layer."""
+        hidden = torch.arange(self.length, device=input_pos.device) > input_pos[:, None]
+        return torch.zeros(hidden.shape, dtype=self.k[0].dtype, device=hidden.device).masked_fill(hidden, float("-inf"))
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nh, T, hs) of `layer` at slots `input_pos` (T,); return all of that
         layer's keys and values, (B, nh, L, hs) each."""
         keys, values = self.k[layer], self.v[layer]
-        keys.index_copy_(2, input_pos, k.to(keys.dtype))
-        values.index_copy_(2, input_pos, v.to(values.dtype))
+        keys.index_copy_(2, input_pos, k)
+        values.index_copy_(2, input_pos, v)
         return keys, values

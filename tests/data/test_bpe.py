@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import tiktoken
+from conftest import SHAKESPEARE
 from tiktoken.load import load_tiktoken_bpe
 
 from gptcli.data.bpe import GPT2_PATTERN, train_bpe, write_tiktoken_file
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
 ENGLISH = (
     "The quick brown fox jumps over the lazy dog. "
