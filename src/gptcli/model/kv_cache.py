@@ -19,9 +19,9 @@ import torch
 
 @dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer for one batch of sequences, in the model's dtype.
-    One tensor per layer (not one stacked tensor), so a layer finds its own without an
-    indexing op on every step."""
+    """Keys and values of every layer for one batch of sequences, in the model's dtype
+    (writes are not cast). One tensor per layer, not one stacked tensor, so a layer finds
+    its own without an indexing op on every step."""
 
     k: tuple[torch.Tensor, ...]  # per layer (B, nh, L, hs)
     v: tuple[torch.Tensor, ...]  # per layer (B, nh, L, hs)
@@ -29,9 +29,11 @@ class KVCache:
     @classmethod
     def empty(cls, n_layer: int, batch_size: int, n_head: int, length: int, head_dim: int,
               dtype: torch.dtype, device: torch.device) -> KVCache:
-        shape = (batch_size, n_head, length, head_dim)
-        return cls(*(tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer))
-                     for _ in "kv"))
+        def zeros() -> tuple[torch.Tensor, ...]:
+            return tuple(torch.zeros(batch_size, n_head, length, head_dim, dtype=dtype, device=device)
+                         for _ in range(n_layer))
+
+        return cls(zeros(), zeros())
 
     @property
     def length(self) -> int:
