@@ -88,7 +88,8 @@ def test_resume_with_a_different_global_batch_is_refused(tmp_path, base):
 
     half = json.loads(json.dumps(base))
     half["train"]["max_steps"] = 2
-    assert torchrun(["pretrain", write_config(tmp_path / "half.yaml", half)], tmp_path).returncode == 0
+    done = torchrun(["pretrain", write_config(tmp_path / "half.yaml", half)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
     with pytest.raises(GptcliError, match="global batch .* was 16, now 8"):
         pretrain(config_from_dict(base), resume=True)
 
