@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gptcli.model.gpt import GPT
+from gptcli.model import Model
 
 
 class InferenceLinear(nn.Module):
@@ -32,19 +32,18 @@ class InferenceLinear(nn.Module):
         return y.view(*x.shape[:-1], y.size(-1))
 
 
-def for_generation(model: GPT, dtype: torch.dtype = torch.float32) -> GPT:
+def for_generation(model: Model, dtype: torch.dtype = torch.float32) -> Model:
     """Cast `model` (in eval mode, adapters merged) to `dtype` and, on CPU, give every linear
-    layer the decode-friendly layout. The model is changed in place and is for inference
-    only afterwards (no training, no saving)."""
+    layer the decode-friendly layout, found by walking the modules (any model family). The
+    model is changed in place and is for inference only afterwards (no training, no saving).
+    A head tied to the token embedding gets its own transposed copy (one extra vocab x width
+    matrix); the embedding lookup keeps using the original."""
     model.to(dtype)
-    if model.wte.weight.device.type != "cpu":
+    if next(model.parameters()).device.type != "cpu":
         return model
-    for block in model.h:
-        block.attn.c_attn = InferenceLinear(block.attn.c_attn)
-        block.attn.c_proj = InferenceLinear(block.attn.c_proj)
-        block.mlp.c_fc = InferenceLinear(block.mlp.c_fc)
-        block.mlp.c_proj = InferenceLinear(block.mlp.c_proj)
-    # The head is tied to the token embedding; the embedding lookup keeps using wte, the
-    # head gets its own transposed copy (one extra vocab x width matrix).
-    model.lm_head = InferenceLinear(model.lm_head)
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name in linears:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, InferenceLinear(getattr(owner, child)))
     return model

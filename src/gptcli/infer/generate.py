@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from gptcli.data.tokenizer import Tokenizer
-from gptcli.model.gpt import GPT
+from gptcli.model import Model
 from gptcli.model.kv_cache import KVCache
 
 # Slots a decode step attends over grow in steps of this many. Masked slots past the
@@ -69,7 +69,7 @@ def next_token(logits: torch.Tensor, settings: SamplingSettings,
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def prefill(model: GPT, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+def prefill(model: Model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     """Write `tokens` (B, T) into `cache` at positions 0..T-1; logits (B, V) after the last.
     Attention reads only those T slots: later ones cannot be seen from positions below T."""
     T = tokens.size(1)
@@ -77,7 +77,7 @@ def prefill(model: GPT, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     return model.logits(hidden[:, -1])
 
 
-def decode_one_token(model: GPT, cache: KVCache, token: torch.Tensor, input_pos: torch.Tensor
+def decode_one_token(model: Model, cache: KVCache, token: torch.Tensor, input_pos: torch.Tensor
                      ) -> torch.Tensor:
     """One token per row (B,) written at position `input_pos` (1,) -> logits (B, V) for the
     next. Its shapes do not depend on the position: this is the step worth compiling."""
@@ -85,7 +85,7 @@ def decode_one_token(model: GPT, cache: KVCache, token: torch.Tensor, input_pos:
 
 
 @torch.inference_mode()
-def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, settings: SamplingSettings,
+def generate_tokens(model: Model, prompt: list[int], max_new_tokens: int, settings: SamplingSettings,
                     num_samples: int = 1, generator: torch.Generator | None = None
                     ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, (num_samples,), `max_new_tokens` times.
@@ -93,7 +93,7 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, settings
     `prompt` must fit the context (at most block_size tokens).
     """
     context = model.config.block_size
-    device = model.wte.weight.device
+    device = next(model.parameters()).device
     history = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, T)
     # Slots for the prompt and every new token but the last (never fed back), at most the
     # context: a short request attends over a short cache.

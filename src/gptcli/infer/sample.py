@@ -16,7 +16,6 @@ from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.infer.cpu_layout import for_generation
 from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
-from gptcli.model.heads import GPTClassifier
 from gptcli.model.lora import merge_lora
 from gptcli.runtime import DTYPES, resolve_device, resolve_precision
 from gptcli.store.checkpoint import checkpoint_task, load_model
@@ -147,10 +146,10 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     """
     request.check()
     path = resolve_checkpoint(checkpoint)
+    if is_classifier(path):
+        raise GptcliError(f"{path} is a classifier; use classify() for it")
     device = resolve_device(request.device)
     model, tokenizer = load_model(path, device)
-    if isinstance(model, GPTClassifier):
-        raise GptcliError(f"{path} is a classifier; use classify() for it")
     if model.lora_spec is not None:
         merge_lora(model)  # one matrix per layer again: the adapters cost nothing per token
     for_generation(model, resolve_precision(request.precision, device, option="--precision").dtype)

@@ -18,6 +18,7 @@ from torch import nn
 from gptcli.config import ModelConfig, model_config_problems
 from gptcli.errors import GptcliError, shorten
 from gptcli.model.gpt import GPT, check_fits
+from gptcli.model.kv_cache import KVCache
 from gptcli.model.lora import LoRASpec
 
 
@@ -32,7 +33,11 @@ class Model(Protocol):
     @property
     def blocks(self) -> nn.ModuleList: ...  # the repeated transformer blocks, in order
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor: ...  # (B, T) -> (B, T, C)
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> (B, T, C); with a cache, the tokens sit at positions `input_pos` (T,)."""
+
+    def new_kv_cache(self, batch_size: int, length: int) -> KVCache: ...  # for generation, owned by the caller
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # (..., C) -> (..., vocab_size)
 

@@ -24,7 +24,8 @@ from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.evals.lm import validation_loss
 from gptcli.events import EventSink, Notice, ignore
-from gptcli.model.gpt import GPT, check_fits
+from gptcli.model import DEFAULT_ARCH, Model, get_arch
+from gptcli.model.gpt import check_fits
 from gptcli.outputs import input_paths
 from gptcli.runtime import Distributed, Precision, seed_everything
 from gptcli.store.checkpoint import CONFIG_YAML, read_metadata, read_model_config
@@ -52,7 +53,7 @@ class PretrainData:
         x, y = self.train.batch(step, micro, self.rank)
         return {"idx": x, "targets": y}
 
-    def validate(self, model: GPT, precision: Precision) -> dict[str, float]:
+    def validate(self, model: Model, precision: Precision) -> dict[str, float]:
         batches = ({"idx": x, "targets": y} for x, y in map(self.val.batch, range(self.eval_batches)))
         return validation_loss(model, batches, precision, self.val_bytes_per_token)
 
@@ -100,7 +101,7 @@ def build_pretrain(cfg: RunConfig, dist: Distributed, device: torch.device, on_e
                fix="shrink model.n_layer, model.n_embd or model.block_size (or shard it over more "
                    "GPUs: train.parallel=fsdp under torchrun)")
     seed_everything(cfg.seed)
-    model = GPT(cfg.model).to(device)
+    model = get_arch(DEFAULT_ARCH).model(cfg.model).to(device)  # pretraining makes GPT-2s (for now)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size * cfg.model.block_size
     return Built(
         model=model, data=PretrainData(dataset, cfg, device, dist), tokenizer=dataset.tokenizer,
