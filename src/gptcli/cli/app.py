@@ -86,19 +86,14 @@ def pretrain(
 
     Example: gptcli pretrain configs/demo.yaml --set train.max_steps=100
     """
-    from gptcli.cli.display import TrainDisplay, console
+    from gptcli.cli.display import console
     from gptcli.config import load_config
     from gptcli.tasks.pretrain import pretrain as run_pretrain
 
-    cfg = load_config(config, set_ or [])
-    display = TrainDisplay(quiet=not _is_rank_zero())
-    try:
-        result = run_pretrain(cfg, resume=resume, overwrite=overwrite, on_event=display)
-    finally:
-        display.close()
-    if not _is_rank_zero():
+    trained = _train(run_pretrain, load_config(config, set_ or []), resume, overwrite)
+    if trained is None:
         return
-    _draw_loss(result.run_dir)
+    result, _ = trained
     best = f"{result.best_metric:.4f}" if result.best_metric is not None else "-"
     console.print(f"done: {result.steps} steps in {result.seconds:.0f}s, best val loss {best}; "
                   f"sample with: gptcli sample --checkpoint {result.run_dir} --prompt '...'", markup=False)
@@ -120,7 +115,7 @@ def finetune(
 
     Example: gptcli finetune --task classify   (built-in example on the latest pretrained run)
     """
-    from gptcli.cli.display import TrainDisplay, console, render_classify_metrics
+    from gptcli.cli.display import console, render_classify_metrics
     from gptcli.config import FinetuneRunConfig, load_config
     from gptcli.tasks.finetune import builtin_example, finetune as run_finetune
 
@@ -129,15 +124,10 @@ def finetune(
         overrides.append(f"finetune.task={task}")
     if config is None:
         overrides = [*builtin_example(task), *overrides]
-    cfg = load_config(config, overrides, FinetuneRunConfig)
-    display = TrainDisplay(quiet=not _is_rank_zero())
-    try:
-        result = run_finetune(cfg, resume=resume, overwrite=overwrite, on_event=display)
-    finally:
-        display.close()
-    if not _is_rank_zero():
+    trained = _train(run_finetune, load_config(config, overrides, FinetuneRunConfig), resume, overwrite)
+    if trained is None:
         return
-    _draw_loss(result.run_dir)
+    result, display = trained
     if display.last_eval and "per_class" in display.last_eval:  # a classifier's evaluation
         render_classify_metrics(display.last_eval)
     if result.before:
@@ -399,6 +389,23 @@ def export_hf(
 
     path = run_export(resolve_checkpoint(checkpoint), out, overwrite)
     console.print(f"exported -> {path}; load with transformers' from_pretrained('{path}')", markup=False)
+
+
+def _train(run, cfg, resume: bool, overwrite: bool):
+    """Run a training command (`run` is pretrain or finetune) under the live display; on rank
+    0 draw the finished run's loss.png and return (result, display). Other ranks show
+    nothing and get None."""
+    from gptcli.cli.display import TrainDisplay
+
+    display = TrainDisplay(quiet=not _is_rank_zero())
+    try:
+        result = run(cfg, resume=resume, overwrite=overwrite, on_event=display)
+    finally:
+        display.close()
+    if not _is_rank_zero():
+        return None
+    _draw_loss(result.run_dir)
+    return result, display
 
 
 def _draw_loss(run_dir: Path) -> None:
