@@ -15,11 +15,12 @@ A run directory is claimed by one training process, from the first check to the 
 - The claim holds the directory's lock (rank 0 only, under torchrun), so a second
   `pretrain`/`finetune` on it is refused naming the running pid and host.
 - `--overwrite` replaces only a marked gptcli run (see outputs.py) and never removes it up
-  front: the old run is renamed to a hidden sibling `.NAME.replaced-PID` when training
-  starts, deleted once the new run has saved its first checkpoint, and put back if the new
-  run fails before that. So a failed run never leaves the user with neither.
-- A run that fails during validation leaves the directory as it was (a folder the claim
-  created is removed again).
+  front: the old run is renamed to a hidden sibling `.NAME.replaced-PID-*` when training
+  starts, deleted once `latest` names a checkpoint of the new run, and put back if the new
+  run fails (or is interrupted) before that. So a failed run never leaves the user with
+  neither. A run directory that cannot be moved (a mount point) is a one-line error.
+- A run that fails during validation leaves the folders as they were: the claim removes
+  its marker, its lock and the folders it created while they are still empty.
 """
 
 from __future__ import annotations
