@@ -177,29 +177,28 @@ def _gptcli_key(hf_key: str) -> str | None:
     return key
 
 
-def _check_block_count(path: Path, n_layer: int) -> None:
-    """The weights file must hold blocks h.0 ... h.{n_layer - 1}: read from its header alone,
-    so a config.json claiming a million layers is refused before anything is built."""
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape, read from the weights file's header alone."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except (OSError, SafetensorError) as exc:
         raise GptcliError(f"{path} is unreadable: {exc}") from None
-    blocks = {int(m.group(1)) for name in names if (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", name))}
+
+
+def _check_block_count(path: Path, found: dict[str, tuple[int, ...]], n_layer: int) -> None:
+    """The weights file must hold blocks h.0 ... h.{n_layer - 1}, so a config.json claiming
+    a million layers is refused before anything is built."""
+    blocks = {int(m.group(1)) for name in found if (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", name))}
     if len(blocks) != n_layer or max(blocks, default=-1) != n_layer - 1:  # exactly 0 ... n_layer - 1
         raise GptcliError(f"{path} holds {len(blocks)} blocks but {HF_CONFIG} says n_layer="
                           f"{shorten(str(n_layer), 20)}; the weights and {HF_CONFIG} do not belong together")
 
 
-def _check_weight_shapes(path: Path, model: GPT) -> None:
-    """Every tensor of the weights file must have the shape config.json implies. Read from
-    the file's header alone, before any tensor is loaded; names the first that differs."""
+def _check_weight_shapes(path: Path, found: dict[str, tuple[int, ...]], model: GPT) -> None:
+    """Every tensor of the weights file must have the shape config.json implies, checked
+    before any tensor is loaded; names the first that differs."""
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except (OSError, SafetensorError) as exc:
-        raise GptcliError(f"{path} is unreadable: {exc}") from None
     hf_names = {_gptcli_key(name): name for name in found}  # the others are reported after loading
     for key, shape in expected.items():  # in the model's order: wte, wpe, h.0 ...
         if key not in hf_names:
@@ -239,11 +238,12 @@ def import_hf_model(hf_dir: str | Path) -> GPT:
     cfg = ModelConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
                       block_size=config["n_positions"], vocab_size=config["vocab_size"], bias=True,
                       dropout=0.0)
-    _check_block_count(hf_dir / HF_WEIGHTS, cfg.n_layer)  # before building: n_layer may be absurd
+    found = _header_shapes(hf_dir / HF_WEIGHTS)
+    _check_block_count(hf_dir / HF_WEIGHTS, found, cfg.n_layer)  # before building: n_layer may be absurd
     check_fits(cfg, torch.device("cpu"), training=False,
                fix=f"{hf_dir} holds a model too large for this machine (or a damaged {HF_CONFIG})")
     model = GPT(cfg)
-    _check_weight_shapes(hf_dir / HF_WEIGHTS, model)
+    _check_weight_shapes(hf_dir / HF_WEIGHTS, found, model)
     try:
         weights = load_file(hf_dir / HF_WEIGHTS)
     except (OSError, SafetensorError) as exc:

@@ -195,8 +195,8 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
     """`gptcli finetune`: adapt a checkpoint to `cfg.finetune.task` (see tasks/run.py)."""
     f = cfg.finetune
     init = resolve_init(f.init_from)
-    files = [name for name in (f.train_file, f.val_file) if name not in (STDLIB_PACKAGES, STDLIB_DOCSTRINGS)]
-    job = Job(task=f.task, cfg=cfg, inputs=input_paths([init, *files, *cfg.data.inputs]),
+    # input_paths skips names that are not on disk, such as the built-in examples'.
+    job = Job(task=f.task, cfg=cfg, inputs=input_paths([init, f.train_file, f.val_file, *cfg.data.inputs]),
               build=lambda dist, device, resume_from, on_event: build_finetune(cfg, init, dist, device,
                                                                                on_event),
               patience=f.patience, eval_at_start=f.task == "lm",
