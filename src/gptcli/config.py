@@ -50,21 +50,75 @@ class DataConfig:
     jsonl_field: str = _field("text", "Field holding the text in `.jsonl` inputs.")
 
 
+# The two recipes `model.arch` names. Every component field left empty takes the arch's
+# value; each can also be set on its own (the ablations of BENCHMARKS.md do).
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    # GPT-2 (2019): learned positions, LayerNorm, GELU, biases, tied embeddings.
+    "gpt2": {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
+             "tie_embeddings": True, "zero_init": False},
+    # The Llama / Qwen family: rotary positions, RMSNorm, SwiGLU, no biases, untied embeddings.
+    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
+              "tie_embeddings": False, "zero_init": True},
+}
+
+
 @dataclass
 class ModelConfig:
+    arch: Literal["gpt2", "llama"] = _field(
+        "gpt2", "Recipe: `gpt2` (GPT-2's, 2019) or `llama` (the Llama/Qwen family: rotary "
+        "positions, RMSNorm, SwiGLU, no biases, untied embeddings). Fills every component "
+        "key below that is left empty."
+    )
     n_layer: int = _field(12, "Transformer blocks.")
-    n_head: int = _field(12, "Attention heads per block; must divide n_embd.")
+    n_head: int = _field(12, "Attention (query) heads per block; must divide n_embd unless head_dim is set.")
     n_embd: int = _field(768, "Width of the residual stream.")
     block_size: int = _field(1024, "Context length in tokens.")
     dropout: float = _field(0.0, "Dropout probability in [0, 1) for training.")
-    bias: bool = _field(True, "Biases in linear layers and LayerNorms (GPT-2 has them).")
     vocab_size: int | None = _field(
         None, "Tokenizer vocabulary size; filled in from the tokenizer when left empty."
     )
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    n_kv_head: int | None = _field(
+        None, "Key/value heads (grouped-query attention: each serves n_head / n_kv_head query "
+        "heads; a smaller KV cache); must divide n_head. Empty: n_head."
+    )
+    head_dim: int | None = _field(None, "Width of each attention head. Empty: n_embd / n_head.")
+    position: Literal["learned", "rope"] | None = _field(
+        None, "Position encoding: `learned` embeddings added to the input (gpt2) or `rope`, "
+        "rotary embeddings of queries and keys (llama)."
+    )
+    rope_theta: float = _field(10000.0, "RoPE base: the longest wavelength, in positions.")
+    norm: Literal["layernorm", "rmsnorm"] | None = _field(
+        None, "Normalisation: `layernorm` (gpt2) or `rmsnorm` (llama)."
+    )
+    norm_eps: float = _field(1e-5, "Epsilon of every norm.")
+    bias: bool | None = _field(
+        None, "Biases in every linear layer and LayerNorm (gpt2: true, llama: false)."
+    )
+    attn_bias: bool = _field(
+        False, "Biases on the query/key/value projections only (Qwen2 has them)."
+    )
+    qk_norm: bool = _field(
+        False, "RMSNorm each head's queries and keys before attention (Qwen3, nanochat): "
+        "steadier attention logits."
+    )
+    mlp: Literal["gelu", "relu2", "swiglu"] | None = _field(
+        None, "MLP: `gelu` (gpt2), `relu2` (ReLU squared, nanochat) or `swiglu` (gated, llama)."
+    )
+    mlp_hidden: int | None = _field(
+        None, "MLP hidden width. Empty: 4 x n_embd, or for swiglu 8/3 x n_embd rounded up to "
+        "a multiple of 64 (the same parameters as 4 x n_embd ungated)."
+    )
+    tie_embeddings: bool | None = _field(
+        None, "Share one matrix between input embeddings and output head (gpt2: true, llama: false)."
+    )
+    logit_softcap: float = _field(
+        0.0, "Squash logits smoothly into (-cap, cap) with cap * tanh(logits / cap) (nanochat "
+        "uses 15); 0 disables it."
+    )
+    zero_init: bool | None = _field(
+        None, "Start each block's output projections (and an untied output head) at zero, so "
+        "every block begins as the identity (gpt2: false, llama: true)."
+    )
 
     @property
     def padded_vocab_size(self) -> int:
@@ -72,6 +126,20 @@ class ModelConfig:
         if self.vocab_size is None:
             raise ValueError("vocab_size is not set yet")
         return math.ceil(self.vocab_size / 64) * 64
+
+    def resolved(self) -> ModelConfig:
+        """This config with every empty component key filled from its arch (idempotent)."""
+        fill = {name: value for name, value in ARCH_DEFAULTS[self.arch].items()
+                if getattr(self, name) is None}
+        if self.n_kv_head is None:
+            fill["n_kv_head"] = self.n_head
+        if self.head_dim is None:
+            fill["head_dim"] = self.n_embd // max(self.n_head, 1)
+        cfg = dataclasses.replace(self, **fill)
+        if cfg.mlp_hidden is None:
+            hidden = 4 * cfg.n_embd if cfg.mlp != "swiglu" else 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
+            cfg = dataclasses.replace(cfg, mlp_hidden=hidden)
+        return cfg
 
 
 @dataclass
@@ -86,7 +154,13 @@ class TrainConfig:
         None, "Step at which the cosine decay reaches min_lr (empty: max_steps). Fix it to "
         "lengthen a run later without changing the schedule of the steps already taken."
     )
-    weight_decay: float = _field(0.1, "AdamW weight decay, applied to matrices only.")
+    optimizer: Literal["adamw", "muon"] = _field(
+        "adamw", "`adamw`, or `muon`: Muon (torch.optim.Muon: momentum orthogonalised by "
+        "Newton-Schulz) for the 2-D weights inside the blocks, AdamW at train.lr for the rest."
+    )
+    muon_lr: float = _field(0.02, "Muon's peak learning rate (same warmup and decay as train.lr).")
+    muon_momentum: float = _field(0.95, "Muon's (Nesterov) momentum.")
+    weight_decay: float = _field(0.1, "Weight decay (decoupled), applied to matrices only.")
     beta1: float = _field(0.9, "AdamW beta1.")
     beta2: float = _field(0.95, "AdamW beta2.")
     grad_clip: float = _field(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
@@ -238,9 +312,25 @@ def model_config_problems(m: ModelConfig) -> list[str]:
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
         if getattr(m, name) < 1:
             problems.append(f"model.{name}: must be at least 1, got {_show(getattr(m, name))}")
-    if m.n_head >= 1 and m.n_embd >= 1 and m.n_embd % m.n_head:
+    if m.head_dim is None and m.n_head >= 1 and m.n_embd >= 1 and m.n_embd % m.n_head:
         problems.append(f"model.n_embd: {_show(m.n_embd)} is not divisible by "
+                        f"model.n_head={_show(m.n_head)}; change one, or set model.head_dim")
+    for name in ("n_kv_head", "head_dim", "mlp_hidden"):
+        if getattr(m, name) is not None and getattr(m, name) < 1:
+            problems.append(f"model.{name}: must be at least 1, got {_show(getattr(m, name))}")
+    if m.n_kv_head is not None and m.n_kv_head >= 1 and m.n_head >= 1 and m.n_head % m.n_kv_head:
+        problems.append(f"model.n_kv_head: {_show(m.n_kv_head)} does not divide "
                         f"model.n_head={_show(m.n_head)}")
+    if m.position == "rope" or (m.position is None and m.arch == "llama"):
+        head_dim = m.head_dim if m.head_dim is not None else m.n_embd // max(m.n_head, 1)
+        if head_dim % 2:
+            problems.append(f"model.head_dim: rotary embeddings rotate pairs, so the head width "
+                            f"must be even, got {_show(head_dim)}")
+    for name in ("rope_theta", "norm_eps"):
+        if not getattr(m, name) > 0:
+            problems.append(f"model.{name}: must be greater than 0, got {getattr(m, name)}")
+    if m.logit_softcap < 0:
+        problems.append(f"model.logit_softcap: must be 0 (off) or more, got {m.logit_softcap}")
     if not 0.0 <= m.dropout < 1.0:
         problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if m.vocab_size is not None and m.vocab_size < 1:
@@ -269,6 +359,8 @@ def _range_problems(cfg: RunConfig) -> list[str]:
                                                 f"train.warmup_steps, got {_show(t.lr_decay_steps)}")
     need(t.lr > 0, f"train.lr: must be greater than 0, got {t.lr}")
     need(0 <= t.min_lr <= t.lr, f"train.min_lr: must be in [0, train.lr={t.lr}], got {t.min_lr}")
+    need(t.muon_lr > 0, f"train.muon_lr: must be greater than 0, got {t.muon_lr}")
+    need(0 <= t.muon_momentum < 1, f"train.muon_momentum: must be in [0, 1), got {t.muon_momentum}")
     need(t.weight_decay >= 0, f"train.weight_decay: must be 0 or more, got {t.weight_decay}")
     need(0 <= t.beta1 < 1, f"train.beta1: must be in [0, 1), got {t.beta1}")
     need(0 <= t.beta2 < 1, f"train.beta2: must be in [0, 1), got {t.beta2}")
@@ -523,11 +615,16 @@ def config_from_dict(data: dict, cls: type = RunConfig) -> Any:
     cfg = _expand_user_paths(_build(cls, data, "", problems))
     if not problems and isinstance(cfg, RunConfig):
         problems = _range_problems(cfg)
+    if not problems and isinstance(cfg, ModelConfig):
+        problems = model_config_problems(cfg)
     if not problems and isinstance(cfg, FinetuneRunConfig):
         problems = _finetune_problems(cfg)
     if problems:
         raise GptcliError("; ".join(problems))
-    return cfg
+    # The arch fills the component keys left empty: what runs is written down in full.
+    if isinstance(cfg, RunConfig):
+        return dataclasses.replace(cfg, model=cfg.model.resolved())
+    return cfg.resolved() if isinstance(cfg, ModelConfig) else cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

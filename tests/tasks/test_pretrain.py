@@ -89,7 +89,7 @@ def test_resume_refuses_shape_change(tmp_path, corpus_dir):
     cfg = tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=10)
     pretrain(config_from_dict(cfg))
     cfg["model"]["n_embd"] = 64
-    with pytest.raises(GptcliError, match=r"model settings differ from the checkpoint \(n_embd\)"):
+    with pytest.raises(GptcliError, match=r"model settings differ from the checkpoint \(n_embd, head_dim, mlp_hidden\)"):
         pretrain(config_from_dict(cfg), resume=True)
     cfg["model"]["n_embd"] = 32
     cfg["train"]["batch_size"] = 8

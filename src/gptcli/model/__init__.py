@@ -57,7 +57,8 @@ class Arch:
     check_fits: Callable[..., None]  # refuses, before building, a model too large for a device
 
 
-ARCHS = {"gpt2": Arch(ModelConfig, GPT, model_config_problems, check_fits)}
+# Both recipes are the one GPT class, its components chosen by the config (gpt.py).
+ARCHS = {name: Arch(ModelConfig, GPT, model_config_problems, check_fits) for name in ("gpt2", "llama")}
 DEFAULT_ARCH = "gpt2"  # what a checkpoint without `arch` in its metadata holds
 
 

@@ -1,14 +1,25 @@
-"""The GPT: GPT-2's architecture and parameter names, smallest pieces first.
+"""The GPT: one decoder-only transformer, its components chosen once from the config.
 
-Names match GPT-2 (`wte, wpe, h.N.ln_1, h.N.attn.c_attn, ..., ln_f, lm_head`) so that
-importing OpenAI's weights is a key match plus a transpose of Conv1D matrices.
-Pre-LayerNorm blocks, tanh-approximated GELU (as GPT-2), tied input/output embeddings,
-attention through `scaled_dot_product_attention` (flash kernels on GPU; see attention.py
-for the one measured exception). For generation the caller passes in a KV cache
-(kv_cache.py) and the tokens' positions; the model itself keeps no inference state.
+Two recipes share this file (`model.arch`, config.py's ARCH_DEFAULTS):
+- `gpt2`: GPT-2 exactly. Learned positions, pre-LayerNorm blocks, tanh-approximated GELU,
+  biases, tied input/output embeddings.
+- `llama`: the Llama/Qwen family. Rotary positions (rope.py), RMSNorm, a SwiGLU MLP, no
+  biases, untied embeddings; optionally grouped-query attention (n_kv_head < n_head),
+  RMSNorm on queries and keys (qk_norm), ReLU² MLP, a logit soft-cap.
+Each component is a small module picked in `__init__`; `forward` has no per-arch branches.
 
-Shapes in comments: B batch, T time (tokens), C n_embd, nh heads, hs head size, L the
-KV cache length, V the vocabulary (padded to a multiple of 64 inside lm_head).
+Parameter names are GPT-2's (`wte, wpe, h.N.ln_1, h.N.attn.c_attn, ..., ln_f, lm_head`)
+in both recipes, so importing OpenAI's weights is a key match plus a transpose of Conv1D
+matrices, and one set of names serves LoRA targets, freezing and FSDP. Fused layouts:
+`attn.c_attn` holds the query, key and value projections stacked (nh, nkv, nkv heads of
+hs rows); a SwiGLU `mlp.c_fc` holds the gate then the up projection.
+
+For generation the caller passes in a KV cache (kv_cache.py) and the tokens' positions;
+the model itself keeps no inference state.
+
+Shapes in comments: B batch, T time (tokens), C n_embd, nh query heads, nkv key/value
+heads, hs head size, H MLP hidden width, L the KV cache length, V the vocabulary (padded
+to a multiple of 64 inside lm_head).
 """
 
 from __future__ import annotations
@@ -25,112 +36,172 @@ from gptcli.config import ModelConfig
 from gptcli.errors import shorten
 from gptcli.model.attention import causal_attention
 from gptcli.model.kv_cache import KVCache
+from gptcli.model.rope import RotaryEmbedding, apply_rotary
 from gptcli.runtime import check_memory
 
 IGNORE_INDEX = -1  # target id that contributes no loss (padding, prompt tokens)
 
 
+def make_norm(cfg: ModelConfig, width: int) -> nn.Module:
+    """LayerNorm (with a shift when the model has biases) or RMSNorm (a gain only)."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.RMSNorm(width, eps=cfg.norm_eps)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.n_embd = cfg.n_embd
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v together
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        q_width, kv_width = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        self.split = (q_width, kv_width, kv_width)
+        self.c_attn = nn.Linear(cfg.n_embd, sum(self.split), bias=cfg.bias or cfg.attn_bias)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.c_proj = nn.Linear(q_width, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Without `cache`: causal attention within x. With it: write this layer's keys and
         values at `input_pos` (T,) and attend over all L slots, `mask` (T, L) hiding the
-        ones each token may not see."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        ones each token may not see. `rotary`: the (cos, sin) tables of x's positions."""
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.split, dim=2)
+        # (B, T, heads * hs) -> (B, heads, T, hs)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # per head, before the rotation (as Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(layer, input_pos, k, v)  # (B, nkv, L, hs): the cache keeps nkv heads
+        if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         if cache is None:
             y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         else:
-            k, v = cache.update(layer, input_pos, k, v)  # (B, nh, L, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
+ACTIVATIONS = {
+    "gelu": lambda h: F.gelu(h, approximate="tanh"),  # GPT-2's
+    "relu2": lambda h: F.relu(h).square(),  # Primer (So et al. 2021); nanochat, modded-nanogpt
+}
+
+
 class MLP(nn.Module):
+    """Up-projection, activation, down-projection: GELU (GPT-2) or ReLU²."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.activation = ACTIVATIONS[cfg.mlp]
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """A gated MLP (Shazeer 2020): silu(gate) * up, then down. `c_fc` computes gate and
+    up in one product, (B, T, C) -> (B, T, 2H)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
+        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, input_pos, mask)
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rotary, cache, layer, input_pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-    arch = "gpt2"  # its name in model/__init__.py's ARCHS, recorded in checkpoints
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
+        cfg = cfg.resolved()
         self.config = cfg
+        self.arch = cfg.arch  # its name in model/__init__.py's ARCHS, recorded in checkpoints
         self.lora_spec = None  # set by lora.apply_lora
         self.activation_checkpointing = False  # set by the training loop (train config)
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # Positions: learned vectors added to the input, or a rotation of queries and keys.
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
-        self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), as each block adds two.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # one matrix reads and writes tokens
+        self.init_weights()
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's initialisation: every matrix N(0, 0.02), biases zero, norms one; the
+        residual projections scaled by 1/sqrt(2 * n_layer), as each block adds two. With
+        `zero_init` those projections (and an untied head) start at zero instead, so each
+        block starts as the identity and the first steps see a shallow model."""
+        cfg = self.config
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, weight in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # attn.c_proj and mlp.c_proj of every block
+                if cfg.zero_init:
+                    nn.init.zeros_(weight)
+                else:
+                    nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.zero_init and not cfg.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.h
 
     def num_params(self, include_positions: bool = True) -> int:
-        """Parameters counted once (the tied lm_head is wte)."""
+        """Parameters counted once (a tied lm_head is wte)."""
         n = sum(p.numel() for p in self.parameters())
-        return n if include_positions else n - self.wpe.weight.numel()
+        return n if include_positions or self.wpe is None else n - self.wpe.weight.numel()
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 per weight (forward + backward) plus attention's
-        12 * layers * context * width (the PaLM appendix estimate, as nanoGPT uses)."""
+        12 * layers * context * (heads * head size) (the PaLM appendix estimate, as nanoGPT uses)."""
         c = self.config
-        return 6 * self.num_params(include_positions=False) + 12 * c.n_layer * c.block_size * c.n_embd
+        return 6 * self.num_params(include_positions=False) + 12 * c.n_layer * c.block_size * c.n_head * c.head_dim
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
                       input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-LayerNorm hidden states (B, T, C) for token ids (B, T).
+        """Final-norm hidden states (B, T, C) for token ids (B, T).
 
         Without `cache`: a full causal pass over positions 0..T-1 (training).
         With `cache` (generation): the tokens sit at positions `input_pos` (T,), are written
@@ -140,18 +211,24 @@ class GPT(nn.Module):
             input_pos, mask = torch.arange(idx.size(1), device=idx.device), None
         else:
             mask = cache.visible(input_pos)  # (T, L), shared by every layer
-        x = self.drop(self.wte(idx) + self.wpe(input_pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(input_pos)
+        rotary = self.rotary(input_pos, x.dtype) if self.rotary is not None else None  # shared by every layer
+        x = self.drop(x)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.h):
             if recompute:  # keep only the block's input; rerun it (same dropout) in backward
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, rotary, use_reentrant=False)
             else:
-                x = block(x, cache, layer, input_pos, mask)
+                x = block(x, rotary, cache, layer, input_pos, mask)
         return self.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., vocab_size) from hidden states (..., C)."""
-        return self.lm_head(hidden)[..., : self.config.vocab_size]
+        logits = self.lm_head(hidden)[..., : self.config.vocab_size]
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for `idx` (B, T); or, given `targets` (B, T), the summed
@@ -170,46 +247,66 @@ class GPT(nn.Module):
         """Shorten the context to `block_size` positions, keeping the first ones' embeddings
         (finetuning on shorter sequences than pretraining)."""
         self.config = dataclasses.replace(self.config, block_size=block_size)
-        self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].clone())
-        self.wpe.num_embeddings = block_size
+        if self.wpe is not None:
+            self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].clone())
+            self.wpe.num_embeddings = block_size
 
     @torch.no_grad()
     def resize_vocab(self, vocab_size: int) -> None:
         """Grow the vocabulary to `vocab_size` ids (e.g. for added special tokens). New rows
-        start at the mean embedding, so new tokens begin as an average known token."""
+        start at the mean of the known ones (in wte, and in an untied lm_head), so a new token
+        begins as an average known token."""
         old = self.config.vocab_size
         self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
         rows = self.config.padded_vocab_size
         if rows > self.wte.num_embeddings:
-            grown = nn.Embedding(rows, self.config.n_embd, device=self.wte.weight.device,
-                                 dtype=self.wte.weight.dtype)
-            grown.weight[: self.wte.num_embeddings] = self.wte.weight
-            self.wte = grown
-            self.lm_head = nn.Linear(self.config.n_embd, rows, bias=False,
-                                     device=grown.weight.device, dtype=grown.weight.dtype)
-            self.lm_head.weight = self.wte.weight
-        self.wte.weight[old:vocab_size] = self.wte.weight[:old].mean(dim=0)
+            self.wte = _grown(self.wte, rows)
+            head = nn.Linear(self.config.n_embd, rows, bias=False, device=self.wte.weight.device,
+                             dtype=self.wte.weight.dtype)
+            if self.config.tie_embeddings:
+                head.weight = self.wte.weight
+            else:
+                head.weight[: self.lm_head.out_features] = self.lm_head.weight
+            self.lm_head = head
+        for weight in {id(w): w for w in (self.wte.weight, self.lm_head.weight)}.values():
+            weight[old:vocab_size] = weight[:old].mean(dim=0)
 
     def new_kv_cache(self, batch_size: int, length: int) -> KVCache:
         """An empty KV cache of `length` positions (at most block_size) for `batch_size`
         sequences, in the weights' dtype and device; the caller keeps it, not the model."""
-        return KVCache.empty(self.config.n_layer, batch_size, self.config.n_head,
+        return KVCache.empty(self.config.n_layer, batch_size, self.config.n_kv_head,
                              min(length, self.config.block_size), self.config.head_dim,
                              self.wte.weight.dtype, self.wte.weight.device)
+
+
+def _grown(embedding: nn.Embedding, rows: int) -> nn.Embedding:
+    """A copy of `embedding` with `rows` rows, the new ones zero."""
+    grown = nn.Embedding(rows, embedding.embedding_dim, device=embedding.weight.device,
+                         dtype=embedding.weight.dtype)
+    grown.weight.zero_()
+    grown.weight[: embedding.num_embeddings] = embedding.weight
+    return grown
 
 
 def count_params(cfg: ModelConfig) -> int:
     """The parameters `GPT(cfg).num_params()` counts, from the config alone: exact, and
     instant for any size, so a model too large to build is refused before it is built."""
+    cfg = cfg.resolved()
     C, bias = cfg.n_embd, int(cfg.bias)
 
-    def linear(n_in: int, n_out: int) -> int:
-        return n_in * n_out + bias * n_out
+    def linear(n_in: int, n_out: int, biased: int = bias) -> int:
+        return n_in * n_out + biased * n_out
 
-    norm = C + bias * C  # LayerNorm gain (and shift)
-    block = 2 * norm + linear(C, 3 * C) + linear(C, C) + linear(C, 4 * C) + linear(4 * C, C)
+    norm = C + bias * C if cfg.norm == "layernorm" else C  # gain (and LayerNorm's shift)
+    q_width, kv_width = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    attn = linear(C, q_width + 2 * kv_width, int(cfg.bias or cfg.attn_bias)) + linear(q_width, C)
+    attn += 2 * cfg.head_dim if cfg.qk_norm else 0
+    gates = 2 if cfg.mlp == "swiglu" else 1
+    mlp = linear(C, gates * cfg.mlp_hidden) + linear(cfg.mlp_hidden, C)
     rows = -(-cfg.vocab_size // 64) * 64  # padded_vocab_size in whole numbers: exact at any size
-    return rows * C + cfg.block_size * C + cfg.n_layer * block + norm  # wte, wpe, h, ln_f; lm_head is wte
+    embeddings = rows * C * (1 if cfg.tie_embeddings else 2)  # wte (and an untied lm_head)
+    positions = cfg.block_size * C if cfg.position == "learned" else 0
+    return embeddings + positions + cfg.n_layer * (2 * norm + attn + mlp) + norm  # ..., h, ln_f
 
 
 def check_fits(cfg: ModelConfig, device: torch.device, training: bool, fix: str,

@@ -104,9 +104,14 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
         require_tensorboard()
     model.activation_checkpointing = cfg.activation_checkpointing
     if dist.active and cfg.parallel == "fsdp":
+        if cfg.optimizer == "muon":  # Newton-Schulz orthogonalises a whole matrix, not a shard
+            raise GptcliError("train.optimizer=muon needs whole weight matrices, which "
+                              "train.parallel=fsdp shards over the processes; use train.parallel=ddp "
+                              "(every process holds whole weights) or train.optimizer=adamw")
         shard(model, precision)  # before the optimizer: it must hold the sharded parameters
     optimizer = build_optimizer(model, cfg, device)
     if state.optimizer is not None:
+        _check_same_optimizer(state.optimizer, cfg.optimizer)
         load_optimizer_state(optimizer, state.optimizer)
     dist.barrier()  # every rank has checked the run directory before rank 0 changes it
     run_dir = claim.path
@@ -259,8 +264,8 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
     with StopRequest() as stop:
         for step in range(state.step, cfg.max_steps):
             lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            for group in opt.param_groups:  # Muon's groups at their own height (optim.py)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             batches = [data.train_batch(step, micro) for micro in range(cfg.grad_accum)]
             try:
                 loss = _forward_backward(step_model, batches, precision, scaler, dist)
@@ -330,6 +335,15 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
             if stop_early:
                 break
     return state
+
+
+def _check_same_optimizer(saved: dict, name: str) -> None:
+    """A resumed run keeps its optimizer: the saved state holds one optimizer's moments."""
+    was = "muon" if any("ns_steps" in group for group in saved["param_groups"]) else "adamw"
+    if was != name:
+        raise GptcliError(f"the run was trained with train.optimizer={was}, so it resumes with "
+                          f"it (its saved state holds {was}'s moments); drop --set "
+                          f"train.optimizer={name}, or start a new run")
 
 
 def _clip(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
