@@ -7,6 +7,9 @@ the original corpus or an internet connection.
 
 Ids: `vocab_size` counts every id the tokenizer can emit, including `eot_id`, the
 end-of-text token that separates documents.
+
+A Hugging Face byte-level BPE (`gptcli.data.hf_tokenizer` reads one) runs on tiktoken too,
+as `HFTokenizer`, which keeps the model's own ids, chat template and stop ids.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ import functools
 import hashlib
 import json
 import os
+import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
+import regex
 
 from gptcli.data.bpe import GPT2_PATTERN, write_tiktoken_file
 from gptcli.errors import GptcliError
@@ -36,6 +42,12 @@ RANKS_FILE = "tokenizer.tiktoken"
 class Tokenizer(ABC):
     vocab_size: int
     eot_id: int
+    # What an imported chat model brings (gptcli's own tokenizers have none of it): its jinja
+    # chat template, the ids that end a reply besides `eot_id`, and the special-token strings
+    # the template reads (`bos_token`, `eos_token`, ...).
+    chat_template: str | None = None
+    stop_ids: tuple[int, ...] = ()
+    template_tokens: Mapping[str, str] = MappingProxyType({})
 
     @property
     @abstractmethod
@@ -48,6 +60,14 @@ class Tokenizer(ABC):
 
     def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
         return [self.encode(t) for t in texts]
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Ids of `text` where special-token strings are the special ids (a rendered chat
+        template holds them); the text between them encodes as `encode` does."""
+        ids: list[int] = []
+        for part in _split_on_tokens(text, self.special_tokens):
+            ids += [part] if isinstance(part, int) else list(self.encode(part))
+        return ids
 
     @abstractmethod
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -185,10 +205,7 @@ class TiktokenTokenizer(Tokenizer):
         return dict(self.encoding._special_tokens)
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(super().fingerprint().encode())
-        for token, rank in sorted(self.encoding._mergeable_ranks.items(), key=lambda item: item[1]):
-            digest.update(rank.to_bytes(4, "little") + token)
-        return digest.hexdigest()
+        return _with_ranks(super().fingerprint(), self.encoding._mergeable_ranks)
 
     def _spec(self) -> dict:
         return {
@@ -244,6 +261,172 @@ class WithAddedTokens(Tokenizer):
     def save(self, directory: str | Path) -> None:
         self.base.save(directory)  # the base's own files (a BPE's ranks)
         super().save(directory)  # then tokenizer.json again, with the added tokens
+
+
+HF_TYPE = "hf-bpe"
+# The constructor arguments of HFTokenizer that its tokenizer.json spec holds.
+_HF_FIELDS = ("added", "special", "eot_id", "ids", "presplit", "nfc", "stop_ids", "chat_template",
+              "template_tokens")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face byte-level BPE run by tiktoken, giving the model's own ids.
+
+    `encode(text)` equals `tokenizers`' `encode(text, add_special_tokens=False).ids` for text
+    without special tokens: NFC first when `nfc`; then the non-special added tokens are cut
+    out (the `tokenizers` library matches those even in plain text); then each `presplit`
+    regex cuts the text further, in Python (the pre-tokenizer's steps before its last, e.g.
+    Digits); then tiktoken splits by `pattern` (the last step) and applies the merges.
+
+    `ranks` (token bytes -> tiktoken rank) rank multi-byte tokens in HF merge order, which is
+    what makes tiktoken merge as HF does. `added` maps every added token to its HF id,
+    `special` names those that are special. `ids` maps rank -> HF id (0 .. len(ranks) - 1;
+    the added tokens take the ranks after them, in id order); None when every rank already
+    is its HF id, as in GPT-2, Llama 3 and Qwen files.
+    """
+
+    def __init__(self, name: str, ranks: dict[bytes, int], pattern: str, *, added: Mapping[str, int],
+                 special: Iterable[str], eot_id: int, ids: Sequence[int] | None = None,
+                 presplit: Sequence[str] = (), nfc: bool = False, stop_ids: Iterable[int] = (),
+                 chat_template: str | None = None, template_tokens: Mapping[str, str] | None = None):
+        import tiktoken
+
+        self._name = name
+        self._pattern = pattern
+        self._added = dict(sorted(added.items(), key=lambda item: item[1]))
+        self._special = sorted(special)
+        self._ids_list = None if ids is None else [int(i) for i in ids]
+        self._presplit = [regex.compile(p) for p in presplit]
+        self._nfc = bool(nfc)
+        self.eot_id = int(eot_id)
+        self.stop_ids = tuple(sorted({int(i) for i in stop_ids}))
+        self.chat_template = chat_template
+        self.template_tokens = MappingProxyType(dict(template_tokens or {}))
+        self._text_tokens = {t: i for t, i in self._added.items() if t not in self._special}
+        specials = self._tiktoken_specials(len(ranks))
+        self.encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
+                                          special_tokens=specials)
+        self._id_maps([*ranks.values(), *specials.values()])
+
+    def _tiktoken_specials(self, n_ranks: int) -> dict[str, int]:
+        """Every added token as a tiktoken special, so tiktoken decodes it: at its HF id, or
+        with an id remap at the ranks after the BPE's."""
+        if self._ids_list is None:
+            return dict(self._added)
+        return {token: n_ranks + i for i, token in enumerate(self._added)}
+
+    def _id_maps(self, ranks: list[int]) -> None:
+        """`_id_of_rank` (rank -> HF id; None: the same number), `_rank_of_id` (HF id ->
+        rank, -1 where no token has the id) and `vocab_size`, from every tiktoken rank."""
+        ranks = np.array(ranks, dtype=np.int64)
+        self._id_of_rank = None
+        if self._ids_list is not None:
+            self._id_of_rank = np.array([*self._ids_list, *self._added.values()], dtype=np.int64)
+        ids = ranks if self._id_of_rank is None else self._id_of_rank[ranks]
+        self.vocab_size = int(ids.max()) + 1
+        self._rank_of_id = np.full(self.vocab_size, -1, dtype=np.int64)
+        self._rank_of_id[ids] = ranks
+
+    @classmethod
+    def from_spec(cls, spec: dict, ranks: dict[bytes, int]) -> HFTokenizer:
+        return cls(spec["name"], ranks, spec["pattern"], **{key: spec[key] for key in _HF_FIELDS})
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {token: self._added[token] for token in self._special}
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode_array(text).tolist()
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
+        return list(_encode_pool().map(self._encode_array, texts))
+
+    def _encode_array(self, text: str) -> np.ndarray:
+        """HF ids of `text` (int64); non-special added tokens in it are their ids."""
+        parts = _split_on_tokens(text, self._text_tokens)
+        arrays = [np.array([p], np.int64) if isinstance(p, int) else self._encode_plain(p) for p in parts]
+        return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+
+    def _encode_plain(self, text: str) -> np.ndarray:
+        if self._nfc and not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        pieces = [text]
+        for pattern in self._presplit:
+            pieces = [cut for piece in pieces for cut in _isolate(pattern, piece)]
+        ranks = [self.encoding.encode_to_numpy(piece, disallowed_special=()) for piece in pieces]
+        joined = np.concatenate(ranks).astype(np.int64) if ranks else np.zeros(0, np.int64)
+        return joined if self._id_of_rank is None else self._id_of_rank[joined]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Bytes of `ids`; an id no token has (a model's vocabulary padding) decodes to nothing."""
+        ids = np.fromiter(ids, dtype=np.int64)
+        ranks = self._rank_of_id[ids[(ids >= 0) & (ids < self.vocab_size)]]
+        return self.encoding.decode_bytes(ranks[ranks >= 0].tolist())
+
+    def _spec(self) -> dict:
+        return {"type": HF_TYPE, "name": self._name, "pattern": self._pattern, "added": self._added,
+                "special": self._special, "eot_id": self.eot_id, "ids": self._ids_list,
+                "presplit": [p.pattern for p in self._presplit], "nfc": self._nfc,
+                "stop_ids": list(self.stop_ids), "chat_template": self.chat_template,
+                "template_tokens": dict(self.template_tokens)}
+
+    def fingerprint(self) -> str:
+        return _with_ranks(super().fingerprint(), self.encoding._mergeable_ranks)
+
+    def save(self, directory: str | Path) -> None:
+        super().save(directory)
+        write_tiktoken_file(self.encoding._mergeable_ranks, Path(directory) / RANKS_FILE)
+
+
+def _split_on_tokens(text: str, tokens: Mapping[str, int]) -> list[str | int]:
+    """`text` cut at every occurrence of `tokens`: the text between them (non-empty str) and
+    each token's id (int). Leftmost match first, the longest where several start there (as
+    the `tokenizers` library matches added tokens)."""
+    if not tokens:
+        return [text] if text else []
+    parts: list[str | int] = []
+    start = 0
+    for match in _token_regex(tuple(tokens)).finditer(text):
+        if match.start() > start:
+            parts.append(text[start:match.start()])
+        parts.append(tokens[match.group()])
+        start = match.end()
+    if start < len(text):
+        parts.append(text[start:])
+    return parts
+
+
+@functools.lru_cache(maxsize=16)
+def _token_regex(tokens: tuple[str, ...]) -> regex.Pattern:
+    """Alternatives longest first: the regex tries them in order, so the longest wins."""
+    return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def _isolate(pattern: regex.Pattern, text: str) -> list[str]:
+    """`text` cut into the matches of `pattern` and the (non-empty) text between them, in
+    order: the `tokenizers` Split pre-tokenizer with behavior Isolated."""
+    pieces, start = [], 0
+    for match in pattern.finditer(text):
+        if match.start() > start:
+            pieces.append(text[start:match.start()])
+        if match.end() > match.start():
+            pieces.append(match.group())
+        start = match.end()
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def _with_ranks(spec_digest: str, ranks: dict[bytes, int]) -> str:
+    """`spec_digest` extended with every (rank, token) of a BPE, in rank order."""
+    digest = hashlib.sha256(spec_digest.encode())
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        digest.update(rank.to_bytes(4, "little") + token)
+    return digest.hexdigest()
 
 
 @functools.cache
@@ -352,11 +535,21 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     elif kind == "char":
         base = CharTokenizer(spec["chars"])
     elif kind == "tiktoken":
-        ranks_path = directory / RANKS_FILE
-        if not ranks_path.is_file():
-            raise GptcliError(f"{directory} has no {RANKS_FILE}: the tokenizer is incomplete")
-        base = tiktoken_from_ranks(read_ranks(ranks_path), spec["name"], spec["pattern"],
+        base = tiktoken_from_ranks(_saved_ranks(directory), spec["name"], spec["pattern"],
                                    spec["special_tokens"])
+    elif kind == HF_TYPE:
+        try:
+            base = HFTokenizer.from_spec(spec, _saved_ranks(directory))
+        except (KeyError, TypeError, ValueError):
+            raise GptcliError(f"{spec_path} is not a valid description of an imported tokenizer; "
+                              f"import the model's tokenizer again") from None
     else:
         raise GptcliError(f"{spec_path}: unknown tokenizer type '{kind}'")
     return WithAddedTokens(base, spec["added_tokens"]) if spec.get("added_tokens") else base
+
+
+def _saved_ranks(directory: Path) -> dict[bytes, int]:
+    ranks_path = directory / RANKS_FILE
+    if not ranks_path.is_file():
+        raise GptcliError(f"{directory} has no {RANKS_FILE}: the tokenizer is incomplete")
+    return read_ranks(ranks_path)

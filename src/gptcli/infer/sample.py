@@ -21,7 +21,7 @@ from gptcli.runtime import DTYPES, resolve_device, resolve_precision
 from gptcli.store.checkpoint import checkpoint_task, load_model
 from gptcli.store.rundir import resolve_checkpoint
 from gptcli.tasks.classify import encode_texts
-from gptcli.tasks.instruct import END, has_chat_template, prompt_ids
+from gptcli.tasks.instruct import chat_stop_ids, is_chat_model, prompt_ids
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and folds negatives onto it)
 _ESCAPE = re.compile(r"\\(?:([\\nrt])|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
@@ -159,9 +159,9 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
             raise GptcliError(f"the prompt contains the special token {special} as text; prompts are "
                               f"plain text, so remove it (an empty prompt starts a new document)")
     stop_ids: frozenset[int] = frozenset()
-    if has_chat_template(tokenizer):  # an instruct checkpoint: one user turn, stop at its end
+    if is_chat_model(tokenizer):  # an instruct checkpoint or chat model: one user turn, stop at its end
         prompt = prompt_ids(tokenizer, request.prompt)
-        stop_ids = frozenset({tokenizer.special_tokens[END]})
+        stop_ids = chat_stop_ids(tokenizer)
     else:
         prompt = tokenizer.encode(request.prompt) if request.prompt else [tokenizer.eot_id]
     if len(prompt) > context:

@@ -42,11 +42,20 @@ from gptcli.runtime import check_memory
 IGNORE_INDEX = -1  # target id that contributes no loss (padding, prompt tokens)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with its gain cast to the input's dtype: under bf16 autocast queries and
+    keys are bf16 while the gain stays fp32, and mixed dtypes miss the fused kernel
+    (measured: 4.7 ms of a 21 ms training step at nanoGPT's CPU shape went to q/k norms)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def make_norm(cfg: ModelConfig, width: int) -> nn.Module:
     """LayerNorm (with a shift when the model has biases) or RMSNorm (a gain only)."""
     if cfg.norm == "layernorm":
         return nn.LayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias)
-    return nn.RMSNorm(width, eps=cfg.norm_eps)
+    return RMSNorm(width, eps=cfg.norm_eps)
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,8 +66,8 @@ class CausalSelfAttention(nn.Module):
         q_width, kv_width = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         self.split = (q_width, kv_width, kv_width)
         self.c_attn = nn.Linear(cfg.n_embd, sum(self.split), bias=cfg.bias or cfg.attn_bias)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.c_proj = nn.Linear(q_width, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 

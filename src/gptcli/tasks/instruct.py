@@ -10,7 +10,9 @@ encoded as ordinary text, so a user can never type a special token):
 
 Loss falls only on assistant content and its closing <|end|> (so the model learns to stop);
 everything else is masked with IGNORE_INDEX. `gptcli sample` on such a checkpoint wraps the
-prompt as one user turn plus `<|assistant|>` and stops at `<|end|>`.
+prompt as one user turn plus `<|assistant|>` and stops at `<|end|>`. On an imported chat
+model (a tokenizer with a Hugging Face chat template) it renders that template instead and
+stops at the model's eos ids.
 
 A conversation longer than the context is dropped (reported in one Notice) or, with
 finetune.too_long=error, refused with its `file:line`; cutting it would teach half answers.
@@ -23,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from gptcli.data.chat_template import render_chat
 from gptcli.data.dataset import STREAMS, step_rows
 from gptcli.data.records import Record, where
 from gptcli.data.tokenizer import Tokenizer
@@ -38,7 +41,15 @@ CHAT_TOKENS = tuple(f"<|{role}|>" for role in ROLES) + (END,)
 
 
 def has_chat_template(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer has gptcli's own chat tokens (an instruct checkpoint's): what
+    finetuning renders conversations with, adding the tokens when missing."""
     return all(t in tokenizer.special_tokens for t in CHAT_TOKENS)
+
+
+def is_chat_model(tokenizer: Tokenizer) -> bool:
+    """Whether sampling wraps the prompt as a user turn: gptcli's chat tokens, or an
+    imported model's chat template."""
+    return has_chat_template(tokenizer) or tokenizer.chat_template is not None
 
 
 def messages_of(record: dict, where: str) -> list[dict]:
@@ -91,9 +102,24 @@ def render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """A user turn followed by the assistant header: what sampling continues from."""
+    """A user turn followed by the assistant header: what sampling continues from. gptcli's
+    own template when the tokenizer has its tokens, else the tokenizer's chat template
+    (the rendered text holds special tokens, encoded as such)."""
     special = tokenizer.special_tokens
-    return [special["<|user|>"], *tokenizer.encode(prompt), special[END], special["<|assistant|>"]]
+    if has_chat_template(tokenizer):
+        return [special["<|user|>"], *tokenizer.encode(prompt), special[END], special["<|assistant|>"]]
+    if tokenizer.chat_template is None:
+        raise ValueError("prompt_ids needs a chat tokenizer (see is_chat_model)")
+    text = render_chat(tokenizer.chat_template, [{"role": "user", "content": prompt}],
+                       add_generation_prompt=True, special=dict(tokenizer.template_tokens))
+    return tokenizer.encode_with_specials(text)
+
+
+def chat_stop_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids that end a chat reply: gptcli's <|end|>, or an imported model's eos ids."""
+    if has_chat_template(tokenizer):
+        return frozenset({tokenizer.special_tokens[END]})
+    return frozenset(tokenizer.stop_ids)
 
 
 class InstructData:
