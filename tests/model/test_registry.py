@@ -135,11 +135,11 @@ def test_lm_checkpoint_records_its_arch_and_old_ones_load_as_gpt2(tmp_path):
 
 
 def test_unknown_arch_is_a_one_line_error(tmp_path):
-    with pytest.raises(GptcliError, match=r"^unknown model architecture 'llama9'; gptcli knows gpt2$"):
+    with pytest.raises(GptcliError, match=r"^unknown model architecture 'llama9'; gptcli knows gpt2, llama$"):
         get_arch("llama9")
     weights = {k: v for k, v in GPT(CFG).state_dict().items() if k != "lm_head.weight"}
     write_old_checkpoint(tmp_path / "future", weights, task="lm", arch="llama9")
     with pytest.raises(GptcliError, match=r"model.safetensors: unknown model architecture 'llama9'; "
-                                          r"gptcli knows gpt2$") as error:
+                                          r"gptcli knows gpt2, llama$") as error:
         load_model(tmp_path / "future")
     assert "\n" not in str(error.value)

@@ -44,7 +44,11 @@ CONFIG_YAML = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS = "checkpoints"
 LATEST, BEST = "latest", "best"
-_TIED = "lm_head.weight"  # the same tensor as wte.weight: stored once
+_TIED = "lm_head.weight"  # with tied embeddings, the same tensor as wte.weight: stored once
+
+
+def _tied_keys(model: Model) -> set[str]:
+    return {_TIED} if model.config.tie_embeddings else set()
 
 
 @dataclass
@@ -82,8 +86,9 @@ def save_checkpoint(target: str | Path, model: Model, tokenizer: Tokenizer, conf
     for stale in target.parent.glob(f".tmp-{glob.escape(target.name)}-*"):  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
     with staging_dir(target) as tmp:
+        tied = _tied_keys(model)
         weights = {k: v.detach().contiguous() for k, v in (weights or model.state_dict()).items()
-                   if k != _TIED}
+                   if k not in tied}
         labels = getattr(model, "labels", None)  # a classification head names its classes
         metadata = {
             "format": "gptcli/1",
@@ -267,7 +272,7 @@ def load_weights(model: Model, directory: str | Path, device: torch.device | str
     except (OSError, SafetensorError) as exc:
         raise GptcliError(f"{path} is unreadable: {exc}") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = sorted(set(missing) - {_TIED})
+    missing = sorted(set(missing) - _tied_keys(model))
     if missing or unexpected:
         raise GptcliError(f"{path}: weights do not match the model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")

@@ -1,29 +1,42 @@
-"""Hugging Face GPT-2 interop: import a `save_pretrained` directory, export one.
+"""Hugging Face interop: import a `save_pretrained` directory as a checkpoint, export one.
 
-Weight layout differences, and nothing else:
-- HF GPT-2 stores linear layers as `Conv1D`, weight (in, out): transposed here.
-- Keys may carry a `transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model, as the hub's
-  `gpt2` files); `lm_head.weight` is tied to `wte` and the `attn.bias`/`attn.masked_bias`
-  buffers of old files are causal masks, so all three are ignored.
-- gptcli pads the vocabulary to a multiple of 64; padded rows are zeros on import and
-  dropped on export, so import -> export -> import is bit-identical.
-A bias-free gptcli model exports with zero biases, which GPT-2 computes identically.
+Two families, each a module of mappings (config.json <-> ModelConfig, tensor names and
+layouts) that this one drives:
+- hf_gpt2.py: GPT-2 (GPT2LMHeadModel, GPT2ForSequenceClassification) <-> arch `gpt2`;
+- hf_llama.py: Llama, Qwen2, Qwen3 and Mistral (...ForCausalLM, and on export
+  ...ForSequenceClassification) <-> arch `llama`.
+A directory's family is its config.json's model_type; a checkpoint's is its arch.
 
-GPT-2's tokenizer files (`vocab.json`, `merges.txt`) are derived from tiktoken's BPE
-ranks on export, and ranks are derived from `vocab.json` on import, so no tokenizer
-download is needed either way.
+Import reads `model.safetensors`, or the shards `model.safetensors.index.json` lists (never a
+pickle), and checks every tensor's name and shape against config.json from the file
+headers, and the model's size against memory, before anything is built; then loads one
+tensor at a time, in fp32 (bfloat16 and float16 are converted).
+
+Vocabulary rows: gptcli pads them to a multiple of 64; padded rows are zeros on import and
+dropped on export, so import -> export -> import is bit-identical. A gptcli model's
+vocab_size is its tokenizer's (checkpoints require it): a Llama-family embedding with rows
+no token uses (Qwen pads to a multiple of 128) is imported with its first
+`tokenizer.vocab_size` rows; no text reaches the others, and their logits go with them.
+
+Tokenizers: GPT-2's files (`vocab.json`, `merges.txt`) are derived from tiktoken's BPE
+ranks on export, and ranks from `vocab.json` on import, so no tokenizer download is needed
+either way. A Llama-family directory's `tokenizer.json` (byte-level BPE) is read by
+gptcli.data.hf_tokenizer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
-import re
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gptcli.atomic import staging_dir
 from gptcli.config import ModelConfig
@@ -41,17 +54,22 @@ from gptcli.model.gpt import GPT, check_fits
 from gptcli.model.lora import merge_lora
 from gptcli.outputs import check_output_dir, input_paths, mark
 from gptcli.paths import cache_root
+from gptcli.store import hf_gpt2, hf_llama
 from gptcli.store.checkpoint import CHECKPOINTS, checkpoint_task, is_checkpoint, load_model, save_checkpoint
 
 HF_CONFIG, HF_WEIGHTS, HF_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_MASK_BUFFERS = (["attn", "bias"], ["attn", "masked_bias"])  # h.N.attn.bias: a causal mask, not a weight
+HF_INDEX, HF_PICKLE_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
+HF_TOKENIZER = "tokenizer.json"
+FAMILIES = (hf_gpt2, hf_llama)  # each names its MODEL_TYPES; arch gpt2 -> hf_gpt2, llama -> hf_llama
+_BY_ARCH = {"gpt2": hf_gpt2, "llama": hf_llama}
+_VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # tensors with one row per token
 GPT2_EOT_ID = 50256
 
 
 def is_hf_dir(path: str | Path) -> bool:
     path = Path(path)
-    return (path / HF_CONFIG).is_file() and ((path / HF_WEIGHTS).is_file() or (path / HF_PICKLE).is_file())
+    return (path / HF_CONFIG).is_file() and any(
+        (path / name).is_file() for name in (HF_WEIGHTS, HF_INDEX, HF_PICKLE, HF_PICKLE_INDEX))
 
 
 # --- GPT-2's byte <-> printable-character table (its vocab.json spells bytes this way) ----
@@ -123,10 +141,57 @@ def _is_gpt2_tokenizer(tokenizer: Tokenizer) -> bool:
 # --- import ------------------------------------------------------------------------------
 
 
-_HF_SIZES = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+@dataclass(frozen=True)
+class _Stored:
+    """One tensor of the weight files, known from a header."""
+
+    name: str  # as the file names it
+    shape: tuple[int, ...]
+    path: Path  # the file
 
 
-def _read_hf_config(hf_dir: Path) -> dict:
+@dataclass(frozen=True)
+class _Checked:
+    """An HF directory whose config.json and weight headers agree; nothing loaded yet."""
+
+    family: ModuleType  # hf_gpt2 or hf_llama
+    cfg: ModelConfig  # the shape config.json gives (vocab_size: the embedding's rows)
+    plan: dict[str, list[tuple[str, tuple[int, ...]]]]  # the family's layout(cfg)
+    stored: dict[str, _Stored]  # by the family's canonical name
+
+
+def _weight_files(hf_dir: Path) -> tuple[Path, list[Path]]:
+    """The safetensors files holding the weights, and the path messages name for all of
+    them: model.safetensors, or the shards model.safetensors.index.json lists."""
+    if (hf_dir / HF_WEIGHTS).is_file():
+        return hf_dir / HF_WEIGHTS, [hf_dir / HF_WEIGHTS]
+    if (hf_dir / HF_INDEX).is_file():
+        return hf_dir / HF_INDEX, _shards(hf_dir / HF_INDEX)
+    if (hf_dir / HF_PICKLE).is_file() or (hf_dir / HF_PICKLE_INDEX).is_file():
+        raise GptcliError(
+            f"{hf_dir} has only {HF_PICKLE} (a pickle, which gptcli never loads); convert it with "
+            f"transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, "
+            f"safe_serialization=True)")
+    raise GptcliError(f"{hf_dir} has no {HF_WEIGHTS}")
+
+
+def _shards(index: Path) -> list[Path]:
+    """The files an index's weight_map names (each once), all present beside it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise GptcliError(f"{index} is unreadable or has no weight_map ({shorten(str(exc), 200)}); "
+                          f"download it again") from None
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or not (index.parent / name).is_file():
+            raise GptcliError(f"{index} names shard {shorten(repr(name))}, which is not a file beside it; "
+                              f"download every shard")
+    return [index.parent / name for name in names]
+
+
+def _read_config(hf_dir: Path) -> tuple[ModuleType, dict]:
+    """config.json, and the family its model_type belongs to."""
     path = hf_dir / HF_CONFIG
     try:
         config = json.loads(path.read_text())
@@ -135,81 +200,111 @@ def _read_hf_config(hf_dir: Path) -> dict:
     if not isinstance(config, dict):
         raise GptcliError(f"{path} must hold a JSON object of settings, not a {type(config).__name__}; "
                           f"it is not a Hugging Face config")
-    if config.get("model_type") != "gpt2":
-        raise GptcliError(f"{hf_dir} holds a '{shorten(str(config.get('model_type')))}' model; only "
-                          f"GPT-2 (model_type gpt2) can be imported")
-    _check_hf_sizes(path, config)
-    unsupported = {
-        "activation_function": ("gelu_new", config.get("activation_function", "gelu_new")),
-        "n_inner": (None, config.get("n_inner")),
-        "scale_attn_by_inverse_layer_idx": (False, config.get("scale_attn_by_inverse_layer_idx", False)),
-        "reorder_and_upcast_attn": (False, config.get("reorder_and_upcast_attn", False)),
-        "layer_norm_epsilon": (1e-5, config.get("layer_norm_epsilon", 1e-5)),
-    }
-    for name, (wanted, found) in unsupported.items():
-        if found != wanted and not (name == "n_inner" and found == 4 * config["n_embd"]):
-            raise GptcliError(f"{hf_dir}: {name}={shorten(repr(found))} is not supported (gptcli's GPT "
-                              f"needs {wanted!r})")
-    return config
+    kind = config.get("model_type")
+    for family in FAMILIES:
+        if kind in family.MODEL_TYPES:
+            return family, config
+    types = ", ".join(t for family in FAMILIES for t in family.MODEL_TYPES)
+    raise GptcliError(f"{hf_dir} holds a '{shorten(str(kind))}' model; gptcli imports GPT-2 and the Llama "
+                      f"family (model_type {types})")
 
 
-def _check_hf_sizes(path: Path, config: dict) -> None:
-    """The sizes GPT-2 is built from: each present, a whole number (not a boolean) of at
-    least 1; n_head divides n_embd."""
-    for name in _HF_SIZES:
-        if name not in config:
-            raise GptcliError(f"{path}: '{name}' is missing; a GPT-2 config names {', '.join(_HF_SIZES)}")
-        value = config[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise GptcliError(f"{path}: {name} must be a whole number of at least 1, got "
-                              f"{shorten(json.dumps(value))}")
-    if config["n_embd"] % config["n_head"]:
-        raise GptcliError(f"{path}: n_embd={shorten(str(config['n_embd']))} is not divisible by "
-                          f"n_head={shorten(str(config['n_head']))}; the config is damaged")
+def _stored_tensors(files: list[Path], family: ModuleType, cfg: ModelConfig) -> dict[str, _Stored]:
+    """Every tensor's name and shape, from the files' headers alone, by canonical name
+    (those the family skips left out)."""
+    stored = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    key = family.canonical(name, cfg)
+                    if key is not None:
+                        stored[key] = _Stored(name, tuple(f.get_slice(name).get_shape()), path)
+        except (OSError, SafetensorError) as exc:
+            raise GptcliError(f"{path} is unreadable: {exc}") from None
+    return stored
 
 
-def _gptcli_key(hf_key: str) -> str | None:
-    """gptcli's name for an HF GPT-2 tensor; None for the ones import skips (the tied
-    lm_head and old files' causal-mask buffers)."""
-    key = hf_key.removeprefix("transformer.")
-    if key == "lm_head.weight" or key.split(".")[-2:] in _MASK_BUFFERS:
-        return None
-    return key
-
-
-def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's name and shape, read from the weights file's header alone."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except (OSError, SafetensorError) as exc:
-        raise GptcliError(f"{path} is unreadable: {exc}") from None
-
-
-def _check_block_count(path: Path, found: dict[str, tuple[int, ...]], n_layer: int) -> None:
-    """The weights file must hold blocks h.0 ... h.{n_layer - 1}, so a config.json claiming
-    a million layers is refused before anything is built."""
-    blocks = {int(m.group(1)) for name in found if (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", name))}
+def _check_block_count(source: Path, stored: dict[str, _Stored], family: ModuleType, n_layer: int) -> None:
+    """The weights must hold blocks 0 ... n_layer - 1, so a config.json claiming a million
+    layers is refused before anything is built."""
+    blocks = {int(m.group(1)) for name in stored if (m := family.LAYER.match(name))}
     if len(blocks) != n_layer or max(blocks, default=-1) != n_layer - 1:  # exactly 0 ... n_layer - 1
-        raise GptcliError(f"{path} holds {len(blocks)} blocks but {HF_CONFIG} says n_layer="
+        raise GptcliError(f"{source} holds {len(blocks)} blocks but {HF_CONFIG} says {family.LAYERS_KEY}="
                           f"{shorten(str(n_layer), 20)}; the weights and {HF_CONFIG} do not belong together")
 
 
-def _check_weight_shapes(path: Path, found: dict[str, tuple[int, ...]], model: GPT) -> None:
-    """Every tensor of the weights file must have the shape config.json implies, checked
-    before any tensor is loaded; names the first that differs."""
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    hf_names = {_gptcli_key(name): name for name in found}  # the others are reported after loading
-    for key, shape in expected.items():  # in the model's order: wte, wpe, h.0 ...
-        if key not in hf_names:
-            continue
-        name = hf_names[key]
-        want = shape[::-1] if key.endswith(_CONV1D) else shape  # Conv1D weights are (in, out)
-        if key == "wte.weight":
-            want = (model.config.vocab_size, model.config.n_embd)  # unpadded rows
-        if found[name] != want:
-            raise GptcliError(f"{path}: {shorten(name)} has shape {list(found[name])}, but config.json "
-                              f"implies {list(want)}; the weights and config.json do not belong together")
+def _check_tensors(source: Path, checked: _Checked) -> None:
+    """Every tensor the layout needs has the shape config.json implies (the first that
+    differs is named, in the model's order), and none is missing or left over."""
+    wanted = [part for parts in checked.plan.values() for part in parts]
+    for name, shape in wanted:
+        found = checked.stored.get(name)
+        if found is not None and found.shape != shape:
+            raise GptcliError(f"{found.path}: {shorten(found.name)} has shape {list(found.shape)}, but "
+                              f"{HF_CONFIG} implies {list(shape)}; the weights and {HF_CONFIG} do not "
+                              f"belong together")
+    missing = [name for name, _ in wanted if name not in checked.stored]
+    unexpected = sorted(set(checked.stored) - {name for name, _ in wanted})
+    if missing or unexpected:
+        raise GptcliError(f"{source}: not {checked.family.NAME} weights for its {HF_CONFIG} (missing "
+                          f"{shorten(str(missing[:3]), 200)}, unexpected {shorten(str(unexpected[:3]), 200)})")
+
+
+def _check_import(hf_dir: Path) -> _Checked:
+    """Read config.json and the weight headers; refuse, before anything is built, a model
+    gptcli does not compute, weights that do not fit config.json, or a model too large."""
+    source, files = _weight_files(hf_dir)
+    family, config = _read_config(hf_dir)
+    cfg = family.model_config(config, hf_dir / HF_CONFIG)
+    stored = _stored_tensors(files, family, cfg)
+    _check_block_count(source, stored, family, cfg.n_layer)  # before the layout: n_layer may be absurd
+    check_fits(cfg, torch.device("cpu"), training=False,
+               fix=f"{hf_dir} holds a model too large for this machine (or a damaged {HF_CONFIG})")
+    checked = _Checked(family, cfg, family.layout(cfg), stored)
+    _check_tensors(source, checked)
+    return checked
+
+
+class _WeightFiles(contextlib.ExitStack):
+    """The weight files, each opened once, read one tensor at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self._open = {}
+
+    def read(self, found: _Stored) -> torch.Tensor:
+        try:
+            if found.path not in self._open:
+                self._open[found.path] = self.enter_context(safe_open(str(found.path), framework="pt"))
+            return self._open[found.path].get_tensor(found.name)
+        except (OSError, SafetensorError) as exc:
+            raise GptcliError(f"{found.path} is unreadable: {exc}") from None
+
+
+@torch.no_grad()
+def _build(checked: _Checked, vocab_size: int) -> GPT:
+    """The model with `vocab_size` tokens (at most the embedding's rows), its tensors
+    loaded one at a time from the checked files: never two copies of the whole model."""
+    model = GPT(dataclasses.replace(checked.cfg, vocab_size=vocab_size))
+    state = model.state_dict()  # the parameters themselves: copied into in place
+    with _WeightFiles() as files:
+        for key, parts in checked.plan.items():
+            value = checked.family.to_gptcli(key, [files.read(checked.stored[name]) for name, _ in parts])
+            # Copying converts to the parameters' fp32 (from bfloat16, float16).
+            if key in _VOCAB_ROWS:  # the tokens' rows; padding rows (and spare ones) zero
+                state[key].zero_()
+                state[key][:vocab_size] = value[:vocab_size]
+            else:
+                state[key].copy_(value)
+    return model.eval()
+
+
+def import_hf_model(hf_dir: str | Path, vocab_size: int | None = None) -> GPT:
+    """A gptcli GPT with the weights of an HF directory (fp32); `vocab_size`: keep only the
+    first that many token rows (default: all the embedding's)."""
+    checked = _check_import(Path(hf_dir))
+    return _build(checked, checked.cfg.vocab_size if vocab_size is None else vocab_size)
 
 
 def hf_tokenizer(hf_dir: Path, tokenizer_path: str | Path | None) -> Tokenizer:
@@ -218,81 +313,72 @@ def hf_tokenizer(hf_dir: Path, tokenizer_path: str | Path | None) -> Tokenizer:
     if tokenizer_path is not None:
         return tiktoken_from_file(tokenizer_path)
     if (hf_dir / "vocab.json").is_file():
-        vocab = json.loads((hf_dir / "vocab.json").read_text(encoding="utf-8"))
-        ranks = ranks_from_vocab(vocab)
-        return tiktoken_from_ranks(ranks, "gpt2", GPT2_PATTERN, {EOT: vocab.get(EOT, len(ranks))})
+        return _gpt2_vocab_tokenizer(hf_dir)
     return named_tiktoken("gpt2")
 
 
-def import_hf_model(hf_dir: str | Path) -> GPT:
-    """A gptcli GPT with the weights of an HF GPT-2 directory (fp32)."""
-    hf_dir = Path(hf_dir)
-    if not (hf_dir / HF_WEIGHTS).is_file():
-        if (hf_dir / HF_PICKLE).is_file():
-            raise GptcliError(
-                f"{hf_dir} has only {HF_PICKLE} (a pickle, which gptcli never loads); convert it with "
-                f"transformers: GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR, "
-                f"safe_serialization=True)")
-        raise GptcliError(f"{hf_dir} has no {HF_WEIGHTS}")
-    config = _read_hf_config(hf_dir)
-    cfg = ModelConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
-                      block_size=config["n_positions"], vocab_size=config["vocab_size"], bias=True,
-                      dropout=0.0)
-    found = _header_shapes(hf_dir / HF_WEIGHTS)
-    _check_block_count(hf_dir / HF_WEIGHTS, found, cfg.n_layer)  # before building: n_layer may be absurd
-    check_fits(cfg, torch.device("cpu"), training=False,
-               fix=f"{hf_dir} holds a model too large for this machine (or a damaged {HF_CONFIG})")
-    model = GPT(cfg)
-    _check_weight_shapes(hf_dir / HF_WEIGHTS, found, model)
+def _gpt2_vocab_tokenizer(hf_dir: Path) -> Tokenizer:
+    vocab = json.loads((hf_dir / "vocab.json").read_text(encoding="utf-8"))
+    ranks = ranks_from_vocab(vocab)
+    return tiktoken_from_ranks(ranks, "gpt2", GPT2_PATTERN, {EOT: vocab.get(EOT, len(ranks))})
+
+
+def llama_tokenizer(hf_dir: Path, tokenizer_path: str | Path | None) -> Tokenizer:
+    """The tokenizer of an HF Llama-family directory: a given .tiktoken file, its
+    tokenizer.json, or GPT-2's vocab.json where tokenizer_config.json says it is GPT-2's
+    (as export-hf writes for a model trained with the gpt2 tokenizer)."""
+    if tokenizer_path is not None:
+        return tiktoken_from_file(tokenizer_path)
+    if (hf_dir / HF_TOKENIZER).is_file():
+        from gptcli.data.hf_tokenizer import read_hf_tokenizer  # tiktoken and regex: only when needed
+
+        return read_hf_tokenizer(hf_dir)
+    if (hf_dir / "vocab.json").is_file() and _tokenizer_class(hf_dir) in ("GPT2Tokenizer", "GPT2TokenizerFast"):
+        return _gpt2_vocab_tokenizer(hf_dir)
+    raise GptcliError(f"{hf_dir} has no {HF_TOKENIZER}; copy the model's tokenizer files next to its weights, "
+                      f"or pass --tokenizer FILE.tiktoken")
+
+
+def _tokenizer_class(hf_dir: Path) -> str | None:
     try:
-        weights = load_file(hf_dir / HF_WEIGHTS)
-    except (OSError, SafetensorError) as exc:
-        raise GptcliError(f"{hf_dir / HF_WEIGHTS} is unreadable: {exc}") from None
-    state = {}
-    for hf_key, value in weights.items():
-        key = _gptcli_key(hf_key)
-        if key is None:
-            continue
-        if key.endswith(_CONV1D):
-            value = value.t()
-        if key == "wte.weight":  # pad to gptcli's vocabulary rows with zeros
-            padded = torch.zeros(cfg.padded_vocab_size, cfg.n_embd, dtype=value.dtype)
-            padded[: value.size(0)] = value
-            value = padded
-        state[key] = value.float().contiguous()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) - {"lm_head.weight"} or unexpected:
-        raise GptcliError(f"{hf_dir / HF_WEIGHTS}: not GPT-2 weights (missing {sorted(missing)[:3]}, "
-                          f"unexpected {shorten(str(unexpected[:3]), 200)})")
-    return model.eval()
+        return json.loads((hf_dir / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _vocab_size(tokenizer: Tokenizer, checked: _Checked) -> int:
+    """gptcli's vocabulary for the tokenizer and the checked embedding: the tokenizer's ids,
+    which the embedding must cover (with rows to spare only in families that pad them)."""
+    rows = checked.cfg.vocab_size
+    if tokenizer.vocab_size == rows or (checked.family.SPARE_ROWS and tokenizer.vocab_size < rows):
+        return tokenizer.vocab_size
+    raise GptcliError(f"the tokenizer has {tokenizer.vocab_size} ids but the model {rows} embedding rows; "
+                      f"import the model with its own tokenizer")
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_path: str | Path | None = None,
               overwrite: bool = False) -> Path:
-    """`gptcli import-hf`: write an HF GPT-2 directory as a gptcli checkpoint directory
-    (`overwrite`: replacing an earlier import)."""
+    """`gptcli import-hf`: write an HF directory (GPT-2 or the Llama family) as a gptcli
+    checkpoint directory (`overwrite`: replacing an earlier import)."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise GptcliError(f"{hf_dir} is not a directory")
     target = check_output_dir(out, "checkpoint", replace=overwrite,
                               inputs=input_paths([hf_dir, tokenizer_path or ""]))
-    model = import_hf_model(hf_dir)
-    tokenizer = hf_tokenizer(hf_dir, tokenizer_path)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise GptcliError(f"the tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}")
-    note = f"# imported from Hugging Face GPT-2 directory {hf_dir}\n"
+    checked = _check_import(hf_dir)  # the weights first: the tokenizer may need a download
+    read_tokenizer = hf_tokenizer if checked.family is hf_gpt2 else llama_tokenizer
+    tokenizer = read_tokenizer(hf_dir, tokenizer_path)
+    model = _build(checked, _vocab_size(tokenizer, checked))
+    note = f"# imported from Hugging Face {checked.family.NAME} directory {hf_dir}\n"
     save_checkpoint(target, model, tokenizer, note, mark_as="checkpoint")
     return Path(out)
 
 
 def cached_import(hf_dir: Path) -> Path:
     """An HF directory used where a checkpoint is expected: imported once into the cache,
-    keyed by its path, size and modification time."""
-    weights = hf_dir / HF_WEIGHTS
-    if not weights.is_file():
-        import_hf_model(hf_dir)  # raises the right error (pickle only, no weights)
-    info = weights.stat()
-    stamp = f"{hf_dir.resolve()}:{info.st_size}:{info.st_mtime_ns}"
+    keyed by its path and its weight files' sizes and modification times."""
+    _, files = _weight_files(hf_dir)  # raises the right error (pickle only, no weights)
+    stamp = ":".join([str(hf_dir.resolve()), *(f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)])
     target = cache_root().parent / "hf" / hashlib.sha256(stamp.encode()).hexdigest()[:24]
     if not is_checkpoint(target):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -303,10 +389,23 @@ def cached_import(hf_dir: Path) -> Path:
 # --- export ------------------------------------------------------------------------------
 
 
+def _hf_state(model, classifier: bool) -> dict[str, torch.Tensor]:
+    """The model's tensors that the HF class holds: vocabulary rows unpadded, no lm_head
+    when it is wte or when a classifier has no use for it."""
+    cfg = model.config
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight" and (cfg.tie_embeddings or classifier):
+            continue
+        state[key] = value[: cfg.vocab_size] if key in _VOCAB_ROWS else value
+    return state
+
+
 def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
     """`gptcli export-hf`: the checkpoint directory `source` as an HF directory that
-    transformers loads (`overwrite`: replacing an earlier export). The export may not
-    overlap the checkpoint nor the run that holds it."""
+    transformers loads (`overwrite`: replacing an earlier export): GPT-2 for arch gpt2,
+    the Llama-family class that computes it for arch llama. The export may not overlap the
+    checkpoint nor the run that holds it."""
     run = source.parent.parent if source.parent.name == CHECKPOINTS else source
     target = check_output_dir(out, "hf-export", replace=overwrite, inputs=input_paths([run, source]))
     model, tokenizer = load_model(source)
@@ -314,31 +413,15 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
     if model.lora_spec is not None:
         merge_lora(model)
     cfg = model.config
-    state = model.state_dict()  # GPT-2's names (plus `score.weight` for a classifier)
-    weights = {}
-    for key, value in state.items():
-        if key == "lm_head.weight":
-            continue
-        if key == "wte.weight":
-            value = value[: cfg.vocab_size]
-        if key.endswith(_CONV1D):
-            value = value.t()
-        prefix = "" if key.startswith("score.") else "transformer."
-        weights[prefix + key] = value.contiguous()
-    if not cfg.bias:  # GPT-2 always has biases: zeros compute the same function
-        for key, value in state.items():
-            layer = key.removesuffix(".weight")  # a linear layer or LayerNorm, unless an embedding or head
-            if key.endswith(".weight") and layer not in ("wte", "wpe", "lm_head", "score"):
-                weights[f"transformer.{layer}.bias"] = torch.zeros(value.shape[0])  # (out,) or (C,)
+    family = _BY_ARCH[cfg.arch]
+    problems = family.export_problems(cfg)
+    if problems:
+        raise GptcliError(f"{source} cannot be exported: no {family.NAME} class in transformers computes "
+                          f"{'; '.join(problems)}; {family.EXPORTABLE}")
+    weights = family.hf_weights(_hf_state(model, classifier), cfg)
     config = {
-        "model_type": "gpt2",
-        "architectures": ["GPT2ForSequenceClassification" if classifier else "GPT2LMHeadModel"],
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
-        "tie_word_embeddings": True, "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
+        **family.hf_config(cfg), "architectures": [family.architecture(cfg, classifier)],
+        "vocab_size": cfg.vocab_size, "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
         "torch_dtype": "float32",
     }
     if classifier:
@@ -352,13 +435,15 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         (work / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if _is_gpt2_tokenizer(tokenizer):
-            vocab, merges = tokenizer_files(tokenizer.encoding._mergeable_ranks)
-            vocab[EOT] = tokenizer.eot_id
-            (work / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-            (work / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-            (work / "tokenizer_config.json").write_text(json.dumps(
-                {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT,
-                 "unk_token": EOT, "model_max_length": cfg.block_size, "add_prefix_space": False}))
+            _write_gpt2_tokenizer(work, tokenizer, cfg.block_size)
     return Path(out)
 
 
+def _write_gpt2_tokenizer(work: Path, tokenizer: TiktokenTokenizer, block_size: int) -> None:
+    vocab, merges = tokenizer_files(tokenizer.encoding._mergeable_ranks)
+    vocab[EOT] = tokenizer.eot_id
+    (work / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (work / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (work / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT,
+         "unk_token": EOT, "model_max_length": block_size, "add_prefix_space": False}))

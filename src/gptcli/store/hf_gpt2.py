@@ -1,0 +1,168 @@
+"""Hugging Face GPT-2 <-> gptcli's `gpt2` arch: the mappings that store/hf.py drives (no
+file access here).
+
+Weight layout differences, and nothing else:
+- HF GPT-2 stores linear layers as `Conv1D`, weight (in, out): transposed here.
+- Keys may carry a `transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model, as the hub's
+  `gpt2` files); `lm_head.weight` is tied to `wte` and the `attn.bias`/`attn.masked_bias`
+  buffers of old files are causal masks, so all three are ignored.
+GPT-2 always has biases: a gptcli model without some (`bias: false`, or q/k/v biases only)
+exports with zeros in their place, which compute the same function. What GPT-2 has no
+place for (rotary positions, RMSNorm, another MLP, grouped or resized heads, q/k norms, an
+untied head, a logit soft-cap) is refused on export.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from gptcli.config import ModelConfig
+from gptcli.errors import GptcliError, shorten
+
+NAME = "GPT-2"
+MODEL_TYPES = ("gpt2",)
+LAYERS_KEY = "n_layer"  # config.json's block count
+LAYER = re.compile(r"h\.(\d+)\.")  # the block index in a (canonical) tensor name
+SPARE_ROWS = False  # GPT-2's embedding has exactly one row per token: the tokenizer must match it
+EXPORTABLE = "export-hf writes GPT-2 only for models with GPT-2's own components (the arch gpt2 defaults)"
+
+_SIZES = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_MASK_BUFFERS = (["attn", "bias"], ["attn", "masked_bias"])  # h.N.attn.bias: a causal mask, not a weight
+
+
+# --- import ------------------------------------------------------------------------------
+
+
+def model_config(config: dict, path: Path) -> ModelConfig:
+    """The gptcli shape of a GPT-2 config.json (at `path`), refusing settings gptcli's GPT
+    does not compute."""
+    _check_sizes(path, config)
+    unsupported = {
+        "activation_function": ("gelu_new", config.get("activation_function", "gelu_new")),
+        "n_inner": (None, config.get("n_inner")),
+        "scale_attn_by_inverse_layer_idx": (False, config.get("scale_attn_by_inverse_layer_idx", False)),
+        "reorder_and_upcast_attn": (False, config.get("reorder_and_upcast_attn", False)),
+        "layer_norm_epsilon": (1e-5, config.get("layer_norm_epsilon", 1e-5)),
+    }
+    for name, (wanted, found) in unsupported.items():
+        if found != wanted and not (name == "n_inner" and found == 4 * config["n_embd"]):
+            raise GptcliError(f"{path.parent}: {name}={shorten(repr(found))} is not supported (gptcli's GPT "
+                              f"needs {wanted!r})")
+    return ModelConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
+                       block_size=config["n_positions"], vocab_size=config["vocab_size"], bias=True,
+                       dropout=0.0)
+
+
+def _check_sizes(path: Path, config: dict) -> None:
+    """The sizes GPT-2 is built from: each present, a whole number (not a boolean) of at
+    least 1; n_head divides n_embd."""
+    for name in _SIZES:
+        if name not in config:
+            raise GptcliError(f"{path}: '{name}' is missing; a GPT-2 config names {', '.join(_SIZES)}")
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GptcliError(f"{path}: {name} must be a whole number of at least 1, got "
+                              f"{shorten(json.dumps(value))}")
+    if config["n_embd"] % config["n_head"]:
+        raise GptcliError(f"{path}: n_embd={shorten(str(config['n_embd']))} is not divisible by "
+                          f"n_head={shorten(str(config['n_head']))}; the config is damaged")
+
+
+def canonical(name: str, cfg: ModelConfig) -> str | None:
+    """The name `layout` gives a stored tensor (gptcli's); None for those import skips
+    (the tied lm_head and old files' causal-mask buffers)."""
+    key = name.removeprefix("transformer.")
+    if key == "lm_head.weight" or key.split(".")[-2:] in _MASK_BUFFERS:
+        return None
+    return key
+
+
+def layout(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """For each gptcli tensor, in the model's order, the HF tensor it is (canonical name
+    and HF shape: Conv1D weights are (in, out)). The lm_head is wte."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    shapes = {"wte.weight": (V, C), "wpe.weight": (cfg.block_size, C)}
+    for i in range(cfg.n_layer):
+        shapes.update({f"h.{i}.{name}": shape for name, shape in _block_shapes(C).items()})
+    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    return {key: [(key, shape)] for key, shape in shapes.items()}
+
+
+def _block_shapes(C: int) -> dict[str, tuple[int, ...]]:
+    return {"ln_1.weight": (C,), "ln_1.bias": (C,),
+            "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+            "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+            "ln_2.weight": (C,), "ln_2.bias": (C,),
+            "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
+            "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
+
+
+def to_gptcli(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """gptcli's tensor `key` from its one HF tensor: Conv1D weights transposed to (out, in)."""
+    (value,) = parts
+    return value.t() if key.endswith(_CONV1D) else value
+
+
+# --- export ------------------------------------------------------------------------------
+
+
+def export_problems(cfg: ModelConfig) -> list[str]:
+    """The components of `cfg` (resolved) that GPT-2 has no place for, each with its reason."""
+    problems = []
+    if cfg.position != "learned":
+        problems.append(f"model.position={cfg.position} (GPT-2 learns position embeddings)")
+    if cfg.norm != "layernorm":
+        problems.append(f"model.norm={cfg.norm} (GPT-2 uses LayerNorm)")
+    if cfg.mlp != "gelu":
+        problems.append(f"model.mlp={cfg.mlp} (GPT-2's MLP is GELU)")
+    if cfg.n_kv_head != cfg.n_head:
+        problems.append(f"model.n_kv_head={cfg.n_kv_head} with n_head={cfg.n_head} (GPT-2 has no "
+                        f"grouped-query attention)")
+    if cfg.head_dim * cfg.n_head != cfg.n_embd:
+        problems.append(f"model.head_dim={cfg.head_dim} (GPT-2's heads are n_embd / n_head = "
+                        f"{cfg.n_embd / cfg.n_head:g} wide)")
+    if cfg.qk_norm:
+        problems.append("model.qk_norm (GPT-2 has no query/key norms)")
+    if not cfg.tie_embeddings:
+        problems.append("model.tie_embeddings=false (GPT-2's output head is wte)")
+    if cfg.logit_softcap:
+        problems.append(f"model.logit_softcap={cfg.logit_softcap} (GPT-2 does not cap logits)")
+    return problems
+
+
+def architecture(cfg: ModelConfig, classifier: bool) -> str:
+    return "GPT2ForSequenceClassification" if classifier else "GPT2LMHeadModel"
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """config.json's GPT-2 settings for `cfg` (hf.py adds vocabulary, tokens and dtype)."""
+    return {
+        "model_type": "gpt2", "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+        "n_inner": None if cfg.mlp_hidden == 4 * cfg.n_embd else cfg.mlp_hidden,
+        "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+        "tie_word_embeddings": True,
+    }
+
+
+def hf_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF GPT-2 tensors from gptcli's `state` (unpadded vocabulary rows, no lm_head; plus
+    `score.weight` for a classifier)."""
+    weights = {}
+    for key, value in state.items():
+        if key.endswith(_CONV1D):
+            value = value.t()
+        prefix = "" if key.startswith("score.") else "transformer."
+        weights[prefix + key] = value.contiguous()
+    for key, value in state.items():  # GPT-2 always has biases: zeros compute the same function
+        layer = key.removesuffix(".weight")  # a linear layer or LayerNorm, unless an embedding or head
+        if key.endswith(".weight") and layer not in ("wte", "wpe", "score"):
+            weights.setdefault(f"transformer.{layer}.bias", torch.zeros(value.shape[0]))  # (out,) or (C,)
+    return weights

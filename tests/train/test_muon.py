@@ -1,0 +1,306 @@
+"""train.optimizer=muon: which parameters Muon gets, the combined optimizer's state dict,
+the learning-rate schedule of its groups, and Muon under torchrun (DDP trains, FSDP is
+refused; FSDP with AdamW still trains a llama model)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import tiny_config
+from safetensors.torch import load_file
+from test_distributed import losses, torchrun, write_config
+
+from gptcli.config import ModelConfig, TrainConfig, config_from_dict
+from gptcli.errors import GptcliError
+from gptcli.model.gpt import GPT
+from gptcli.model.heads import GPTClassifier
+from gptcli.store.checkpoint import load_trainer_state
+from gptcli.tasks.pretrain import pretrain
+from gptcli.train.loop import _check_same_optimizer
+from gptcli.train.optim import Optimizers, build_optimizer, lr_at
+
+CPU = torch.device("cpu")
+MUON = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.05, muon_momentum=0.9, weight_decay=0.1)
+needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with the gloo backend")
+
+
+def llama(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(**{"arch": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32,
+                              "block_size": 16, "vocab_size": 60, "qk_norm": True, "attn_bias": True,
+                              **overrides}))
+
+
+def batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randint(0, 60, (2, 4, 16), generator=generator)) for _ in range(n)]
+
+
+def train_steps(model: torch.nn.Module, optimizer, data) -> None:
+    for x, y in data:
+        optimizer.zero_grad(set_to_none=True)
+        (model(x, y) / y.numel()).backward()
+        optimizer.step()
+
+
+def names_of(model: torch.nn.Module, params) -> set[str]:
+    by_id = {id(p): name.removeprefix("trunk.") for name, p in model.named_parameters()}
+    return {by_id[id(p)] for p in params}
+
+
+# --- which parameters Muon gets --------------------------------------------------------------
+
+def test_muon_gets_exactly_the_2d_block_weights():
+    model = llama()
+    opt = build_optimizer(model, MUON, CPU)
+    assert isinstance(opt, Optimizers) and len(opt.parts) == 2
+    adamw, muon = opt.parts
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    matrices = {f"h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    in_muon = names_of(model, [p for g in muon.param_groups for p in g["params"]])
+    in_adamw = names_of(model, [p for g in adamw.param_groups for p in g["params"]])
+    assert in_muon == matrices
+    assert in_adamw == {n for n, _ in model.named_parameters()} - matrices
+    assert {"wte.weight", "lm_head.weight", "ln_f.weight", "h.0.ln_1.weight", "h.1.attn.q_norm.weight",
+            "h.1.attn.k_norm.weight", "h.0.attn.c_attn.bias"} <= in_adamw
+    # AdamW decays its matrices (embeddings, head) and not its vectors (norm gains, biases).
+    decayed, plain = adamw.param_groups
+    assert names_of(model, decayed["params"]) == {"wte.weight", "lm_head.weight"}
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 1 for p in plain["params"])
+    # Muon at its own learning rate, momentum and decay; lr_scale is its height over train.lr.
+    (group,) = muon.param_groups
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.05, 0.9, 0.1)
+    assert group["lr_scale"] == pytest.approx(0.05 / 3e-3)
+    assert [g["lr_scale"] for g in adamw.param_groups] == [1.0, 1.0]
+    assert [g["lr"] for g in opt.param_groups] == [3e-3, 3e-3, 0.05]
+
+
+def test_muon_split_under_a_head_with_frozen_and_tied_weights():
+    """A classifier's score matrix is outside the blocks (AdamW); frozen weights are in
+    neither optimizer; a tied head is the embedding, counted once."""
+    trunk = llama(tie_embeddings=True)
+    model = GPTClassifier(trunk, ["a", "b", "c"])
+    trunk.wte.weight.requires_grad_(False)
+    trunk.h[0].attn.c_attn.weight.requires_grad_(False)
+    opt = build_optimizer(model, MUON, CPU)
+    adamw, muon = opt.parts
+    in_muon = names_of(model, [p for g in muon.param_groups for p in g["params"]])
+    in_adamw = names_of(model, [p for g in adamw.param_groups for p in g["params"]])
+    assert "score.weight" in in_adamw and "h.0.attn.c_attn.weight" not in in_muon | in_adamw
+    assert "wte.weight" not in in_adamw and "lm_head.weight" not in in_adamw  # tied: the same tensor
+    assert len(in_muon) == 7 and not in_muon & in_adamw
+    trainable = {n.removeprefix("trunk.") for n, p in model.named_parameters() if p.requires_grad}
+    assert in_muon | in_adamw == trainable
+
+
+def test_adamw_is_one_plain_optimizer_over_everything():
+    model = llama()
+    opt = build_optimizer(model, TrainConfig(), CPU)
+    assert type(opt) is torch.optim.AdamW
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert not any("ns_steps" in g for g in opt.state_dict()["param_groups"])
+
+
+# --- the combined state dict -------------------------------------------------------------------
+
+def test_state_dict_has_one_optimizers_layout():
+    model = llama()
+    opt = build_optimizer(model, MUON, CPU)
+    train_steps(model, opt, batches(1))
+    state = opt.state_dict()
+    flat = [p for group in opt.param_groups for p in group["params"]]
+    n_adamw = sum(len(group["params"]) for group in opt.parts[0].param_groups)
+    assert n_adamw == 13  # wte, lm_head, ln_f; per block ln_1, ln_2, q_norm, k_norm, c_attn.bias
+    assert [i for g in state["param_groups"] for i in g["params"]] == list(range(len(flat)))
+    assert sorted(state["state"]) == list(range(len(flat)))  # every parameter has moments
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            if slot != "step":  # AdamW's step counter is a scalar
+                assert value.shape == flat[index].shape, (index, slot)
+        # AdamW's moments for AdamW's parameters, Muon's momentum buffer for Muon's.
+        assert set(slots) == ({"momentum_buffer"} if index >= n_adamw else {"step", "exp_avg", "exp_avg_sq"})
+    assert ["ns_steps" in g for g in state["param_groups"]] == [False, False, True]
+    json.dumps(state["param_groups"])  # the checkpoint writes the groups as JSON
+
+
+def test_state_dict_round_trip_continues_bit_identically():
+    data = batches(6, seed=1)
+    original = llama()
+    opt = build_optimizer(original, MUON, CPU)
+    for group in opt.param_groups:  # a learning rate of the schedule's, as the loop sets
+        group["lr"] = 0.5 * group["lr_scale"] * MUON.lr
+    train_steps(original, opt, data[:3])
+    saved = copy.deepcopy(opt.state_dict())
+    weights = copy.deepcopy(original.state_dict())
+
+    restored = llama(seed=99)  # other initial weights, then the saved ones
+    restored.load_state_dict(weights)
+    fresh = build_optimizer(restored, MUON, CPU)
+    fresh.load_state_dict(copy.deepcopy(saved))
+    assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in opt.param_groups]
+    loaded = fresh.state_dict()
+    for index, slots in saved["state"].items():
+        for slot, value in slots.items():
+            assert torch.equal(loaded["state"][index][slot], value), (index, slot)
+
+    forgetful = llama(seed=99)  # the same weights, but a new optimizer state
+    forgetful.load_state_dict(weights)
+    new = build_optimizer(forgetful, MUON, CPU)
+    for group in new.param_groups:
+        group["lr"] = 0.5 * group["lr_scale"] * MUON.lr
+
+    for model, optimizer in ((original, opt), (restored, fresh), (forgetful, new)):
+        train_steps(model, optimizer, data[3:])
+    for name, value in original.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+    assert not all(torch.equal(forgetful.state_dict()[n], v) for n, v in original.state_dict().items())
+    again = fresh.state_dict()
+    for index, slots in opt.state_dict()["state"].items():
+        for slot, value in slots.items():
+            assert torch.equal(again["state"][index][slot], value), (index, slot)
+
+
+def test_loading_the_other_optimizers_state_is_refused_by_name():
+    adamw_state = build_optimizer(llama(), TrainConfig(), CPU).state_dict()
+    muon_state = build_optimizer(llama(), MUON, CPU).state_dict()
+    _check_same_optimizer(muon_state, "muon")
+    _check_same_optimizer(adamw_state, "adamw")
+    with pytest.raises(GptcliError, match=r"^the run was trained with train.optimizer=muon, so it "
+                                          r"resumes with it .*drop --set train.optimizer=adamw"):
+        _check_same_optimizer(muon_state, "adamw")
+    with pytest.raises(GptcliError, match=r"train.optimizer=adamw, .*drop --set train.optimizer=muon"):
+        _check_same_optimizer(adamw_state, "muon")
+
+
+# --- the learning-rate schedule in the training loop -----------------------------------------------
+
+def test_muon_groups_follow_the_schedule_at_muon_lr(tmp_path, corpus_dir):
+    cfg = tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=5, warmup_steps=2, lr=3e-3, min_lr=3e-4,
+                      save_every=1, eval_every=5, log_every=1, optimizer="muon", muon_lr=0.05)
+    cfg["model"].update(arch="llama", block_size=16)
+    run = config_from_dict(cfg)
+    pretrain(run)
+    schedule = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                if "lr" in r]
+    assert schedule == pytest.approx([lr_at(s, run.train) for s in range(5)])
+    assert len(set(schedule)) == 5  # warmup then decay: every step its own rate
+    for step in range(1, 6):
+        groups = load_trainer_state(tmp_path / "run" / "checkpoints" / f"step-{step:06d}").optimizer["param_groups"]
+        factor = lr_at(step - 1, run.train) / run.train.lr
+        assert [g["lr"] for g in groups] == pytest.approx([3e-3 * factor, 3e-3 * factor, 0.05 * factor])
+        assert ["ns_steps" in g for g in groups] == [False, False, True]
+
+
+# --- under torchrun ------------------------------------------------------------------------------
+
+# Runs `gptcli` in each process and, after training, saves that process's weights, so the
+# ranks can be compared with each other (not only rank 0's checkpoint).
+SPY = """
+import os, sys, torch
+import gptcli.tasks.run as run
+from gptcli.cli.app import main
+
+original = run.train_loop
+
+def train_loop(model, *args, **kwargs):
+    state = original(model, *args, **kwargs)
+    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    torch.save(weights, os.path.join(os.environ["SPY_DIR"], f"rank{os.environ['RANK']}.pt"))
+    return state
+
+run.train_loop = train_loop
+sys.argv = ["gptcli", *sys.argv[1:]]
+main()
+"""
+
+
+def torchrun_spied(args, cwd, nproc=2):
+    (cwd / "spy.py").write_text(SPY)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(cwd / "spy.py"), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SPY_DIR": str(cwd)})
+
+
+@pytest.fixture
+def llama_base(tmp_path, corpus_dir):
+    cfg = tiny_config([str(corpus_dir)], str(tmp_path / "two"), max_steps=6, log_every=1, eval_every=6,
+                      save_every=6, batch_size=4, grad_accum=1, lr_decay_steps=6, eval_batches=1)
+    cfg["model"].update(arch="llama", n_kv_head=1, block_size=16, dropout=0.0)
+    return cfg
+
+
+def _single_process(tmp_path, cfg):
+    single = json.loads(json.dumps(cfg))
+    single["out_dir"] = str(tmp_path / "one")
+    single["train"]["batch_size"] = 8  # 2 processes x 4 sequences
+    pretrain(config_from_dict(single))
+    return tmp_path / "one"
+
+
+@needs_gloo
+def test_ddp_with_muon_keeps_the_ranks_identical(tmp_path, llama_base):
+    llama_base["train"].update(optimizer="muon", parallel="ddp")
+    done = torchrun_spied(["pretrain", write_config(tmp_path / "two.yaml", llama_base)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes (ddp)" in done.stderr
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    for name, value in rank0.items():  # every step kept the two copies bit-identical
+        assert torch.equal(rank1[name], value), name
+    # The same global batch in one process: the same losses, up to Muon's bf16
+    # orthogonalisation of gradients that were summed in another order.
+    one = _single_process(tmp_path, llama_base)
+    two, single = losses(tmp_path / "two"), losses(one)
+    assert sorted(two) == list(range(1, 7))
+    assert max(abs(two[s] - single[s]) for s in two) < 2e-3
+    assert two[6] < two[1] - 0.1  # it learns
+    # Rank 0's checkpoint holds exactly its weights, and Muon's state.
+    checkpoint = tmp_path / "two" / "checkpoints" / "step-000006"
+    trained = load_trainer_state(checkpoint).optimizer
+    assert ["ns_steps" in g for g in trained["param_groups"]] == [False, False, True]
+    saved = load_file(checkpoint / "model.safetensors")
+    assert saved.keys() == rank0.keys()  # untied: lm_head is a tensor of its own
+    for name, value in saved.items():
+        assert torch.equal(value, rank0[name]), name
+    reference = load_file(one / "checkpoints" / "step-000006" / "model.safetensors")
+    assert max((reference[n] - saved[n]).abs().max().item() for n in saved) < 2e-2
+
+
+@needs_gloo
+def test_fsdp_with_muon_is_refused(tmp_path, llama_base):
+    llama_base["train"].update(optimizer="muon", parallel="fsdp")
+    done = torchrun(["pretrain", write_config(tmp_path / "two.yaml", llama_base)], tmp_path)
+    assert done.returncode != 0
+    message = ("error: train.optimizer=muon needs whole weight matrices, which train.parallel=fsdp shards "
+               "over the processes; use train.parallel=ddp (every process holds whole weights) or "
+               "train.optimizer=adamw")
+    assert done.stderr.count(message) == 1, done.stderr[-3000:]  # rank 0 alone reports it, on one line
+    assert "exitcode  : 2" in done.stderr  # each process exited as gptcli exits on a user error
+    assert "Traceback" not in done.stderr.split(message)[0]
+    assert not (tmp_path / "two" / "checkpoints").exists()
+
+
+@needs_gloo
+def test_fsdp_with_adamw_trains_llama_as_one_process_does(tmp_path, llama_base):
+    llama_base["train"]["parallel"] = "fsdp"
+    done = torchrun(["pretrain", write_config(tmp_path / "two.yaml", llama_base)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes (fsdp)" in done.stderr
+    one = _single_process(tmp_path, llama_base)
+    two, single = losses(tmp_path / "two"), losses(one)
+    assert sorted(two) == list(range(1, 7))
+    assert max(abs(two[s] - single[s]) for s in two) < 1e-5
+    # Whole tensors in the checkpoint, untied head included, equal to one process's.
+    saved = load_file(tmp_path / "two" / "checkpoints" / "step-000006" / "model.safetensors")
+    reference = load_file(one / "checkpoints" / "step-000006" / "model.safetensors")
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in reference.items()}
+    assert "lm_head.weight" in saved and not torch.equal(saved["lm_head.weight"], saved["wte.weight"])
+    assert max((reference[n] - saved[n]).abs().max().item() for n in saved) < 1e-5
