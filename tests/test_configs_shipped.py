@@ -40,6 +40,10 @@ SHIPPED = {
     "gpt2-124m.yaml": ("pretrain", [*TINY, "model.block_size=64", "train.batch_size=2",
                                     "train.grad_accum=1", f"data.inputs=[{SHAKESPEARE}]",
                                     f"data.tokenizer={GPT2_TIKTOKEN}"]),
+    "shakespeare-char-modern.yaml": ("pretrain", TINY),
+    "gpt2-124m-modern.yaml": ("pretrain", [*TINY, "model.block_size=64", "train.batch_size=2",
+                                           "train.grad_accum=1", f"data.inputs=[{SHAKESPEARE}]",
+                                           f"data.tokenizer={GPT2_TIKTOKEN}"]),
     "finetune-classify.yaml": ("finetune", []),
     "finetune-instruct.yaml": ("finetune", []),
     "finetune-lm.yaml": ("finetune", []),
@@ -48,6 +52,8 @@ NEEDS = {  # shared data files the configs read
     "shakespeare-char.yaml": [needs_shakespeare],
     "shakespeare-char-gpu.yaml": [needs_shakespeare],
     "gpt2-124m.yaml": [needs_shakespeare, needs_gpt2_ranks],
+    "shakespeare-char-modern.yaml": [needs_shakespeare],
+    "gpt2-124m-modern.yaml": [needs_shakespeare, needs_gpt2_ranks],
     "finetune-lm.yaml": [needs_shakespeare],
 }
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 from conftest import tiny_config
 from safetensors.torch import load_file
 from test_distributed import losses, torchrun, write_config
@@ -22,6 +23,7 @@ from gptcli.model.heads import GPTClassifier
 from gptcli.store.checkpoint import load_trainer_state
 from gptcli.tasks.pretrain import pretrain
 from gptcli.train.loop import _check_same_optimizer
+from gptcli.train.muon import Muon
 from gptcli.train.optim import Optimizers, build_optimizer, lr_at
 
 CPU = torch.device("cpu")
@@ -61,7 +63,7 @@ def test_muon_gets_exactly_the_2d_block_weights():
     opt = build_optimizer(model, MUON, CPU)
     assert isinstance(opt, Optimizers) and len(opt.parts) == 2
     adamw, muon = opt.parts
-    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)
     matrices = {f"h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     in_muon = names_of(model, [p for g in muon.param_groups for p in g["params"]])
     in_adamw = names_of(model, [p for g in adamw.param_groups for p in g["params"]])
@@ -304,3 +306,24 @@ def test_fsdp_with_adamw_trains_llama_as_one_process_does(tmp_path, llama_base):
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in reference.items()}
     assert "lm_head.weight" in saved and not torch.equal(saved["lm_head.weight"], saved["wte.weight"])
     assert max((reference[n] - saved[n]).abs().max().item() for n in saved) < 1e-5
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_equals_torch_muon(nesterov):
+    """gptcli's Muon stacks matrices of one shape; its steps equal torch.optim.Muon's."""
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 16), (16, 40), (48, 16), (16, 16)]  # tall, square, wide; repeated
+    ours = [nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    settings = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.9, "nesterov": nesterov}
+    ours_opt, theirs_opt = Muon(ours, **settings), torch.optim.Muon(theirs, **settings)
+    for _ in range(4):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape)
+            b.grad = a.grad.clone()
+        ours_opt.step()
+        theirs_opt.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours_opt.state_dict()["state"][0]["momentum_buffer"],
+                               theirs_opt.state_dict()["state"][0]["momentum_buffer"])

@@ -355,14 +355,14 @@ def sample(
 
 @app.command("import-hf")
 def import_hf(
-    hf_dir: Annotated[Path, typer.Argument(help="A Hugging Face GPT-2 directory (config.json + model.safetensors).")],
+    hf_dir: Annotated[Path, typer.Argument(help="A Hugging Face GPT-2, Llama, Qwen2, Qwen3 or Mistral directory (config.json + model.safetensors, or its shards).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
     tokenizer: Annotated[Optional[Path], typer.Option(
-        help="GPT-2's ranks as a .tiktoken file, for machines without internet "
-             "(default: the directory's vocab.json, else tiktoken's gpt2).")] = None,
+        help="A .tiktoken ranks file to use instead of the directory's tokenizer (default: its "
+             "tokenizer.json or GPT-2 vocab.json; for GPT-2 without either, tiktoken's gpt2).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a checkpoint that import-hf wrote at --out.")] = False,
 ) -> None:
-    """Import OpenAI's GPT-2 (or any HF GPT-2) as a gptcli checkpoint.
+    """Import a Hugging Face model (GPT-2, Llama, Qwen2/3, Mistral) as a gptcli checkpoint.
 
     Example: gptcli import-hf ~/models/gpt2 --out checkpoints/gpt2
     """
@@ -379,7 +379,7 @@ def export_hf(
     out: Annotated[Path, typer.Option("--out", "-o", help="Hugging Face directory to write.")],
     overwrite: Annotated[bool, typer.Option(help="Replace a directory that export-hf wrote at --out.")] = False,
 ) -> None:
-    """Export a checkpoint for transformers (GPT2LMHeadModel or GPT2ForSequenceClassification).
+    """Export a checkpoint for transformers: GPT-2, Llama, Qwen2 or Qwen3 (a classifier as ...ForSequenceClassification).
 
     Example: gptcli export-hf runs/demo --out hf/demo
     """

@@ -45,7 +45,7 @@ IGNORE_INDEX = -1  # target id that contributes no loss (padding, prompt tokens)
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm with its gain cast to the input's dtype: under bf16 autocast queries and
     keys are bf16 while the gain stays fp32, and mixed dtypes miss the fused kernel
-    (measured: 4.7 ms of a 21 ms training step at nanoGPT's CPU shape went to q/k norms)."""
+    (measured at nanoGPT's CPU shape: a bf16 training step with qk_norm 10% slower)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)

@@ -278,7 +278,7 @@ def find_latest_run(root: str | Path = "runs", task: str | None = None) -> Path 
 
 def resolve_checkpoint(path: str | Path | None, prefer: str = BEST) -> Path:
     """A checkpoint directory from a checkpoint path, a run directory (its `prefer`red
-    checkpoint, else the latest), a Hugging Face GPT-2 directory (imported once into the
+    checkpoint, else the latest), a Hugging Face model directory (imported once into the
     cache), or nothing (the most recent run under ./runs)."""
     if path is None:
         run = find_latest_run()

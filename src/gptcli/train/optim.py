@@ -1,5 +1,5 @@
-"""The optimizers (AdamW, or Muon for hidden matrices beside AdamW) and the warmup +
-cosine learning-rate schedule.
+"""The optimizers (AdamW, or Muon (muon.py) for hidden matrices beside AdamW) and the
+warmup + cosine learning-rate schedule.
 
 Every parameter group carries `lr_scale`, its peak learning rate over `train.lr`: the
 schedule sets each group to `lr_at(step) * lr_scale`, so Muon's groups follow the same
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gptcli.config import TrainConfig
+from gptcli.train.muon import Muon
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -27,8 +28,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     in_blocks = {id(p) for p in model.blocks.parameters()}
     hidden = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
     rest = [p for p in params if id(p) not in {id(h) for h in hidden}]
-    muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                            momentum=cfg.muon_momentum)
+    muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
     for group in muon.param_groups:
         group["lr_scale"] = cfg.muon_lr / cfg.lr
     return Optimizers([_adamw(rest, cfg, device), muon])

@@ -1,0 +1,183 @@
+"""GPT-2's recipe against the modern one, on nanoGPT's CPU shape, in one script.
+
+    python benchmarks/bench_recipes.py [--parts main shortest ablations demo] [--write]
+
+Every run is `gptcli pretrain` of a shipped config with `--set` overrides, one after the
+other on the same machine, so the wall times compare:
+- main: configs/shakespeare-char.yaml (GPT-2's recipe) and configs/shakespeare-char-modern.yaml,
+  2000 steps each, validation loss every 100 steps (20 batches, as nanoGPT estimates it)
+  and, at the end, over the whole validation split.
+- shortest: the modern config cut to fewer steps (its schedule set for that many), shortest
+  first, until one reaches nanoGPT's 1.8857 over the whole validation split; its wall time
+  against the GPT-2 recipe's 2000 steps (target: at most 35%).
+- ablations: each change alone on top of GPT-2's recipe, and each removed from the modern
+  one, at --ablation-steps steps.
+- demo: configs/demo.yaml (stdlib, bytes) in both recipes at equal wall time: the modern
+  run gets the steps that fit in the GPT-2 run's measured time.
+Wall time is the run's own (run.json: setup, training, evaluations and saving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from report import describe_machine, publish
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "bench-recipes"
+NANOGPT_VAL = 1.8857  # nanoGPT's shakespeare_char val loss at 2000 steps (its README)
+GPT2, MODERN = "shakespeare-char", "shakespeare-char-modern"
+
+# The changes of the modern recipe, as --set overrides: (added to GPT-2's, removed from modern's).
+CHANGES = {
+    "rotary positions": (["model.position=rope"], ["model.position=learned"]),
+    "RMSNorm": (["model.norm=rmsnorm"], ["model.norm=layernorm"]),
+    "QK-norm": (["model.qk_norm=true"], ["model.qk_norm=false"]),
+    "ReLU² MLP": (["model.mlp=relu2"], ["model.mlp=gelu"]),
+    "untied embeddings": (["model.tie_embeddings=false"], ["model.tie_embeddings=true"]),
+    "no biases": (["model.bias=false"], ["model.bias=true"]),
+    "zero-init projections": (["model.zero_init=true"], ["model.zero_init=false"]),
+    "logit soft-cap 15": (["model.logit_softcap=15"], ["model.logit_softcap=0"]),
+    "Muon": (["train.optimizer=muon"], ["train.optimizer=adamw"]),
+}
+
+
+def pretrain(name: str, config: str, overrides: list[str]) -> dict:
+    """Train one run; its validation curve, final losses and wall time."""
+    out_dir = RUNS / name
+    command = [sys.executable, "-m", "gptcli", "pretrain", str(ROOT / "configs" / f"{config}.yaml"),
+               "--overwrite", "--set", f"out_dir={out_dir}", "--set", "train.eval_every=100",
+               "--set", "train.save_every=100000"]
+    for item in overrides:
+        command += ["--set", item]
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    info = json.loads((out_dir / "run.json").read_text())
+    last = max(curve)
+    return {"name": name, "steps": last, "curve": curve, "val": curve[last],
+            "full_val": full_validation(out_dir), "wall": info["wall_seconds"],
+            "bpb": [r["val_bpb"] for r in rows if "val_bpb" in r][-1]}
+
+
+def full_validation(out_dir: Path) -> dict:
+    """Loss and bits per byte over every whole window of the run's validation split."""
+    import numpy as np
+    import torch
+
+    from gptcli.config import load_config
+    from gptcli.data.dataset import TokenDataset, prepare_dataset
+    from gptcli.evals.lm import validation_loss
+    from gptcli.runtime import Precision
+    from gptcli.store.checkpoint import load_model
+    from gptcli.store.rundir import resolve_checkpoint
+
+    cfg = load_config(out_dir / "config.yaml")
+    model, _ = load_model(resolve_checkpoint(out_dir))
+    dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed))
+    T = model.config.block_size
+    val = np.asarray(dataset.splits["val"], dtype=np.int64)
+    n = (len(val) - 1) // T
+    x = torch.from_numpy(val[: n * T].reshape(n, T))
+    y = torch.from_numpy(val[1: n * T + 1].reshape(n, T))
+    batches = ({"idx": x[i:i + 64], "targets": y[i:i + 64]} for i in range(0, n, 64))
+    metrics = validation_loss(model, batches, Precision("fp32", "cpu"), dataset.bytes_per_token["val"])
+    return {"loss": metrics["val_loss"], "bpb": metrics["val_bpb"]}
+
+
+def schedule_for(steps: int) -> list[str]:
+    """Overrides that fit the modern config's schedule to `steps` (warmup kept at 5%)."""
+    return [f"train.max_steps={steps}", f"train.warmup_steps={max(steps // 20, 1)}"]
+
+
+def main_part(results: dict) -> list[str]:
+    gpt2 = results.setdefault("gpt2", pretrain("gpt2", GPT2, []))
+    modern = results.setdefault("modern", pretrain("modern", MODERN, []))
+    lines = ["| step | GPT-2 recipe val loss | modern recipe val loss |", "|---|---|---|"]
+    for step in sorted(gpt2["curve"]):
+        lines.append(f"| {step} | {gpt2['curve'][step]:.4f} | {modern['curve'].get(step, math.nan):.4f} |")
+    lines += ["", "| recipe | steps | wall time | val loss (20 batches) | val loss (whole split) | val bpb (whole split) |",
+              "|---|---|---|---|---|---|"]
+    for name, r in (("GPT-2", gpt2), ("modern", modern)):
+        lines.append(f"| {name} | {r['steps']} | {r['wall']:.0f} s | {r['val']:.4f} | "
+                     f"{r['full_val']['loss']:.4f} | {r['full_val']['bpb']:.4f} |")
+    return lines
+
+
+def shortest_part(results: dict, candidates: list[int]) -> list[str]:
+    gpt2 = results.setdefault("gpt2", pretrain("gpt2", GPT2, []))
+    lines = ["| modern run | wall time | val loss (20 batches) | val loss (whole split) | reaches 1.8857 | share of GPT-2's 2000-step wall time |",
+             "|---|---|---|---|---|---|"]
+    for steps in candidates:
+        r = pretrain(f"modern-{steps}", MODERN, schedule_for(steps))
+        reached = r["full_val"]["loss"] <= NANOGPT_VAL
+        lines.append(f"| {steps} steps | {r['wall']:.0f} s | {r['val']:.4f} | {r['full_val']['loss']:.4f} | "
+                     f"{'yes' if reached else 'no'} | {r['wall'] / gpt2['wall']:.0%} |")
+        if reached:
+            break
+    return lines
+
+
+def ablation_part(steps: int) -> list[str]:
+    base = schedule_for(steps)
+    gpt2 = pretrain("ablate-gpt2", GPT2, base)
+    modern = pretrain("ablate-modern", MODERN, base)
+    lines = [f"| change | GPT-2 + change: val loss at {steps} | Δ | wall | modern − change: val loss at {steps} | Δ | wall |",
+             "|---|---|---|---|---|---|---|",
+             f"| (none) | {gpt2['full_val']['loss']:.4f} | | {gpt2['wall']:.0f} s | "
+             f"{modern['full_val']['loss']:.4f} | | {modern['wall']:.0f} s |"]
+    for change, (add, remove) in CHANGES.items():
+        slug = change.split()[0].lower()
+        plus = pretrain(f"ablate-plus-{slug}", GPT2, base + add)
+        minus = pretrain(f"ablate-minus-{slug}", MODERN, base + remove)
+        lines.append(f"| {change} | {plus['full_val']['loss']:.4f} | {plus['full_val']['loss'] - gpt2['full_val']['loss']:+.4f} | "
+                     f"{plus['wall']:.0f} s | {minus['full_val']['loss']:.4f} | "
+                     f"{minus['full_val']['loss'] - modern['full_val']['loss']:+.4f} | {minus['wall']:.0f} s |")
+    return lines
+
+
+def demo_part() -> list[str]:
+    gpt2 = pretrain("demo-gpt2", "demo", [])
+    probe = pretrain("demo-modern-probe", "demo", ["model.arch=llama", "model.bias=null", "train.max_steps=200"])
+    seconds_per_step = probe["wall"] / probe["steps"]
+    steps = int(gpt2["wall"] / seconds_per_step)
+    modern = pretrain("demo-modern", "demo", ["model.arch=llama", "model.bias=null", *schedule_for(steps)])
+    lines = ["| demo recipe | steps | wall time | val bpb (whole split) |", "|---|---|---|---|"]
+    for name, r in (("GPT-2", gpt2), ("modern", modern)):
+        lines.append(f"| {name} | {r['steps']} | {r['wall']:.0f} s | {r['full_val']['bpb']:.4f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", nargs="+", default=["main", "shortest", "ablations", "demo"])
+    parser.add_argument("--shortest", nargs="+", type=int, default=[300, 400, 500, 600, 700, 800, 1000])
+    parser.add_argument("--ablation-steps", type=int, default=600)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    results: dict = {}
+    sections = []
+    if "main" in args.parts:
+        sections += ["GPT-2 recipe vs modern recipe, 2000 steps each:", "", *main_part(results), ""]
+    if "shortest" in args.parts:
+        sections += [f"Shortest modern run reaching nanoGPT's {NANOGPT_VAL}:", "",
+                     *shortest_part(results, args.shortest), ""]
+    if "ablations" in args.parts:
+        sections += [f"Ablations at {args.ablation_steps} steps (val loss over the whole split):", "",
+                     *ablation_part(args.ablation_steps), ""]
+    if "demo" in args.parts:
+        sections += ["configs/demo.yaml in both recipes at equal wall time:", "", *demo_part(), ""]
+    text = "\n".join([f"### Recipes ({time.strftime('%Y-%m-%d')}, `python benchmarks/bench_recipes.py`, "
+                      f"{time.perf_counter() - started:.0f} s)", "", describe_machine(), "", *sections])
+    publish(text, args.write)
+
+
+if __name__ == "__main__":
+    main()
