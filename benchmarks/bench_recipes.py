@@ -142,12 +142,24 @@ def ablation_part(steps: int) -> list[str]:
     return lines
 
 
+def modern_recipe() -> list[str]:
+    """The modern config's recipe as overrides for another config: its model keys other
+    than the shape, and its optimizer and learning rates."""
+    from gptcli.config import read_yaml
+
+    modern = read_yaml(ROOT / "configs" / f"{MODERN}.yaml")
+    shape = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "vocab_size"}
+    recipe = [f"model.{k}={v}" for k, v in modern["model"].items() if k not in shape]
+    recipe += [f"train.{k}={modern['train'][k]}" for k in ("optimizer", "muon_lr", "lr", "min_lr")]
+    return ["model.bias=null", *recipe]  # the demo config's bias: true is GPT-2's
+
+
 def demo_part() -> list[str]:
     gpt2 = pretrain("demo-gpt2", "demo", [])
-    probe = pretrain("demo-modern-probe", "demo", ["model.arch=llama", "model.bias=null", "train.max_steps=200"])
+    probe = pretrain("demo-modern-probe", "demo", [*modern_recipe(), "train.max_steps=200"])
     seconds_per_step = probe["wall"] / probe["steps"]
     steps = int(gpt2["wall"] / seconds_per_step)
-    modern = pretrain("demo-modern", "demo", ["model.arch=llama", "model.bias=null", *schedule_for(steps)])
+    modern = pretrain("demo-modern", "demo", [*modern_recipe(), *schedule_for(steps)])
     lines = ["| demo recipe | steps | wall time | val bpb (whole split) |", "|---|---|---|---|"]
     for name, r in (("GPT-2", gpt2), ("modern", modern)):
         lines.append(f"| {name} | {r['steps']} | {r['wall']:.0f} s | {r['full_val']['bpb']:.4f} |")

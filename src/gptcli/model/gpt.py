@@ -223,7 +223,7 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(input_pos)
-        rotary = self.rotary(input_pos, x.dtype) if self.rotary is not None else None  # shared by every layer
+        rotary = self.rotary(input_pos, _compute_dtype(x)) if self.rotary is not None else None  # for every layer
         x = self.drop(x)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.h):
@@ -286,6 +286,13 @@ class GPT(nn.Module):
         return KVCache.empty(self.config.n_layer, batch_size, self.config.n_kv_head,
                              min(length, self.config.block_size), self.config.head_dim,
                              self.wte.weight.dtype, self.wte.weight.device)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the blocks' matrix products produce: autocast's when it is on (the
+    residual stream then stays fp32 while queries and keys are bf16), else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _grown(embedding: nn.Embedding, rows: int) -> nn.Embedding:

@@ -36,8 +36,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, nh, T, hs) rotated by the angles of its T positions, in x's dtype (under bf16
-    autocast the tables come in fp32, and q and k must stay bf16 for the attention kernel)."""
+    """x (B, nh, T, hs) rotated by the angles of its T positions, in x's dtype (the model
+    makes the tables in its compute dtype once per pass; q and k must keep theirs for the
+    attention kernel)."""
     first, second = x.chunk(2, dim=-1)
     rotated_half = torch.cat((-second, first), dim=-1)  # (x1, x2) -> (-x2, x1) per pair
     return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
