@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -34,23 +35,28 @@ RUNS = ROOT / "runs" / "bench-recipes"
 NANOGPT_VAL = 1.8857  # nanoGPT's shakespeare_char val loss at 2000 steps (its README)
 GPT2, MODERN = "shakespeare-char", "shakespeare-char-modern"
 
-# The changes of the modern recipe, as --set overrides: (added to GPT-2's, removed from modern's).
+# The changes of the modern recipe: name -> (run-name slug, --set overrides that add it to
+# GPT-2's recipe, overrides that take it out of the modern one).
 CHANGES = {
-    "rotary positions": (["model.position=rope"], ["model.position=learned"]),
-    "RMSNorm": (["model.norm=rmsnorm"], ["model.norm=layernorm"]),
-    "QK-norm": (["model.qk_norm=true"], ["model.qk_norm=false"]),
-    "ReLU² MLP": (["model.mlp=relu2"], ["model.mlp=gelu"]),
-    "untied embeddings": (["model.tie_embeddings=false"], ["model.tie_embeddings=true"]),
-    "no biases": (["model.bias=false"], ["model.bias=true"]),
-    "zero-init projections": (["model.zero_init=true"], ["model.zero_init=false"]),
-    "logit soft-cap 15": (["model.logit_softcap=15"], ["model.logit_softcap=0"]),
-    "Muon": (["train.optimizer=muon"], ["train.optimizer=adamw"]),
+    "rotary positions": ("rotary", ["model.position=rope"], ["model.position=learned"]),
+    "RMSNorm": ("rmsnorm", ["model.norm=rmsnorm"], ["model.norm=layernorm"]),
+    "QK-norm": ("qk-norm", ["model.qk_norm=true"], ["model.qk_norm=false"]),
+    "SwiGLU MLP (out: GELU)": ("swiglu", ["model.mlp=swiglu"], ["model.mlp=gelu"]),
+    "ReLU² MLP (out: SwiGLU → ReLU²)": ("relu2", ["model.mlp=relu2"], ["model.mlp=relu2"]),
+    "untied embeddings": ("untied", ["model.tie_embeddings=false"], ["model.tie_embeddings=true"]),
+    "no biases": ("no-bias", ["model.bias=false"], ["model.bias=true"]),
+    "zero-init projections": ("zero-init", ["model.zero_init=true"], ["model.zero_init=false"]),
+    "logit soft-cap 15": ("softcap", ["model.logit_softcap=15"], ["model.logit_softcap=0"]),
+    "Muon": ("muon", ["train.optimizer=muon"], ["train.optimizer=adamw"]),
 }
 
 
 def pretrain(name: str, config: str, overrides: list[str]) -> dict:
     """Train one run; its validation curve, final losses and wall time."""
     out_dir = RUNS / name
+    saved = out_dir / "bench-result.json"
+    if REUSE and saved.is_file() and json.loads(saved.read_text())["overrides"] == overrides:
+        return json.loads(saved.read_text())
     command = [sys.executable, "-m", "gptcli", "pretrain", str(ROOT / "configs" / f"{config}.yaml"),
                "--overwrite", "--set", f"out_dir={out_dir}", "--set", "train.eval_every=100",
                "--set", "train.save_every=100000"]
@@ -61,9 +67,10 @@ def pretrain(name: str, config: str, overrides: list[str]) -> dict:
     curve = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
     info = json.loads((out_dir / "run.json").read_text())
     last = max(curve)
-    return {"name": name, "steps": last, "curve": curve, "val": curve[last],
-            "full_val": full_validation(out_dir), "wall": info["wall_seconds"],
-            "bpb": [r["val_bpb"] for r in rows if "val_bpb" in r][-1]}
+    result = {"name": name, "overrides": overrides, "steps": last, "curve": curve, "val": curve[last],
+              "full_val": full_validation(out_dir), "wall": info["wall_seconds"]}
+    saved.write_text(json.dumps(result))
+    return json.loads(saved.read_text())  # as a reuse would read it (string step keys)
 
 
 def full_validation(out_dir: Path) -> dict:
@@ -100,7 +107,7 @@ def main_part(results: dict) -> list[str]:
     gpt2 = results.setdefault("gpt2", pretrain("gpt2", GPT2, []))
     modern = results.setdefault("modern", pretrain("modern", MODERN, []))
     lines = ["| step | GPT-2 recipe val loss | modern recipe val loss |", "|---|---|---|"]
-    for step in sorted(gpt2["curve"]):
+    for step in sorted(gpt2["curve"], key=int):
         lines.append(f"| {step} | {gpt2['curve'][step]:.4f} | {modern['curve'].get(step, math.nan):.4f} |")
     lines += ["", "| recipe | steps | wall time | val loss (20 batches) | val loss (whole split) | val bpb (whole split) |",
               "|---|---|---|---|---|---|"]
@@ -132,8 +139,7 @@ def ablation_part(steps: int) -> list[str]:
              "|---|---|---|---|---|---|---|",
              f"| (none) | {gpt2['full_val']['loss']:.4f} | | {gpt2['wall']:.0f} s | "
              f"{modern['full_val']['loss']:.4f} | | {modern['wall']:.0f} s |"]
-    for change, (add, remove) in CHANGES.items():
-        slug = change.split()[0].lower()
+    for change, (slug, add, remove) in CHANGES.items():
         plus = pretrain(f"ablate-plus-{slug}", GPT2, base + add)
         minus = pretrain(f"ablate-minus-{slug}", MODERN, base + remove)
         lines.append(f"| {change} | {plus['full_val']['loss']:.4f} | {plus['full_val']['loss'] - gpt2['full_val']['loss']:+.4f} | "
@@ -171,8 +177,12 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["main", "shortest", "ablations", "demo"])
     parser.add_argument("--shortest", nargs="+", type=int, default=[300, 400, 500, 600, 700, 800, 1000])
     parser.add_argument("--ablation-steps", type=int, default=600)
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs of an earlier invocation")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    global REUSE
+    REUSE = args.reuse
+    os.chdir(ROOT)  # the configs' paths (../shared/data/...) are relative to the repository
     started = time.perf_counter()
     results: dict = {}
     sections = []

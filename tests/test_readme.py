@@ -67,6 +67,7 @@ COMMANDS: dict[str, Row] = {
         Row(data=(needs_gpt2_ranks,)),
     "gptcli tokenize corpus.jsonl --jsonl-field body --out data/corpus --train-bpe 8192": Row(),
     SHAKESPEARE_RUN: Row(data=(needs_shakespeare,)),
+    "gptcli pretrain configs/shakespeare-char-modern.yaml": Row(data=(needs_shakespeare,)),
     "gptcli pretrain configs/demo.yaml --set train.max_steps=300 --set model.n_layer=2": Row(),
     "gptcli pretrain configs/demo.yaml --resume": Row(needs=(DEMO,), extra=("--set", "train.max_steps=4")),
     "gptcli pretrain configs/demo.yaml --overwrite": Row(needs=(DEMO,)),

@@ -208,7 +208,7 @@ class RunConfig:
 
 @dataclass
 class FreezeConfig:
-    embeddings: bool = _field(False, "Freeze wte and wpe (and so the tied lm_head).")
+    embeddings: bool = _field(False, "Freeze the input embeddings: wte and wpe (a tied lm_head with them; an untied one trains).")
     blocks: int = _field(0, "Freeze the first N transformer blocks.")
 
 

@@ -412,3 +412,66 @@ def test_cli_import_sample_export(tmp_path, capsys, tokenizer_dir):
     code, _, err = run_cli(["export-hf", tmp_path / "ckpt", "--out", tmp_path / "back"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "qwen3"
+
+
+# --- an imported chat model, used with no other file ------------------------------------------
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory) -> Path:
+    """A Qwen2-shaped chat model directory: a byte-level BPE with ChatML's special tokens
+    (end of text <|endoftext|>, end of turn <|im_end|>) and its chat template."""
+    model = tokenizers.Tokenizer(tokenizers.models.BPE())
+    model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=380, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    model.train_from_iterator([p.read_text() for p in sorted(SRC.rglob("*.py"))[:30]], trainer)
+    folder = tmp_path_factory.mktemp("chat")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|im_end|>",
+                                                chat_template=CHATML)
+    fast.save_pretrained(folder)
+    hf_model(folder, "qwen2", vocab_size=model.get_vocab_size())
+    return folder
+
+
+def test_an_imported_chat_model_samples_with_its_template(tmp_path, capsys, chat_dir):
+    from gptcli.tasks.instruct import chat_stop_ids, prompt_ids
+
+    code, _, err = run_cli(["import-hf", chat_dir, "--out", tmp_path / "ckpt"], capsys)
+    assert code == 0, err
+    _, tokenizer = load_model(tmp_path / "ckpt")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(chat_dir)
+    expected = hf_tokenizer.apply_chat_template([{"role": "user", "content": "def f(x):"}],
+                                                add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+    assert prompt_ids(tokenizer, "def f(x):") == list(expected)
+    assert hf_tokenizer.convert_tokens_to_ids("<|im_end|>") in chat_stop_ids(tokenizer)
+    code, out, err = run_cli(["sample", "-c", tmp_path / "ckpt", "-p", "def f(x):", "-n", "6",
+                              "--temperature", "0"], capsys)
+    assert code == 0, err
+    assert "<|im_start|>" not in out  # the template's tokens are not echoed as text
+
+
+@pytest.mark.parametrize("task", ["lm", "instruct"])
+def test_finetune_an_imported_directory_with_no_other_file(tmp_path, capsys, chat_dir, task):
+    """The HF directory itself as init_from: its tokenizer.json alone tokenizes the data."""
+    (tmp_path / "corpus.txt").write_text("def add(a, b):\n    return a + b\n" * 200)
+    rows = [{"prompt": f"add {a} {b}", "response": str(a + b)} for a in range(6) for b in range(6)]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    settings = ["--set", f"finetune.init_from={chat_dir}", "--set", f"out_dir={tmp_path / 'ft'}",
+                "--set", "train.max_steps=4", "--set", "train.eval_every=2", "--set", "train.eval_batches=1",
+                "--set", "train.batch_size=4", "--set", "model.block_size=64", "--set", "train.device=cpu",
+                "--set", "train.precision=fp32", "--set", "finetune.patience=0"]
+    data = ([f"data.inputs=[{tmp_path / 'corpus.txt'}]"] if task == "lm"
+            else [f"finetune.train_file={tmp_path / 'sft.jsonl'}"])
+    code, _, err = run_cli(["finetune", "--task", task, *settings, "--set", *data], capsys)
+    assert code == 0, err
+    tuned, tokenizer = load_model(tmp_path / "ft" / "checkpoints" / "step-000004")
+    assert tuned.arch == "llama" and tuned.config.attn_bias  # Qwen2's q/k/v biases came through
+    assert tokenizer.encode("def add") == tokenizers.Tokenizer.from_file(
+        str(chat_dir / "tokenizer.json")).encode("def add", add_special_tokens=False).ids
