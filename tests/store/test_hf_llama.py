@@ -463,13 +463,16 @@ def test_finetune_an_imported_directory_with_no_other_file(tmp_path, capsys, cha
     (tmp_path / "corpus.txt").write_text("def add(a, b):\n    return a + b\n" * 200)
     rows = [{"prompt": f"add {a} {b}", "response": str(a + b)} for a in range(6) for b in range(6)]
     (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    settings = ["--set", f"finetune.init_from={chat_dir}", "--set", f"out_dir={tmp_path / 'ft'}",
-                "--set", "train.max_steps=4", "--set", "train.eval_every=2", "--set", "train.eval_batches=1",
-                "--set", "train.batch_size=4", "--set", "model.block_size=64", "--set", "train.device=cpu",
-                "--set", "train.precision=fp32", "--set", "finetune.patience=0"]
-    data = ([f"data.inputs=[{tmp_path / 'corpus.txt'}]"] if task == "lm"
-            else [f"finetune.train_file={tmp_path / 'sft.jsonl'}"])
-    code, _, err = run_cli(["finetune", "--task", task, *settings, "--set", *data], capsys)
+    cfg = {"out_dir": str(tmp_path / "ft"), "model": {"block_size": 64},
+           "finetune": {"init_from": str(chat_dir), "patience": 0},
+           "train": {"max_steps": 4, "eval_every": 2, "eval_batches": 1, "batch_size": 4,
+                     "device": "cpu", "precision": "fp32"}}
+    if task == "lm":
+        cfg["data"] = {"inputs": [str(tmp_path / "corpus.txt")]}
+    else:
+        cfg["finetune"]["train_file"] = str(tmp_path / "sft.jsonl")
+    (tmp_path / "ft.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    code, _, err = run_cli(["finetune", tmp_path / "ft.yaml", "--task", task], capsys)
     assert code == 0, err
     tuned, tokenizer = load_model(tmp_path / "ft" / "checkpoints" / "step-000004")
     assert tuned.arch == "llama" and tuned.config.attn_bias  # Qwen2's q/k/v biases came through
