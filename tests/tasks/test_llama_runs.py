@@ -64,6 +64,8 @@ def test_pretrain_then_info_eval_and_sample(tmp_path, corpus_dir, capsys):
     assert info["parameters"] == model.num_params() == count_params(model.config)
     assert model.lm_head.weight is not model.wte.weight and model.lm_head.weight.abs().sum() > 0
     assert info["checksums"].startswith("ok")
+    code, out, err = run_cli(["info", run], capsys)
+    assert code == 0 and "llama: rope, rmsnorm, swiglu 128, 1 kv heads, qk-norm, attn bias, untied" in " ".join((out + err).split())
 
     # eval repeats the run's own validation: the loss the run logged last.
     code, out, err = run_cli(["eval", "-c", run, "--json"], capsys)

@@ -306,6 +306,18 @@ def _render_runs_stacked(title: Text, names: list[Text], rows: list[list[Text]])
 _LABELS_SHOWN = 50  # `gptcli info` lists this many of a classifier's labels (--json: all)
 
 
+def _recipe(model: dict) -> str:
+    """The arch and its components (resolved), e.g. `llama: rope, rmsnorm, swiglu 384, qk-norm, untied`."""
+    parts = [model["position"], model["norm"], f"{model['mlp']} {model['mlp_hidden']}"]
+    if model["n_kv_head"] != model["n_head"]:
+        parts.append(f"{model['n_kv_head']} kv heads")
+    parts += [name for name, on in (("qk-norm", model["qk_norm"]), ("attn bias", model["attn_bias"]),
+                                    ("untied", not model["tie_embeddings"])) if on]
+    if model["logit_softcap"]:
+        parts.append(f"soft-cap {model['logit_softcap']:g}")
+    return f"{model['arch']}: {', '.join(parts)}"
+
+
 def render_info(d: dict) -> None:
     """`gptcli info`: a checkpoint's description (from info.checkpoint_info)."""
     model = d["model"]
@@ -314,6 +326,7 @@ def render_info(d: dict) -> None:
     table.add_row("model", f"{model['n_layer']} layers x {model['n_embd']} wide, {model['n_head']} heads, "
                            f"context {model['block_size']}, vocab {model['vocab_size']}, "
                            f"bias {str(model['bias']).lower()}, dropout {model['dropout']}")
+    table.add_row("recipe", _recipe(model))
     table.add_row("parameters", f"{d['parameters']:,} ({_count(d['parameters'])})")
     if "lora" in d:
         lora = d["lora"]
