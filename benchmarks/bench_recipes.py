@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from full_val import whole_split
 from report import describe_machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,27 +76,8 @@ def pretrain(name: str, config: str, overrides: list[str]) -> dict:
 
 def full_validation(out_dir: Path) -> dict:
     """Loss and bits per byte over every whole window of the run's validation split."""
-    import numpy as np
-    import torch
-
-    from gptcli.config import load_config
-    from gptcli.data.dataset import TokenDataset, prepare_dataset
-    from gptcli.evals.lm import validation_loss
-    from gptcli.runtime import Precision
-    from gptcli.store.checkpoint import load_model
-    from gptcli.store.rundir import resolve_checkpoint
-
-    cfg = load_config(out_dir / "config.yaml")
-    model, _ = load_model(resolve_checkpoint(out_dir))
-    dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed))
-    T = model.config.block_size
-    val = np.asarray(dataset.splits["val"], dtype=np.int64)
-    n = (len(val) - 1) // T
-    x = torch.from_numpy(val[: n * T].reshape(n, T))
-    y = torch.from_numpy(val[1: n * T + 1].reshape(n, T))
-    batches = ({"idx": x[i:i + 64], "targets": y[i:i + 64]} for i in range(0, n, 64))
-    metrics = validation_loss(model, batches, Precision("fp32", "cpu"), dataset.bytes_per_token["val"])
-    return {"loss": metrics["val_loss"], "bpb": metrics["val_bpb"]}
+    r = whole_split(out_dir)
+    return {"loss": r["val_loss"], "bpb": r["val_bpb"]}
 
 
 def schedule_for(steps: int) -> list[str]:

@@ -19,11 +19,9 @@ import torch
 from report import describe_machine, publish
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("run_dir")
-    parser.add_argument("--write", action="store_true")
-    args = parser.parse_args()
+def whole_split(run_dir) -> dict:
+    """The run's checkpoint evaluated on every whole window of its validation split: the
+    checkpoint, the windows and their length, val_loss and val_bpb."""
     from gptcli.config import load_config
     from gptcli.data.dataset import TokenDataset, prepare_dataset
     from gptcli.evals.lm import validation_loss
@@ -31,8 +29,8 @@ def main() -> None:
     from gptcli.store.checkpoint import load_model
     from gptcli.store.rundir import resolve_checkpoint
 
-    cfg = load_config(f"{args.run_dir}/config.yaml")
-    checkpoint = resolve_checkpoint(args.run_dir)
+    cfg = load_config(f"{run_dir}/config.yaml")
+    checkpoint = resolve_checkpoint(run_dir)
     model, _ = load_model(checkpoint)
     dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed))
     T = model.config.block_size
@@ -42,11 +40,21 @@ def main() -> None:
     y = torch.from_numpy(val[1: n * T + 1].reshape(n, T))
     batches = ({"idx": x[i:i + 64], "targets": y[i:i + 64]} for i in range(0, n, 64))
     metrics = validation_loss(model, batches, Precision("fp32", "cpu"), dataset.bytes_per_token["val"])
+    return {"checkpoint": checkpoint, "windows": n, "context": T, **metrics}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    r = whole_split(args.run_dir)
+    n, T = r["windows"], r["context"]
     text = "\n".join([
         f"Full validation split of `{args.run_dir}` ({time.strftime('%Y-%m-%d')}, `python benchmarks/full_val.py "
-        f"{args.run_dir}`): checkpoint `{checkpoint.name}`, {n:,} windows of {T} tokens "
-        f"({n * T:,} tokens): **val loss {metrics['val_loss']:.4f}**, bpb {metrics['val_bpb']:.4f}, "
-        f"perplexity {math.exp(metrics['val_loss']):.2f}. {describe_machine()}", ""])
+        f"{args.run_dir}`): checkpoint `{r['checkpoint'].name}`, {n:,} windows of {T} tokens "
+        f"({n * T:,} tokens): **val loss {r['val_loss']:.4f}**, bpb {r['val_bpb']:.4f}, "
+        f"perplexity {math.exp(r['val_loss']):.2f}. {describe_machine()}", ""])
     publish(text, args.write)
 
 
