@@ -106,7 +106,7 @@ class ModelConfig:
     )
     mlp_hidden: int | None = _field(
         None, "MLP hidden width. Empty: 4 x n_embd, or for swiglu 8/3 x n_embd rounded up to "
-        "a multiple of 64 (the same parameters as 4 x n_embd ungated)."
+        "a multiple of 64 (about the parameters of 4 x n_embd ungated)."
     )
     tie_embeddings: bool | None = _field(
         None, "Share one matrix between input embeddings and output head (gpt2: true, llama: false)."

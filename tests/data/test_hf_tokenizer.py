@@ -445,3 +445,24 @@ def test_refused_configs_name_the_problem(trained, tmp_path, config, generation,
 def test_a_directory_without_tokenizer_json_is_refused(tmp_path):
     with pytest.raises(GptcliError, match="has no tokenizer.json"):
         read_hf_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda spec: spec.__setitem__("normalizer", []),
+    lambda spec: spec.__setitem__("pre_tokenizer", "ByteLevel"),
+    lambda spec: spec.__setitem__("post_processor", "ByteLevel"),
+    lambda spec: spec["model"]["vocab"].__setitem__("h", "seven"),
+], ids=["normalizer-list", "pre-tokenizer-text", "post-processor-text", "id-not-a-number"])
+def test_a_damaged_tokenizer_json_is_a_one_line_error(tmp_path, damage):
+    """Values of the wrong JSON type: a one-line error naming the file, not a traceback."""
+    trained = tokenizers.Tokenizer(tokenizers.models.BPE())
+    trained.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    trained.train_from_iterator(["hello world, hello there"] * 10, trainer)
+    trained.save(str(tmp_path / "tokenizer.json"))
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    damage(spec)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(GptcliError, match=r"tokenizer\.json is damaged or not a tokenizer gptcli reads"):
+        read_hf_tokenizer(tmp_path)

@@ -283,13 +283,17 @@ def test_gpt2_export_writes_q_k_v_biases_and_mlp_width(tmp_path):
     """GPT-2 can hold what gptcli's gpt2 arch varies within it: q/k/v-only biases (the
     others exported as zeros) and an MLP of another width (n_inner)."""
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=257, bias=False,
-                      attn_bias=True, mlp_hidden=48)
+                      attn_bias=True, mlp_hidden=48, norm_eps=1e-6)
     model, ckpt = gptcli_checkpoint(tmp_path / "ckpt", cfg)
     out = export_hf(ckpt, tmp_path / "exported")
     hf, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert hf.config.n_inner == 48
+    assert hf.config.n_inner == 48 and hf.config.layer_norm_epsilon == 1e-6
     logits_close(hf.eval(), model, 257, length=64)
+    # and back: the width and epsilon are gptcli settings, so the export imports again
+    back = import_hf_model(out)
+    assert (back.config.mlp_hidden, back.config.norm_eps) == (48, 1e-6)
+    logits_close(hf.eval(), back, 257, length=64)
 
 
 # --- refusals ---------------------------------------------------------------------------------
@@ -455,6 +459,14 @@ def test_an_imported_chat_model_samples_with_its_template(tmp_path, capsys, chat
                               "--temperature", "0"], capsys)
     assert code == 0, err
     assert "<|im_start|>" not in out  # the template's tokens are not echoed as text
+    # --raw continues the prompt as plain text: the tokens a plain greedy decode gives
+    model, _ = load_model(tmp_path / "ckpt")
+    plain = generate_tokens(model.eval(), tokenizer.encode("def f(x):"), 6, SamplingSettings(temperature=0))
+    expected_text = tokenizer.decode([t.item() for t in plain])
+    code, out, err = run_cli(["sample", "-c", tmp_path / "ckpt", "-p", "def f(x):", "-n", "6",
+                              "--temperature", "0", "--raw", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["text"] == expected_text
 
 
 @pytest.mark.parametrize("task", ["lm", "instruct"])

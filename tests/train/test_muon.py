@@ -327,3 +327,31 @@ def test_batched_muon_equals_torch_muon(nesterov):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours_opt.state_dict()["state"][0]["momentum_buffer"],
                                theirs_opt.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_a_resume_uses_the_configs_settings_not_the_saved_ones():
+    """Loading the saved state brings back the moments; muon_lr, momentum and weight decay
+    changed for the resume are the ones used (the resume note says they changed)."""
+    from gptcli.train.loop import restore_moments
+
+    model = GPT(ModelConfig(arch="llama", n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=40))
+    first = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3), torch.device("cpu"))
+    x = torch.randint(0, 40, (2, 8))
+    model(x, x).backward()
+    first.step()
+    saved = copy.deepcopy(first.state_dict())
+    changed = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.005, muon_momentum=0.5, weight_decay=0.0)
+    second = build_optimizer(model, changed, torch.device("cpu"))
+    restore_moments(second, saved)
+    muon_group = second.param_groups[-1]
+    assert (muon_group["lr_scale"], muon_group["momentum"], muon_group["weight_decay"]) == (5.0, 0.5, 0.0)
+    moments = second.state_dict()["state"]
+    assert all(torch.equal(moments[i][k], saved["state"][i][k]) for i in saved["state"] for k in saved["state"][i])
+
+
+def test_muon_with_every_block_frozen_is_a_one_line_error():
+    model = GPT(ModelConfig(arch="llama", n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=40))
+    for p in model.blocks.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(GptcliError, match="no trainable matrix inside the blocks"):
+        build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))

@@ -296,6 +296,9 @@ def sample(
     precision: Annotated[str, typer.Option(
         help="Weights and compute: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, bf16, fp16.")
     ] = "auto",
+    raw: Annotated[bool, typer.Option(
+        help="Continue the prompt as plain text even when the checkpoint has a chat template "
+             "(an instruct checkpoint, or an imported model that ships one).")] = False,
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout.
 
@@ -317,7 +320,7 @@ def sample(
     request = SampleRequest(prompt=prompt, max_new_tokens=max_new_tokens,
                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
                             num_samples=num_samples, seed=seed, stops=[decode_escapes(s) for s in stop or []],
-                            device=device, precision=precision)
+                            device=device, precision=precision, raw=raw)
     request.check()  # option errors first, before any checkpoint is looked at
     checkpoint = resolve_checkpoint(checkpoint)  # once: a run dir, an HF dir or the latest run
     if is_classifier(checkpoint):
@@ -381,7 +384,7 @@ def export_hf(
 ) -> None:
     """Export a checkpoint for transformers: GPT-2, Llama, Qwen2 or Qwen3 (a classifier as ...ForSequenceClassification).
 
-    Example: gptcli export-hf runs/demo --out hf/demo
+    Example: gptcli export-hf runs/gpt2-classify --out hf/gpt2-classify
     """
     from gptcli.cli.display import console
     from gptcli.store.hf import export_hf as run_export

@@ -52,6 +52,15 @@ def read_hf_tokenizer(directory: Path) -> HFTokenizer:
     spec = _read_json(path)
     config = _read_json(directory / CONFIG_FILE) if (directory / CONFIG_FILE).is_file() else {}
     generation = _read_json(directory / GENERATION_FILE) if (directory / GENERATION_FILE).is_file() else {}
+    try:
+        return _tokenizer(directory, path, spec, config, generation)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+        # The readers check what real files vary in; a value of the wrong JSON type lands here.
+        raise GptcliError(f"{path} is damaged or not a tokenizer gptcli reads ({type(exc).__name__}: "
+                          f"{shorten(str(exc), 120)})") from None
+
+
+def _tokenizer(directory: Path, path: Path, spec: dict, config: dict, generation: dict) -> HFTokenizer:
     nfc = _is_nfc(spec.get("normalizer"), path)
     *presplit, last = [_compiled(p, path) for p in _split_patterns(spec.get("pre_tokenizer"), path)]
     _check_post_processor(spec.get("post_processor"), path)

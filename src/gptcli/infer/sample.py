@@ -100,6 +100,7 @@ class SampleRequest:
     stops: list[str] = field(default_factory=list)
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 (else fp16) on CUDA, fp32 elsewhere
+    raw: bool = False  # continue the prompt as text even where the checkpoint has a chat template
 
     def check(self) -> None:
         problems = []
@@ -159,7 +160,7 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
             raise GptcliError(f"the prompt contains the special token {special} as text; prompts are "
                               f"plain text, so remove it (an empty prompt starts a new document)")
     stop_ids: frozenset[int] = frozenset()
-    if is_chat_model(tokenizer):  # an instruct checkpoint or chat model: one user turn, stop at its end
+    if is_chat_model(tokenizer) and not request.raw:  # an instruct or chat model: one user turn, stop at its end
         prompt = prompt_ids(tokenizer, request.prompt)
         stop_ids = chat_stop_ids(tokenizer)
     else:

@@ -203,10 +203,14 @@ class GPT(nn.Module):
         return n if include_positions or self.wpe is None else n - self.wpe.weight.numel()
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 per weight (forward + backward) plus attention's
+        """Training FLOPs per token: 6 per weight used in a matrix product (forward + backward;
+        not the position table, nor an untied input embedding: lookups) plus attention's
         12 * layers * context * (heads * head size) (the PaLM appendix estimate, as nanoGPT uses)."""
         c = self.config
-        return 6 * self.num_params(include_positions=False) + 12 * c.n_layer * c.block_size * c.n_head * c.head_dim
+        weights = self.num_params(include_positions=False)
+        if not c.tie_embeddings:
+            weights -= self.wte.weight.numel()
+        return 6 * weights + 12 * c.n_layer * c.block_size * c.n_head * c.head_dim
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
                       input_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,5 +334,6 @@ def check_fits(cfg: ModelConfig, device: torch.device, training: bool, fix: str,
     """Refuse (with the numbers) a model whose parameters alone overflow `device`'s memory;
     called before `GPT(cfg)` so an absurd config never starts allocating."""
     shape = ", ".join(f"{name}={shorten(str(getattr(cfg, name)), 20)}"
-                      for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"))
+                      for name in ("n_layer", "n_head", "n_kv_head", "head_dim", "n_embd", "mlp_hidden",
+                                   "block_size", "vocab_size"))
     check_memory(count_params(cfg), device, training, f"model ({shape})", fix, shards)

@@ -44,18 +44,24 @@ def model_config(config: dict, path: Path) -> ModelConfig:
     _check_sizes(path, config)
     unsupported = {
         "activation_function": ("gelu_new", config.get("activation_function", "gelu_new")),
-        "n_inner": (None, config.get("n_inner")),
         "scale_attn_by_inverse_layer_idx": (False, config.get("scale_attn_by_inverse_layer_idx", False)),
         "reorder_and_upcast_attn": (False, config.get("reorder_and_upcast_attn", False)),
-        "layer_norm_epsilon": (1e-5, config.get("layer_norm_epsilon", 1e-5)),
     }
     for name, (wanted, found) in unsupported.items():
-        if found != wanted and not (name == "n_inner" and found == 4 * config["n_embd"]):
+        if found != wanted:
             raise GptcliError(f"{path.parent}: {name}={shorten(repr(found))} is not supported (gptcli's GPT "
                               f"needs {wanted!r})")
+    # The MLP width (n_inner; null: 4 x n_embd) and the LayerNorm epsilon are gptcli settings too.
+    n_inner, eps = config.get("n_inner"), config.get("layer_norm_epsilon", 1e-5)
+    if n_inner is not None and (isinstance(n_inner, bool) or not isinstance(n_inner, int) or n_inner < 1):
+        raise GptcliError(f"{path}: n_inner must be null or a whole number of at least 1, got "
+                          f"{shorten(json.dumps(n_inner))}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise GptcliError(f"{path}: layer_norm_epsilon must be a number greater than 0, got "
+                          f"{shorten(json.dumps(eps))}")
     return ModelConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
                        block_size=config["n_positions"], vocab_size=config["vocab_size"], bias=True,
-                       dropout=0.0)
+                       dropout=0.0, mlp_hidden=n_inner or 4 * config["n_embd"], norm_eps=float(eps))
 
 
 def _check_sizes(path: Path, config: dict) -> None:
@@ -88,18 +94,19 @@ def layout(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
     C, V = cfg.n_embd, cfg.vocab_size
     shapes = {"wte.weight": (V, C), "wpe.weight": (cfg.block_size, C)}
     for i in range(cfg.n_layer):
-        shapes.update({f"h.{i}.{name}": shape for name, shape in _block_shapes(C).items()})
+        shapes.update({f"h.{i}.{name}": shape for name, shape in _block_shapes(C, cfg.mlp_hidden).items()})
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
     return {key: [(key, shape)] for key, shape in shapes.items()}
 
 
-def _block_shapes(C: int) -> dict[str, tuple[int, ...]]:
+def _block_shapes(C: int, H: int) -> dict[str, tuple[int, ...]]:
+    """One block's HF tensors and shapes; H the MLP width."""
     return {"ln_1.weight": (C,), "ln_1.bias": (C,),
             "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
             "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
             "ln_2.weight": (C,), "ln_2.bias": (C,),
-            "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
-            "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
+            "mlp.c_fc.weight": (C, H), "mlp.c_fc.bias": (H,),
+            "mlp.c_proj.weight": (H, C), "mlp.c_proj.bias": (C,)}
 
 
 def to_gptcli(key: str, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,6 @@ import yaml
 from safetensors import safe_open
 
 from gptcli.errors import GptcliError
-from gptcli.model import DEFAULT_ARCH
 from gptcli.store.checkpoint import (
     CONFIG_YAML,
     LATEST,
@@ -41,7 +40,7 @@ def checkpoint_info(path: str | Path) -> dict:
     info = {
         "checkpoint": str(checkpoint),
         "kind": _kind(source, checkpoint, metadata),
-        "model": {"arch": metadata.get("arch", DEFAULT_ARCH), **dataclasses.asdict(cfg)},
+        "model": dataclasses.asdict(cfg),  # resolved: arch and every component
         "parameters": parameters,
         "tokenizer": json.loads(metadata["tokenizer"]).get("name", "?"),
     }

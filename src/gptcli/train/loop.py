@@ -112,7 +112,7 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
     optimizer = build_optimizer(model, cfg, device)
     if state.optimizer is not None:
         _check_same_optimizer(state.optimizer, cfg.optimizer)
-        load_optimizer_state(optimizer, state.optimizer)
+        restore_moments(optimizer, state.optimizer)
     dist.barrier()  # every rank has checked the run directory before rank 0 changes it
     run_dir = claim.path
     if dist.is_main:
@@ -335,6 +335,16 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
             if stop_early:
                 break
     return state
+
+
+def restore_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a resumed run's optimizer state, keeping the settings the config gives now
+    (learning-rate scales, momentum, betas, weight decay): loading would put back the
+    saved ones, and a changed setting would be reported but silently not used."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    load_optimizer_state(optimizer, saved)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
 
 
 def _check_same_optimizer(saved: dict, name: str) -> None:

@@ -1,9 +1,10 @@
 """The optimizers (AdamW, or Muon (muon.py) for hidden matrices beside AdamW) and the
 warmup + cosine learning-rate schedule.
 
-Every parameter group carries `lr_scale`, its peak learning rate over `train.lr`: the
-schedule sets each group to `lr_at(step) * lr_scale`, so Muon's groups follow the same
-warmup and decay at their own height.
+Every parameter group built here carries `lr_scale`, its peak learning rate over
+`train.lr` (optimizer states saved before it existed have none: 1): the schedule sets each
+group to `lr_at(step) * lr_scale`, so Muon's groups follow the same warmup and decay at
+their own height.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from gptcli.config import TrainConfig
+from gptcli.errors import GptcliError
 from gptcli.train.muon import Muon
 
 
@@ -27,6 +29,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         return _adamw(params, cfg, device)
     in_blocks = {id(p) for p in model.blocks.parameters()}
     hidden = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
+    if not hidden:
+        raise GptcliError("train.optimizer=muon has no trainable matrix inside the blocks to update "
+                          "(finetune.freeze.blocks freezes them all); use train.optimizer=adamw")
     rest = [p for p in params if id(p) not in {id(h) for h in hidden}]
     muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
     for group in muon.param_groups:
