@@ -47,7 +47,8 @@ CHANGES = {
     "untied embeddings": ("untied", ["model.tie_embeddings=false"], ["model.tie_embeddings=true"]),
     "no biases": ("no-bias", ["model.bias=false"], ["model.bias=true"]),
     "zero-init projections": ("zero-init", ["model.zero_init=true"], ["model.zero_init=false"]),
-    "logit soft-cap 15": ("softcap", ["model.logit_softcap=15"], ["model.logit_softcap=0"]),
+    "logit soft-cap 15 (not kept: the modern column adds it)":
+        ("softcap", ["model.logit_softcap=15"], ["model.logit_softcap=15"]),
     "Muon": ("muon", ["train.optimizer=muon"], ["train.optimizer=adamw"]),
 }
 

@@ -92,9 +92,9 @@ COMMANDS: dict[str, Row] = {
         Row(needs=(IMPORT, GPT2_CLASSIFY), data=(needs_gpt2_ranks,)),
     'gptcli sample -c runs/shakespeare-char -p "ROMEO:" -n 500 --top-k 200 --temperature 0.8':
         Row(needs=(SHAKESPEARE_RUN,), extra=("-n", "20"), data=(needs_shakespeare,)),
-    'gptcli sample -c runs/demo/checkpoints/step-000850 -p "class " --stop "\\n\\n" --num-samples 4':
+    'gptcli sample -c runs/demo/checkpoints/step-000900 -p "class " --stop "\\n\\n" --num-samples 4':
         Row(needs=(DEMO, lambda repo: shutil.copytree(repo / "runs/demo/checkpoints/step-000002",
-                                                      repo / "runs/demo/checkpoints/step-000850")),
+                                                      repo / "runs/demo/checkpoints/step-000900")),
             extra=("-n", "8")),  # the name the full demo's last checkpoint has
     'gptcli sample -p "import " --greedy --json': Row(needs=(DEMO,), extra=("-n", "8")),
     "gptcli plot runs/demo --out demo.png": Row(needs=(DEMO,)),
