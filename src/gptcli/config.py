@@ -262,19 +262,37 @@ class FinetuneConfig:
     )
 
 
+SAME = "Must equal the checkpoint's (or stay empty)."
+
+
 @dataclass
 class FinetuneModelConfig:
-    """A finetune config's `model` section: the shape comes from the checkpoint, so every
-    key is optional and must agree with it, except the two a finetune may change."""
+    """A finetune config's `model` section: the model comes from the checkpoint, so every
+    key is optional and must agree with it (so a pretraining config's section can be copied
+    in), except the two a finetune may change."""
 
     dropout: float | None = _field(None, "Dropout for finetuning (empty: the checkpoint's).")
     block_size: int | None = _field(
         None, "A shorter context than the checkpoint's (its first positions are kept); empty: the same.")
-    n_layer: int | None = _field(None, "Must equal the checkpoint's (or stay empty).")
-    n_head: int | None = _field(None, "Must equal the checkpoint's (or stay empty).")
-    n_embd: int | None = _field(None, "Must equal the checkpoint's (or stay empty).")
-    bias: bool | None = _field(None, "Must equal the checkpoint's (or stay empty).")
-    vocab_size: int | None = _field(None, "Must equal the checkpoint's (or stay empty).")
+    arch: Literal["gpt2", "llama"] | None = _field(None, SAME)
+    n_layer: int | None = _field(None, SAME)
+    n_head: int | None = _field(None, SAME)
+    n_embd: int | None = _field(None, SAME)
+    vocab_size: int | None = _field(None, SAME)
+    n_kv_head: int | None = _field(None, SAME)
+    head_dim: int | None = _field(None, SAME)
+    position: Literal["learned", "rope"] | None = _field(None, SAME)
+    rope_theta: float | None = _field(None, SAME)
+    norm: Literal["layernorm", "rmsnorm"] | None = _field(None, SAME)
+    norm_eps: float | None = _field(None, SAME)
+    bias: bool | None = _field(None, SAME)
+    attn_bias: bool | None = _field(None, SAME)
+    qk_norm: bool | None = _field(None, SAME)
+    mlp: Literal["gelu", "relu2", "swiglu"] | None = _field(None, SAME)
+    mlp_hidden: int | None = _field(None, SAME)
+    tie_embeddings: bool | None = _field(None, SAME)
+    logit_softcap: float | None = _field(None, SAME)
+    zero_init: bool | None = _field(None, SAME)
 
 
 @dataclass

@@ -259,3 +259,22 @@ def _check_lora(run, task, base, tuned, shared) -> None:
         torch.testing.assert_close(folded, adapted, atol=1e-5, rtol=1e-4)
         if task != "classify":  # the adapters changed the function (a classifier's head is new anyway)
             assert not torch.allclose(folded[..., :257], base(idx), atol=1e-4)
+
+
+def test_a_pretraining_model_section_can_be_copied_into_a_finetune_config():
+    """Every model key may appear in a finetune config; each must agree with the checkpoint."""
+    import dataclasses
+
+    from gptcli.config import FinetuneModelConfig, ModelConfig
+    from gptcli.errors import GptcliError
+    from gptcli.tasks.finetune import _model_config
+
+    assert {f.name for f in dataclasses.fields(FinetuneModelConfig)} == {f.name for f in dataclasses.fields(ModelConfig)}
+    base = ModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32,
+                       vocab_size=257, qk_norm=True).resolved()
+    copied = FinetuneModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16,
+                                 qk_norm=True, dropout=0.1)
+    assert _model_config(base, copied) == dataclasses.replace(base, block_size=16, dropout=0.1)
+    with pytest.raises(GptcliError, match=r"model\.qk_norm: the checkpoint has True, the config says False; "
+                                          r"model\.mlp: the checkpoint has 'swiglu', the config says 'relu2'"):
+        _model_config(base, FinetuneModelConfig(qk_norm=False, mlp="relu2"))
