@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import GPT2_TIKTOKEN, SHAKESPEARE, needs_gpt2_ranks
 
-from gptcli.data.hf_tokenizer import _byte_alphabet, read_hf_tokenizer
+from gptcli.data.hf_tokenizer import byte_alphabet, read_hf_tokenizer
 from gptcli.data.tokenizer import WithAddedTokens, load_tokenizer, read_ranks, tiktoken_from_file
 from gptcli.errors import GptcliError
 from gptcli.tasks.instruct import CHAT_TOKENS, chat_stop_ids, is_chat_model, prompt_ids
@@ -339,7 +339,7 @@ def last_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 def test_full_size_gpt2_equals_tokenizers_and_tiktoken(tmp_path, merge_list):
     ranks = read_ranks(GPT2_TIKTOKEN)
     def spell(token: bytes) -> str:
-        return "".join(_byte_alphabet()[b] for b in token)
+        return "".join(byte_alphabet()[b] for b in token)
 
     vocab = {spell(token): rank for token, rank in ranks.items()}
     merges = [(spell(left), spell(right)) for left, right in merge_list(ranks)]

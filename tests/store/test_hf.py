@@ -7,12 +7,13 @@ import torch
 from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks, run_cli
 
 from gptcli.config import ModelConfig
+from gptcli.data.hf_tokenizer import byte_alphabet
 from gptcli.data.tokenizer import BytesTokenizer, tiktoken_from_file
 from gptcli.errors import GptcliError
 from gptcli.infer.generate import SamplingSettings, generate_tokens
 from gptcli.model.gpt import GPT
 from gptcli.store.checkpoint import load_model, save_checkpoint
-from gptcli.store.hf import byte_to_char, export_hf, import_hf, ranks_from_vocab, tokenizer_files
+from gptcli.store.hf import export_hf, import_hf, ranks_from_vocab, tokenizer_files
 from gptcli.store.rundir import resolve_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -162,8 +163,8 @@ def test_hf_dir_used_directly_as_checkpoint(tmp_path):
 
 
 def test_byte_table_is_a_bijection_onto_printables():
-    table = byte_to_char()
-    assert len(set(table.values())) == 256
+    table = byte_alphabet()
+    assert len(table) == len(set(table)) == 256
     assert table[ord("A")] == "A" and table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ"
 
 

@@ -263,7 +263,7 @@ def _ranks(vocab: dict[str, int], merges: list, added: dict[str, int], path: Pat
 def _tokens_in_merge_order(vocab: dict[str, int], merges: list, path: Path) -> list[tuple[bytes, int]]:
     """(token bytes, HF id) of the 256 bytes (in byte order), then of each merge's token."""
     order = []
-    for byte, char in enumerate(_byte_alphabet()):
+    for byte, char in enumerate(byte_alphabet()):
         if char not in vocab:
             raise GptcliError(f"{path}: the vocabulary lacks byte {byte:#04x} (spelled {char!r}), so it is "
                               f"not a byte-level BPE; {ONLY_BYTE_LEVEL}")
@@ -311,10 +311,10 @@ def _refuse_id_clashes(order: list[tuple[bytes, int]], added: dict[str, int], pa
 
 
 @functools.cache
-def _byte_alphabet() -> str:
-    """The character that spells each byte (index = byte) in byte-level vocabularies:
-    printable Latin-1 bytes spell themselves, the others take code points 256, 257, ...
-    in byte order."""
+def byte_alphabet() -> str:
+    """The character that spells each byte (index = byte) in byte-level vocabularies (GPT-2's
+    vocab.json and merges.txt, tokenizer.json): printable Latin-1 bytes spell themselves,
+    the others (controls, space, 0x7F-0xA0, 0xAD) take code points 256, 257, ... in byte order."""
     printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
     spelled, extra = [], 256
     for byte in range(256):
@@ -331,7 +331,7 @@ def _unspelling() -> dict[int, str]:
     """A str.translate table from the byte alphabet to Latin-1 (char i is byte i); the
     code points below 256 that spell no byte go to U+FFFF, which Latin-1 cannot encode."""
     table = {byte: "\uffff" for byte in range(256)}
-    table.update({ord(char): chr(byte) for byte, char in enumerate(_byte_alphabet())})
+    table.update({ord(char): chr(byte) for byte, char in enumerate(byte_alphabet())})
     return table
 
 

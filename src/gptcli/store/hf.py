@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from gptcli.atomic import staging_dir
 from gptcli.config import ModelConfig
 from gptcli.data.bpe import GPT2_PATTERN
+from gptcli.data.hf_tokenizer import TOKENIZER_FILE, byte_alphabet, read_hf_tokenizer
 from gptcli.data.tokenizer import (
     EOT,
     TiktokenTokenizer,
@@ -59,7 +60,6 @@ from gptcli.store.checkpoint import CHECKPOINTS, checkpoint_task, is_checkpoint,
 
 HF_CONFIG, HF_WEIGHTS, HF_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
 HF_INDEX, HF_PICKLE_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
-HF_TOKENIZER = "tokenizer.json"
 FAMILIES = (hf_gpt2, hf_llama)  # each names its MODEL_TYPES; arch gpt2 -> hf_gpt2, llama -> hf_llama
 _BY_ARCH = {"gpt2": hf_gpt2, "llama": hf_llama}
 _VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # tensors with one row per token
@@ -72,38 +72,22 @@ def is_hf_dir(path: str | Path) -> bool:
         (path / name).is_file() for name in (HF_WEIGHTS, HF_INDEX, HF_PICKLE, HF_PICKLE_INDEX))
 
 
-# --- GPT-2's byte <-> printable-character table (its vocab.json spells bytes this way) ----
+# --- GPT-2's tokenizer files, spelled in the byte alphabet --------------------------------
 
 
-def byte_to_char() -> dict[int, str]:
-    """GPT-2 writes each byte as a printable character: the printable Latin-1 bytes stand
-    for themselves, every other byte (controls, space, 0x7F-0xA0, 0xAD) takes the next code
-    point from 256 upwards, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _spell(token: bytes, table: dict[int, str]) -> str:
-    return "".join(table[b] for b in token)
+def _spell(token: bytes) -> str:
+    return "".join(byte_alphabet()[b] for b in token)
 
 
 def tokenizer_files(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[str]]:
     """vocab.json and merges.txt contents from BPE ranks: the merge that makes each
     multi-byte token is found by running BPE on its bytes with only lower ranks."""
-    table = byte_to_char()
-    vocab = {_spell(token, table): rank for token, rank in ranks.items()}
+    vocab = {_spell(token): rank for token, rank in ranks.items()}
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) > 1:
             left, right = _last_merge(token, ranks)
-            merges.append(f"{_spell(left, table)} {_spell(right, table)}")
+            merges.append(f"{_spell(left)} {_spell(right)}")
     return vocab, merges
 
 
@@ -124,7 +108,7 @@ def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
 
 def ranks_from_vocab(vocab: dict[str, int]) -> dict[bytes, int]:
     """BPE ranks from a GPT-2 vocab.json (special tokens left out)."""
-    char_to_byte = {c: b for b, c in byte_to_char().items()}
+    char_to_byte = {c: b for b, c in enumerate(byte_alphabet())}
     ranks = {}
     for spelled, rank in vocab.items():
         if spelled.startswith("<|") and spelled.endswith("|>"):
@@ -329,13 +313,11 @@ def llama_tokenizer(hf_dir: Path, tokenizer_path: str | Path | None) -> Tokenize
     (as export-hf writes for a model trained with the gpt2 tokenizer)."""
     if tokenizer_path is not None:
         return tiktoken_from_file(tokenizer_path)
-    if (hf_dir / HF_TOKENIZER).is_file():
-        from gptcli.data.hf_tokenizer import read_hf_tokenizer  # tiktoken and regex: only when needed
-
+    if (hf_dir / TOKENIZER_FILE).is_file():
         return read_hf_tokenizer(hf_dir)
     if (hf_dir / "vocab.json").is_file() and _tokenizer_class(hf_dir) in ("GPT2Tokenizer", "GPT2TokenizerFast"):
         return _gpt2_vocab_tokenizer(hf_dir)
-    raise GptcliError(f"{hf_dir} has no {HF_TOKENIZER}; copy the model's tokenizer files next to its weights, "
+    raise GptcliError(f"{hf_dir} has no {TOKENIZER_FILE}; copy the model's tokenizer files next to its weights, "
                       f"or pass --tokenizer FILE.tiktoken")
 
 
