@@ -85,3 +85,34 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         sys.argv = old_argv
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def gpt2_shapes(n_layer: int, C: int, vocab_rows: int, block_size: int) -> dict[str, tuple[int, ...]]:
+    """GPT-2's tensor names and shapes in gptcli's layout ((out, in) linear weights) for a
+    model with biases: wte, wpe, every block, ln_f (no lm_head, which GPT-2 ties to wte)."""
+    shapes = {"wte.weight": (vocab_rows, C), "wpe.weight": (block_size, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for i in range(n_layer):
+        shapes |= {f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,),
+                   f"h.{i}.attn.c_attn.weight": (3 * C, C), f"h.{i}.attn.c_attn.bias": (3 * C,),
+                   f"h.{i}.attn.c_proj.weight": (C, C), f"h.{i}.attn.c_proj.bias": (C,),
+                   f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
+                   f"h.{i}.mlp.c_fc.weight": (4 * C, C), f"h.{i}.mlp.c_fc.bias": (4 * C,),
+                   f"h.{i}.mlp.c_proj.weight": (C, 4 * C), f"h.{i}.mlp.c_proj.bias": (C,)}
+    return shapes
+
+
+def pretrain_split_and_resumed(cfg: dict, out_dir: Path, first_steps: int) -> None:
+    """Pretrain `cfg` into `out_dir` in two commands: its first `first_steps` steps, then
+    --resume to its max_steps (to compare with a straight run of `cfg`)."""
+    import json
+
+    from gptcli.config import config_from_dict
+    from gptcli.tasks.pretrain import pretrain
+
+    split = json.loads(json.dumps(cfg))
+    split["out_dir"] = str(out_dir)
+    split["train"]["max_steps"] = first_steps
+    pretrain(config_from_dict(split))
+    split["train"]["max_steps"] = cfg["train"]["max_steps"]
+    pretrain(config_from_dict(split), resume=True)
+

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import gpt2_shapes
 from torch import nn
 
 from gptcli.config import ModelConfig, load_config
@@ -195,16 +196,7 @@ def test_count_params_equals_the_built_model(overrides):
 
 def test_gpt2_state_dict_is_exactly_gpt2s():
     model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=VOCAB))
-    C = 32
-    expected = {"wte.weight": (128, C), "wpe.weight": (16, C), "ln_f.weight": (C,), "ln_f.bias": (C,),
-                "lm_head.weight": (128, C)}
-    for i in range(2):
-        expected |= {f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,),
-                     f"h.{i}.attn.c_attn.weight": (3 * C, C), f"h.{i}.attn.c_attn.bias": (3 * C,),
-                     f"h.{i}.attn.c_proj.weight": (C, C), f"h.{i}.attn.c_proj.bias": (C,),
-                     f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
-                     f"h.{i}.mlp.c_fc.weight": (4 * C, C), f"h.{i}.mlp.c_fc.bias": (4 * C,),
-                     f"h.{i}.mlp.c_proj.weight": (C, 4 * C), f"h.{i}.mlp.c_proj.bias": (C,)}
+    expected = gpt2_shapes(n_layer=2, C=32, vocab_rows=128, block_size=16) | {"lm_head.weight": (128, 32)}
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
     assert model.lm_head.weight is model.wte.weight and model.rotary is None
     assert isinstance(model.h[0].ln_1, nn.LayerNorm) and model.h[0].attn.q_norm is None

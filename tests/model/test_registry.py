@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import gpt2_shapes
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -24,16 +25,7 @@ LABELS = ["neg", "pos", "neutral"]
 def old_classifier_weights() -> dict[str, torch.Tensor]:
     """A classifier's tensors under the names checkpoints had when the classifier was a GPT
     subclass: GPT-2's names (the tied lm_head stored once, as wte) plus `score.weight`."""
-    C = CFG.n_embd
-    shapes = {"wte.weight": (320, C), "wpe.weight": (CFG.block_size, C),
-              "ln_f.weight": (C,), "ln_f.bias": (C,), "score.weight": (len(LABELS), C)}
-    for i in range(CFG.n_layer):
-        shapes |= {f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,),
-                   f"h.{i}.attn.c_attn.weight": (3 * C, C), f"h.{i}.attn.c_attn.bias": (3 * C,),
-                   f"h.{i}.attn.c_proj.weight": (C, C), f"h.{i}.attn.c_proj.bias": (C,),
-                   f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
-                   f"h.{i}.mlp.c_fc.weight": (4 * C, C), f"h.{i}.mlp.c_fc.bias": (4 * C,),
-                   f"h.{i}.mlp.c_proj.weight": (C, 4 * C), f"h.{i}.mlp.c_proj.bias": (C,)}
+    shapes = gpt2_shapes(CFG.n_layer, CFG.n_embd, 320, CFG.block_size) | {"score.weight": (len(LABELS), CFG.n_embd)}
     generator = torch.Generator().manual_seed(0)
     return {name: 0.1 * torch.randn(shape, generator=generator) for name, shape in shapes.items()}
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import own_cache, run_cli, tiny_config, write_corpus
+from conftest import own_cache, pretrain_split_and_resumed, run_cli, tiny_config, write_corpus
 from safetensors.torch import load_file
 
 from gptcli.config import config_from_dict
@@ -100,12 +100,7 @@ def test_resume_with_muon_is_bit_identical(tmp_path, corpus_dir):
                         eval_every=4, lr_decay_steps=8, optimizer="muon", muon_lr=0.02)
     base["model"].update(dropout=0.1, block_size=16)
     pretrain(config_from_dict(base))
-    split = json.loads(json.dumps(base))
-    split["out_dir"] = str(tmp_path / "split")
-    split["train"]["max_steps"] = 4
-    pretrain(config_from_dict(split))
-    split["train"]["max_steps"] = 8
-    pretrain(config_from_dict(split), resume=True)
+    pretrain_split_and_resumed(base, tmp_path / "split", first_steps=4)
 
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "split")
     assert sorted(resumed) == list(range(1, 9)) and straight == resumed

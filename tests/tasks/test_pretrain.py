@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import pretrain_split_and_resumed, tiny_config
 
 from gptcli.config import config_from_dict, load_config
 from gptcli.errors import GptcliError
@@ -62,12 +62,7 @@ def test_resume_is_bit_identical(tmp_path, corpus_dir):
                        save_every=10, eval_every=10, lr_decay_steps=20)
     base["model"]["dropout"] = 0.1
     pretrain(config_from_dict(base))
-    split = json.loads(json.dumps(base))
-    split["out_dir"] = str(tmp_path / "split")
-    split["train"]["max_steps"] = 10
-    pretrain(config_from_dict(split))
-    split["train"]["max_steps"] = 20
-    pretrain(config_from_dict(split), resume=True)
+    pretrain_split_and_resumed(base, tmp_path / "split", first_steps=10)
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "split")
     assert sorted(resumed) == list(range(1, 21))
     assert straight == resumed
