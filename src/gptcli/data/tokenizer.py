@@ -388,16 +388,7 @@ def _split_on_tokens(text: str, tokens: Mapping[str, int]) -> list[str | int]:
     the `tokenizers` library matches added tokens)."""
     if not tokens:
         return [text] if text else []
-    parts: list[str | int] = []
-    start = 0
-    for match in _token_regex(tuple(tokens)).finditer(text):
-        if match.start() > start:
-            parts.append(text[start:match.start()])
-        parts.append(tokens[match.group()])
-        start = match.end()
-    if start < len(text):
-        parts.append(text[start:])
-    return parts
+    return [tokens[piece] if matched else piece for piece, matched in _cut(_token_regex(tuple(tokens)), text)]
 
 
 @functools.lru_cache(maxsize=16)
@@ -409,15 +400,20 @@ def _token_regex(tokens: tuple[str, ...]) -> regex.Pattern:
 def _isolate(pattern: regex.Pattern, text: str) -> list[str]:
     """`text` cut into the matches of `pattern` and the (non-empty) text between them, in
     order: the `tokenizers` Split pre-tokenizer with behavior Isolated."""
+    return [piece for piece, _ in _cut(pattern, text) if piece]
+
+
+def _cut(pattern: regex.Pattern, text: str) -> list[tuple[str, bool]]:
+    """`text` in order as each match of `pattern` (True) and the non-empty text between
+    matches (False)."""
     pieces, start = [], 0
     for match in pattern.finditer(text):
         if match.start() > start:
-            pieces.append(text[start:match.start()])
-        if match.end() > match.start():
-            pieces.append(match.group())
+            pieces.append((text[start:match.start()], False))
+        pieces.append((match.group(), True))
         start = match.end()
     if start < len(text):
-        pieces.append(text[start:])
+        pieces.append((text[start:], False))
     return pieces
 
 
