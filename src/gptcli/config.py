@@ -339,11 +339,10 @@ def model_config_problems(m: ModelConfig) -> list[str]:
     if m.n_kv_head is not None and m.n_kv_head >= 1 and m.n_head >= 1 and m.n_head % m.n_kv_head:
         problems.append(f"model.n_kv_head: {_show(m.n_kv_head)} does not divide "
                         f"model.n_head={_show(m.n_head)}")
-    if m.position == "rope" or (m.position is None and m.arch == "llama"):
-        head_dim = m.head_dim if m.head_dim is not None else m.n_embd // max(m.n_head, 1)
-        if head_dim % 2:
-            problems.append(f"model.head_dim: rotary embeddings rotate pairs, so the head width "
-                            f"must be even, got {_show(head_dim)}")
+    resolved = m.resolved()  # the arch's position encoding and the derived head width
+    if resolved.position == "rope" and resolved.head_dim % 2:
+        problems.append(f"model.head_dim: rotary embeddings rotate pairs, so the head width "
+                        f"must be even, got {_show(resolved.head_dim)}")
     for name in ("rope_theta", "norm_eps"):
         if not getattr(m, name) > 0:
             problems.append(f"model.{name}: must be greater than 0, got {getattr(m, name)}")

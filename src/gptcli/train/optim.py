@@ -28,11 +28,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     if cfg.optimizer == "adamw":
         return _adamw(params, cfg, device)
     in_blocks = {id(p) for p in model.blocks.parameters()}
-    hidden = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
+
+    def for_muon(p: nn.Parameter) -> bool:
+        return p.dim() == 2 and id(p) in in_blocks
+
+    hidden = [p for p in params if for_muon(p)]
     if not hidden:
         raise GptcliError("train.optimizer=muon has no trainable matrix inside the blocks to update "
                           "(finetune.freeze.blocks freezes them all); use train.optimizer=adamw")
-    rest = [p for p in params if id(p) not in {id(h) for h in hidden}]
+    rest = [p for p in params if not for_muon(p)]
     muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
     for group in muon.param_groups:
         group["lr_scale"] = cfg.muon_lr / cfg.lr
