@@ -12,10 +12,12 @@ from typing import BinaryIO
 
 import torch
 
+from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.infer.cpu_layout import for_generation
 from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
+from gptcli.model import Model
 from gptcli.model.lora import merge_lora
 from gptcli.runtime import DTYPES, resolve_device, resolve_precision
 from gptcli.store.checkpoint import checkpoint_task, load_model
@@ -150,21 +152,15 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     if is_classifier(path):
         raise GptcliError(f"{path} is a classifier; use classify() for it")
     device = resolve_device(request.device)
-    model, tokenizer = load_model(path, device)
-    if model.lora_spec is not None:
-        merge_lora(model)  # one matrix per layer again: the adapters cost nothing per token
-    for_generation(model, resolve_precision(request.precision, device, option="--precision").dtype)
+    model, tokenizer = load_for_generation(path, device, request.precision)
     context = model.config.block_size
-    for special in tokenizer.special_tokens:
-        if special in request.prompt:
-            raise GptcliError(f"the prompt contains the special token {special} as text; prompts are "
-                              f"plain text, so remove it (an empty prompt starts a new document)")
+    check_plain_text(tokenizer, request.prompt, "the prompt")
     stop_ids: frozenset[int] = frozenset()
     if is_chat_model(tokenizer) and not request.raw:  # an instruct or chat model: one user turn, stop at its end
         prompt = prompt_ids(tokenizer, request.prompt)
         stop_ids = chat_stop_ids(tokenizer)
     else:
-        prompt = tokenizer.encode(request.prompt) if request.prompt else [tokenizer.eot_id]
+        prompt = text_prompt_ids(tokenizer, request.prompt)
     if len(prompt) > context:
         on_event(Notice(f"prompt is {len(prompt)} tokens, longer than the {context}-token "
                         f"context: keeping its last {context}"))
@@ -189,22 +185,51 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     return path, [Sample(t.text, t.tokens) for t in texts]
 
 
+def load_for_generation(path: Path, device: torch.device, precision: str = "auto") -> tuple[Model, Tokenizer]:
+    """A resolved checkpoint's model, ready to generate: adapters merged, weights in the
+    precision asked for (`auto`: bf16 or fp16 on CUDA, fp32 elsewhere) and, on CPU, in the
+    decode-friendly layout; and its tokenizer."""
+    model, tokenizer = load_model(path, device)
+    if model.lora_spec is not None:
+        merge_lora(model)  # one matrix per layer again: the adapters cost nothing per token
+    for_generation(model, resolve_precision(precision, device, option="--precision").dtype)
+    return model, tokenizer
+
+
+def check_plain_text(tokenizer: Tokenizer, text: str, what: str) -> None:
+    """Refuse text holding a special token's spelling: prompts and messages are plain text
+    (a user cannot inject an end-of-turn), so such text would not mean what it looks like."""
+    for special in tokenizer.special_tokens:
+        if special in text:
+            raise GptcliError(f"{what} contains the special token {special} as text; it is read as "
+                              f"plain text, so remove it")
+
+
+def text_prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Plain text to continue; an empty prompt starts a new document (end-of-text)."""
+    return tokenizer.encode(text) if text else [tokenizer.eot_id]
+
+
 def is_classifier(path: Path) -> bool:
     """Whether a resolved checkpoint directory holds a classifier."""
     return checkpoint_task(path) == "classify"
 
 
-@torch.inference_mode()
 def classify(checkpoint: str | Path | None, text: str, device: str = "auto"
              ) -> tuple[Path, dict[str, float]]:
     """Class probabilities of `text` under a classifier checkpoint, most likely first."""
     path = resolve_checkpoint(checkpoint)
     if not is_classifier(path):
         raise GptcliError(f"{path} is not a classifier checkpoint")
-    dev = resolve_device(device)
-    model, tokenizer = load_model(path, dev)
+    model, tokenizer = load_model(path, resolve_device(device))
+    return path, class_probabilities(model, tokenizer, text)
+
+
+@torch.inference_mode()
+def class_probabilities(model: Model, tokenizer: Tokenizer, text: str) -> dict[str, float]:
+    """Label -> probability of `text` under a loaded classifier, most likely first. A text
+    longer than the context keeps its end (as the classifier was trained)."""
     (ids,) = encode_texts(tokenizer, [text], model.config.block_size, keep="end")
-    idx = torch.tensor(ids, device=dev)[None]
-    probs = torch.softmax(model(idx).float(), dim=-1)[0].tolist()
-    ranked = sorted(zip(model.labels, probs), key=lambda pair: -pair[1])
-    return path, dict(ranked)
+    device = next(model.parameters()).device
+    probs = torch.softmax(model(torch.tensor(ids, device=device)[None]).float(), dim=-1)[0].tolist()
+    return dict(sorted(zip(model.labels, probs), key=lambda pair: -pair[1]))

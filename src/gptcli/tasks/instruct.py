@@ -102,16 +102,25 @@ def render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """A user turn followed by the assistant header: what sampling continues from. gptcli's
-    own template when the tokenizer has its tokens, else the tokenizer's chat template
-    (the rendered text holds special tokens, encoded as such)."""
+    """One user turn followed by the assistant header: what `sample` continues from."""
+    return chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation ([{"role", "content"}], roles system/user/assistant) followed by the
+    assistant header: what a chat reply continues from. gptcli's own template when the
+    tokenizer has its tokens, else the tokenizer's chat template (the rendered text holds
+    special tokens, encoded as such)."""
     special = tokenizer.special_tokens
     if has_chat_template(tokenizer):
-        return [special["<|user|>"], *tokenizer.encode(prompt), special[END], special["<|assistant|>"]]
+        ids = []
+        for turn in messages:
+            ids += [special[f"<|{turn['role']}|>"], *tokenizer.encode(turn["content"]), special[END]]
+        return ids + [special["<|assistant|>"]]
     if tokenizer.chat_template is None:
-        raise ValueError("prompt_ids needs a chat tokenizer (see is_chat_model)")
-    text = render_chat(tokenizer.chat_template, [{"role": "user", "content": prompt}],
-                       add_generation_prompt=True, special=dict(tokenizer.template_tokens))
+        raise ValueError("chat_prompt_ids needs a chat tokenizer (see is_chat_model)")
+    text = render_chat(tokenizer.chat_template, messages, add_generation_prompt=True,
+                       special=dict(tokenizer.template_tokens))
     return tokenizer.encode_with_specials(text)
 
 
