@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gptcli"
-LAYERS = ["", "data", "model", "store", "train", "evals", "tasks", "infer", "cli"]  # "": the top
+LAYERS = ["", "data", "model", "store", "train", "evals", "tasks", "infer", "serve", "cli"]  # "": the top
 
 
 def layer_of(module: str) -> int:

@@ -356,6 +356,77 @@ def sample(
     show_checkpoint(path)
 
 
+@app.command()
+def chat(
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", "-c", help="Instruct run, checkpoint or imported chat model (default: the latest run under runs/).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens per reply.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold in (0, 1].")] = None,
+    greedy: Annotated[bool, typer.Option(help="Always take the most likely token.")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible replies.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt to start with (/system changes it).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="Weights and compute: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, bf16, fp16.")
+    ] = "auto",
+) -> None:
+    """Talk with an instruct checkpoint or an imported chat model, replies streamed to stdout.
+
+    Reads one message per line (quietly when standard input is not a terminal);
+    /reset, /system TEXT, /help, /quit. Example: gptcli chat -c runs/instruct-docstrings
+    """
+    from gptcli.cli.chat import run_chat
+    from gptcli.infer.sample import SampleRequest
+
+    request = SampleRequest(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, device=device, precision=precision)
+    run_chat(checkpoint, request, system or "")
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", "-c", help="Run or checkpoint directory (default: the latest run under runs/).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port, printed at start).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        help="Require 'Authorization: Bearer KEY' on /v1 requests (default: $GPTCLI_API_KEY, else none).")
+    ] = None,
+    model_name: Annotated[Optional[str], typer.Option(
+        help="The model id clients use (default: the run's name).")] = None,
+    max_batch: Annotated[int, typer.Option(
+        help="Sequences decoded together; later requests wait for a free row.")] = 16,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 1 << 20,
+    shutdown_timeout: Annotated[float, typer.Option(
+        help="Seconds in-flight requests get to finish after SIGINT/SIGTERM.")] = 10.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, bf16, fp16.")] = "auto",
+) -> None:
+    """Serve a checkpoint over OpenAI's API (/v1/completions, /v1/chat/completions,
+    /v1/classify) with a web page at /.
+
+    Example: gptcli serve -c runs/demo --port 8000, then open http://127.0.0.1:8000
+    """
+    from gptcli.cli.display import console
+    from gptcli.serve.run import ServeOptions
+    from gptcli.serve.run import serve as run_server
+
+    options = ServeOptions(checkpoint=checkpoint, host=host, port=port, api_key=api_key, model_name=model_name,
+                           max_batch=max_batch, max_body_bytes=max_body, device=device, precision=precision,
+                           shutdown_timeout=shutdown_timeout)
+
+    def ready(url: str) -> None:
+        console.print(f"serving at {url} (API: {url}/v1); Ctrl-C to stop", markup=False, highlight=False)
+
+    run_server(options, on_ready=ready)
+
+
 @app.command("import-hf")
 def import_hf(
     hf_dir: Annotated[Path, typer.Argument(help="A Hugging Face GPT-2, Llama, Qwen2, Qwen3 or Mistral directory (config.json + model.safetensors, or its shards).")],

@@ -75,8 +75,8 @@ class CausalSelfAttention(nn.Module):
                 cache: KVCache | None = None, layer: int = 0, input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """Without `cache`: causal attention within x. With it: write this layer's keys and
-        values at `input_pos` (T,) and attend over all L slots, `mask` (T, L) hiding the
-        ones each token may not see. `rotary`: the (cos, sin) tables of x's positions."""
+        values at `input_pos` ((T,), or (B, T) per row) and attend over all L slots, `mask`
+        ((T, L) or (B, 1, T, L)) hiding the ones each token may not see. `rotary`: the (cos, sin) tables of x's positions."""
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.split, dim=2)
         # (B, T, heads * hs) -> (B, heads, T, hs)
@@ -217,8 +217,9 @@ class GPT(nn.Module):
         """Final-norm hidden states (B, T, C) for token ids (B, T).
 
         Without `cache`: a full causal pass over positions 0..T-1 (training).
-        With `cache` (generation): the tokens sit at positions `input_pos` (T,), are written
-        into the cache there, and each attends to every cached position up to its own.
+        With `cache` (generation): the tokens sit at positions `input_pos`, (T,) shared by
+        the batch or (B, T) one row each, are written into the cache there, and each attends
+        to every cached position of its row up to its own.
         """
         if cache is None:
             input_pos, mask = torch.arange(idx.size(1), device=idx.device), None

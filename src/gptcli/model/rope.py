@@ -27,11 +27,14 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.theta = head_dim, theta
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (T, hs) in `dtype`, for integer positions (T,)."""
+        """(cos, sin) in `dtype` for integer positions: (T, hs) each for positions (T,)
+        shared by the batch, (B, 1, T, hs) for per-row positions (B, T)."""
         exponents = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.int64).float()
         inv_freq = 1.0 / (self.theta ** (exponents / self.head_dim))  # (hs/2,)
-        angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hs/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (T, hs): dimension i and i + hs/2 share an angle
+        angles = positions.float()[..., None] * inv_freq  # (..., T, hs/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (..., T, hs): dimension i and i + hs/2 share an angle
+        if positions.dim() == 2:
+            angles = angles[:, None]  # broadcast over each row's heads
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

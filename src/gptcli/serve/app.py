@@ -1,0 +1,351 @@
+"""The HTTP routes of `gptcli serve`: OpenAI's API over a BatchEngine, and the web page.
+
+    GET  /                     the chat or completion page (page.html, no external assets)
+    GET  /health               liveness and load: {"status", "model", "running", "waiting"}
+    GET  /v1/models            the one model served
+    POST /v1/completions       text continuations (a base or any language model)
+    POST /v1/chat/completions  replies under the checkpoint's chat template
+    POST /v1/classify          labels and probabilities (a classifier checkpoint)
+
+Handlers run on the event loop and only encode prompts and move text: generation happens
+on the engine's thread, which hands each piece of text back through `call_soon_threadsafe`
+into the request's queue. A streamed answer that loses its client is cancelled (Starlette
+cancels the response's generator), which frees its batch rows at the engine's next step;
+a non-streamed one checks for a lost client every second while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from gptcli.data.tokenizer import Tokenizer
+from gptcli.errors import GptcliError
+from gptcli.infer.engine import BatchEngine, Job, Update
+from gptcli.infer.generate import SamplingSettings
+from gptcli.infer.sample import check_plain_text, class_probabilities, text_prompt_ids
+from gptcli.model import Model
+from gptcli.serve.protocol import ApiError, ChatRequest, ClassifyRequest, CompletionRequest, parse
+from gptcli.tasks.instruct import chat_prompt_ids, chat_stop_ids
+
+LOST_CLIENT_POLL_S = 1.0  # how often a non-streamed request checks that its client is still there
+
+
+@dataclass
+class Served:
+    """The checkpoint a server answers for. `engine` is None for a classifier."""
+
+    model_id: str
+    model: Model
+    tokenizer: Tokenizer
+    task: str  # "lm", "chat" or "classify"
+    engine: BatchEngine | None
+    api_key: str | None = None
+    max_batch: int = 16
+    created: int = field(default_factory=lambda: int(time.time()))
+    classify_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def context(self) -> int:
+        return self.model.config.block_size
+
+
+def build_app(served: Served) -> FastAPI:
+    app = FastAPI(title="gptcli", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Unknown routes and methods, in OpenAI's error shape too."""
+        return JSONResponse(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").body(),
+                            status_code=exc.status_code)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return resources.files("gptcli.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/health")
+    async def health() -> dict:
+        running, waiting = served.engine.load if served.engine else (0, 0)
+        return {"status": "ok", "model": served.model_id, "running": running, "waiting": waiting}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        _authorize(served, request)
+        return {"object": "list", "data": [_model_card(served)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict:
+        _authorize(served, request)
+        _check_model(served, model_id)
+        return _model_card(served)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        _authorize(served, request)
+        body: CompletionRequest = parse(CompletionRequest, await _json(request))
+        _check_generation(served, body)
+        prompts = [_encode(served, lambda: _text_ids(served.tokenizer, text)) for text in body.prompts()]
+        return await _answer(served, request, body, prompts, body.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        _authorize(served, request)
+        body: ChatRequest = parse(ChatRequest, await _json(request))
+        _check_generation(served, body)
+        if served.task != "chat":
+            raise ApiError(400, f"{served.model_id} has no chat template (it is a base language model); use "
+                                f"/v1/completions, or finetune it with --task instruct", "messages")
+        turns = [m.as_turn() for m in body.messages]
+        prompt = _encode(served, lambda: _chat_ids(served.tokenizer, turns))
+        return await _answer(served, request, body, [prompt], body.budget, chat=True)
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> dict:
+        _authorize(served, request)
+        body: ClassifyRequest = parse(ClassifyRequest, await _json(request))
+        _check_model(served, body.model)
+        if served.task != "classify":
+            raise ApiError(400, f"{served.model_id} is not a classifier; use /v1/completions")
+        async with served.classify_lock:  # one at a time: each already uses every core
+            results = [await run_in_threadpool(class_probabilities, served.model, served.tokenizer, text)
+                       for text in body.texts()]
+        return {"object": "list", "model": served.model_id,
+                "data": [{"index": i, "label": next(iter(probs)), "probabilities": probs}
+                         for i, probs in enumerate(results)]}
+
+    return app
+
+
+def _authorize(served: Served, request: Request) -> None:
+    if served.api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, key = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), served.api_key.encode()):
+        raise ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
+                       code="invalid_api_key")
+
+
+async def _json(request: Request) -> object:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+
+
+def _model_card(served: Served) -> dict:
+    """OpenAI's model object, plus what a client needs to know to use it (the page reads
+    these): the context length and what the checkpoint does."""
+    return {"id": served.model_id, "object": "model", "created": served.created, "owned_by": "gptcli",
+            "context_length": served.context, "task": served.task, "max_batch": served.max_batch}
+
+
+def _check_model(served: Served, model_id: str | None) -> None:
+    if model_id is not None and model_id != served.model_id:
+        raise ApiError(404, f"the model '{model_id}' does not exist; this server has '{served.model_id}'",
+                       "model", "model_not_found")
+
+
+def _check_generation(served: Served, body: CompletionRequest | ChatRequest) -> None:
+    _check_model(served, body.model)
+    if served.engine is None:
+        raise ApiError(400, f"{served.model_id} is a classifier; use POST /v1/classify")
+    body.check(served.max_batch)
+
+
+def _text_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    check_plain_text(tokenizer, text, "the prompt")
+    return text_prompt_ids(tokenizer, text)
+
+
+def _chat_ids(tokenizer: Tokenizer, turns: list[dict]) -> list[int]:
+    for i, turn in enumerate(turns):
+        check_plain_text(tokenizer, turn["content"], f"messages[{i}].content")
+    return chat_prompt_ids(tokenizer, turns)
+
+
+def _encode(served: Served, encode) -> list[int]:
+    """A prompt's ids, or a 400: text holding a special token, a chat template that refuses
+    the conversation, or a prompt that leaves no room in the context."""
+    try:
+        ids = encode()
+    except GptcliError as exc:
+        raise ApiError(400, str(exc)) from None
+    if len(ids) >= served.context:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens; the model's context is {served.context}, "
+                            f"which must also hold the reply: shorten it", code="context_length_exceeded")
+    return ids
+
+
+async def _answer(served: Served, request: Request, body: CompletionRequest | ChatRequest,
+                  prompts: list[list[int]], budget: int | None, chat: bool):
+    """Submit one job per prompt (n choices each); answer with one JSON or a stream."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
+    stop_ids = chat_stop_ids(served.tokenizer) if chat else frozenset()
+    settings = SamplingSettings(body.temperature, body.top_k, body.top_p)
+    jobs = []
+    for p, prompt in enumerate(prompts):
+        room = served.context - len(prompt)
+        jobs.append(Job(prompt, room if budget is None else min(budget, room), settings,
+                        _emitter(loop, queue, p * body.n), n=body.n, seed=body.seed,
+                        stops=body.stops(), stop_ids=stop_ids))
+    reply = _Reply(served.model_id, chat, sum(len(p) for p in prompts), len(prompts) * body.n)
+    try:
+        for job in jobs:
+            served.engine.submit(job)
+    except RuntimeError:  # stopped between the request's arrival and now
+        _cancel(jobs)
+        raise ApiError(503, "the server is shutting down") from None
+    if body.stream:
+        return StreamingResponse(_stream(reply, queue, jobs, body.include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _collect(reply, queue, jobs, request)
+
+
+def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, first_index: int):
+    """The engine-thread callback of one job: its updates, numbered among the request's
+    choices, into the request's queue on the event loop."""
+    def emit(update: Update) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (first_index + update.choice, update))
+        except RuntimeError:  # the loop is closed: the server has stopped and nobody is listening
+            pass
+
+    return emit
+
+
+def _cancel(jobs: list[Job]) -> None:
+    for job in jobs:
+        job.cancel()
+
+
+class _Reply:
+    """The text, finish reasons and token counts of a request's choices as updates arrive,
+    and their rendering as OpenAI's JSON (whole, or chunk by chunk)."""
+
+    def __init__(self, model_id: str, chat: bool, prompt_tokens: int, choices: int):
+        self.model_id, self.chat, self.prompt_tokens = model_id, chat, prompt_tokens
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.texts = [""] * choices
+        self.finish: list[str | None] = [None] * choices
+        self.tokens = [0] * choices
+
+    @property
+    def pending(self) -> bool:
+        return None in self.finish
+
+    def take(self, index: int, update: Update) -> None:
+        self.texts[index] += update.text
+        if update.finish:
+            self.finish[index], self.tokens[index] = update.finish, update.tokens
+
+    def failed(self) -> ApiError | None:
+        """Why the answer cannot be given: the server stopped, or the engine failed."""
+        if "error" in self.finish:
+            return ApiError(500, "generation failed on the server; see its log")
+        if "cancelled" in self.finish:
+            return ApiError(503, "the server is shutting down")
+        return None
+
+    def usage(self) -> dict:
+        completion = sum(self.tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def whole(self) -> dict:
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                       for i, (text, reason) in enumerate(zip(self.texts, self.finish))]
+        else:
+            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                       for i, (text, reason) in enumerate(zip(self.texts, self.finish))]
+        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices,
+                "usage": self.usage()}
+
+    def chunk(self, index: int, text: str | None, finish: str | None) -> dict:
+        """One streamed piece: `text` for choice `index` (None: the role announcement of a
+        chat choice), or its finish reason."""
+        if not self.chat:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {**self._head("text_completion"), "choices": [choice]}
+        if finish is not None:
+            delta = {}
+        elif text is None:
+            delta = {"role": "assistant", "content": ""}
+        else:
+            delta = {"content": text}
+        return {**self._head("chat.completion.chunk"),
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    def usage_chunk(self) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(kind), "choices": [], "usage": self.usage()}
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
+
+
+async def _collect(reply: _Reply, queue: asyncio.Queue, jobs: list[Job], request: Request) -> dict:
+    try:
+        while reply.pending:
+            try:
+                reply.take(*await asyncio.wait_for(queue.get(), LOST_CLIENT_POLL_S))
+            except TimeoutError:
+                if await request.is_disconnected():
+                    _cancel(jobs)
+                    return {}  # nobody to answer
+    finally:
+        _cancel(jobs)  # a no-op for finished jobs; frees the rows of any other way out
+    failure = reply.failed()
+    if failure:
+        raise failure
+    return reply.whole()
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(reply: _Reply, queue: asyncio.Queue, jobs: list[Job], include_usage: bool
+                  ) -> AsyncIterator[str]:
+    """Server-sent events: each choice's text as it arrives, its finish reason, (usage),
+    then `[DONE]`. A chat choice opens with its role. If the client goes away, Starlette
+    cancels this generator and `finally` cancels the jobs."""
+    try:
+        if reply.chat:
+            for index in range(len(reply.texts)):
+                yield _sse(reply.chunk(index, None, None))
+        while reply.pending:
+            index, update = await queue.get()
+            reply.take(index, update)
+            if update.text:
+                yield _sse(reply.chunk(index, update.text, None))
+            if update.finish:
+                failure = reply.failed()
+                if failure:
+                    yield _sse(failure.body())
+                    return
+                yield _sse(reply.chunk(index, None, update.finish))
+        if include_usage:
+            yield _sse(reply.usage_chunk())
+        yield _sse("[DONE]")
+    finally:
+        _cancel(jobs)

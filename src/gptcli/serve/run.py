@@ -1,0 +1,145 @@
+"""`gptcli serve`: load a checkpoint, start the batching engine, run uvicorn until a signal.
+
+Start-up problems (a checkpoint that cannot be loaded, a port in use, a missing extra) are
+GptcliErrors: one line and exit 2, before anything listens. The socket is bound here, not
+by uvicorn, for that reason, and so that `--port 0` can report the port it was given.
+
+On SIGINT or SIGTERM uvicorn stops accepting connections and lets in-flight requests
+finish for up to `shutdown_timeout` seconds; then the engine cancels whatever is left
+(streams end, non-streamed requests get 503) and the process exits with code 0.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptcli.errors import GptcliError
+from gptcli.runtime import resolve_device
+from gptcli.store.rundir import resolve_checkpoint
+
+API_KEY_ENV = "GPTCLI_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    checkpoint: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # None: GPTCLI_API_KEY if set, else no key
+    model_name: str | None = None  # None: the run's name
+    max_batch: int = 16
+    max_body_bytes: int = 1 << 20
+    device: str = "auto"
+    precision: str = "auto"
+    shutdown_timeout: float = 10.0
+
+    def check(self) -> None:
+        problems = []
+        if self.max_batch < 1:
+            problems.append(f"--max-batch must be at least 1, got {self.max_batch}")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port must be 0..65535 (0: any free port), got {self.port}")
+        if self.max_body_bytes < 1024:
+            problems.append(f"--max-body must be at least 1024 bytes, got {self.max_body_bytes}")
+        if self.shutdown_timeout < 0:
+            problems.append(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout}")
+        if problems:
+            raise GptcliError("; ".join(problems))
+
+
+def require_serve_extra() -> None:
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise GptcliError(f"gptcli serve needs {' and '.join(missing)}: pip install 'gptcli[serve]'")
+
+
+def serve(options: ServeOptions, on_ready: Callable[[str], None] = print) -> None:
+    """Serve until SIGINT or SIGTERM. `on_ready(url)` is called once the socket listens."""
+    options.check()
+    require_serve_extra()
+    import uvicorn
+
+    from gptcli.serve.app import build_app
+    from gptcli.serve.limits import BodyLimit
+
+    served = load_served(options)
+    sock = _bind(options.host, options.port)
+    host, port = sock.getsockname()[:2]
+    if served.engine:
+        served.engine.start()
+    app = BodyLimit(build_app(served), options.max_body_bytes)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=options.shutdown_timeout,
+                            lifespan="off")
+    server = uvicorn.Server(config)
+    on_ready(f"http://{host if ':' not in host else f'[{host}]'}:{port}")
+    # uvicorn handles SIGINT/SIGTERM while it runs, then raises the signal again once it has
+    # shut down; by then the shutdown is done, so these no-op handlers absorb it: exit 0.
+    previous = {sig: signal.signal(sig, _absorb) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if served.engine:
+            served.engine.stop()
+        sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _absorb(signum, frame) -> None:
+    """A signal that arrives after the server has stopped: nothing left to stop."""
+
+
+def load_served(options: ServeOptions):
+    """The checkpoint, loaded and ready: the model for generation (or classification), its
+    tokenizer, the engine, and the id clients name it by."""
+    from gptcli.infer.engine import BatchEngine
+    from gptcli.infer.sample import is_classifier, load_for_generation
+    from gptcli.serve.app import Served
+    from gptcli.store.checkpoint import load_model
+    from gptcli.tasks.instruct import is_chat_model
+
+    path = resolve_checkpoint(options.checkpoint)
+    device = resolve_device(options.device)
+    api_key = options.api_key if options.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    name = options.model_name or model_id(path)
+    if is_classifier(path):
+        model, tokenizer = load_model(path, device)
+        return Served(name, model.eval(), tokenizer, "classify", None, api_key, options.max_batch)
+    model, tokenizer = load_for_generation(path, device, options.precision)
+    task = "chat" if is_chat_model(tokenizer) else "lm"
+    engine = BatchEngine(model, tokenizer, options.max_batch)
+    return Served(name, model, tokenizer, task, engine, api_key, options.max_batch)
+
+
+def model_id(path: Path) -> str:
+    """The name clients use: the run's name for a run checkpoint (runs/NAME/checkpoints/
+    step-N), else the directory's name (an imported model)."""
+    path = path.resolve()
+    if path.parent.name == "checkpoints":
+        return path.parent.parent.name
+    return path.name
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise GptcliError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = "pick another with --port" if exc.errno == 98 else "check --host and --port"
+        raise GptcliError(f"cannot listen on {host}:{port} ({exc.strerror}); {hint}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
