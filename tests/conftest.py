@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from serving import chat_checkpoint, lm_checkpoint, serve_process  # noqa: F401  (fixtures for tests/serve)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare.txt"

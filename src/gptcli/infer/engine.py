@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import traceback
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -71,8 +71,9 @@ class Job:
 class _Running:
     """A job in the batch: its texts, token counts and its generator."""
 
-    def __init__(self, job: Job, tokenizer: Tokenizer, device: torch.device):
+    def __init__(self, job: Job, tokenizer: Tokenizer, device: torch.device, finished: Counter):
         self.job = job
+        self.tally = finished  # the engine's count of finished choices by reason
         self.texts = [SampleText(tokenizer, job.stops, job.stop_ids) for _ in range(job.n)]
         self.counts = [0] * job.n
         self.finished = [False] * job.n
@@ -108,6 +109,7 @@ class _Running:
 
     def _finish(self, choice: int, text: str, reason: str) -> None:
         self.finished[choice] = True
+        self.tally[reason] += 1
         self.job.emit(Update(choice, text, reason, self.counts[choice]))
 
 
@@ -119,6 +121,7 @@ class BatchEngine:
         self.context = model.config.block_size
         self.device = next(model.parameters()).device
         self.cache = model.new_kv_cache(max_batch, self.context)  # (S, nkv, L, hs) per layer
+        self.finished: Counter[str] = Counter()  # choices ended, by reason (for /health and tests)
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._running = False
@@ -196,7 +199,7 @@ class BatchEngine:
         """End every running job and `jobs` (not yet running, or half admitted) with `reason`."""
         running = {id(r): r for r, _ in self._rows}
         ended = {id(r.job) for r in running.values()}
-        running.update({id(job): _Running(job, self.tokenizer, self.device) for job in jobs
+        running.update({id(job): _Running(job, self.tokenizer, self.device, self.finished) for job in jobs
                         if id(job) not in ended})
         for r in running.values():
             r.end(reason)
@@ -209,7 +212,7 @@ class BatchEngine:
         while self._waiting and (self._waiting[0].cancelled or self._waiting[0].n <= free):
             job = self._waiting.popleft()
             if job.cancelled:
-                _Running(job, self.tokenizer, self.device).end("cancelled")
+                _Running(job, self.tokenizer, self.device, self.finished).end("cancelled")
                 continue
             taken.append(job)
             free -= job.n
@@ -218,7 +221,7 @@ class BatchEngine:
     def _admit(self, job: Job) -> None:
         """Prefill the prompt into a free row, copy it to the job's other rows and sample
         each choice's first token."""
-        running = _Running(job, self.tokenizer, self.device)
+        running = _Running(job, self.tokenizer, self.device, self.finished)
         first = len(self._rows)
         prompt = torch.tensor([job.prompt], dtype=torch.long, device=self.device)  # (1, T)
         logits = prefill(self.model, self.cache.rows(first, first + 1), prompt)  # (1, V)

@@ -1,7 +1,7 @@
 """The HTTP routes of `gptcli serve`: OpenAI's API over a BatchEngine, and the web page.
 
     GET  /                     the chat or completion page (page.html, no external assets)
-    GET  /health               liveness and load: {"status", "model", "running", "waiting"}
+    GET  /health               liveness and load: {"status", "model", "running", "waiting", "finished"}
     GET  /v1/models            the one model served
     POST /v1/completions       text continuations (a base or any language model)
     POST /v1/chat/completions  replies under the checkpoint's chat template
@@ -80,8 +80,12 @@ def build_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        running, waiting = served.engine.load if served.engine else (0, 0)
-        return {"status": "ok", "model": served.model_id, "running": running, "waiting": waiting}
+        """`running` rows and `waiting` requests now; `finished`: choices ended so far, by
+        reason (stop, length, cancelled, error)."""
+        engine = served.engine
+        running, waiting = engine.load if engine else (0, 0)
+        return {"status": "ok", "model": served.model_id, "running": running, "waiting": waiting,
+                "finished": dict(engine.finished) if engine else {}}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -304,20 +308,24 @@ class _Reply:
 
 
 async def _collect(reply: _Reply, queue: asyncio.Queue, jobs: list[Job], request: Request) -> dict:
+    watcher = asyncio.create_task(_cancel_when_lost(request, jobs))
     try:
         while reply.pending:
-            try:
-                reply.take(*await asyncio.wait_for(queue.get(), LOST_CLIENT_POLL_S))
-            except TimeoutError:
-                if await request.is_disconnected():
-                    _cancel(jobs)
-                    return {}  # nobody to answer
+            reply.take(*await queue.get())
     finally:
+        watcher.cancel()
         _cancel(jobs)  # a no-op for finished jobs; frees the rows of any other way out
     failure = reply.failed()
     if failure:
         raise failure
     return reply.whole()
+
+
+async def _cancel_when_lost(request: Request, jobs: list[Job]) -> None:
+    """Cancel `jobs` once the client has gone (checked every LOST_CLIENT_POLL_S)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(LOST_CLIENT_POLL_S)
+    _cancel(jobs)
 
 
 def _sse(data: dict | str) -> str:

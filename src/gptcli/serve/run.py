@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptcli.errors import GptcliError
-from gptcli.runtime import resolve_device
+from gptcli.runtime import DTYPES, resolve_device
 from gptcli.store.rundir import resolve_checkpoint
 
 API_KEY_ENV = "GPTCLI_API_KEY"
@@ -47,6 +47,8 @@ class ServeOptions:
             problems.append(f"--port must be 0..65535 (0: any free port), got {self.port}")
         if self.max_body_bytes < 1024:
             problems.append(f"--max-body must be at least 1024 bytes, got {self.max_body_bytes}")
+        if self.precision not in ("auto", *DTYPES):
+            problems.append(f"--precision must be auto, {', '.join(DTYPES)}, got {self.precision}")
         if self.shutdown_timeout < 0:
             problems.append(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout}")
         if problems:

@@ -1,6 +1,6 @@
 """Servers for the serve tests: `gptcli serve` started in a subprocess on a free loopback
-port (`--port 0`; the URL is read from its start-up line), stopped with SIGTERM, and the
-small checkpoints they serve."""
+port (`--port 0`; the URL is read from its start-up line) and stopped with SIGTERM, the
+small checkpoints they serve, and plain HTTP requests. conftest.py imports the fixtures."""
 
 from __future__ import annotations
 
