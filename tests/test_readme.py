@@ -44,6 +44,8 @@ GPT2_CLASSIFY = ("gptcli finetune configs/finetune-classify.yaml --set finetune.
                  "--set finetune.lora.rank=8 --set out_dir=runs/gpt2-classify")
 
 
+SERVER = "a server runs until stopped; tests/serve/ start it and check what it answers"
+
 # A README command; any command and what to append to it; or a function of the repo folder.
 Step = str | tuple[str, tuple[str, ...]] | Callable[[Path], None]
 
@@ -97,6 +99,9 @@ COMMANDS: dict[str, Row] = {
                                                       repo / "runs/demo/checkpoints/step-000900")),
             extra=("-n", "8")),  # the name the full demo's last checkpoint has
     'gptcli sample -p "import " --greedy --json': Row(needs=(DEMO,), extra=("-n", "8")),
+    "gptcli serve -c runs/demo": Row(skip=SERVER),
+    "gptcli serve -c runs/instruct-docstrings --host 0.0.0.0 --port 8080 --api-key s3cret --max-batch 32":
+        Row(skip=SERVER),
     "gptcli plot runs/demo --out demo.png": Row(needs=(DEMO,)),
     "gptcli plot runs/a runs/b --x tokens --log -o ab.png":
         Row(needs=((DEMO, ("--set", "out_dir=runs/a")), (DEMO, ("--set", "out_dir=runs/b")))),
@@ -124,7 +129,9 @@ COMMANDS: dict[str, Row] = {
 def readme_commands() -> list[str]:
     """The README's shell lines that run gptcli, comments cut, continuations joined."""
     commands = []
-    for block in re.findall(r"```(?:bash)?\n(.*?)```", README.read_text(), re.S):
+    for language, block in re.findall(r"```(\w*)\n(.*?)```", README.read_text(), re.S):
+        if language not in ("", "bash"):
+            continue  # python, yaml: not shell
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
             line = " ".join(shlex.split(line, posix=False))  # one space between words

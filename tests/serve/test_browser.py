@@ -9,13 +9,12 @@ chromedriver, so Selenium Manager never downloads a browser or a driver.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import urllib.request
 
 import pytest
+from serving import request
 
 try:
     from selenium import webdriver
@@ -72,13 +71,6 @@ def browser():
     driver.quit()
 
 
-def _post(url: str, body: dict) -> dict:
-    """The JSON answer to one POST (a 4xx raises HTTPError)."""
-    data = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(data, timeout=WAIT_S) as response:
-        return json.load(response)
-
-
 def _open(driver, server, task: str, max_tokens: int) -> None:
     """Load the page, wait until it has read the model card, make sampling greedy and set
     the reply's length (two chat turns must fit the test model's 64-token context)."""
@@ -114,7 +106,8 @@ def test_chat_page_streams_the_greedy_reply(browser, serve_process, chat_checkpo
         sent = browser.execute_script("return window.lastRequest")
         turns.append({"role": "user", "content": text})
         assert sent == {"messages": turns, "temperature": 0, "top_p": 1, "max_tokens": 12}  # the history too
-        whole = _post(f"{server.api}/chat/completions", {**sent, "stream": False})
+        status, whole = request(f"{server.api}/chat/completions", {**sent, "stream": False})
+        assert status == 200, whole
         assert whole["choices"][0]["message"]["content"] == reply
         turns.append({"role": "assistant", "content": reply})
     assert len(browser.find_elements(By.CSS_SELECTOR, "#messages .msg")) == 4
@@ -130,5 +123,6 @@ def test_lm_page_streams_a_completion_after_the_prompt(browser, serve_process, l
     assert browser.find_element(By.ID, "output").get_property("textContent") == "To be, or" + reply
     sent = browser.execute_script("return window.lastRequest")
     assert sent == {"prompt": "To be, or", "temperature": 0, "top_p": 1, "max_tokens": 30}
-    whole = _post(f"{server.api}/completions", {**sent, "stream": False})
+    status, whole = request(f"{server.api}/completions", {**sent, "stream": False})
+    assert status == 200, whole
     assert whole["choices"][0]["text"] == reply

@@ -124,7 +124,7 @@ class BatchEngine:
         self.finished: Counter[str] = Counter()  # choices ended, by reason (for /health and tests)
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
-        self._running = False
+        self._stopped = False  # set once by `stop`: no more jobs
         self._thread: threading.Thread | None = None
         # Row r of the batch: the job it belongs to and which of its choices it is.
         self._rows: list[tuple[_Running, int]] = []
@@ -141,7 +141,7 @@ class BatchEngine:
                              f"the {self.context}-token context")
 
     def start(self) -> BatchEngine:
-        self._running = True
+        """Start decoding (jobs may be submitted before)."""
         self._thread = threading.Thread(target=self._loop, name="gptcli-engine", daemon=True)
         self._thread.start()
         return self
@@ -149,7 +149,7 @@ class BatchEngine:
     def submit(self, job: Job) -> None:
         self.check(job)
         with self._wake:
-            if not self._running:
+            if self._stopped:
                 raise RuntimeError("the engine is stopped")
             self._waiting.append(job)
             self._wake.notify()
@@ -158,7 +158,7 @@ class BatchEngine:
         """Cancel every waiting and running job (each gets its "cancelled" updates) and end
         the thread."""
         with self._wake:
-            self._running = False
+            self._stopped = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
@@ -172,9 +172,9 @@ class BatchEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while self._running and not self._rows and not self._waiting:
+                while not self._stopped and not self._rows and not self._waiting:
                     self._wake.wait()
-                if not self._running:
+                if self._stopped:
                     break
                 admitted = self._admissible()
             try:
