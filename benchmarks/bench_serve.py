@@ -92,7 +92,7 @@ def main() -> None:
              f"1 client is the sequential baseline and {args.requests} clients send the same requests at once. "
              f"Tokens/s: generated tokens over wall time, median of {args.rounds} rounds; time to first token: "
              f"request sent to first text chunk, over all rounds. transformers: `generate` per request, one "
-             f"after another, as a naive server would.", "",
+             f"after another, as a naive server would (its time to first token: a `max_new_tokens=1` call).", "",
              "| server | clients | requests | tokens/s | time to first token p50 | p95 | completed |",
              "|---|---|---|---|---|---|---|"]
     ttft_p50, ttft_p95 = percentile(peer.ttfts, 50), percentile(peer.ttfts, 95)
@@ -103,8 +103,8 @@ def main() -> None:
         for level in levels:
             failures += level.failed
             lines.append(f"| gptcli --max-batch {batch} | {level.clients} | {level.requests} | "
-                         f"{level.tokens_per_s:,.0f} | {level.ttft(50) * 1000:.0f} ms | {level.ttft(95) * 1000:.0f} ms | "
-                         f"{level.completed}/{level.total} |")
+                         f"{level.tokens_per_s:,.0f} | {level.ttft(50) * 1000:.0f} ms | "
+                         f"{level.ttft(95) * 1000:.0f} ms | {level.completed}/{level.total} |")
     for batch, levels in results.items():
         by_clients = {level.clients: level for level in levels}
         sequential = by_clients[1]

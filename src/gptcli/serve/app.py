@@ -22,12 +22,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from gptcli.data.tokenizer import Tokenizer
@@ -50,11 +50,11 @@ class Served:
     model: Model
     tokenizer: Tokenizer
     task: str  # "lm", "chat" or "classify"
+    worker: Executor  # the one thread that runs the model (BatchEngine.start says why)
     engine: BatchEngine | None
     api_key: str | None = None
     max_batch: int = 16
     created: int = field(default_factory=lambda: int(time.time()))
-    classify_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def context(self) -> int:
@@ -125,9 +125,9 @@ def build_app(served: Served) -> FastAPI:
         _check_model(served, body.model)
         if served.task != "classify":
             raise ApiError(400, f"{served.model_id} is not a classifier; use /v1/completions")
-        async with served.classify_lock:  # one at a time: each already uses every core
-            results = [await run_in_threadpool(class_probabilities, served.model, served.tokenizer, text)
-                       for text in body.texts()]
+        loop = asyncio.get_running_loop()
+        results = [await loop.run_in_executor(served.worker, class_probabilities, served.model, served.tokenizer,
+                                              text) for text in body.texts()]
         return {"object": "list", "model": served.model_id,
                 "data": [{"index": i, "label": next(iter(probs)), "probabilities": probs}
                          for i, probs in enumerate(results)]}

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,11 +71,18 @@ def serve(options: ServeOptions, on_ready: Callable[[str], None] = print) -> Non
     from gptcli.serve.app import build_app
     from gptcli.serve.limits import BodyLimit
 
-    served = load_served(options)
+    # Every torch op of the server runs on this one thread: loading, the engine's loop,
+    # classification (BatchEngine.start says why).
+    worker = ThreadPoolExecutor(1, thread_name_prefix="gptcli-model")
+    try:
+        served = worker.submit(load_served, options, worker).result()
+    except BaseException:
+        worker.shutdown()
+        raise
     sock = _bind(options.host, options.port)
     host, port = sock.getsockname()[:2]
     if served.engine:
-        served.engine.start()
+        served.engine.start(worker)
     app = BodyLimit(build_app(served), options.max_body_bytes)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=options.shutdown_timeout,
                             lifespan="off")
@@ -88,6 +96,7 @@ def serve(options: ServeOptions, on_ready: Callable[[str], None] = print) -> Non
     finally:
         if served.engine:
             served.engine.stop()
+        worker.shutdown()
         sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -97,9 +106,10 @@ def _absorb(signum, frame) -> None:
     """A signal that arrives after the server has stopped: nothing left to stop."""
 
 
-def load_served(options: ServeOptions):
+def load_served(options: ServeOptions, worker: Executor):
     """The checkpoint, loaded and ready: the model for generation (or classification), its
-    tokenizer, the engine, and the id clients name it by."""
+    tokenizer, the engine, and the id clients name it by. Runs on `worker`, the thread
+    that will run the model."""
     from gptcli.infer.engine import BatchEngine
     from gptcli.infer.sample import is_classifier, load_for_generation
     from gptcli.serve.app import Served
@@ -112,11 +122,11 @@ def load_served(options: ServeOptions):
     name = options.model_name or model_id(path)
     if is_classifier(path):
         model, tokenizer = load_model(path, device)
-        return Served(name, model.eval(), tokenizer, "classify", None, api_key, options.max_batch)
+        return Served(name, model.eval(), tokenizer, "classify", worker, None, api_key, options.max_batch)
     model, tokenizer = load_for_generation(path, device, options.precision)
     task = "chat" if is_chat_model(tokenizer) else "lm"
     engine = BatchEngine(model, tokenizer, options.max_batch)
-    return Served(name, model, tokenizer, task, engine, api_key, options.max_batch)
+    return Served(name, model, tokenizer, task, worker, engine, api_key, options.max_batch)
 
 
 def model_id(path: Path) -> str:
@@ -133,8 +143,10 @@ def _bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise GptcliError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, protocol, _, address = infos[0]
+    # With the protocol named (TCP), asyncio sets TCP_NODELAY on accepted connections; with
+    # 0 it does not, and Nagle's algorithm held each first streamed token ~30 ms on a reused one.
+    sock = socket.socket(family, kind, protocol)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
