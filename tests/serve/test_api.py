@@ -292,10 +292,11 @@ def test_a_lost_non_streamed_request_frees_its_row(serve_process, long_checkpoin
     assert health["finished"] == {"cancelled": 1}
 
 
-def test_sigterm_lets_a_short_stream_finish_and_exits_0(serve_process, lm_checkpoint):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_lets_a_short_stream_finish_and_exits_0(serve_process, lm_checkpoint, sig):
     server = serve_process(lm_checkpoint)
     connection, response = open_stream(server, {"prompt": "a", "max_tokens": 40})
-    server.process.send_signal(signal.SIGTERM)
+    server.process.send_signal(sig)
     body = response.read()
     assert body.rstrip().endswith(b"data: [DONE]")
     assert server.process.wait(30) == 0

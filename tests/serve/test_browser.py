@@ -26,7 +26,7 @@ except ImportError:  # the dev extra is not installed
     webdriver = None
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
-INSTALL_TIMEOUT_S = 600
+INSTALL_TIMEOUT_S = 240  # per apt-get command: a mirror that does not answer must not eat CI's time
 WAIT_S = 30  # for the page to load its model, and for one reply to stream
 
 
