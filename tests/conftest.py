@@ -117,3 +117,21 @@ def pretrain_split_and_resumed(cfg: dict, out_dir: Path, first_steps: int) -> No
     split["train"]["max_steps"] = cfg["train"]["max_steps"]
     pretrain(config_from_dict(split), resume=True)
 
+
+
+def nan_on_calls(monkeypatch, bad_calls: set[int]) -> None:
+    """Make GPT.forward return NaN on the given (0-based) training calls."""
+    from gptcli.model.gpt import GPT
+
+    real = GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None):
+        out = real(self, idx, targets)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] - 1 in bad_calls:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", forward)

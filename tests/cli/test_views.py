@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks, own_cache, run_cli, tiny_config, write_corpus
+from conftest import GPT2_TIKTOKEN, nan_on_calls, needs_gpt2_ranks, own_cache, run_cli, tiny_config, write_corpus
 
 from gptcli.config import FinetuneRunConfig, config_from_dict
 from gptcli.errors import Interrupted
@@ -101,12 +101,11 @@ def test_runs_lists_finished_interrupted_failed_and_killed(tmp_path, lm_run, cor
     cut = tiny_config([str(corpus_dir)], tmp_path / "runs" / "cut", max_steps=20)
     with pytest.raises(Interrupted):
         pretrain(config_from_dict(cut), on_event=interrupt_at_step_10)
-    from test_reliability import _nan_on_calls
 
     from gptcli.errors import GptcliError
 
     with monkeypatch.context() as patch:
-        _nan_on_calls(patch, bad_calls=set(range(8, 1000)))
+        nan_on_calls(patch, bad_calls=set(range(8, 1000)))
         nan = tiny_config([str(corpus_dir)], tmp_path / "runs" / "nan", max_steps=20)
         with pytest.raises(GptcliError, match="non-finite"):
             pretrain(config_from_dict(nan))

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import own_cache, tiny_config, write_corpus
+from conftest import nan_on_calls, own_cache, tiny_config, write_corpus
 
 from gptcli.config import config_from_dict
 from gptcli.data.dataset import TokenDataset
@@ -136,24 +136,8 @@ def test_corrupted_checkpoint_is_detected(tmp_path, intact_run, damage):
         load_model(ckpt)
 
 
-def _nan_on_calls(monkeypatch, bad_calls):
-    """Make GPT.forward return NaN on the given (0-based) training calls."""
-    real = GPT.forward
-    calls = {"n": 0}
-
-    def forward(self, idx, targets=None):
-        out = real(self, idx, targets)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] - 1 in bad_calls:
-                return out * float("nan")
-        return out
-
-    monkeypatch.setattr(GPT, "forward", forward)
-
-
 def test_non_finite_steps_are_skipped(tmp_path, corpus_dir, monkeypatch):
-    _nan_on_calls(monkeypatch, bad_calls={5, 6})
+    nan_on_calls(monkeypatch, bad_calls={5, 6})
     events = []
     pretrain(config_from_dict(tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=20)),
              on_event=events.append)
@@ -164,7 +148,7 @@ def test_non_finite_steps_are_skipped(tmp_path, corpus_dir, monkeypatch):
 
 
 def test_persistent_nan_stops_and_keeps_last_good_checkpoint(tmp_path, corpus_dir, monkeypatch):
-    _nan_on_calls(monkeypatch, bad_calls=set(range(12, 1000)))
+    nan_on_calls(monkeypatch, bad_calls=set(range(12, 1000)))
     cfg = config_from_dict(tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=30, save_every=10))
     with pytest.raises(GptcliError, match="non-finite for 3 consecutive steps"):
         pretrain(cfg)

@@ -24,6 +24,8 @@ from gptcli.data.shards import (
     TOKENIZER_DIR,
     is_tokenized_dir,
     read_meta,
+    split_digest,
+    split_shards,
     tokenize_corpus,
 )
 from gptcli.data.tokenizer import Tokenizer, load_tokenizer
@@ -136,30 +138,67 @@ def _digest_and_largest(file: Path, dtype: np.dtype) -> tuple[str, int]:
     return digest.hexdigest(), largest
 
 
+class SplitTokens:
+    """One split's token ids, stored as one or more shard files, read as one sequence:
+    shard k's ids follow shard k-1's. Each shard is a read-only memory map."""
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.ends = np.cumsum([len(shard) for shard in shards])  # (S,): where each shard ends
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Ids start..stop-1 as int64, across shard boundaries."""
+        parts = []
+        shard = int(np.searchsorted(self.ends, start, side="right"))
+        while start < stop:
+            begin = int(self.ends[shard - 1]) if shard else 0
+            end = min(stop, int(self.ends[shard]))
+            parts.append(self.shards[shard][start - begin:end - begin])
+            start, shard = end, shard + 1
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """(B, length) int64: the `length` ids from each of `starts` (B,)."""
+        if len(self.shards) == 1:  # one gather, as a single token file always was
+            return self.shards[0][starts[:, None] + np.arange(length)].astype(np.int64)
+        return np.stack([self.read(int(start), int(start) + length) for start in starts])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """All ids in one array (validation streams; not for a whole training corpus)."""
+        whole = self.read(0, len(self))
+        return whole if dtype is None else whole.astype(dtype)
+
+
 @dataclass
 class TokenDataset:
     """A tokenized directory opened for training: memory-mapped splits and the tokenizer."""
 
     path: Path
     tokenizer: Tokenizer
-    splits: dict[str, np.memmap]
+    splits: dict[str, SplitTokens]
     bytes_per_token: dict[str, float]
-    val_sha256: str  # of the val split's token file, from meta.json
+    val_sha256: str  # a digest of the val split's shards' checksums, from meta.json
 
     @classmethod
     def open(cls, path: str | Path) -> TokenDataset:
         path = Path(path)
         meta = read_meta(path)
         tokenizer = load_tokenizer(path / TOKENIZER_DIR)
+        dtype = np.dtype(meta["dtype"])
         splits, bytes_per_token = {}, {}
         for split in SPLITS:
+            shards = []
+            for shard in split_shards(meta, split):
+                file = path / shard["file"]
+                _check_shard(file, dtype, shard["tokens"], shard["sha256"], tokenizer.vocab_size)
+                shards.append(np.memmap(file, dtype=dtype, mode="r") if shard["tokens"] else np.zeros(0, dtype))
+            splits[split] = SplitTokens(shards)
             info = meta["splits"][split]
-            file = path / info["file"]
-            _check_shard(file, np.dtype(meta["dtype"]), info["tokens"], info["sha256"],
-                         tokenizer.vocab_size)
-            splits[split] = np.memmap(file, dtype=meta["dtype"], mode="r")
             bytes_per_token[split] = info["bytes"] / max(info["tokens"], 1)
-        return cls(path, tokenizer, splits, bytes_per_token, meta["splits"]["val"]["sha256"])
+        return cls(path, tokenizer, splits, bytes_per_token, split_digest(meta, "val"))
 
     def check_context(self, block_size: int) -> None:
         for split, tokens in self.splits.items():
@@ -192,7 +231,7 @@ class BatchSampler:
     process with twice the batch, and a run can resume with a different number of processes.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
+    def __init__(self, tokens: SplitTokens, batch_size: int, block_size: int, seed: int,
                  split: str, device: torch.device, grad_accum: int = 1, world_size: int = 1):
         self.tokens = tokens
         self.batch_size = batch_size
@@ -208,8 +247,7 @@ class BatchSampler:
         """The batch for this (step, micro-step, rank): x, y of shape (B, T), int64, on device."""
         starts = step_rows(self.seed, self.stream, step, micro, rank, self.batch_size, self.per_step,
                            self.world_size, len(self.tokens) - self.block_size)
-        window = np.arange(self.block_size + 1)
-        rows = torch.from_numpy(self.tokens[starts[:, None] + window].astype(np.int64))  # (B, T+1)
+        rows = torch.from_numpy(self.tokens.windows(starts, self.block_size + 1))  # (B, T+1)
         x, y = rows[:, :-1], rows[:, 1:]
         if self.pin:  # pinned host memory lets the copy overlap with compute
             x, y = x.pin_memory(), y.pin_memory()

@@ -251,6 +251,24 @@ def _write_splits(tok: Tokenizer, dtype: np.dtype, sources: list[Source], jsonl_
     return stats, {s: h.hexdigest() for s, h in hashes.items()}
 
 
+def split_shards(meta: dict, split: str) -> list[dict]:
+    """The shard files of a split in order, each {"file", "tokens", "sha256"}: the list of a
+    sharded directory, or the one file of a directory written before shards."""
+    info = meta["splits"][split]
+    if "shards" in info:
+        return info["shards"]
+    return [{"file": info["file"], "tokens": info["tokens"], "sha256": info["sha256"]}]
+
+
+def split_digest(meta: dict, split: str) -> str:
+    """One digest for a split's content: its file's sha256 when it is one file (as before
+    shards), else the sha256 of its shards' sha256s in order."""
+    shards = split_shards(meta, split)
+    if len(shards) == 1:
+        return shards[0]["sha256"]
+    return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+
+
 def read_meta(directory: str | Path) -> dict:
     path = Path(directory) / META_FILE
     try:
