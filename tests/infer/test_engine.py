@@ -150,3 +150,25 @@ def test_rows_at_their_own_positions_equal_each_row_alone(arch):
         positions = torch.tensor([[len(p)] for p in prompts])  # (B, 1): 5 and 2
         together = model.logits(model.hidden_states(torch.tensor([[3], [3]]), cache, positions)[:, -1])
     torch.testing.assert_close(together, torch.cat(alone_logits), rtol=0, atol=1e-12)
+
+
+def test_rows_moved_into_holes_keep_their_choices():
+    """A finished job's rows are refilled from the end, which can put a job's choices out
+    of order; each choice must still get its own row's tokens (what it gets alone)."""
+    model = fp64_model("gpt2")
+    engine = BatchEngine(model, TOKENIZER, max_batch=4)
+    short, sampled = Collected(1), Collected(2)
+    engine.submit(Job([97, 98, 99], 1, SamplingSettings(0), short))
+    job = Job([1, 2, 3], 20, SamplingSettings(1.0, top_k=3), sampled, n=2, seed=1)
+    engine.submit(job)
+    engine.start()
+    assert short.done.wait(30) and sampled.done.wait(30)
+    engine.stop()
+    assert sampled.texts == alone(model, job)
+
+
+def test_a_tiny_temperature_or_top_p_samples_the_most_likely_token():
+    model = fp64_model("gpt2")
+    greedy = alone(model, Job([1, 2, 3], 10, SamplingSettings(0), print))
+    for settings in (SamplingSettings(1e-300), SamplingSettings(1.0, top_p=1e-320)):
+        assert alone(model, Job([1, 2, 3], 10, settings, print, seed=0)) == greedy

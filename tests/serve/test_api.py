@@ -147,6 +147,9 @@ def test_models_health_and_page(lm_server):
 BAD = [  # (path, body, status, param, words in the message)
     ("/v1/completions", b"{not json", 400, None, "not valid JSON"),
     ("/v1/completions", b"[1, 2]", 400, None, "must be a JSON object"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, None, "not valid JSON"),
+    ("/v1/completions", b'{"prompt": "a", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None, "not valid JSON"),
+    ("/v1/completions", b'{"prompt": "a\\ud800"}', 400, None, "lone surrogate"),
     ("/v1/completions", {"prompt": 3}, 400, "prompt", "a string or a list of strings"),
     ("/v1/completions", {"prompt": "a", "max_tokens": "10"}, 400, "max_tokens", "valid integer"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens", "at least 1"),
@@ -175,6 +178,18 @@ def test_bad_requests_get_their_status_and_error_json(lm_server, path, body, sta
     error = answer["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
     assert words in error["message"]
+
+
+def test_a_tiny_temperature_is_greedy_and_head_requests_answer(lm_server):
+    body = {"prompt": "ab", "max_tokens": 5}
+    greedy = request(f"{lm_server.api}/completions", {**body, "temperature": 0})[1]["choices"][0]["text"]
+    status, answer = request(f"{lm_server.api}/completions", {**body, "temperature": 1e-300})
+    assert status == 200 and answer["choices"][0]["text"] == greedy
+    for path in ("/health", "/v1/models"):
+        parts = urlsplit(lm_server.url)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        connection.request("HEAD", path)
+        assert connection.getresponse().status == 200
 
 
 def test_chat_message_errors(chat_server):
@@ -315,6 +330,24 @@ def test_sigterm_cuts_long_streams_after_the_timeout_and_exits_0(serve_process, 
     except http.client.IncompleteRead as cut:  # the connection closed inside a chunk
         rest = cut.partial
     assert b"[DONE]" not in rest
+
+
+def test_requests_still_going_after_the_shutdown_timeout_get_503_or_an_error_event(serve_process,
+                                                                                  long_checkpoint):
+    server = serve_process(long_checkpoint, "--shutdown-timeout", "1")
+    parts = urlsplit(server.url)
+    whole = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    whole.request("POST", "/v1/completions", body=json.dumps({"prompt": "a", "max_tokens": 8000}),
+                  headers={"Content-Type": "application/json"})
+    connection, streamed = open_stream(server, {"prompt": "a", "max_tokens": 8000})
+    wait_for_health(server, lambda h: h["running"] == 2)
+    server.process.send_signal(signal.SIGTERM)
+    response = whole.getresponse()
+    assert response.status == 503 and "shutting down" in json.loads(response.read())["error"]["message"]
+    events = streamed.read().decode().strip().split("\n\n")
+    assert "shutting down" in json.loads(events[-1].removeprefix("data: "))["error"]["message"]
+    assert server.process.wait(30) == 0
+    assert "Traceback" not in server.log()
 
 
 @pytest.mark.parametrize("args, message", [

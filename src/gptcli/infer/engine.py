@@ -195,8 +195,11 @@ class BatchEngine:
         self._end_all(waiting, "cancelled")
 
     def _advance(self, admitted: list[Job]) -> None:
-        for job in admitted:
-            self._admit(job)
+        """Admit `admitted` (each removed from the list once it runs, so a failure ends
+        only those still waiting in it), then one decode step."""
+        while admitted:
+            self._admit(admitted[0])
+            admitted.pop(0)
         self._drop_finished()
         if self._rows:
             self._step()
@@ -235,10 +238,10 @@ class BatchEngine:
         for choice in range(1, job.n):
             self.cache.copy_row(first, first + choice, len(job.prompt))
         rows = slice(first, first + job.n)
-        self._rows += [(running, choice) for choice in range(job.n)]
         tokens = next_token(logits.expand(job.n, -1), job.settings, running.generator)  # (n,)
         self._tokens[rows] = tokens
         self._positions[rows] = running.position
+        self._rows += [(running, choice) for choice in range(job.n)]  # last: a failure above leaves no row
         running.take(tokens.tolist())
 
     def _step(self) -> None:
@@ -251,14 +254,19 @@ class BatchEngine:
         hidden = self.model.hidden_states(self._tokens[:active, None], cache, positions[:, None])
         logits = self.model.logits(hidden[:, -1])  # (A, V)
         greedy = logits.argmax(dim=-1)  # every greedy job's tokens in one op
+        # Each job's rows in the order of its choices: moving rows to fill holes can
+        # reorder them, and a job's choices are sampled together, choice i from row i.
         jobs: dict[int, tuple[_Running, list[int]]] = {}
-        for row, (running, _) in enumerate(self._rows):
+        for row, (running, choice) in sorted(enumerate(self._rows), key=lambda item: item[1][1]):
             jobs.setdefault(id(running), (running, []))[1].append(row)
         for running, rows in jobs.values():
-            if running.job.settings.greedy:
-                tokens = greedy[rows]
-            else:
-                tokens = next_token(logits[rows], running.job.settings, running.generator)
+            try:
+                tokens = greedy[rows] if running.job.settings.greedy else \
+                    next_token(logits[rows], running.job.settings, running.generator)
+            except RuntimeError:  # this job's sampling failed (a bug): end it alone
+                traceback.print_exc()
+                running.end("error")
+                continue
             self._tokens[rows] = tokens
             running.position += 1
             running.take(tokens.tolist())

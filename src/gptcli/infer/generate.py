@@ -32,15 +32,21 @@ from gptcli.model.kv_cache import KVCache
 SPAN_STEP = 16
 
 
+# Below this temperature sampling is greedy: fp32 logits divided by 1e-300 (a float32 0)
+# are inf and nan, and at 1e-5 the most likely token already takes all the probability
+# unless the two best logits are within 1e-4 of each other.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
-    temperature: float = 0.8  # 0 means greedy
+    temperature: float = 0.8  # 0 (or below GREEDY_BELOW) means greedy
     top_k: int | None = None  # keep the k most likely tokens
     top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def logits_to_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
@@ -54,6 +60,7 @@ def logits_to_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.T
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= settings.top_p
+        drop[:, 0] = False  # even for a top_p that rounds to 0 in fp32
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)

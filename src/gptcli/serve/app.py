@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptcli.data.tokenizer import Tokenizer
-from gptcli.errors import GptcliError
+from gptcli.errors import GptcliError, shorten
 from gptcli.infer.engine import BatchEngine, Job, Update
 from gptcli.infer.generate import SamplingSettings
 from gptcli.infer.sample import check_plain_text, class_probabilities, text_prompt_ids
@@ -78,7 +78,7 @@ def build_app(served: Served) -> FastAPI:
     async def page() -> str:
         return resources.files("gptcli.serve").joinpath("page.html").read_text(encoding="utf-8")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         """`running` rows and `waiting` requests now; `finished`: choices ended so far, by
         reason (stop, length, cancelled, error)."""
@@ -87,7 +87,7 @@ def build_app(served: Served) -> FastAPI:
         return {"status": "ok", "model": served.model_id, "running": running, "waiting": waiting,
                 "finished": dict(engine.finished) if engine else {}}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request) -> dict:
         _authorize(served, request)
         return {"object": "list", "data": [_model_card(served)]}
@@ -125,6 +125,11 @@ def build_app(served: Served) -> FastAPI:
         _check_model(served, body.model)
         if served.task != "classify":
             raise ApiError(400, f"{served.model_id} is not a classifier; use /v1/completions")
+        try:
+            for i, text in enumerate(body.texts()):
+                _check_unicode(text, f"input[{i}]")
+        except GptcliError as exc:
+            raise ApiError(400, str(exc)) from None
         loop = asyncio.get_running_loop()
         results = [await loop.run_in_executor(served.worker, class_probabilities, served.model, served.tokenizer,
                                               text) for text in body.texts()]
@@ -149,8 +154,8 @@ async def _json(request: Request) -> object:
     body = await request.body()
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of 4,300+ digits, deep nesting
+        raise ApiError(400, f"the request body is not valid JSON ({shorten(str(exc), 200)})") from None
 
 
 def _model_card(served: Served) -> dict:
@@ -174,14 +179,28 @@ def _check_generation(served: Served, body: CompletionRequest | ChatRequest) -> 
 
 
 def _text_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    check_plain_text(tokenizer, text, "the prompt")
+    _check_text(tokenizer, text, "the prompt")
     return text_prompt_ids(tokenizer, text)
 
 
 def _chat_ids(tokenizer: Tokenizer, turns: list[dict]) -> list[int]:
     for i, turn in enumerate(turns):
-        check_plain_text(tokenizer, turn["content"], f"messages[{i}].content")
+        _check_text(tokenizer, turn["content"], f"messages[{i}].content")
     return chat_prompt_ids(tokenizer, turns)
+
+
+def _check_text(tokenizer: Tokenizer, text: str, what: str) -> None:
+    _check_unicode(text, what)
+    check_plain_text(tokenizer, text, what)
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Text that UTF-8 can encode: JSON's \\ud800 escapes decode to lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise GptcliError(f"{what} holds a lone surrogate at character {exc.start}; send valid Unicode "
+                          f"text") from None
 
 
 def _encode(served: Served, encode) -> list[int]:

@@ -23,7 +23,7 @@ class BodyLimit:
         while more:  # read it all here (API bodies are small), then hand it on whole
             message = await receive()
             if message["type"] != "http.request":
-                return await self.app(scope, _replay([message]), send)  # the client left
+                return  # the client left before its body was complete: nobody to answer
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
@@ -42,15 +42,13 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
-def _replay(messages: list[dict], then=None):
+def _replay(messages: list[dict], then):
     """A `receive` that gives `messages` first, then defers to `then` (disconnects)."""
     pending = list(messages)
 
     async def receive() -> dict:
         if pending:
             return pending.pop(0)
-        if then is None:
-            return {"type": "http.disconnect"}
         return await then()
 
     return receive

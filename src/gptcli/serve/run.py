@@ -70,6 +70,7 @@ def serve(options: ServeOptions, on_ready: Callable[[str], None] = print) -> Non
 
     from gptcli.serve.app import build_app
     from gptcli.serve.limits import BodyLimit
+    from gptcli.serve.server import HANDLER_GRACE_S, CountdownServer
 
     # Every torch op of the server runs on this one thread: loading, the engine's loop,
     # classification (BatchEngine.start says why).
@@ -84,9 +85,12 @@ def serve(options: ServeOptions, on_ready: Callable[[str], None] = print) -> Non
     if served.engine:
         served.engine.start(worker)
     app = BodyLimit(build_app(served), options.max_body_bytes)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=options.shutdown_timeout,
-                            lifespan="off")
-    server = uvicorn.Server(config)
+    # uvicorn's own grace period is longer than ours: when ours ends the engine cancels what
+    # is left, and handlers still have time to answer (503, or an error event) before
+    # uvicorn would cancel them mid-response.
+    config = uvicorn.Config(app, log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=options.shutdown_timeout + HANDLER_GRACE_S)
+    server = CountdownServer(config, served.engine, options.shutdown_timeout)
     on_ready(f"http://{host if ':' not in host else f'[{host}]'}:{port}")
     # uvicorn handles SIGINT/SIGTERM while it runs, then raises the signal again once it has
     # shut down; by then the shutdown is done, so these no-op handlers absorb it: exit 0.
