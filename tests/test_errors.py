@@ -16,7 +16,8 @@ from gptcli import runtime
 from gptcli.config import SEED_RANGE, FinetuneRunConfig, ModelConfig, config_from_dict
 from gptcli.data import dataset as data_module
 from gptcli.data.dataset import TokenDataset
-from gptcli.data.shards import META_FILE, tokenize_corpus
+from gptcli.data.shards import tokenize_corpus
+from gptcli.data.token_files import META_FILE
 from gptcli.data.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError, shorten
 from gptcli.model.gpt import GPT, count_params
@@ -166,12 +167,12 @@ def put_token(tok_dir, split: str, position: int, token: int) -> None:
     """Overwrite one id of a split and record the new checksum in meta.json, so that only
     a range check can tell the file is wrong."""
     meta = json.loads((tok_dir / META_FILE).read_text())
-    info = meta["splits"][split]
-    file = tok_dir / info["file"]
+    (shard,) = meta["splits"][split]["shards"]
+    file = tok_dir / shard["file"]
     ids = np.fromfile(file, dtype=meta["dtype"])
     ids[position] = token
     ids.tofile(file)
-    info["sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
+    shard["sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
     (tok_dir / META_FILE).write_text(json.dumps(meta))
 
 
@@ -181,21 +182,21 @@ def test_pretrain_refuses_token_ids_beyond_the_vocabulary(corpus_dir, tmp_path, 
     put_token(tmp_path / "tok", "train", 100, 300)  # the bytes tokenizer has ids 0..256
     config = write_config(tmp_path, tiny_config([str(tmp_path / "tok")], tmp_path / "run"))
     code, _, err = run_cli(["pretrain", config], capsys)
-    one_line_error(code, err, "train.bin holds token id 300", "has 257 ids", "tokenize the corpus again")
+    one_line_error(code, err, "train-00000.bin holds token id 300", "has 257 ids", "tokenize the corpus again")
     assert not (tmp_path / "run").exists()
 
 
 def test_largest_id_is_remembered_with_the_checksum(corpus_dir, tmp_path, monkeypatch):
     tokenized(corpus_dir, tmp_path)
     put_token(tmp_path / "tok", "val", 0, 999)
-    with pytest.raises(GptcliError, match="val.bin holds token id 999"):
+    with pytest.raises(GptcliError, match="val-00000.bin holds token id 999"):
         TokenDataset.open(tmp_path / "tok")
 
     def read_again(*args):
         raise AssertionError("a verified file was read again")
 
     monkeypatch.setattr(data_module, "_digest_and_largest", read_again)
-    with pytest.raises(GptcliError, match="val.bin holds token id 999"):
+    with pytest.raises(GptcliError, match="val-00000.bin holds token id 999"):
         TokenDataset.open(tmp_path / "tok")  # refused again from .verified.json alone
     put_token(tmp_path / "tok", "val", 0, 5)  # a new version of the file is read
     with pytest.raises(AssertionError, match="read again"):

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Hashable
@@ -36,10 +37,25 @@ def _field(default: Any, help: str, path: bool = False) -> Any:
 
 
 @dataclass
+class DataSource:
+    """One source of a weighted mixture (an entry of `data.inputs` written as a mapping)."""
+
+    path: str = _field("", "What a plain `data.inputs` entry can be: file, folder, glob, `stdlib`, "
+                           "or a directory written by `gptcli tokenize`.", path=True)
+    weight: float | None = _field(None, "Share of the training windows, relative to the other sources.")
+    name: str = _field("", "Short name in metrics (`val_loss/NAME`); empty: from the path.")
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a source's name is a metric key's suffix
+
+
+@dataclass
 class DataConfig:
-    inputs: list[str] = _field(
+    inputs: list[str | DataSource] = _field(
         [], "Raw text files, folders, globs, `stdlib` (the Python standard library), "
-        "or one directory written by `gptcli tokenize`.", path=True
+        "or one directory written by `gptcli tokenize`. Or a weighted mixture: a list of "
+        "`{path, weight, name}` (name optional), each source tokenized on its own and "
+        "training windows drawn from them in proportion to the weights.", path=True
     )
     tokenizer: str = _field(
         "gpt2", "`gpt2`, `r50k_base`, `p50k_base`, `cl100k_base`, `o200k_base`, a path to a "
@@ -47,7 +63,56 @@ class DataConfig:
         path=True,
     )
     val_fraction: float = _field(0.1, "Share of documents held out for validation, in (0, 1).")
-    jsonl_field: str = _field("text", "Field holding the text in `.jsonl` inputs.")
+    text_field: str = _field(
+        "text", "Field (column) holding the text in `.jsonl`, `.parquet` and Hugging Face "
+        "`save_to_disk` inputs. `jsonl_field` is its old name, still accepted."
+    )
+
+    @property
+    def jsonl_field(self) -> str:
+        """The old name of `text_field`, for code written before it was renamed."""
+        return self.text_field
+
+    @property
+    def is_mixture(self) -> bool:
+        """Whether `inputs` is a weighted mixture of sources (mappings) rather than plain paths."""
+        return any(isinstance(entry, DataSource) for entry in self.inputs)
+
+    def paths(self) -> list[str]:
+        """Every input path, of plain inputs and of a mixture's sources alike."""
+        return [entry.path if isinstance(entry, DataSource) else entry for entry in self.inputs]
+
+    def resolved(self) -> DataConfig:
+        """This config with every mixture source named (idempotent): explicit names are kept,
+        the others come from their paths, made unique with -2, -3, ..."""
+        if not self.is_mixture:
+            return self
+        taken = {s.name for s in self.inputs if s.name}
+        named = []
+        for source in self.inputs:
+            name = source.name
+            if not name:
+                stem = _name_from_path(source.path)
+                name, n = stem, 1
+                while name in taken:
+                    n += 1
+                    name = f"{stem}-{n}"
+                taken.add(name)
+            named.append(dataclasses.replace(source, name=name))
+        return dataclasses.replace(self, inputs=named)
+
+
+def _name_from_path(path: str) -> str:
+    """A short name for a source: the last part of its path that is not a glob, without
+    its suffix (`data/web/` -> web, `code/*.py` -> code, `wiki.jsonl` -> wiki)."""
+    parts = [p for p in re.split(r"[/\\]+", path) if p and p != "." and not any(c in p for c in "*?[")]
+    stem = parts[-1].split(".")[0] if parts else ""
+    return "-".join(SOURCE_NAME.findall(stem)) or "source"
+
+
+# Keys renamed since configs were first written: old name -> current name, per section.
+# Old names are still read (YAML, --set, the configs saved in older runs).
+OLD_NAMES: dict[type, dict[str, str]] = {DataConfig: {"jsonl_field": "text_field"}}
 
 
 # The two recipes `model.arch` names. Every component field left empty takes the arch's
@@ -233,7 +298,7 @@ class FinetuneConfig:
         path=True,
     )
     train_file: str = _field(
-        "", "classify/instruct: CSV, TSV or JSONL training data; `stdlib-packages` and "
+        "", "classify/instruct: CSV, TSV, JSONL (maybe .gz or .zst) or Parquet training data; `stdlib-packages` and "
         "`stdlib-docstrings` are the built-in examples. lm: use data.inputs instead.", path=True
     )
     val_file: str = _field("", "Validation data; empty: hold out val_fraction of train_file.", path=True)
@@ -382,14 +447,47 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     need(0 <= t.beta1 < 1, f"train.beta1: must be in [0, 1), got {t.beta1}")
     need(0 <= t.beta2 < 1, f"train.beta2: must be in [0, 1), got {t.beta2}")
     need(t.grad_clip >= 0, f"train.grad_clip: must be 0 or more, got {t.grad_clip}")
+    problems += mixture_problems(d)
     need(0 < d.val_fraction < 1, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
-    need(bool(d.jsonl_field), "data.jsonl_field: must not be empty")
+    need(bool(d.text_field), "data.text_field: must not be empty")
+    return problems
+
+
+def mixture_problems(d: DataConfig) -> list[str]:
+    """Problems with a weighted mixture in `data.inputs` (none for plain paths)."""
+    if not d.is_mixture:
+        return []
+    problems, names = [], {}
+    for i, entry in enumerate(d.inputs):
+        where = f"data.inputs[{i}]"
+        if not isinstance(entry, DataSource):
+            problems.append(f"{where}: expected a mapping {{path, weight}} like the other entries "
+                            f"(a mixture's entries are all mappings), got {_describe(entry)}")
+            continue
+        if not entry.path:
+            problems.append(f"{where}.path: missing; name the source's file, folder, glob or "
+                            f"tokenized directory")
+        if entry.weight is None:
+            problems.append(f"{where}.weight: missing; give each source a weight greater than 0")
+        elif not entry.weight > 0:
+            problems.append(f"{where}.weight: must be greater than 0, got {entry.weight}")
+        if entry.name and not SOURCE_NAME.fullmatch(entry.name):
+            problems.append(f"{where}.name: use letters, digits, '_', '-' and '.' only, got "
+                            f"{_describe(entry.name)}")
+        elif entry.name in names:
+            problems.append(f"{where}.name: '{entry.name}' is already the name of "
+                            f"data.inputs[{names[entry.name]}]; names must be unique")
+        elif entry.name:
+            names[entry.name] = i
     return problems
 
 
 def _finetune_problems(cfg: FinetuneRunConfig) -> list[str]:
     problems = []
     f = cfg.finetune
+    if cfg.data.is_mixture:
+        problems.append("data.inputs: a weighted mixture of sources is for pretraining; for "
+                        "finetuning (--task lm) list plain paths")
     if f.lora.rank < 0:
         problems.append(f"finetune.lora.rank: must be 0 or more, got {_show(f.lora.rank)}")
     if not 0 <= f.lora.dropout < 1:
@@ -431,7 +529,13 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        (inner,) = [o for o in options if o is not type(None)]
+        options = [o for o in options if o is not type(None)]
+        sections = [o for o in options if dataclasses.is_dataclass(o)]
+        if sections and len(options) > 1:  # text or a mapping (a mixture source): by the value
+            if isinstance(value, dict):
+                return _build(sections[0], value, path, problems)
+            options = [o for o in options if o not in sections]
+        (inner,) = options
         return _coerce(value, inner, path, problems)
     if origin is Literal:
         choices = typing.get_args(hint)
@@ -510,6 +614,7 @@ def _build(cls: type, data: Any, path: str, problems: list[str], base: Any = Non
         return base
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    data = _renamed(cls, data, path, problems)
     kwargs = {}
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else str(key)
@@ -525,6 +630,23 @@ def _build(cls: type, data: Any, path: str, problems: list[str], base: Any = Non
         if converted is not None or value is None:
             kwargs[key] = converted
     return dataclasses.replace(base, **kwargs)
+
+
+def _renamed(cls: type, data: dict, path: str, problems: list[str]) -> dict:
+    """`data` with old key names (OLD_NAMES) replaced by the current ones; an old and a
+    current name given different values is a problem."""
+    old_names = OLD_NAMES.get(cls, {})
+    renamed = {}
+    for key, value in data.items():
+        new = old_names.get(key, key)
+        if new != key and new in data:
+            if data[new] != value:
+                problems.append(f"{path}.{key}: the old name of {path}.{new}, which is also set, "
+                                f"to something else ({_describe(value)} vs {_describe(data[new])}); "
+                                f"keep only {path}.{new}")
+            continue
+        renamed[new] = value
+    return renamed
 
 
 # ---------------------------------------------------------------------------------------
@@ -622,7 +744,8 @@ def _expand_user_paths(cfg: Any) -> Any:
         elif f.metadata.get("path") and isinstance(value, str):
             changes[f.name] = os.path.expanduser(value)
         elif f.metadata.get("path") and isinstance(value, list):
-            changes[f.name] = [os.path.expanduser(v) if isinstance(v, str) else v for v in value]
+            changes[f.name] = [os.path.expanduser(v) if isinstance(v, str) else
+                               _expand_user_paths(v) if dataclasses.is_dataclass(v) else v for v in value]
     return dataclasses.replace(cfg, **changes)
 
 
@@ -640,7 +763,7 @@ def config_from_dict(data: dict, cls: type = RunConfig) -> Any:
         raise GptcliError("; ".join(problems))
     # The arch fills the component keys left empty: what runs is written down in full.
     if isinstance(cfg, RunConfig):
-        return dataclasses.replace(cfg, model=cfg.model.resolved())
+        return dataclasses.replace(cfg, model=cfg.model.resolved(), data=cfg.data.resolved())
     return cfg.resolved() if isinstance(cfg, ModelConfig) else cfg
 
 

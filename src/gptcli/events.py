@@ -19,6 +19,8 @@ class Progress:
     done: int
     total: int
     tokens: int = 0
+    files: int = 0  # input files finished (tokenizing)
+    files_total: int = 0
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ def test_tokenize_smoke(corpus_dir, tmp_path, capsys):
     code, _, err = run_cli(["tokenize", corpus_dir, "--out", tmp_path / "tok", "--tokenizer", "char"], capsys)
     assert code == 0, err
     assert "train" in err and "MB/s" in err
-    assert {p.name for p in (tmp_path / "tok").iterdir()} == {".gptcli", "meta.json", "train.bin", "val.bin", "tokenizer"}
+    assert {p.name for p in (tmp_path / "tok").iterdir()} == {".gptcli", "meta.json", "train-00000.bin", "val-00000.bin", "tokenizer"}
 
 
 def test_python_dash_m_and_console_script(tmp_path):

@@ -5,16 +5,17 @@ import pytest
 from conftest import GPT2_TIKTOKEN, SHAKESPEARE, needs_gpt2_ranks, needs_shakespeare
 
 from gptcli.data import corpus as corpus
-from gptcli.data.shards import read_meta, tokenize_corpus
+from gptcli.data.dataset import TokenDataset
+from gptcli.data.shards import tokenize_corpus
+from gptcli.data.token_files import read_meta
 from gptcli.data.tokenizer import load_tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
 
 
 def decode_split(out, split):
-    meta = read_meta(out)
     tok = load_tokenizer(out / "tokenizer")
-    ids = np.fromfile(out / f"{split}.bin", dtype=meta["dtype"]).tolist()
+    ids = np.asarray(TokenDataset.open(out).splits[split]).tolist()
     docs, current = [], []
     for i in ids:
         if i == tok.eot_id:
@@ -37,7 +38,7 @@ def test_round_trip_to_original_documents(tmp_path, corpus_dir, tokenizer):
     assert len(train) + len(val) == 40
     assert len(val) == 8  # exactly val_fraction of the documents
     meta = read_meta(out)
-    assert meta["splits"]["train"]["documents"] == result.splits["train"].documents == 32
+    assert meta["splits"]["train"]["documents"] == result.splits["train"].documents == 40 - len(val)
     assert meta["dtype"] == "uint16"
     assert meta["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in val)
     assert len(meta["sources"]) == 40
@@ -84,9 +85,9 @@ def test_jsonl_field_and_uint32(tmp_path):
     records = [{"body": f"record {i} " * 5, "id": i} for i in range(30)]
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     out = tmp_path / "tok"
-    tokenize_corpus([str(path)], out, tokenizer="bytes", jsonl_field="body", val_fraction=0.1)
+    tokenize_corpus([str(path)], out, tokenizer="bytes", text_field="body", val_fraction=0.1)
     assert sorted(decode_split(out, "train") + decode_split(out, "val")) == sorted(r["body"] for r in records)
-    from gptcli.data.shards import token_dtype
+    from gptcli.data.token_files import token_dtype
 
     assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
 
@@ -103,10 +104,10 @@ def test_globs_and_stdlib_expand(tmp_path, corpus_dir):
 def test_overwrite_protects_existing_output(tmp_path, corpus_dir):
     out = tmp_path / "tok"
     tokenize_corpus([str(corpus_dir)], out, tokenizer="bytes")
-    before = (out / "train.bin").read_bytes()
+    before = (out / "train-00000.bin").read_bytes()
     with pytest.raises(GptcliError, match="already holds a tokenized dataset; pass --overwrite"):
         tokenize_corpus([str(corpus_dir)], out, tokenizer="char")
-    assert (out / "train.bin").read_bytes() == before
+    assert (out / "train-00000.bin").read_bytes() == before
     tokenize_corpus([str(corpus_dir)], out, tokenizer="char", overwrite=True)
     assert read_meta(out)["tokenizer"]["name"].startswith("char")
 

@@ -190,14 +190,14 @@ def test_changed_token_file_is_detected(tmp_path, corpus_dir, change):
     out = tmp_path / "tok"
     tokenize_corpus([str(corpus_dir)], out, tokenizer="bytes")
     TokenDataset.open(out)  # verifies and remembers the checksum
-    train = out / "train.bin"
+    train = out / "train-00000.bin"
     data = bytearray(train.read_bytes())
     if change == "flip":
         data[100] ^= 1
         train.write_bytes(bytes(data))
     else:
         train.write_bytes(bytes(data[:-2]))
-    with pytest.raises(GptcliError, match="train.bin (does not match the checksum|is missing or has the wrong size)"):
+    with pytest.raises(GptcliError, match="train-00000.bin (does not match the checksum|is missing or has the wrong size)"):
         TokenDataset.open(out)
 
 
@@ -242,7 +242,7 @@ def test_nothing_left_half_written_after_a_failed_tokenize(tmp_path, corpus_dir,
     def explode(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shards, "_write_splits", explode)
+    monkeypatch.setattr(shards._Run, "write", explode)
     with pytest.raises(GptcliError, match="could not write .*No space left on device.*nothing was written"):
         tokenize_corpus([str(corpus_dir)], tmp_path / "tok", tokenizer="bytes")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]

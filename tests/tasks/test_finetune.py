@@ -233,7 +233,7 @@ def test_resume_bit_identical_for_finetune(tmp_path, base_run):
     ("instruct", {"train_file": "{tmp}/long.jsonl"}, "long", "longer than the 64-token context"),
     ("classify", {"train_file": "{tmp}/x.csv", "init_from": "{tmp}/nowhere"}, "ok", "does not exist"),
     ("classify", {"train_file": "{tmp}/x.csv", "init_from": "{tmp}"}, "ok", "neither a checkpoint"),
-    ("classify", {"train_file": "{tmp}/x.parquet"}, "ok", "unknown data format"),
+    ("classify", {"train_file": "{tmp}/x.xlsx"}, "ok", "unknown data format"),
     ("lm", {}, "ok", "data.inputs: name the new-domain text"),
 ])
 def test_bad_finetune_input(tmp_path, base_run, task, keys, setup, message):

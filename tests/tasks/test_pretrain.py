@@ -104,11 +104,11 @@ def test_tokenized_dir_input_and_cache_reuse(tmp_path, corpus_dir):
     raw = tiny_config([str(corpus_dir)], tmp_path / "raw1", max_steps=2)
     pretrain(config_from_dict(raw))
     cached = list((tmp_path / "cache" / "tokens").iterdir())
-    stamp = (cached[0] / "train.bin").stat().st_mtime_ns
+    stamp = (cached[0] / "train-00000.bin").stat().st_mtime_ns
     raw["out_dir"] = str(tmp_path / "raw2")
     pretrain(config_from_dict(raw))
     assert list((tmp_path / "cache" / "tokens").iterdir()) == cached
-    assert (cached[0] / "train.bin").stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert (cached[0] / "train-00000.bin").stat().st_mtime_ns == stamp  # reused, not rewritten
 
 
 def test_vocab_and_context_mismatches(tmp_path, corpus_dir):

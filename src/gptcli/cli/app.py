@@ -41,10 +41,22 @@ def tokenize(
     ] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of documents for validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 1337,
-    jsonl_field: Annotated[str, typer.Option(help="Text field of .jsonl inputs.")] = "text",
+    text_field: Annotated[Optional[str], typer.Option(
+        help="Field (column) with the text in .jsonl, .parquet and saved Hugging Face dataset "
+             "inputs [default: text].")] = None,
+    jsonl_field: Annotated[Optional[str], typer.Option(hidden=True, help="Old name of --text-field.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a tokenized directory that gptcli wrote at --out.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue an interrupted run from its last recorded batch (same inputs and options).")] = False,
+    part: Annotated[Optional[str], typer.Option(
+        metavar="K/N", help="Tokenize every N-th input file from the K-th (one of N machines); join the "
+                            "parts with --merge.")] = None,
+    merge: Annotated[bool, typer.Option(
+        help="Join the directories of a corpus tokenized with --part (given as INPUTS) into --out.")] = False,
+    shard_size: Annotated[float, typer.Option(help="MB of token ids per shard file.")] = 1024,
+    workers: Annotated[Optional[int], typer.Option(help="Encoding threads [default: one per core].")] = None,
 ) -> None:
-    """Tokenize raw text into train.bin / val.bin / meta.json.
+    """Tokenize raw text into shards (train-00000.bin, ..., val-00000.bin) and meta.json.
 
     Example: gptcli tokenize stdlib --out data/stdlib --tokenizer bytes
     """
@@ -52,12 +64,32 @@ def tokenize(
     from rich.text import Text
 
     from gptcli.cli.display import ProgressDisplay, console
-    from gptcli.data.shards import tokenize_corpus
+    from gptcli.data.merge import merge_parts
+    from gptcli.data.shards import parse_part, tokenize_corpus
 
+    if text_field and jsonl_field and text_field != jsonl_field:
+        raise GptcliError("--jsonl-field is the old name of --text-field; give only --text-field")
+    field = text_field or jsonl_field or "text"
+    if not shard_size > 0:
+        raise GptcliError(f"--shard-size must be more than 0 MB, got {shard_size}")
+    if merge and (part or resume):
+        raise GptcliError("--merge joins finished parts; it takes no --part or --resume")
     with ProgressDisplay() as display:
-        result = tokenize_corpus(inputs, out, tokenizer=tokenizer, val_fraction=val_fraction,
-                                 seed=seed, jsonl_field=jsonl_field, train_bpe=train_bpe,
-                                 overwrite=overwrite, on_event=display)
+        try:
+            if merge:
+                result = merge_parts(inputs, out, overwrite=overwrite, on_event=display)
+            else:
+                result = tokenize_corpus(inputs, out, tokenizer=tokenizer, val_fraction=val_fraction,
+                                         seed=seed, text_field=field, train_bpe=train_bpe, overwrite=overwrite,
+                                         resume=resume, part=parse_part(part) if part else None,
+                                         shard_bytes=int(shard_size * 1e6), workers=workers, on_event=display)
+        except KeyboardInterrupt:
+            if merge:
+                raise
+            again = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")] + ["--resume"]
+            console.print(f"interrupted; the batches written so far are kept; continue with: gptcli "
+                          f"{' '.join(again)}", markup=False, highlight=False)
+            raise typer.Exit(130) from None
     table = Table(title=Text(f"{result.out_dir}  ·  {result.tokenizer} ({result.vocab_size} ids, "
                              f"{result.dtype})  ·  {result.sources} files  ·  {result.seconds:.1f}s"),
                   title_justify="left")
@@ -69,7 +101,8 @@ def tokenize(
         table.add_row(split, f"{stats.documents:,}", f"{stats.bytes / 1e6:.2f}", f"{stats.tokens:,}",
                       f"{stats.bytes / max(stats.tokens, 1):.2f}")
     console.print(table)
-    console.print(f"{total_bytes / 1e6 / max(result.seconds, 1e-9):.1f} MB/s end to end")
+    console.print(f"{result.shards} shard file(s) per split at most; "
+                  f"{total_bytes / 1e6 / max(result.seconds, 1e-9):.1f} MB/s end to end")
 
 
 @app.command()
@@ -145,13 +178,15 @@ def eval_command(
         "--checkpoint", "-c", help="Run or checkpoint directory (default: the latest run under runs/).")] = None,
     data: Annotated[Optional[list[str]], typer.Option(
         "--data", help="Language model: text files, folders, globs, `stdlib` or a tokenized directory "
-                       "(repeatable; none: the run's own validation). Classifier: one CSV, TSV or JSONL "
+                       "(repeatable; none: the run's own validation). Classifier: one CSV, TSV, JSONL or Parquet "
                        "file with text and label columns.")] = None,
     split: Annotated[str, typer.Option(help="Of a tokenized directory: all, train or val.")] = "all",
     batch_size: Annotated[int, typer.Option(help="Windows (or rows) per forward pass.")] = 8,
     precision: Annotated[str, typer.Option(
         help="auto (the precision the run trained in), fp32, bf16 or fp16.")] = "auto",
-    text_column: Annotated[str, typer.Option(help="Classifier: column with the text.")] = "text",
+    text_column: Annotated[str, typer.Option(
+        help="Column (field) with the text: of a classifier's labelled file, or of .jsonl, "
+             ".parquet and saved Hugging Face dataset --data for a language model.")] = "text",
     label_column: Annotated[str, typer.Option(help="Classifier: column with the true label.")] = "label",
     predictions: Annotated[Optional[Path], typer.Option(
         help="Classifier: write per-row predictions to this CSV.")] = None,
@@ -182,7 +217,7 @@ def eval_command(
         from gptcli.evals.classify import eval_classifier_checkpoint
 
         if not data or len(data) != 1:
-            raise GptcliError("--data: a classifier is evaluated on exactly one labelled file (CSV, TSV or JSONL)")
+            raise GptcliError("--data: a classifier is evaluated on exactly one labelled file (CSV, TSV, JSONL or Parquet)")
         path, metrics = eval_classifier_checkpoint(path, data[0], text_column, label_column, predictions,
                                             batch_size=batch_size, device=device)
         if not json_output:
@@ -192,7 +227,8 @@ def eval_command(
         from gptcli.evals.lm import eval_lm_checkpoint
 
         with ProgressDisplay() as display:
-            path, metrics = eval_lm_checkpoint(path, data, split, batch_size, precision, device, on_event=display)
+            path, metrics = eval_lm_checkpoint(path, data, split, batch_size, precision, device,
+                                               text_field=text_column, on_event=display)
         if not json_output:
             render_lm_metrics(metrics)
     show_checkpoint(path)

@@ -86,7 +86,8 @@ class ProgressDisplay:
         elapsed = max(time.perf_counter() - self.started[event.phase], 1e-9)
         rate = ""
         if event.phase == "tokenizing":
-            rate = f"{event.done / elapsed / 1e6:6.1f} MB/s {event.tokens / elapsed / 1e6:6.2f}M tok/s"
+            rate = (f"{event.files}/{event.files_total} files {event.done / elapsed / 1e6:6.1f} MB/s "
+                    f"{event.tokens / elapsed / 1e6:6.2f}M tok/s")
         elif event.phase == "evaluating":
             rate = f"{event.tokens / elapsed:,.0f} tok/s"
         self.progress.update(self.tasks[event.phase], completed=event.done, total=event.total,
@@ -221,6 +222,8 @@ def render_lm_metrics(m: dict) -> None:
     table.add_row("loss", f"{m['loss']:.4f} nats/token")
     table.add_row("perplexity", f"{m['perplexity']:.3f}")
     table.add_row("bits per byte", f"{m['bpb']:.4f}")
+    for name, source in m.get("by_source", {}).items():
+        table.add_row(Text(f"  {name}"), f"loss {source['loss']:.4f}  bits per byte {source['bpb']:.4f}")
     table.add_row("precision", m["precision"])
     console.print(table)
 
@@ -275,7 +278,11 @@ def render_runs(summaries: list, root) -> None:
 def _run_cells(r) -> list[Text]:
     best = f"{r.metric.removeprefix('val_')} {r.best:.4f}" if r.best is not None else "-"
     steps = f"{r.step:,}/{r.max_steps:,}" if r.max_steps else f"{r.step:,}"
-    return [Text(str(r.task)), Text(_count(r.parameters)), Text(steps), Text(best), Text(_count(r.tokens_seen)),
+    tokens = _count(r.tokens_seen)
+    if r.tokens_by_source:  # a mixture: each source's share, e.g. `1.2M (web 70% code 30%)`
+        total = max(sum(r.tokens_by_source.values()), 1)
+        tokens += f" ({' '.join(f'{name} {n / total:.0%}' for name, n in r.tokens_by_source.items())})"
+    return [Text(str(r.task)), Text(_count(r.parameters)), Text(steps), Text(best), Text(tokens),
             Text(_duration(r.wall_seconds)), Text(str(r.status), style=_STATUS_STYLE.get(r.status, "dim"))]
 
 
@@ -338,6 +345,9 @@ def render_info(d: dict) -> None:
     if "step" in d:
         table.add_row("step", f"{d['step']:,}")
         table.add_row("tokens seen", f"{d['tokens_seen']:,} ({_count(d['tokens_seen'])})")
+        if d.get("tokens_by_source"):
+            table.add_row("tokens by source", Text("  ".join(
+                f"{name} {n:,} ({n / max(d['tokens_seen'], 1):.1%})" for name, n in d["tokens_by_source"].items())))
         if "precision" in d:
             table.add_row("precision", Text(d["precision"]))
         if d.get("metrics"):

@@ -18,7 +18,8 @@ import torch
 from gptcli.atomic import write_text
 from gptcli.config import DataConfig
 from gptcli.data.corpus import expand_inputs
-from gptcli.data.shards import (
+from gptcli.data.shards import tokenize_corpus
+from gptcli.data.token_files import (
     META_FILE,
     SPLITS,
     TOKENIZER_DIR,
@@ -26,7 +27,6 @@ from gptcli.data.shards import (
     read_meta,
     split_digest,
     split_shards,
-    tokenize_corpus,
 )
 from gptcli.data.tokenizer import Tokenizer, load_tokenizer
 from gptcli.errors import GptcliError
@@ -49,7 +49,7 @@ def _cache_key(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> str:
     else:
         tokenizer_key = cfg.tokenizer
     settings = {"tokenizer": tokenizer_key, "val_fraction": cfg.val_fraction, "seed": seed,
-                "jsonl_field": cfg.jsonl_field}
+                "text_field": cfg.text_field}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for source in expand_inputs(cfg.inputs):
         digest.update(str(source.path.resolve()).encode() + b"\0")
@@ -71,7 +71,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, on_event: EventSink = ignore,
     if not is_tokenized_dir(target):
         tokenize_corpus(cfg.inputs, target, tokenizer=tokenizer or cfg.tokenizer,
                         val_fraction=cfg.val_fraction, seed=seed,
-                        jsonl_field=cfg.jsonl_field, overwrite=True, on_event=on_event)
+                        text_field=cfg.jsonl_field, overwrite=True, on_event=on_event)
     if dist.is_main:
         dist.barrier()
     return target

@@ -1,11 +1,12 @@
-"""Reading labelled examples: CSV, TSV or JSONL files into lists of records.
+"""Reading labelled examples: CSV, TSV, JSONL or Parquet files into lists of records.
 
 Data is read exactly: a quoted CSV field keeps its line breaks as written (LF or CRLF),
 only a line break ends a row or a JSONL line (never a form feed or U+2028), an unclosed
 quote is an error rather than a field swallowing the rest of the file, and a UTF-8
 byte-order mark at the start is dropped. Every record remembers the line of its file where
 it starts, so each problem names `file:line` as an editor shows it, whatever order the
-records are used in later.
+records are used in later. Text formats may be gzip- or zstd-compressed (`train.jsonl.gz`);
+a Parquet file's records are its rows, numbered from 1 where text files number lines.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ from collections.abc import Iterable, Iterator, Mapping
 from itertools import zip_longest
 from pathlib import Path
 
+from gptcli.data import formats
 from gptcli.errors import GptcliError, shorten
 
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 BOM = "\ufeff"
 JSON_BLANKS = " \t\r"  # JSON's whitespace within one line (str.strip would also eat U+2028)
 
 
 class Record(dict):
-    """The fields of one record, plus `line`: the line of its source where it starts (1-based)."""
+    """The fields of one record, plus `line`: the line of its source where it starts (1-based),
+    or for a Parquet file its row (1-based, `unit` "row")."""
 
-    def __init__(self, fields: Mapping | Iterable[tuple], line: int):
+    def __init__(self, fields: Mapping | Iterable[tuple], line: int, unit: str = "line"):
         super().__init__(fields)
         self.line = line
+        self.unit = unit
 
 
 def numbered(rows: list[dict]) -> list[Record]:
@@ -38,28 +42,41 @@ def numbered(rows: list[dict]) -> list[Record]:
 
 
 def where(path: str | Path, record: Record) -> str:
-    """`path:line` of a record, for messages about it."""
-    return f"{path}:{record.line}"
+    """`path:line` (or `path:row N`) of a record, for messages about it."""
+    return f"{path}:{record.line}" if record.unit == "line" else f"{path}:{record.unit} {record.line}"
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """All records of a `.csv`, `.tsv` or `.jsonl` file, in file order."""
+    """All records of a `.csv`, `.tsv`, `.jsonl` (any of them maybe `.gz` or `.zst`) or
+    `.parquet` file, in file order."""
     path = Path(path)
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise GptcliError(f"{path}: unknown data format (use .csv, .tsv or .jsonl)")
+    suffix, compression = formats.split_suffix(path)
+    kind = FORMATS.get(suffix)
+    if kind is None or (kind == "parquet" and compression):
+        raise GptcliError(f"{path}: unknown data format (use .csv, .tsv, .jsonl, each maybe "
+                          f"compressed as .gz or .zst, or .parquet)")
     if not path.is_file():
         raise GptcliError(f"data file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8").removeprefix(BOM)
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise GptcliError(f"{path}:{line}: invalid UTF-8 at byte {exc.start}") from None
-    records = _jsonl(path, text) if kind == "jsonl" else _table(path, text, kind)
+    if kind == "parquet":
+        records = [Record(row, number, "row") for number, row in
+                   enumerate(formats.table_records(path), start=1)]
+    else:
+        text = _text(path, compression)
+        records = _jsonl(path, text) if kind == "jsonl" else _table(path, text, kind)
     if not records:
         raise GptcliError(f"data file {path} has no records")
     return records
+
+
+def _text(path: Path, compression: str | None) -> str:
+    """A text file's content (decompressed), less a byte-order mark."""
+    raw = formats.read_content(path, compression) if compression else path.read_bytes()
+    try:
+        return raw.decode("utf-8").removeprefix(BOM)
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        where = "byte" if compression is None else "decompressed byte"
+        raise GptcliError(f"{path}:{line}: invalid UTF-8 at {where} {exc.start}") from None
 
 
 def _jsonl(path: Path, text: str) -> list[Record]:

@@ -425,9 +425,22 @@ def _with_ranks(spec_digest: str, ranks: dict[bytes, int]) -> str:
     return digest.hexdigest()
 
 
-@functools.cache
+_encode_workers = os.cpu_count() or 1  # threads encode_batch uses (set_encode_workers)
+
+
+def set_encode_workers(workers: int) -> None:
+    """Encode batches on `workers` threads from now on (default: one per core)."""
+    global _encode_workers
+    _encode_workers = workers
+
+
 def _encode_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="gptcli-encode")
+    return _pool_of(_encode_workers)
+
+
+@functools.cache
+def _pool_of(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gptcli-encode")
 
 
 def tiktoken_from_ranks(ranks: dict[bytes, int], name: str, pattern: str,

@@ -26,7 +26,8 @@ from torch import nn
 from gptcli.config import RunConfig, load_config
 from gptcli.data.corpus import expand_inputs, iter_pieces
 from gptcli.data.dataset import BatchSampler, TokenDataset, prepare_dataset
-from gptcli.data.shards import SPLITS, is_tokenized_dir
+from gptcli.data.mixture import Mixture
+from gptcli.data.token_files import SPLITS, is_tokenized_dir
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Progress, ignore
@@ -41,7 +42,7 @@ SPLIT_CHOICES = ("all", *SPLITS)
 
 def eval_lm_checkpoint(checkpoint: str | Path | None, inputs: list[str] | None, split: str = "all",
                 batch_size: int = 8, precision: str = "auto", device: str = "auto",
-                jsonl_field: str = "text", on_event: EventSink = ignore) -> tuple[Path, dict]:
+                text_field: str = "text", on_event: EventSink = ignore) -> tuple[Path, dict]:
     """Loss, perplexity and bits per byte of a language-model checkpoint; see the module doc.
     `precision` auto: the precision the run trained in (fp32 for checkpoints without one)."""
     if split not in SPLIT_CHOICES:
@@ -60,7 +61,7 @@ def eval_lm_checkpoint(checkpoint: str | Path | None, inputs: list[str] | None, 
                                    dev, option="--precision")
     if inputs:
         metrics = _evaluate_inputs(model, tokenizer, inputs, split, batch_size, precision_, dev,
-                                   jsonl_field, on_event)
+                                   text_field, on_event)
     else:
         metrics = _repeat_run_validation(model, path, trained, precision_, dev, on_event)
     metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))  # exp overflows past ~709
@@ -94,12 +95,20 @@ def _repeat_run_validation(model: Model, checkpoint: Path, trained: dict, precis
     if not isinstance(cfg, RunConfig) or not cfg.data.inputs:
         raise GptcliError(f"{checkpoint} is not from a pretraining run, so it has no validation "
                           f"split of its own; name the text to evaluate with --data")
-    dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event))
+    dataset = (Mixture.open(cfg.data, cfg.seed, on_event) if cfg.data.is_mixture
+               else TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event)))
     trained_on = trained.get("val_sha256")
     if trained_on is not None and trained_on != dataset.val_sha256:
-        raise GptcliError(f"the run's data ({', '.join(cfg.data.inputs)}) is not what it was during "
+        raise GptcliError(f"the run's data ({', '.join(cfg.data.paths())}) is not what it was during "
                           f"training (its validation split differs), so its validation cannot be "
                           f"repeated; evaluate the text you want with --data")
+    if isinstance(dataset, Mixture):
+        metrics = mixture_validation(model, dataset, cfg, precision, device, on_event)
+        names = dataset.weights.names
+        return {"loss": metrics["val_loss"], "bpb": metrics["val_bpb"],
+                "by_source": {n: {"loss": metrics[f"val_loss/{n}"], "bpb": metrics[f"val_bpb/{n}"]} for n in names},
+                "data": f"mixture of {', '.join(names)} (val splits, {cfg.train.eval_batches} x "
+                        f"{cfg.train.batch_size} windows each, as in training)"}
     windows = BatchSampler(dataset.splits["val"], cfg.train.batch_size, cfg.model.block_size,
                            cfg.seed, "val", device)  # what the loop's validation draws
     total = cfg.train.eval_batches
@@ -111,7 +120,7 @@ def _repeat_run_validation(model: Model, checkpoint: Path, trained: dict, precis
 
 
 def _evaluate_inputs(model: Model, tokenizer: Tokenizer, inputs: list[str], split: str, batch_size: int,
-                     precision: Precision, device: torch.device, jsonl_field: str,
+                     precision: Precision, device: torch.device, text_field: str,
                      on_event: EventSink) -> dict:
     if len(inputs) == 1 and is_tokenized_dir(inputs[0]):
         dataset = TokenDataset.open(inputs[0])
@@ -125,7 +134,7 @@ def _evaluate_inputs(model: Model, tokenizer: Tokenizer, inputs: list[str], spli
     else:
         if split != "all":
             raise GptcliError("--split picks a split of a tokenized directory; raw text is evaluated whole")
-        stream, n_bytes = encode_inputs(inputs, tokenizer, jsonl_field)
+        stream, n_bytes = encode_inputs(inputs, tokenizer, text_field)
         streams, described = [stream], " ".join(inputs)
     block = model.config.block_size
     plans = [(s, _window_starts(len(s), block, batch_size)) for s in streams]
@@ -141,10 +150,32 @@ def _evaluate_inputs(model: Model, tokenizer: Tokenizer, inputs: list[str], spli
             "tokens": n_tokens, "bytes": int(n_bytes)}
 
 
-def encode_inputs(inputs: list[str], tokenizer: Tokenizer, jsonl_field: str = "text") -> tuple[np.ndarray, int]:
+def mixture_validation(model: Model, mixture: Mixture, cfg: RunConfig, precision: Precision,
+                       device: torch.device, on_event: EventSink = ignore) -> dict[str, float]:
+    """A mixture run's validation: from each source's val split the train.eval_batches
+    batches a plain run draws from its own, each source's loss and bits per byte, and the
+    mixture's (Mixture.combine: weighted by the sources' weights)."""
+    t = cfg.train
+    total, done, per_source = t.eval_batches * len(mixture.datasets), [0, 0], {}
+
+    def counted(batches):
+        for batch in batches:
+            yield batch
+            done[0] += 1
+            done[1] += batch["targets"].numel()
+            on_event(Progress("evaluating", done[0], total, done[1]))
+
+    for name, dataset in zip(mixture.weights.names, mixture.datasets):
+        windows = BatchSampler(dataset.splits["val"], t.batch_size, cfg.model.block_size, cfg.seed, "val", device)
+        batches = ({"idx": x, "targets": y} for x, y in map(windows.batch, range(t.eval_batches)))
+        per_source[name] = validation_loss(model, counted(batches), precision, dataset.bytes_per_token["val"])
+    return mixture.combine(per_source)
+
+
+def encode_inputs(inputs: list[str], tokenizer: Tokenizer, text_field: str = "text") -> tuple[np.ndarray, int]:
     """All documents of `inputs` as one token stream (end-of-text after each document, as
     tokenize writes shards) and the number of UTF-8 bytes it encodes."""
-    pieces = list(iter_pieces(expand_inputs(inputs), jsonl_field))
+    pieces = list(iter_pieces(expand_inputs(inputs), text_field))
     encoded = tokenizer.encode_batch([p.text for p in pieces])
     parts = []
     for piece, ids in zip(pieces, encoded):

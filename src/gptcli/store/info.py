@@ -12,6 +12,8 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
+from gptcli.config import RunConfig, load_config
+from gptcli.data.mixture import tokens_by_source
 from gptcli.errors import GptcliError
 from gptcli.store.checkpoint import (
     CONFIG_YAML,
@@ -107,12 +109,27 @@ def _training(checkpoint: Path) -> dict:
               "best_metric": trainer["best_metric"]}
     if trainer.get("precision"):
         result["precision"] = trainer["precision"]
+    by_source = _tokens_by_source(checkpoint, trainer)
+    if by_source:
+        result["tokens_by_source"] = by_source
     evaluation = trainer.get("last_eval") or _eval_record_from_run(checkpoint, trainer["step"])
     if evaluation:
         result["metrics_step"] = evaluation["step"]  # the last evaluation may predate this save
         result["metrics"] = {k: v for k, v in evaluation.items()
                              if isinstance(v, (int, float)) and k not in ("step", "tokens_seen")}
     return result
+
+
+def _tokens_by_source(checkpoint: Path, trainer: dict) -> dict[str, int] | None:
+    """A mixture run's training tokens per source up to this checkpoint's step, re-derived
+    from its config (the draws are a function of seed and step; data/mixture.py)."""
+    try:
+        cfg = load_config(checkpoint / CONFIG_YAML)
+    except GptcliError:  # a finetune's or an import's config: no mixture
+        return None
+    if not isinstance(cfg, RunConfig) or not cfg.data.is_mixture or not trainer.get("global_batch"):
+        return None
+    return tokens_by_source(cfg.data, cfg.seed, trainer["step"], trainer["global_batch"], cfg.model.block_size)
 
 
 def _eval_record_from_run(checkpoint: Path, step: int) -> dict | None:

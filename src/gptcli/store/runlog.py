@@ -161,6 +161,7 @@ class RunSummary:
     tokens_seen: int | None
     wall_seconds: float | None
     status: str
+    tokens_by_source: dict[str, int] | None = None  # a mixture's training tokens per source
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
@@ -178,11 +179,12 @@ def summarize_run(run_dir: Path) -> RunSummary:
     bests = [r[best_key] for r in records if best_key in r and r[best_key] is not None]
     steps = [r["step"] for r in records if "step" in r]
     tokens = [r["tokens_seen"] for r in records if "tokens_seen" in r]
+    by_source = [r["tokens_by_source"] for r in records if "tokens_by_source" in r]
     return RunSummary(
         path=run_dir, task=info.get("task", "?"), parameters=info.get("parameters"),
         step=max(steps, default=0), max_steps=info.get("max_steps"), metric=metric,
         best=bests[-1] if bests else None, tokens_seen=tokens[-1] if tokens else None,
-        wall_seconds=wall, status=status,
+        wall_seconds=wall, status=status, tokens_by_source=by_source[-1] if by_source else None,
     )
 
 

@@ -94,7 +94,7 @@ def _records(cfg: FinetuneRunConfig) -> tuple[list[Record], list[Record], str]:
     f = cfg.finetune
     if not f.train_file:
         example = STDLIB_PACKAGES if f.task == "classify" else STDLIB_DOCSTRINGS
-        raise GptcliError(f"finetune.train_file: required for --task {f.task} (CSV, TSV or JSONL; "
+        raise GptcliError(f"finetune.train_file: required for --task {f.task} (CSV, TSV, JSONL or Parquet; "
                           f"or {example} for the built-in example)")
     if f.train_file == STDLIB_PACKAGES:
         train, source = stdlib_package_snippets(seed=cfg.seed), source_name(f.train_file)

@@ -20,9 +20,10 @@ import torch
 
 from gptcli.config import RunConfig, dump_yaml, load_config
 from gptcli.data.dataset import BatchSampler, TokenDataset, prepare_dataset
+from gptcli.data.mixture import Mixture, MixtureSampler, Weights
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
-from gptcli.evals.lm import validation_loss
+from gptcli.evals.lm import mixture_validation, validation_loss
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.model import DEFAULT_ARCH, Model, get_arch
 from gptcli.model.gpt import check_fits
@@ -58,6 +59,32 @@ class PretrainData:
         return validation_loss(model, batches, precision, self.val_bytes_per_token)
 
 
+class MixtureData:
+    """A weighted mixture's training windows (data/mixture.py: each row's source and start a
+    pure function of seed and step); validation on every source's val split, combined by
+    the weights. Reports the training tokens each source has contributed."""
+
+    metric = "val_loss"
+    higher_is_better = False
+
+    def __init__(self, mixture: Mixture, cfg: RunConfig, device: torch.device,
+                 dist: Distributed = Distributed()):
+        t = cfg.train
+        self.rank, self.mixture, self.cfg, self.device = dist.rank, mixture, cfg, device
+        self.train = MixtureSampler(mixture, t.batch_size, cfg.model.block_size, cfg.seed, device,
+                                    t.grad_accum, dist.world_size)
+
+    def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        x, y = self.train.batch(step, micro, self.rank)
+        return {"idx": x, "targets": y}
+
+    def tokens_by_source(self, steps: int) -> dict[str, int]:
+        return self.train.tokens_by_source(steps)
+
+    def validate(self, model: Model, precision: Precision) -> dict[str, float]:
+        return mixture_validation(model, self.mixture, self.cfg, precision, self.device)
+
+
 def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, tokenizer: Tokenizer,
                              on_event: EventSink) -> None:
     """Refuse changes that would break an exact continuation; note the harmless ones."""
@@ -71,7 +98,12 @@ def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, tokenizer: Tokeni
         saved = json.loads(metadata["tokenizer"])["name"]
         raise GptcliError(f"--resume: the data's tokenizer ({tokenizer.name}) is not the checkpoint's "
                           f"({saved}, a different vocabulary); resume with the original data")
-    before = load_config(checkpoint / CONFIG_YAML).train
+    before_cfg = load_config(checkpoint / CONFIG_YAML)
+    mixture = [Weights.of(c.data.inputs) if c.data.is_mixture else None for c in (before_cfg, cfg)]
+    if mixture[0] != mixture[1]:  # tokens per source are re-derived from the draws: keep them
+        raise GptcliError("--resume: the mixture in data.inputs (source names and weights) differs "
+                          "from the checkpoint's; resume with the original ones or start a new run")
+    before = before_cfg.train
     changed = [f"{f.name} {getattr(before, f.name)} -> {getattr(cfg.train, f.name)}"
                for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(cfg.train, f.name)]
     if changed:
@@ -81,7 +113,7 @@ def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, tokenizer: Tokeni
 def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
              on_event: EventSink = ignore) -> RunResult:
     """`gptcli pretrain`: train a GPT from scratch on `cfg.data` (see tasks/run.py)."""
-    job = Job(task="pretrain", cfg=cfg, inputs=input_paths([*cfg.data.inputs, cfg.data.tokenizer]),
+    job = Job(task="pretrain", cfg=cfg, inputs=input_paths([*cfg.data.paths(), cfg.data.tokenizer]),
               build=lambda dist, device, resume_from, on_event: build_pretrain(cfg, dist, device, on_event))
     return run_job(job, resume, overwrite, on_event)
 
@@ -89,11 +121,15 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
 def build_pretrain(cfg: RunConfig, dist: Distributed, device: torch.device, on_event: EventSink) -> Built:
     """The tokenized data (made once into the cache from raw text), and a fresh GPT sized by
     the config with the tokenizer's vocabulary."""
-    dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event, dist=dist))
+    if cfg.data.is_mixture:
+        dataset = Mixture.open(cfg.data, cfg.seed, on_event, dist)
+    else:
+        dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event, dist=dist))
     vocab = dataset.tokenizer.vocab_size
     if cfg.model.vocab_size not in (None, vocab):
+        where = "the data" if cfg.data.is_mixture else dataset.path
         raise GptcliError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer of "
-                          f"{dataset.path} has {vocab} ids; remove model.vocab_size or retokenize")
+                          f"{where} has {vocab} ids; remove model.vocab_size or retokenize")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     dataset.check_context(cfg.model.block_size)
     shards = dist.world_size if cfg.train.parallel == "fsdp" else 1
@@ -104,13 +140,15 @@ def build_pretrain(cfg: RunConfig, dist: Distributed, device: torch.device, on_e
     model = get_arch(DEFAULT_ARCH).model(cfg.model).to(device)  # pretraining makes GPT-2s (for now)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size * cfg.model.block_size
     return Built(
-        model=model, data=PretrainData(dataset, cfg, device, dist), tokenizer=dataset.tokenizer,
+        model=model, tokenizer=dataset.tokenizer,
+        data=(MixtureData if cfg.data.is_mixture else PretrainData)(dataset, cfg, device, dist),
         config_yaml=dump_yaml(cfg), val_sha256=dataset.val_sha256,
         check_resume=lambda checkpoint, state: _check_resume_compatible(cfg, checkpoint, dataset.tokenizer,
                                                                         on_event),
         facts={
             "parameters": f"{model.num_params() / 1e6:.2f}M",
             "tokenizer": f"{dataset.tokenizer.name} ({vocab} ids)",
-            "data": f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens",
+            "data": (dataset.describe() if cfg.data.is_mixture else
+                     f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens"),
             "tokens/step": f"{tokens_per_step:,}",
         })

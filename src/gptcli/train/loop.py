@@ -314,6 +314,7 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
                     "loss": dist.all_reduce(loss.detach().clone()).item(),  # the mean over all ranks
                     "lr": lr,
                     "tokens_seen": state.tokens_seen,
+                    **_by_source(data, done),
                     "tokens_per_sec": interval_tokens / elapsed,
                     "mfu": achieved / peak,
                 }
@@ -395,7 +396,7 @@ def _validate(model: nn.Module, data: TrainData, setup: LoopSetup, state: Traine
         state.best_metric = metrics[data.metric]
     state.evals_since_best = 0 if new_best else state.evals_since_best + 1
     stop_early = 0 < setup.patience <= state.evals_since_best
-    record = {"step": done, "tokens_seen": state.tokens_seen, **metrics,
+    record = {"step": done, "tokens_seen": state.tokens_seen, **_by_source(data, done), **metrics,
               f"best_{data.metric}": state.best_metric}
     state.last_eval = record
     log.append(record)
@@ -404,6 +405,13 @@ def _validate(model: nn.Module, data: TrainData, setup: LoopSetup, state: Traine
         on_event(Notice(f"early stop: {data.metric} has not improved for "
                         f"{state.evals_since_best} evaluations"))
     return new_best, stop_early
+
+
+def _by_source(data: TrainData, done: int) -> dict:
+    """Data drawn from several sources (a mixture) may report the training tokens each gave
+    in steps 0 .. done - 1 (`tokens_by_source(steps)`): logged with `tokens_seen`."""
+    counts = getattr(data, "tokens_by_source", None)
+    return {"tokens_by_source": counts(done)} if counts is not None else {}
 
 
 def _save(model: nn.Module, state: TrainerState, done: int, setup: LoopSetup,
