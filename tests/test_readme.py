@@ -8,6 +8,7 @@ Folder states are built once per list of prerequisites and copied for each comma
 """
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -34,6 +35,10 @@ FINETUNE = ["--set", "train.max_steps=2", "--set", "train.eval_every=2", "--set"
             "--set", "train.save_every=2", "--set", "train.batch_size=2", "--set", "train.device=cpu",
             "--set", "train.precision=fp32", "--set", "train.compile=false"]
 OFFLINE_GPT2 = ["--tokenizer", str(GPT2_TIKTOKEN)]  # tiktoken's own gpt2 files need a download
+OFFLINE_GPT2_ARGS = tuple(OFFLINE_GPT2)
+PART_1 = "gptcli tokenize fineweb-edu/sample/10BT --out parts/1 --part 1/2"
+PART_2 = "gptcli tokenize fineweb-edu/sample/10BT --out parts/2 --part 2/2"
+needs_pyarrow = pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow (the data extra) absent")
 
 DEMO = "gptcli pretrain configs/demo.yaml"
 CLASSIFY = "gptcli finetune --task classify"
@@ -67,7 +72,15 @@ COMMANDS: dict[str, Row] = {
         Row(data=(needs_shakespeare,)),
     "gptcli tokenize 'books/**/*.txt' notes/ --out data/books --tokenizer path/to/gpt2.tiktoken":
         Row(data=(needs_gpt2_ranks,)),
-    "gptcli tokenize corpus.jsonl --jsonl-field body --out data/corpus --train-bpe 8192": Row(),
+    "gptcli tokenize corpus.jsonl --text-field body --out data/corpus --train-bpe 8192": Row(),
+    PART_1: Row(extra=OFFLINE_GPT2_ARGS, data=(needs_gpt2_ranks, needs_pyarrow)),
+    PART_2: Row(extra=OFFLINE_GPT2_ARGS, data=(needs_gpt2_ranks, needs_pyarrow)),
+    "gptcli tokenize --merge parts/1 parts/2 --out data/fineweb-edu": Row(
+        needs=((PART_1, OFFLINE_GPT2_ARGS), (PART_2, OFFLINE_GPT2_ARGS)), data=(needs_gpt2_ranks, needs_pyarrow)),
+    "gptcli tokenize fineweb-edu/sample/10BT --out data/fineweb-edu --val-fraction 0.0005":
+        Row(extra=(*OFFLINE_GPT2_ARGS, "--val-fraction", "0.2"), data=(needs_gpt2_ranks, needs_pyarrow)),
+    "torchrun --standalone --nproc_per_node 8 -m gptcli pretrain configs/gpt2-124m-modern.yaml --set "
+    "'data.inputs=[data/fineweb-edu]' --set train.grad_accum=5": Row(skip="needs 8 GPUs and the downloaded corpus"),
     SHAKESPEARE_RUN: Row(data=(needs_shakespeare,)),
     "gptcli pretrain configs/shakespeare-char-modern.yaml": Row(data=(needs_shakespeare,)),
     "gptcli pretrain configs/demo.yaml --set train.max_steps=300 --set model.n_layer=2": Row(),
@@ -162,6 +175,15 @@ def lay_out(root: Path) -> None:
         (repo / "notes" / f"n{i}.md").write_text(text)
         (repo / "more" / f"m{i}.md").write_text(text[::-1])
     (repo / "corpus.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in PY_SNIPPETS * 8))
+    if importlib.util.find_spec("pyarrow") is not None:  # a FineWeb-Edu-like folder of Parquet files
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        (repo / "fineweb-edu" / "sample" / "10BT").mkdir(parents=True)
+        for i in range(3):
+            rows = [text * (1 + i) for text in PY_SNIPPETS * 4]
+            pq.write_table(pa.table({"text": rows, "id": list(range(len(rows)))}),
+                           repo / "fineweb-edu" / "sample" / "10BT" / f"00{i}_00000.parquet")
     if GPT2_TIKTOKEN.is_file():
         shutil.copy(GPT2_TIKTOKEN, repo / "path" / "to" / "gpt2.tiktoken")
         make_hf_gpt2(repo / "hf" / "gpt2")
