@@ -7,40 +7,26 @@ import json
 import sys
 
 import pytest
-import torch
 from conftest import run_cli
+from serving import CONTEXT, random_model
 
 from gptcli.cli.chat import Command, fit_conversation, handle_line, open_session, parse_line
-from gptcli.config import ModelConfig
 from gptcli.data.tokenizer import BytesTokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
 from gptcli.infer.sample import SampleRequest
-from gptcli.model.gpt import GPT
 from gptcli.model.heads import GPTClassifier
 from gptcli.store.checkpoint import save_checkpoint
 from gptcli.tasks.instruct import CHAT_TOKENS, chat_prompt_ids
 
 CHAT_TOKENIZER = WithAddedTokens(BytesTokenizer(), CHAT_TOKENS)
-CONTEXT = 64
 N = "12"  # reply budget in the CLI tests: prompt + reply stay inside the context
-
-
-def tiny_model(vocab_size: int) -> GPT:
-    """A random model with large weights, so that greedy replies depend on the prompt."""
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=CONTEXT, vocab_size=vocab_size))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model
 
 
 @pytest.fixture(scope="module")
 def chat_ckpt(tmp_path_factory):
     """An instruct-shaped checkpoint: gptcli's chat tokens after the byte vocabulary."""
     root = tmp_path_factory.mktemp("chat")
-    return save_checkpoint(root / "chat", tiny_model(CHAT_TOKENIZER.vocab_size), CHAT_TOKENIZER, "# chat\n")
+    return save_checkpoint(root / "chat", random_model(CHAT_TOKENIZER.vocab_size), CHAT_TOKENIZER, "# chat\n")
 
 
 def chat(args, stdin: bytes, capsys, monkeypatch):
@@ -151,8 +137,8 @@ def test_end_of_input_and_quit_exit_cleanly(chat_ckpt, capsys, monkeypatch):
 
 
 def test_checkpoints_that_are_no_chat_model_are_refused(tmp_path, capsys, monkeypatch):
-    base = save_checkpoint(tmp_path / "base", tiny_model(257), BytesTokenizer(), "# base\n")
-    classifier = save_checkpoint(tmp_path / "cls", GPTClassifier(tiny_model(257), ["a", "b"]),
+    base = save_checkpoint(tmp_path / "base", random_model(257), BytesTokenizer(), "# base\n")
+    classifier = save_checkpoint(tmp_path / "cls", GPTClassifier(random_model(257), ["a", "b"]),
                                  BytesTokenizer(), "# cls\n")
     for ckpt, message in ((base, "is a base language model, not a chat model; continue text with gptcli "
                                  "sample, or make a chat model with gptcli finetune --task instruct"),
