@@ -251,7 +251,6 @@ def speed_training(ctx: Context) -> list[Row]:
     seconds = _time(ours, 3, 10)
     tokens = batch * ctx_len / seconds
     mfu = model.flops_per_token() * tokens / peak_flops(device, precision)
-    del model, optimizer, compiled
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=ctx_len, attn_implementation="sdpa")).to(device)
     hf_optimizer = torch.optim.AdamW(hf.parameters(), lr=6e-4, fused=True)
 

@@ -16,6 +16,9 @@ import typer
 
 from gptcli.errors import GptcliError, Interrupted
 
+QUANTIZE_HELP = ("none, or int8: linear layers' weights stored as int8 with per-channel scales "
+                 "(a quarter of their fp32 bytes; about 1.6x fp32's decoding speed on CPU).")
+
 app = typer.Typer(
     help="Train, finetune and sample GPT models.\n\n"
          "  gptcli tokenize corpus/ --out data/mycorpus\n\n"
@@ -192,6 +195,7 @@ def eval_command(
         help="Classifier: write per-row predictions to this CSV.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    quantize: Annotated[str, typer.Option(help="Language model: " + QUANTIZE_HELP)] = "none",
 ) -> None:
     """Loss, perplexity and bits per byte of a language model; accuracy, F1 and confusion of a classifier.
 
@@ -209,13 +213,17 @@ def eval_command(
         render_lm_metrics,
         show_checkpoint,
     )
+    from gptcli.infer.quantize import check_quantize, quantize_model
     from gptcli.infer.sample import is_classifier
     from gptcli.store.rundir import resolve_checkpoint
 
+    check_quantize(quantize)
     path = resolve_checkpoint(checkpoint)
     if is_classifier(path):
         from gptcli.evals.classify import eval_classifier_checkpoint
 
+        if quantize != "none":
+            raise GptcliError(f"--quantize is for language models; {path} is a classifier")
         if not data or len(data) != 1:
             raise GptcliError("--data: a classifier is evaluated on exactly one labelled file (CSV, TSV, JSONL or Parquet)")
         path, metrics = eval_classifier_checkpoint(path, data[0], text_column, label_column, predictions,
@@ -228,7 +236,8 @@ def eval_command(
 
         with ProgressDisplay() as display:
             path, metrics = eval_lm_checkpoint(path, data, split, batch_size, precision, device,
-                                               text_field=text_column, on_event=display)
+                                               text_field=text_column, on_event=display,
+                                               prepare=None if quantize == "none" else quantize_model)
         if not json_output:
             render_lm_metrics(metrics)
     show_checkpoint(path)
@@ -335,6 +344,7 @@ def sample(
     raw: Annotated[bool, typer.Option(
         help="Continue the prompt as plain text even when the checkpoint has a chat template "
              "(an instruct checkpoint, or an imported model that ships one).")] = False,
+    quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout.
 
@@ -356,10 +366,12 @@ def sample(
     request = SampleRequest(prompt=prompt, max_new_tokens=max_new_tokens,
                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
                             num_samples=num_samples, seed=seed, stops=[decode_escapes(s) for s in stop or []],
-                            device=device, precision=precision, raw=raw)
+                            device=device, precision=precision, raw=raw, quantize=quantize)
     request.check()  # option errors first, before any checkpoint is looked at
     checkpoint = resolve_checkpoint(checkpoint)  # once: a run dir, an HF dir or the latest run
     if is_classifier(checkpoint):
+        if quantize != "none":
+            raise GptcliError(f"--quantize is for language models; {checkpoint} is a classifier")
         path, probs = classify(checkpoint, prompt, device)
         if json_output:
             print(json.dumps({"text": prompt, "label": next(iter(probs)), "probs": probs}))
@@ -408,6 +420,7 @@ def chat(
     precision: Annotated[str, typer.Option(
         help="Weights and compute: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, bf16, fp16.")
     ] = "auto",
+    quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
 ) -> None:
     """Talk with an instruct checkpoint or an imported chat model, replies streamed to stdout.
 
@@ -418,7 +431,8 @@ def chat(
     from gptcli.infer.sample import SampleRequest
 
     request = SampleRequest(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, device=device, precision=precision)
+                            top_k=top_k, top_p=top_p, seed=seed, device=device, precision=precision,
+                            quantize=quantize)
     run_chat(checkpoint, request, system or "")
 
 
@@ -443,6 +457,7 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[str, typer.Option(
         help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, bf16, fp16.")] = "auto",
+    quantize: Annotated[str, typer.Option(help="Language model: " + QUANTIZE_HELP)] = "none",
 ) -> None:
     """Serve a checkpoint over OpenAI's API (/v1/completions, /v1/chat/completions,
     /v1/classify) with a web page at /.
@@ -455,7 +470,7 @@ def serve(
 
     options = ServeOptions(checkpoint=checkpoint, host=host, port=port, api_key=api_key, model_name=model_name,
                            max_batch=max_batch, max_body_bytes=max_body, device=device, precision=precision,
-                           shutdown_timeout=shutdown_timeout)
+                           quantize=quantize, shutdown_timeout=shutdown_timeout)
 
     def ready(url: str) -> None:
         console.print(f"serving at {url} (API: {url}/v1); Ctrl-C to stop", markup=False, highlight=False)

@@ -219,7 +219,7 @@ def open_session(checkpoint: str | Path | None, request: SampleRequest, system: 
     path = resolve_checkpoint(checkpoint)
     check_chat_model(path)
     device = resolve_device(request.device)
-    model, tokenizer = load_for_generation(path, device, request.precision)
+    model, tokenizer = load_for_generation(path, device, request.precision, request.quantize)
     generator = None
     if request.seed is not None:
         generator = torch.Generator(device=device).manual_seed(request.seed)

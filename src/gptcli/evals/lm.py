@@ -16,7 +16,7 @@ byte = loss / ln 2 / (UTF-8 bytes per token).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +42,11 @@ SPLIT_CHOICES = ("all", *SPLITS)
 
 def eval_lm_checkpoint(checkpoint: str | Path | None, inputs: list[str] | None, split: str = "all",
                 batch_size: int = 8, precision: str = "auto", device: str = "auto",
-                text_field: str = "text", on_event: EventSink = ignore) -> tuple[Path, dict]:
+                text_field: str = "text", on_event: EventSink = ignore,
+                prepare: Callable[[Model], Model] | None = None) -> tuple[Path, dict]:
     """Loss, perplexity and bits per byte of a language-model checkpoint; see the module doc.
-    `precision` auto: the precision the run trained in (fp32 for checkpoints without one)."""
+    `precision` auto: the precision the run trained in (fp32 for checkpoints without one).
+    `prepare` rewrites the loaded model before it is evaluated (the CLI's `--quantize`)."""
     if split not in SPLIT_CHOICES:
         raise GptcliError(f"--split: '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
     if batch_size < 1:
@@ -56,6 +58,8 @@ def eval_lm_checkpoint(checkpoint: str | Path | None, inputs: list[str] | None, 
         raise GptcliError(f"{path} is a classifier; evaluate it on a labelled file with --data FILE.csv")
     dev = resolve_device(device)
     model, tokenizer = load_model(path, dev)
+    if prepare is not None:
+        model = prepare(model.eval())
     trained = _trainer_record(path)  # the precision and validation data of the run, when known
     precision_ = resolve_precision(_trained_precision(trained, dev) if precision == "auto" else precision,
                                    dev, option="--precision")

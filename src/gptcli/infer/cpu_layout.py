@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gptcli.infer.quantize import quantize_model, swap_linears
 from gptcli.model import Model
 
 
@@ -32,18 +33,15 @@ class InferenceLinear(nn.Module):
         return y.view(*x.shape[:-1], y.size(-1))
 
 
-def for_generation(model: Model, dtype: torch.dtype = torch.float32) -> Model:
+def for_generation(model: Model, dtype: torch.dtype = torch.float32, quantize: str = "none") -> Model:
     """Cast `model` (in eval mode, adapters merged) to `dtype` and, on CPU, give every linear
-    layer the decode-friendly layout, found by walking the modules (any model family). The
-    model is changed in place and is for inference only afterwards (no training, no saving).
-    A head tied to the token embedding gets its own transposed copy (one extra vocab x width
-    matrix); the embedding lookup keeps using the original."""
-    model.to(dtype)
+    layer the decode-friendly layout, found by walking the modules (any model family); with
+    `quantize` int8, store every linear layer as int8 instead (infer/quantize.py), quantized
+    from the weights before the cast. The model is changed in place and is for inference
+    only afterwards (no training, no saving). A head tied to the token embedding gets its
+    own transposed (or int8) copy; the embedding lookup keeps using the original."""
+    quantize_model(model, quantize)
+    model.to(dtype)  # int8 weights stay int8; their scales take `dtype`
     if next(model.parameters()).device.type != "cpu":
         return model
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    for name in linears:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, InferenceLinear(getattr(owner, child)))
-    return model
+    return swap_linears(model, InferenceLinear)  # what quantize left as nn.Linear: nothing, or all

@@ -17,6 +17,7 @@ from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.infer.cpu_layout import for_generation
 from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
+from gptcli.infer.quantize import QUANTIZE_CHOICES, check_quantize
 from gptcli.model import Model
 from gptcli.model.lora import merge_lora
 from gptcli.runtime import DTYPES, resolve_device, resolve_precision
@@ -103,6 +104,7 @@ class SampleRequest:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 (else fp16) on CUDA, fp32 elsewhere
     raw: bool = False  # continue the prompt as text even where the checkpoint has a chat template
+    quantize: str = "none"  # none | int8: linear weights stored as int8 (infer/quantize.py)
 
     def check(self) -> None:
         problems = []
@@ -129,6 +131,8 @@ class SampleRequest:
                 problems.append(f"--stop {ascii(stop)} is not valid UTF-8 text")
         if self.precision not in ("auto", *DTYPES):
             problems.append(f"--precision must be auto, {', '.join(DTYPES)}, got {self.precision}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            problems.append(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize}")
         if problems:
             raise GptcliError("; ".join(problems))
 
@@ -152,7 +156,7 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     if is_classifier(path):
         raise GptcliError(f"{path} is a classifier; use classify() for it")
     device = resolve_device(request.device)
-    model, tokenizer = load_for_generation(path, device, request.precision)
+    model, tokenizer = load_for_generation(path, device, request.precision, request.quantize)
     context = model.config.block_size
     check_plain_text(tokenizer, request.prompt, "the prompt")
     stop_ids: frozenset[int] = frozenset()
@@ -185,14 +189,17 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     return path, [Sample(t.text, t.tokens) for t in texts]
 
 
-def load_for_generation(path: Path, device: torch.device, precision: str = "auto") -> tuple[Model, Tokenizer]:
+def load_for_generation(path: Path, device: torch.device, precision: str = "auto",
+                        quantize: str = "none") -> tuple[Model, Tokenizer]:
     """A resolved checkpoint's model, ready to generate: adapters merged, weights in the
     precision asked for (`auto`: bf16 or fp16 on CUDA, fp32 elsewhere) and, on CPU, in the
-    decode-friendly layout; and its tokenizer."""
+    decode-friendly layout, or with `quantize` int8 its linear layers' weights in int8
+    (activations in that precision); and its tokenizer."""
+    check_quantize(quantize)
     model, tokenizer = load_model(path, device)
     if model.lora_spec is not None:
         merge_lora(model)  # one matrix per layer again: the adapters cost nothing per token
-    for_generation(model, resolve_precision(precision, device, option="--precision").dtype)
+    for_generation(model, resolve_precision(precision, device, option="--precision").dtype, quantize)
     return model, tokenizer
 
 

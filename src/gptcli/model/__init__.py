@@ -41,6 +41,11 @@ class Model(Protocol):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # (..., C) -> (..., vocab_size)
 
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The summed next-token cross-entropy of hidden states (..., C) against targets (...),
+        IGNORE_INDEX ones left out, each times its weight if given; never all the logits at once."""
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs for `idx` (B, T); given `targets`, the loss summed over them."""
 

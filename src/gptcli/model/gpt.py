@@ -40,6 +40,7 @@ from gptcli.model.rope import RotaryEmbedding, apply_rotary
 from gptcli.runtime import check_memory
 
 IGNORE_INDEX = -1  # target id that contributes no loss (padding, prompt tokens)
+LOSS_CHUNK_LOGITS = 2**26  # logits per chunk of the loss (chunked_cross_entropy); see loss_chunk_rows
 
 
 class RMSNorm(nn.RMSNorm):
@@ -249,12 +250,20 @@ class GPT(nn.Module):
         cross-entropy over targets that are not IGNORE_INDEX (divide by their count).
 
         The padded vocabulary rows speed up the matrix product but are sliced off (in
-        `logits`) before any softmax: they are not tokens and must take no probability."""
-        logits = self.logits(self.hidden_states(idx))
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        `logits`) before any softmax: they are not tokens and must take no probability.
+        The loss never holds the whole batch's logits (`loss`)."""
+        hidden = self.hidden_states(idx)
+        return self.logits(hidden) if targets is None else self.loss(hidden, targets)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The summed fp32 cross-entropy of the logits of `hidden` (..., C) against `targets`
+        (...), IGNORE_INDEX ones left out, each times its `weights` (...) if given; computed
+        in chunks of rows, never all the logits at once (chunked_cross_entropy)."""
+        return chunked_cross_entropy(self.logits, self.lm_head.parameters(),
+                                     hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1),
+                                     loss_chunk_rows(self.config.vocab_size),
+                                     None if weights is None else weights.reshape(-1))
 
     @torch.no_grad()
     def crop_context(self, block_size: int) -> None:
@@ -291,6 +300,98 @@ class GPT(nn.Module):
         return KVCache.empty(self.config.n_layer, batch_size, self.config.n_kv_head,
                              min(length, self.config.block_size), self.config.head_dim,
                              self.wte.weight.dtype, self.wte.weight.device)
+
+
+def loss_chunk_rows(vocab_size: int) -> int:
+    """Rows of hidden states per chunk of the loss: LOSS_CHUNK_LOGITS logits, 256 MiB in fp32
+    (1,335 rows of GPT-2's 50,257 ids). Each chunk adds a fixed cost (its head gradient, a
+    (V, C) matrix, cast and summed), so larger chunks run faster and hold more: GPT-2 124M,
+    batch 4 x 1024, bf16 on a 2-core CPU (benchmarks/bench_loss_memory.py), memory above
+    model and optimizer 4.03 GB whole-batch, 2.50 / 2.72 / 3.14 GB at 2**25 / 2**26 / 2**27
+    logits, steps 11% / 7% / 4% slower (fp32: as fast as whole-batch at 2**25)."""
+    return max(1, LOSS_CHUNK_LOGITS // vocab_size)
+
+
+def _cross_entropy(logits_fn, hidden: torch.Tensor, targets: torch.Tensor,
+                   weights: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 cross-entropy of the rows' logits (made in the compute dtype), summed,
+    each row times its weight if given; IGNORE_INDEX rows count 0."""
+    logits = logits_fn(hidden).float()
+    if weights is None:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    per_row = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return (per_row * weights).sum()
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """The loss of chunked_cross_entropy with its gradients formed in the forward pass,
+    one chunk of rows at a time: each chunk's logits live only while its own loss and
+    gradients are computed (autograd over that chunk alone), and the backward pass only
+    scales the stored gradients (of `hidden` and of `params`, the weights `logits_fn`
+    reads) by the incoming one. The matrix products are those of the plain path, none
+    recomputed (checkpointing each chunk instead ran the head's forward + backward 1.7x
+    slower on CPU: a second head product and log-softmax per chunk)."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, weights, logits_fn, chunk_rows, *params):
+        wanted = [i for i, p in enumerate(params) if p.requires_grad]
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_params: list[torch.Tensor | None] = [None] * len(params)  # fp32 sums, made on first use
+        ctx.param_dtypes = [p.dtype for p in params]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            with torch.enable_grad():
+                h = hidden[rows].detach().requires_grad_(hidden.requires_grad)
+                loss = _cross_entropy(logits_fn, h, targets[rows],
+                                      None if weights is None else weights[rows])
+            inputs = ([h] if hidden.requires_grad else []) + [params[i] for i in wanted]
+            grads = list(torch.autograd.grad(loss, inputs, allow_unused=True))
+            if hidden.requires_grad:
+                grad_hidden[rows] = grads.pop(0)
+            for i, grad in zip(wanted, grads):
+                if grad is not None:
+                    grad_params[i] = grad.float() if grad_params[i] is None else grad_params[i].add_(grad)
+            total += loss.detach()
+        ctx.grads = (grad_hidden, grad_params)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        if ctx.grads is None:
+            raise RuntimeError("the chunked loss's backward ran twice: its gradients are freed "
+                               "after the first")
+        (grad_hidden, grad_params), ctx.grads = ctx.grads, None  # freed now, not when the graph goes
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_total)
+        grad_params = [None if g is None else g.mul_(grad_total).to(dtype)
+                       for g, dtype in zip(grad_params, ctx.param_dtypes)]
+        return grad_hidden, None, None, None, None, *grad_params
+
+
+@torch.compiler.disable  # autograd inside the forward: under torch.compile it runs eagerly
+def chunked_cross_entropy(logits_fn, params, hidden: torch.Tensor, targets: torch.Tensor,
+                          chunk_rows: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 cross-entropy of `logits_fn(hidden)` ((N, C) -> (N, V)) against `targets` (N,),
+    summed over the rows whose target is not IGNORE_INDEX, each times its weight if
+    `weights` (N,) is given; `params`: the weights `logits_fn` reads (its gradients go to
+    them). Equal to one `F.cross_entropy` over all N rows, loss and gradients, without
+    ever holding N rows of logits (GPT-2's 50,257 ids at 16 x 1024 rows: 3.3 GB per fp32
+    copy, several alive at once): `chunk_rows` rows at a time, each chunk's logits made in
+    the compute dtype and upcast to fp32 for the softmax. With gradients wanted, each
+    chunk's gradients are formed in the forward pass (_FusedCrossEntropy); under fp16,
+    whose loss scale is only known in the backward, each chunk is checkpointed instead
+    (its logits recomputed in the backward), so its gradients are formed at that scale."""
+    params = list(params)
+    chunks = zip(hidden.split(chunk_rows), targets.split(chunk_rows),  # split: one backward node
+                 weights.split(chunk_rows) if weights is not None else [None] * hidden.size(0))
+    zero = torch.zeros((), device=hidden.device)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))):
+        return sum((_cross_entropy(logits_fn, *chunk) for chunk in chunks), zero)
+    if _compute_dtype(hidden) == torch.float16:  # (the head draws no random numbers to replay)
+        return sum((checkpoint(_cross_entropy, logits_fn, *chunk, use_reentrant=False,
+                               preserve_rng_state=False) for chunk in chunks), zero)
+    return _FusedCrossEntropy.apply(hidden, targets, weights, logits_fn, chunk_rows, *params)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -85,6 +85,10 @@ class GPTClassifier(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.trunk.logits(hidden)
 
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self.trunk.loss(hidden, targets, weights)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors counted once
 
@@ -105,17 +109,15 @@ class GPTClassifier(nn.Module):
             return logits
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
         if self.aux_lm_weight > 0:
-            loss = loss + self.aux_lm_weight * self._lm_loss_per_example(hidden, idx, lengths).sum()
+            loss = loss + self.aux_lm_weight * self._lm_loss(hidden, idx, lengths)
         return loss
 
-    def _lm_loss_per_example(self, hidden: torch.Tensor, idx: torch.Tensor,
-                             lengths: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss over each sequence's real tokens (B,): the auxiliary
-        language-modelling objective of the original GPT paper."""
+    def _lm_loss(self, hidden: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Each sequence's mean next-token loss over its real tokens, summed over the batch:
+        the auxiliary language-modelling objective of the original GPT paper (in chunks, as
+        the trunk's own loss: never all the batch's logits at once)."""
         T = idx.size(1)
         next_ids = idx[:, 1:].masked_fill(torch.arange(1, T, device=idx.device) >= lengths[:, None],
                                           IGNORE_INDEX)  # (B, T-1), padding ignored
-        logits = self.logits(hidden[:, :-1]).float()
-        per_token = F.cross_entropy(logits.transpose(1, 2), next_ids, ignore_index=IGNORE_INDEX,
-                                    reduction="none")  # (B, T-1)
-        return per_token.sum(1) / (lengths - 1).clamp(min=1)
+        per_example = 1.0 / (lengths - 1).clamp(min=1).float()  # (B,): a mean over each sequence
+        return self.loss(hidden[:, :-1], next_ids, per_example[:, None].expand_as(next_ids))

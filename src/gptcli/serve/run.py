@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptcli.errors import GptcliError
+from gptcli.infer.quantize import QUANTIZE_CHOICES
 from gptcli.runtime import DTYPES, resolve_device
 from gptcli.store.rundir import resolve_checkpoint
 
@@ -38,6 +39,7 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     device: str = "auto"
     precision: str = "auto"
+    quantize: str = "none"  # none | int8 (infer/quantize.py)
     shutdown_timeout: float = 10.0
 
     def check(self) -> None:
@@ -50,6 +52,8 @@ class ServeOptions:
             problems.append(f"--max-body must be at least 1024 bytes, got {self.max_body_bytes}")
         if self.precision not in ("auto", *DTYPES):
             problems.append(f"--precision must be auto, {', '.join(DTYPES)}, got {self.precision}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            problems.append(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize}")
         if self.shutdown_timeout < 0:
             problems.append(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout}")
         if problems:
@@ -125,9 +129,11 @@ def load_served(options: ServeOptions, worker: Executor):
     api_key = options.api_key if options.api_key is not None else os.environ.get(API_KEY_ENV) or None
     name = options.model_name or model_id(path)
     if is_classifier(path):
+        if options.quantize != "none":
+            raise GptcliError(f"--quantize is for language models; {path} is a classifier")
         model, tokenizer = load_model(path, device)
         return Served(name, model.eval(), tokenizer, "classify", worker, None, api_key, options.max_batch)
-    model, tokenizer = load_for_generation(path, device, options.precision)
+    model, tokenizer = load_for_generation(path, device, options.precision, options.quantize)
     task = "chat" if is_chat_model(tokenizer) else "lm"
     engine = BatchEngine(model, tokenizer, options.max_batch)
     return Served(name, model, tokenizer, task, worker, engine, api_key, options.max_batch)
