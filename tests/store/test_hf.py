@@ -90,6 +90,8 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, bias):
     with torch.no_grad():
         torch.testing.assert_close(hf.eval()(idx).logits, model.eval()(idx), atol=1e-5, rtol=0)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 256
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_ctx"] == config["n_positions"] == 64  # llama.cpp's converter reads n_ctx
 
 
 def test_round_trip_is_bit_identical(tmp_path):

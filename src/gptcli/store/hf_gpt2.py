@@ -149,7 +149,8 @@ def architecture(cfg: ModelConfig, classifier: bool) -> str:
 def hf_config(cfg: ModelConfig) -> dict:
     """config.json's GPT-2 settings for `cfg` (hf.py adds vocabulary, tokens and dtype)."""
     return {
-        "model_type": "gpt2", "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
+        # n_ctx too, as OpenAI's own GPT-2 configs carry it: llama.cpp's converter reads it.
+        "model_type": "gpt2", "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer, "n_head": cfg.n_head,
         "n_inner": None if cfg.mlp_hidden == 4 * cfg.n_embd else cfg.mlp_hidden,
         "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
