@@ -57,7 +57,7 @@ def tokenize(
     merge: Annotated[bool, typer.Option(
         help="Join the directories of a corpus tokenized with --part (given as INPUTS) into --out.")] = False,
     shard_size: Annotated[float, typer.Option(help="MB of token ids per shard file.")] = 1024,
-    workers: Annotated[Optional[int], typer.Option(help="Encoding threads [default: one per core].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Encoding threads [default: 1; see the README].")] = None,
 ) -> None:
     """Tokenize raw text into shards (train-00000.bin, ..., val-00000.bin) and meta.json.
 

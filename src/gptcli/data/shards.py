@@ -229,7 +229,7 @@ def tokenize_corpus(
     on_event: EventSink = ignore,
 ) -> TokenizeResult:
     """Tokenize raw inputs into a tokenized directory at `out_dir` (see the module
-    docstring). `workers`: encoding threads (default: one per core)."""
+    docstring). `workers`: encoding threads (default: 1)."""
     started = time.perf_counter()
     if not 0 < val_fraction < 1:
         raise GptcliError(f"--val-fraction must be in (0, 1), got {val_fraction}")

@@ -19,7 +19,6 @@ import binascii
 import functools
 import hashlib
 import json
-import os
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -191,9 +190,10 @@ class TiktokenTokenizer(Tokenizer):
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
-        """Encode on a thread per core (tiktoken's Rust core releases the GIL), straight to
-        numpy arrays: no Python int lists to build and convert (measured in
-        BENCHMARKS.md's tokenize table)."""
+        """Straight to numpy arrays: no Python int lists to build and convert. tiktoken's
+        `encode_to_numpy` holds the GIL, so more than one worker thread does not help (two
+        ran slower than one on 2 cores; `encode_ordinary` in threads releases it, but
+        converting its lists then takes the GIL instead: also slower. BENCHMARKS.md)."""
         encode = functools.partial(self.encoding.encode_to_numpy, disallowed_special=())
         return list(_encode_pool().map(encode, texts))
 
@@ -425,11 +425,13 @@ def _with_ranks(spec_digest: str, ranks: dict[bytes, int]) -> str:
     return digest.hexdigest()
 
 
-_encode_workers = os.cpu_count() or 1  # threads encode_batch uses (set_encode_workers)
+# Threads encode_batch uses (set_encode_workers). One: on the 2-core test machine one
+# thread of encode_to_numpy beat two of either encoder end to end (BENCHMARKS.md).
+_encode_workers = 1
 
 
 def set_encode_workers(workers: int) -> None:
-    """Encode batches on `workers` threads from now on (default: one per core)."""
+    """Encode batches on `workers` threads from now on (default: 1)."""
     global _encode_workers
     _encode_workers = workers
 
