@@ -25,8 +25,8 @@ Shapes: S rows (max_batch), A active rows, V vocabulary, L context.
 
 from __future__ import annotations
 
+import logging
 import threading
-import traceback
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -37,6 +37,8 @@ import torch
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.infer.generate import SPAN_STEP, SampleText, SamplingSettings, next_token, prefill
 from gptcli.model import Model
+
+log = logging.getLogger(__name__)  # errors go to the server's log (the library prints nothing)
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ class BatchEngine:
             try:
                 self._advance(admitted)
             except Exception:  # a bug or out of memory: fail what is in flight, keep serving
-                traceback.print_exc()
+                log.exception("a generation step failed; its requests end with finish reason 'error'")
                 self._end_all(admitted, "error")
         with self._wake:
             waiting = [*self._waiting]
@@ -264,7 +266,7 @@ class BatchEngine:
                 tokens = greedy[rows] if running.job.settings.greedy else \
                     next_token(logits[rows], running.job.settings, running.generator)
             except RuntimeError:  # this job's sampling failed (a bug): end it alone
-                traceback.print_exc()
+                log.exception("sampling failed for one request; it ends with finish reason 'error'")
                 running.end("error")
                 continue
             self._tokens[rows] = tokens
