@@ -66,7 +66,7 @@ def require_serve_extra() -> None:
         raise GptcliError(f"gptcli serve needs {' and '.join(missing)}: pip install 'gptcli[serve]'")
 
 
-def serve(options: ServeOptions, on_ready: Callable[[str], None] = print) -> None:
+def serve(options: ServeOptions, on_ready: Callable[[str], None] = lambda url: None) -> None:
     """Serve until SIGINT or SIGTERM. `on_ready(url)` is called once the socket listens."""
     options.check()
     require_serve_extra()
