@@ -265,7 +265,7 @@ def tokenize_corpus(
             tok.save(work / TOKENIZER_DIR)
         else:
             tok = load_tokenizer(work / TOKENIZER_DIR)
-        run = _Run(tok, sources, work, shard_bytes, progress, on_event, first_index=k - 1, step=n)
+        run = _Run(tok, sources, work, shard_bytes, settings, progress, on_event, first_index=k - 1, step=n)
         run.write(_assigned(sources, text_field, val_fraction, seed, *run.restart_point(), part=(k, n)))
         for split in SPLITS if n == 1 else ():  # a part may hold no val document: merging adds them up
             if run.stats[split].tokens == 0:
@@ -274,7 +274,7 @@ def tokenize_corpus(
         meta = {"format": FORMAT, "tokenizer": tok.spec, "dtype": run.dtype.name,
                 "shard_tokens": run.shard_tokens,
                 "splits": {s: {**asdict(run.stats[s]), "shards": run.shards[s]} for s in SPLITS},
-                "sources": [record.to_json() for record in run.sources_done],
+                "sources": [record.to_json() for record in run.records],
                 "inputs_total": len(every_source), "part": {"index": k, "count": n} if n > 1 else None,
                 "val_fraction": val_fraction, "seed": seed, "text_field": text_field}
         (work / PROGRESS_FILE).unlink()
@@ -321,13 +321,13 @@ def _open_work(work: Path, target: Path, shown: Path, settings: dict, resume: bo
 class _Run:
     """The writing half: shard writers, counts, and progress.json after each batch."""
 
-    def __init__(self, tok: Tokenizer, sources: list[Source], work: Path, shard_bytes: int,
+    def __init__(self, tok: Tokenizer, sources: list[Source], work: Path, shard_bytes: int, settings: dict,
                  progress: dict | None, on_event: EventSink, first_index: int, step: int):
         self.tok, self.sources, self.work, self.on_event = tok, sources, work, on_event
         self.dtype = token_dtype(tok.vocab_size)
         self.shard_tokens = max(shard_bytes // self.dtype.itemsize, 1)
         self.global_index = lambda i: first_index + i * step  # a source's index among all parts' files
-        self.settings = json.loads((work / PROGRESS_FILE).read_text())["settings"]
+        self.settings = settings  # recorded again with every progress.json
         saved = progress or {}
         self.cursor = saved.get("cursor")
         self.stats = {s: SplitStats(**saved["stats"][s]) if saved else SplitStats() for s in SPLITS}
@@ -346,10 +346,6 @@ class _Run:
             return None, 0
         source, offset, document = self.cursor
         return (source, offset), document
-
-    @property
-    def sources_done(self) -> list[SourceStats]:
-        return self.records
 
     def write(self, items: Iterator[tuple[str, Piece, tuple[int, int]]]) -> None:
         """Encode and write every batch, encoding the next one while writing this one."""
