@@ -1,6 +1,7 @@
 """Tokenize at scale: `gptcli tokenize` end to end (read, encode, split, write shards) on a
 corpus of plain text files and on the same text as Parquet, against a hand-written raw
-tiktoken script on the same files, with 1 and 2 encoding threads.
+tiktoken script on the same files, with 1 and 2 workers (gptcli: worker processes; raw
+tiktoken: its threads).
 
     python benchmarks/bench_tokenize.py [--mb 2048] [--scratch DIR] [--reuse] [--write]
 
@@ -20,9 +21,9 @@ corpus is built fresh and deleted at the end. The disk it needs is printed befor
 is written.
 
 Every measured run is a child process timed from its start to its exit (interpreter start,
-imports and loading the ranks included), and its peak RSS is its own: each child is reaped
-with os.wait4, which gives that one child's resource usage (RUSAGE_CHILDREN would be the
-largest of all the children so far).
+imports and loading the ranks included). Its peak RSS counts its worker processes too:
+the sum over the process tree, sampled every 20 ms, or the child's own peak from os.wait4
+if larger (RUSAGE_CHILDREN would be the largest single process of all the children so far).
   raw tiktoken:  this file run with --raw-tiktoken: what a hand-written script does at best.
                  It imports only tiktoken, reads the plain files in 4 Mi-character pieces,
                  passes them 16 Mi characters at a time (gptcli's batch size; a batch
@@ -44,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -180,18 +182,47 @@ def prepare(scratch: Path, megabytes: int, reuse: bool) -> dict:
 # Measuring.
 
 
+def tree_rss_mb(pid: int) -> float:
+    """The resident memory of `pid` and all its descendants, in MB (0 once it is gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            for task in os.listdir(f"/proc/{current}/task"):
+                todo += [int(c) for c in Path(f"/proc/{current}/task/{task}/children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total / 1024  # VmRSS is in kB
+
+
 def run_child(command: list[str], logs: Path) -> tuple[float, float, str]:
-    """Run `command` to its end: (seconds from start to exit, its own peak RSS in MB, stdout)."""
+    """Run `command` to its end: (seconds from start to exit, the peak RSS of it and its worker
+    processes together in MB, stdout). The peak is the larger of the child's own (os.wait4) and
+    the process tree's sum sampled every 20 ms (shared pages count once per process: an upper
+    bound)."""
     out, err = logs.with_suffix(".out"), logs.with_suffix(".err")
     with open(out, "w") as stdout, open(err, "w") as stderr:
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=ROOT)
+        tree_peak, done = 0.0, threading.Event()
+
+        def sample() -> None:
+            nonlocal tree_peak
+            while not done.wait(0.02):
+                tree_peak = max(tree_peak, tree_rss_mb(child.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
         sys.exit(f"{' '.join(command)} failed ({child.returncode}):\n{err.read_text()[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024, out.read_text()  # ru_maxrss: KiB on Linux
+    return seconds, max(usage.ru_maxrss / 1024, tree_peak), out.read_text()  # ru_maxrss: KiB on Linux
 
 
 def main() -> None:
@@ -275,9 +306,9 @@ def main() -> None:
              f"({disk_mb['parquet']:,.0f} MB on disk, {documents:,} rows, one row group per copy, snappy). "
              f"GPT-2 BPE; {counts['raw', 2]:,} ids from raw tiktoken. MB/s counts text bytes (for Parquet, the "
              f"same text, not the compressed bytes on disk); seconds run from the child process's start to its "
-             f"exit; peak RSS is each child's own. Raw tiktoken reads 4 Mi-character pieces and encodes 16 Mi "
-             f"characters at a time with `encode_ordinary_batch(pieces, num_threads=workers)`, discarding the "
-             f"ids; gptcli writes its shards (deleted after each run).", "",
+             f"exit; peak RSS is each child's with its worker processes (sampled sum). Raw tiktoken reads "
+             f"4 Mi-character pieces and encodes 16 Mi characters at a time with "
+             f"`encode_ordinary_batch(pieces, num_threads=workers)`, discarding the ids; gptcli writes its shards (deleted after each run).", "",
              "| what | workers | seconds | MB/s | peak RSS |", "|---|---|---|---|---|"]
     for key, (seconds, peak) in rows.items():
         lines.append(f"| {names[key[0]]} | {key[1]} | {seconds:.1f} | {mbps(key):.1f} | {peak:,.0f} MB |")

@@ -2,4 +2,5 @@
 
 from gptcli.cli.app import main
 
-main()
+if __name__ == "__main__":  # not when a worker process (data/encoders.py) imports this module again
+    main()

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import write_corpus
+from conftest import GPT2_TIKTOKEN, write_corpus
 
 from gptcli.data import shards
 from gptcli.data.dataset import TokenDataset
@@ -57,21 +57,61 @@ def test_shards_have_the_size_asked_and_read_as_one_stream(tmp_path, big_corpus,
         s:s + 50] for s in (1000, 0)]))
 
 
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2-file"])
+def test_worker_processes_write_the_same_bytes_as_one_thread(tmp_path, big_corpus, monkeypatch, tokenizer):
+    monkeypatch.setattr(shards, "BATCH_BYTES", SMALL_BATCH)
+    tokenizer = str(GPT2_TIKTOKEN) if tokenizer == "gpt2-file" else tokenizer
+    options = {"tokenizer": tokenizer, "shard_bytes": SHARD}
+    tokenize_corpus([str(big_corpus)], tmp_path / "thread", workers=1, **options)
+    tokenize_corpus([str(big_corpus)], tmp_path / "processes", workers=3, **options)
+    assert len(files_of(tmp_path / "thread")) > 4
+    assert files_of(tmp_path / "processes") == files_of(tmp_path / "thread")
+    assert read_meta(tmp_path / "processes") == read_meta(tmp_path / "thread")
+
+
+def test_default_workers_are_one_thread_for_a_small_corpus():
+    cores = len(os.sched_getaffinity(0))
+    assert shards.default_workers(shards.BATCH_BYTES) == 1
+    assert shards.default_workers(100 * shards.BATCH_BYTES) == min(cores, 100)
+
+
 KILLED_RUN = textwrap.dedent("""
     import sys, time
     from gptcli.data import shards
     shards.BATCH_BYTES = {batch}
     slow = lambda event: time.sleep(0.05)  # time for the test to kill it between batches
-    shards.tokenize_corpus([{corpus!r}], {out!r}, tokenizer="bytes", shard_bytes={shard}, on_event=slow)
+    if __name__ == "__main__":
+        shards.tokenize_corpus([{corpus!r}], {out!r}, tokenizer="bytes", shard_bytes={shard}, workers={workers},
+                               on_event=slow)
 """)
 
 
-def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, big_corpus, monkeypatch):
+def child_pids(pid: int) -> set[int]:
+    return {int(child) for task in os.listdir(f"/proc/{pid}/task")
+            for child in open(f"/proc/{pid}/task/{task}/children").read().split()}
+
+
+def gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, big_corpus, monkeypatch, workers):
+    """Worker processes die with the main process, even by SIGKILL: none is left behind."""
     monkeypatch.setattr(shards, "BATCH_BYTES", SMALL_BATCH)
     tokenize_corpus([str(big_corpus)], tmp_path / "straight", tokenizer="bytes", shard_bytes=SHARD)
     out = tmp_path / "resumed"
-    script = KILLED_RUN.format(batch=SMALL_BATCH, corpus=str(big_corpus), out=str(out), shard=SHARD)
-    process = subprocess.Popen([sys.executable, "-c", script])
+    script = tmp_path / "killed_run.py"  # a file, so that worker processes import it again as their main
+    script.write_text(KILLED_RUN.format(batch=SMALL_BATCH, corpus=str(big_corpus), out=str(out), shard=SHARD,
+                                        workers=workers))
+    process = subprocess.Popen([sys.executable, str(script)])
     progress = tmp_path / ".resumed.partial" / "progress.json"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # kill it once a few batches are on disk
@@ -82,8 +122,11 @@ def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, big_corpus, monkeypatc
         if cursor and cursor[0] >= 20:
             break
         time.sleep(0.01)
+    workers_pids = child_pids(process.pid)  # and multiprocessing's resource tracker
+    assert len(workers_pids) >= (workers if workers > 1 else 0)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
+    assert all(gone(pid, 10) for pid in workers_pids)
     assert not out.exists() and progress.is_file()
     with pytest.raises(GptcliError, match="continue it with --resume"):
         tokenize_corpus([str(big_corpus)], out, tokenizer="bytes", shard_bytes=SHARD)
@@ -95,6 +138,27 @@ def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, big_corpus, monkeypatc
     assert not progress.parent.exists()
     with pytest.raises(GptcliError, match="is complete; there is nothing to continue"):
         tokenize_corpus([str(big_corpus)], out, tokenizer="bytes", shard_bytes=SHARD, resume=True)
+
+
+def test_a_lost_worker_keeps_the_batches_written_for_resume(tmp_path, big_corpus, monkeypatch):
+    monkeypatch.setattr(shards, "BATCH_BYTES", SMALL_BATCH)
+    options = {"tokenizer": "bytes", "shard_bytes": SHARD}
+    tokenize_corpus([str(big_corpus)], tmp_path / "straight", **options)
+    events = []
+
+    def kill_a_worker(event):  # after a few batches, as an out-of-memory killer would
+        events.append(event)
+        if len(events) == 5:
+            workers = [pid for pid in child_pids(os.getpid())
+                       if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+            os.kill(workers[0], signal.SIGKILL)
+
+    out = tmp_path / "t"
+    with pytest.raises(GptcliError, match="worker process stopped.*continue with --resume"):
+        tokenize_corpus([str(big_corpus)], out, workers=2, on_event=kill_a_worker, **options)
+    assert (tmp_path / ".t.partial" / "progress.json").is_file()
+    tokenize_corpus([str(big_corpus)], out, workers=2, resume=True, **options)
+    assert files_of(out) == files_of(tmp_path / "straight")
 
 
 def test_parts_merged_equal_one_run(tmp_path, big_corpus, monkeypatch):

@@ -2,8 +2,9 @@
 and in parts for several machines.
 
 The corpus is streamed piece by piece (corpus.py); each piece goes to train or val;
-pieces are gathered into batches of about 16 MiB of text, and batch N+1 is encoded on the
-tokenizer's threads while batch N is written, so neither side waits.
+pieces are gathered into batches of about 16 MiB of text, encoded beside the reading and
+writing (one thread, or a worker process per core: encoders.py) and written in order, so
+the output never depends on the number of workers.
 
 The split is decided per document from the seed and the document's place: document j of
 the corpus's file g (counting every file, in every part) has counter i = g + j and goes to
@@ -30,11 +31,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,7 @@ import numpy as np
 from gptcli.atomic import fsync_tree, replace_dir, write_text
 from gptcli.data.bpe import GPT2_PATTERN
 from gptcli.data.corpus import Piece, Source, expand_inputs, iter_pieces, single_document_split
+from gptcli.data.encoders import Pending, WorkerLost, batch_encoder
 from gptcli.data.token_files import (
     FORMAT,
     META_FILE,
@@ -57,7 +60,6 @@ from gptcli.data.tokenizer import (
     is_corpus_dependent,
     load_tokenizer,
     resolve_tokenizer,
-    set_encode_workers,
     tiktoken_from_ranks,
 )
 from gptcli.errors import GptcliError
@@ -109,6 +111,14 @@ class TokenizeResult:
     sources: int
     seconds: float
     shards: int = 1
+
+
+def default_workers(remaining_bytes: int) -> int:
+    """Encoding workers when none are asked for: a process per core the run may use, when
+    the corpus left holds a batch for each of them; else one thread (processes take a
+    moment to start and would have nothing to do)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores if cores > 1 and remaining_bytes >= cores * BATCH_BYTES else 1
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -229,7 +239,7 @@ def tokenize_corpus(
     on_event: EventSink = ignore,
 ) -> TokenizeResult:
     """Tokenize raw inputs into a tokenized directory at `out_dir` (see the module
-    docstring). `workers`: encoding threads (default: 1)."""
+    docstring). `workers`: encoding workers (default_workers: a process per core)."""
     started = time.perf_counter()
     if not 0 < val_fraction < 1:
         raise GptcliError(f"--val-fraction must be in (0, 1), got {val_fraction}")
@@ -257,8 +267,6 @@ def tokenize_corpus(
         progress = _open_work(work, target, out_dir, settings, resume, overwrite)
     except OSError as exc:
         raise GptcliError(f"could not write {out_dir} ({exc.strerror or exc}); choose a writable --out") from None
-    if workers is not None:
-        set_encode_workers(workers)
     try:
         if progress is None:
             tok = _build_tokenizer(tokenizer, sources, text_field, val_fraction, seed, train_bpe, (k, n), on_event)
@@ -266,7 +274,8 @@ def tokenize_corpus(
         else:
             tok = load_tokenizer(work / TOKENIZER_DIR)
         run = _Run(tok, sources, work, shard_bytes, settings, progress, on_event, first_index=k - 1, step=n)
-        run.write(_assigned(sources, text_field, val_fraction, seed, *run.restart_point(), part=(k, n)))
+        run.write(_assigned(sources, text_field, val_fraction, seed, *run.restart_point(), part=(k, n)),
+                  workers or default_workers(run.total_bytes - run.done_bytes))
         for split in SPLITS if n == 1 else ():  # a part may hold no val document: merging adds them up
             if run.stats[split].tokens == 0:
                 raise GptcliError(f"the {split} split is empty ({sum(s.documents for s in run.stats.values())} "
@@ -281,6 +290,8 @@ def tokenize_corpus(
         (work / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         fsync_tree(work)
         replace_dir(work, target)
+    except WorkerLost:
+        raise  # like an interruption: --resume continues
     except GptcliError:
         shutil.rmtree(work, ignore_errors=True)  # bad input: nothing is kept
         raise
@@ -347,23 +358,30 @@ class _Run:
         source, offset, document = self.cursor
         return (source, offset), document
 
-    def write(self, items: Iterator[tuple[str, Piece, tuple[int, int]]]) -> None:
-        """Encode and write every batch, encoding the next one while writing this one."""
+    def write(self, items: Iterator[tuple[str, Piece, tuple[int, int]]], workers: int) -> None:
+        """Encode and write every batch in order, `workers` batches encoding while the one
+        before them is written (one worker: a thread; more: processes, encoders.py)."""
         eot = np.array([self.tok.eot_id], dtype=self.dtype)
         self._report(self.cursor[0] if self.cursor else 0)  # the clock of the MB/s shown starts here
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptcli-batch") as encoder:
-            pending = None  # (batch, its encoding in flight)
+        pending: deque[tuple[_Batch, Pending]] = deque()
+        with batch_encoder(self.tok, self.work / TOKENIZER_DIR, self.dtype, workers) as submit:
             for batch in _batches(items):
-                future = encoder.submit(self.tok.encode_batch, [piece.text for _, piece, _ in batch.items])
-                if pending is not None:
-                    self._write_batch(*pending, eot, next_cursor=batch.cursor)
-                pending = (batch, future)
-            if pending is not None:  # the end: a cursor past the last file
-                self._write_batch(*pending, eot, next_cursor=(len(self.sources), 0, 0))
+                pending.append((batch, submit([piece.text for _, piece, _ in batch.items])))
+                if len(pending) > workers:
+                    self._write_first(pending, eot)
+            while pending:
+                self._write_first(pending, eot)
         self.shards = {split: writer.close() for split, writer in self.writers.items()}
 
-    def _write_batch(self, batch: _Batch, encoded, eot: np.ndarray, next_cursor) -> None:
-        for (split, piece, (source, _)), ids in zip(batch.items, encoded.result()):
+    def _write_first(self, pending: deque[tuple[_Batch, Pending]], eot: np.ndarray) -> None:
+        """Write the first pending batch once encoded; the progress recorded after it points
+        at the next batch (or, after the last, past the last file)."""
+        batch, encoded = pending.popleft()
+        self._write_batch(batch, encoded.result(), eot,
+                          next_cursor=pending[0][0].cursor if pending else (len(self.sources), 0, 0))
+
+    def _write_batch(self, batch: _Batch, encoded: list[np.ndarray], eot: np.ndarray, next_cursor) -> None:
+        for (split, piece, (source, _)), ids in zip(batch.items, encoded):
             array = np.asarray(ids, dtype=self.dtype)
             record = self._record(source)
             if piece.document_end:

@@ -22,7 +22,6 @@ import json
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import MappingProxyType
 
@@ -190,12 +189,9 @@ class TiktokenTokenizer(Tokenizer):
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
-        """Straight to numpy arrays: no Python int lists to build and convert. tiktoken's
-        `encode_to_numpy` holds the GIL, so more than one worker thread does not help (two
-        ran slower than one on 2 cores; `encode_ordinary` in threads releases it, but
-        converting its lists then takes the GIL instead: also slower. BENCHMARKS.md)."""
-        encode = functools.partial(self.encoding.encode_to_numpy, disallowed_special=())
-        return list(_encode_pool().map(encode, texts))
+        """Straight to numpy arrays: no Python int lists to build and convert. One thread:
+        `encode_to_numpy` holds the GIL (more cores take processes, data/encoders.py)."""
+        return [self.encoding.encode_to_numpy(text, disallowed_special=()) for text in texts]
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.encoding.decode_bytes(list(ids))
@@ -343,7 +339,7 @@ class HFTokenizer(Tokenizer):
         return self._encode_array(text).tolist()
 
     def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
-        return list(_encode_pool().map(self._encode_array, texts))
+        return [self._encode_array(text) for text in texts]
 
     def _encode_array(self, text: str) -> np.ndarray:
         """HF ids of `text` (int64); non-special added tokens in it are their ids."""
@@ -423,26 +419,6 @@ def _with_ranks(spec_digest: str, ranks: dict[bytes, int]) -> str:
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         digest.update(rank.to_bytes(4, "little") + token)
     return digest.hexdigest()
-
-
-# Threads encode_batch uses (set_encode_workers). One: on the 2-core test machine one
-# thread of encode_to_numpy beat two of either encoder end to end (BENCHMARKS.md).
-_encode_workers = 1
-
-
-def set_encode_workers(workers: int) -> None:
-    """Encode batches on `workers` threads from now on (default: 1)."""
-    global _encode_workers
-    _encode_workers = workers
-
-
-def _encode_pool() -> ThreadPoolExecutor:
-    return _pool_of(_encode_workers)
-
-
-@functools.cache
-def _pool_of(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gptcli-encode")
 
 
 def tiktoken_from_ranks(ranks: dict[bytes, int], name: str, pattern: str,
