@@ -57,7 +57,8 @@ def tokenize(
     merge: Annotated[bool, typer.Option(
         help="Join the directories of a corpus tokenized with --part (given as INPUTS) into --out.")] = False,
     shard_size: Annotated[float, typer.Option(help="MB of token ids per shard file.")] = 1024,
-    workers: Annotated[Optional[int], typer.Option(help="Encoding threads [default: 1; see the README].")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Encoding workers: 1 is a thread, more are processes [default: one per core].")] = None,
 ) -> None:
     """Tokenize raw text into shards (train-00000.bin, ..., val-00000.bin) and meta.json.
 
@@ -67,7 +68,6 @@ def tokenize(
     from rich.text import Text
 
     from gptcli.cli.display import ProgressDisplay, console
-    from gptcli.data.merge import merge_parts
     from gptcli.data.shards import parse_part, tokenize_corpus
 
     if text_field and jsonl_field and text_field != jsonl_field:
@@ -80,6 +80,8 @@ def tokenize(
     with ProgressDisplay() as display:
         try:
             if merge:
+                from gptcli.data.merge import merge_parts  # imports torch (through the dataset reader)
+
                 result = merge_parts(inputs, out, overwrite=overwrite, on_event=display)
             else:
                 result = tokenize_corpus(inputs, out, tokenizer=tokenizer, val_fraction=val_fraction,
@@ -345,6 +347,9 @@ def sample(
         help="Continue the prompt as plain text even when the checkpoint has a chat template "
              "(an instruct checkpoint, or an imported model that ships one).")] = False,
     quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
+    compile_: Annotated[str, typer.Option(
+        "--compile", help="Compile the decode step: auto (on with CUDA, as CUDA graphs; off on CPU), on, off.")
+    ] = "auto",
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout.
 
@@ -366,7 +371,7 @@ def sample(
     request = SampleRequest(prompt=prompt, max_new_tokens=max_new_tokens,
                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
                             num_samples=num_samples, seed=seed, stops=[decode_escapes(s) for s in stop or []],
-                            device=device, precision=precision, raw=raw, quantize=quantize)
+                            device=device, precision=precision, raw=raw, quantize=quantize, compile=compile_)
     request.check()  # option errors first, before any checkpoint is looked at
     checkpoint = resolve_checkpoint(checkpoint)  # once: a run dir, an HF dir or the latest run
     if is_classifier(checkpoint):
@@ -514,6 +519,26 @@ def export_hf(
 
     path = run_export(resolve_checkpoint(checkpoint), out, overwrite)
     console.print(f"exported -> {path}; load with transformers' from_pretrained('{path}')", markup=False)
+
+
+@app.command("export-gguf")
+def export_gguf(
+    checkpoint: Annotated[Path, typer.Argument(help="Run or checkpoint directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="GGUF file to write.")],
+    type_: Annotated[str, typer.Option("--type", help="Matrix type: f32, f16 or q8_0.")] = "f16",
+    overwrite: Annotated[bool, typer.Option(help="Replace a GGUF file at --out.")] = False,
+) -> None:
+    """Export a language model as one GGUF file for llama.cpp, ollama or LM Studio (needs gptcli[gguf]).
+
+    Example: gptcli export-gguf runs/shakespeare-char-demo --out demo.gguf --type q8_0
+    """
+    from gptcli.cli.display import console
+    from gptcli.store.gguf_export import export_gguf as run_export
+    from gptcli.store.rundir import resolve_checkpoint
+
+    path = run_export(resolve_checkpoint(checkpoint), out, type_, overwrite)
+    size = path.stat().st_size / 1e6
+    console.print(f"exported -> {path} ({size:,.1f} MB); run it with llama.cpp: llama-cli -m {path}", markup=False)
 
 
 def _train(run, cfg, resume: bool, overwrite: bool):

@@ -74,7 +74,9 @@ def batch_encoder(tok: Tokenizer, tokenizer_dir: Path, dtype: np.dtype, processe
 
 
 def _encode(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
-    return [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(texts)]
+    """Each text's ids as `dtype`, converted one text at a time (the encoder's own arrays,
+    uint32 or int64, are held one at a time)."""
+    return [np.asarray(tok.encode_batch([text])[0], dtype=dtype) for text in texts]
 
 
 # In a worker process: its tokenizer, loaded once by _start_worker.

@@ -66,7 +66,7 @@ from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, Progress, ignore
 from gptcli.outputs import check_output_dir, input_paths, mark
 
-BATCH_BYTES = 1 << 24  # text gathered per encode_batch call (16 MiB)
+BATCH_BYTES = 1 << 22  # text gathered per encode_batch call (4 MiB)
 PROGRESS_FILE = "progress.json"
 
 
