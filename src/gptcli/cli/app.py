@@ -231,7 +231,8 @@ def eval_command(
         path, metrics = eval_classifier_checkpoint(path, data[0], text_column, label_column, predictions,
                                             batch_size=batch_size, device=device)
         if not json_output:
-            render_classify_metrics({f"val_{k}" if k in ("accuracy", "macro_f1", "majority_baseline") else k: v
+            render_classify_metrics({f"val_{k}" if k in ("accuracy", "macro_f1", "majority_baseline",
+                                                          "naive_bayes_accuracy", "naive_bayes_macro_f1") else k: v
                                      for k, v in metrics.items()})
     else:
         from gptcli.evals.lm import eval_lm_checkpoint

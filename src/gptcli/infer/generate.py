@@ -15,7 +15,7 @@ half of the context (a sliding window), so generation can run past the context l
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -91,20 +91,27 @@ def decode_one_token(model: Model, cache: KVCache, token: torch.Tensor, input_po
     return model.logits(model.hidden_states(token[:, None], cache, input_pos)[:, -1])
 
 
+DecodeStep = Callable[[Model, KVCache, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @torch.inference_mode()
 def generate_tokens(model: Model, prompt: list[int], max_new_tokens: int, settings: SamplingSettings,
-                    num_samples: int = 1, generator: torch.Generator | None = None
-                    ) -> Iterator[torch.Tensor]:
+                    num_samples: int = 1, generator: torch.Generator | None = None,
+                    compiled: DecodeStep | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, (num_samples,), `max_new_tokens` times.
 
-    `prompt` must fit the context (at most block_size tokens).
+    `prompt` must fit the context (at most block_size tokens). `compiled`: a decode step
+    for one fixed shape (infer/compiled.py), given the whole cache, a whole context long,
+    at every step; without it, steps attend over the filled prefix.
     """
     context = model.config.block_size
     device = next(model.parameters()).device
     history = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, T)
     # Slots for the prompt and every new token but the last (never fed back), at most the
-    # context: a short request attends over a short cache.
-    cache = model.new_kv_cache(num_samples, len(prompt) + max(max_new_tokens - 1, 0))
+    # context: a short request attends over a short cache. A compiled step's cache is the
+    # context, so that every request has the shape it was compiled for.
+    slots = context if compiled is not None else len(prompt) + max(max_new_tokens - 1, 0)
+    cache = model.new_kv_cache(num_samples, slots)
     logits = prefill(model, cache, history)
     position = history.size(1)  # where the next token goes
     attended = cache  # the prefix of `cache` that decode steps read, replaced once per SPAN_STEP
@@ -118,6 +125,9 @@ def generate_tokens(model: Model, prompt: list[int], max_new_tokens: int, settin
             history = history[:, -(context // 2):]
             logits = prefill(model, cache, history)
             position = history.size(1)
+        elif compiled is not None:
+            logits = compiled(model, cache, token, torch.tensor([position], device=device))
+            position += 1
         else:
             span = min(cache.length, (position // SPAN_STEP + 1) * SPAN_STEP)
             if attended.length != span:

@@ -15,6 +15,7 @@ import torch
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
+from gptcli.infer.compiled import COMPILE_CHOICES, CompiledDecode, wants_compiled_decode
 from gptcli.infer.cpu_layout import for_generation
 from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
 from gptcli.infer.quantize import QUANTIZE_CHOICES, check_quantize
@@ -23,7 +24,8 @@ from gptcli.model.lora import merge_lora
 from gptcli.runtime import DTYPES, resolve_device, resolve_precision
 from gptcli.store.checkpoint import checkpoint_task, load_model
 from gptcli.store.rundir import resolve_checkpoint
-from gptcli.tasks.classify import encode_texts
+from gptcli.data.labelled import encode_windows, pad_windows
+from gptcli.evals.classify import load_classifier
 from gptcli.tasks.instruct import chat_stop_ids, is_chat_model, prompt_ids
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and folds negatives onto it)
@@ -105,6 +107,7 @@ class SampleRequest:
     precision: str = "auto"  # auto: bf16 (else fp16) on CUDA, fp32 elsewhere
     raw: bool = False  # continue the prompt as text even where the checkpoint has a chat template
     quantize: str = "none"  # none | int8: linear weights stored as int8 (infer/quantize.py)
+    compile: str = "auto"  # auto | on | off: the decode step compiled (infer/compiled.py)
 
     def check(self) -> None:
         problems = []
@@ -131,6 +134,8 @@ class SampleRequest:
                 problems.append(f"--stop {ascii(stop)} is not valid UTF-8 text")
         if self.precision not in ("auto", *DTYPES):
             problems.append(f"--precision must be auto, {', '.join(DTYPES)}, got {self.precision}")
+        if self.compile not in COMPILE_CHOICES:
+            problems.append(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile}")
         if self.quantize not in QUANTIZE_CHOICES:
             problems.append(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize}")
         if problems:
@@ -174,8 +179,9 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
         generator = torch.Generator(device=device).manual_seed(request.seed)
     settings = SamplingSettings(request.temperature, request.top_k, request.top_p)
     texts = [SampleText(tokenizer, request.stops, stop_ids) for _ in range(request.num_samples)]
+    compiled = CompiledDecode(device.type == "cuda") if wants_compiled_decode(request.compile, device) else None
     for tokens in generate_tokens(model, prompt, request.max_new_tokens, settings,
-                                  request.num_samples, generator):
+                                  request.num_samples, generator, compiled):
         for row, token in enumerate(tokens.tolist()):
             delta = texts[row].add(token)
             if delta:
@@ -186,6 +192,8 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
         delta = text.finish()
         if delta:
             on_text(row, delta)
+    if compiled is not None and compiled.fallback:
+        on_event(Notice(f"the compiled decode step failed ({compiled.fallback}); decoded eagerly"))
     return path, [Sample(t.text, t.tokens) for t in texts]
 
 
@@ -228,15 +236,17 @@ def classify(checkpoint: str | Path | None, text: str, device: str = "auto"
     path = resolve_checkpoint(checkpoint)
     if not is_classifier(path):
         raise GptcliError(f"{path} is not a classifier checkpoint")
-    model, tokenizer = load_model(path, resolve_device(device))
+    model, tokenizer, _ = load_classifier(path, resolve_device(device))
     return path, class_probabilities(model, tokenizer, text)
 
 
 @torch.inference_mode()
 def class_probabilities(model: Model, tokenizer: Tokenizer, text: str) -> dict[str, float]:
     """Label -> probability of `text` under a loaded classifier, most likely first. A text
-    longer than the context keeps its end (as the classifier was trained)."""
-    (ids,) = encode_texts(tokenizer, [text], model.config.block_size, keep="end")
+    longer than the context is read as the classifier was trained to read it (`model.reading`,
+    set from its checkpoint by load_classifier): cut to the context, or every window pooled."""
     device = next(model.parameters()).device
-    probs = torch.softmax(model(torch.tensor(ids, device=device)[None]).float(), dim=-1)[0].tolist()
+    idx, lengths, owners = pad_windows(encode_windows(tokenizer, [text], model.config.block_size, model.reading),
+                                       tokenizer.eot_id, device)
+    probs = torch.softmax(model(idx, lengths=lengths, owners=owners).float(), dim=-1)[0].tolist()
     return dict(sorted(zip(model.labels, probs), key=lambda pair: -pair[1]))

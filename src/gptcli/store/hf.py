@@ -371,7 +371,7 @@ def cached_import(hf_dir: Path) -> Path:
 # --- export ------------------------------------------------------------------------------
 
 
-def _hf_state(model, classifier: bool) -> dict[str, torch.Tensor]:
+def export_state(model, classifier: bool) -> dict[str, torch.Tensor]:
     """The model's tensors that the HF class holds: vocabulary rows unpadded, no lm_head
     when it is wte or when a classifier has no use for it."""
     cfg = model.config
@@ -400,7 +400,7 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
     if problems:
         raise GptcliError(f"{source} cannot be exported: no {family.NAME} class in transformers computes "
                           f"{'; '.join(problems)}; {family.EXPORTABLE}")
-    weights = family.hf_weights(_hf_state(model, classifier), cfg)
+    weights = family.hf_weights(export_state(model, classifier), cfg)
     config = {
         **family.hf_config(cfg), "architectures": [family.architecture(cfg, classifier)],
         "vocab_size": cfg.vocab_size, "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
