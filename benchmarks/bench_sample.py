@@ -66,20 +66,21 @@ class LlamaCppGreedy:
         if self.llama.llama_decode(self.ctx, b) != 0:
             raise RuntimeError("llama_decode failed")
 
-    def _argmax(self, rows: int) -> list[int]:
+    def _argmax(self, entries: list[int]) -> list[int]:
+        """The most likely next token after each of these entries (indices into the batch)."""
         return [int(np.ctypeslib.as_array(self.llama.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,)).argmax())
-                for i in range(rows)]
+                for i in entries]
 
     def generate(self, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
         """(time to first token, total seconds, sequence 0's tokens)."""
         self.llama.llama_memory_clear(self.llama.llama_get_memory(self.ctx), True)
         start = time.perf_counter()
         self._decode([(t, p, s, p == len(prompt) - 1) for s in range(self.batch) for p, t in enumerate(prompt)])
-        tokens = self._argmax(self.batch)
+        tokens = self._argmax([s * len(prompt) + len(prompt) - 1 for s in range(self.batch)])
         first, out = time.perf_counter() - start, [tokens[0]]
         for position in range(len(prompt), len(prompt) + new - 1):
             self._decode([(t, position, s, True) for s, t in enumerate(tokens)])
-            tokens = self._argmax(self.batch)
+            tokens = self._argmax(range(self.batch))
             out.append(tokens[0])
         return first, time.perf_counter() - start, out
 

@@ -139,7 +139,7 @@ def test_refusals_write_nothing(tmp_path, bpe, capsys, monkeypatch):
 def llama_cpp():
     return pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is not installed: `pip install llama-cpp-python` builds llama.cpp "
-                            "(about 7 minutes on 2 cores), so CI leaves it out")
+                            "(about 7 minutes on 2 cores), so CI leaves it out (README: export-gguf)")
 
 
 def llama_logits(llama_cpp, path: Path, ids: list[int]) -> np.ndarray:
@@ -171,6 +171,10 @@ def test_llama_cpp_computes_gptclis_logits_and_greedy_tokens(tmp_path, bpe, llam
     export_gguf(ckpt, tmp_path / "f16.gguf", "f16")
     expected = [t.item() for t in generate_tokens(model, ids, 20, SamplingSettings(temperature=0))]
     assert llama_greedy(llama_cpp, tmp_path / "f16.gguf", ids, 20) == expected
+    export_gguf(ckpt, tmp_path / "q8_0.gguf", "q8_0")  # 8-bit: close, not equal
+    theirs = llama_logits(llama_cpp, tmp_path / "q8_0.gguf", ids)
+    assert np.abs(theirs - ours).max() < 0.05 * np.abs(ours).max()  # activations are 8-bit too
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
 
 
 @needs_gpt2_ranks
