@@ -1,7 +1,7 @@
 """Sampling throughput: gptcli's KV-cached generation versus transformers' `generate`, and
 (with --llama-cpp) versus llama.cpp on the same weights exported with `gptcli export-gguf`.
 
-    python benchmarks/bench_sample.py [--shapes mid] [--precisions fp32 bf16] [--tokens 256] [--write]
+    python benchmarks/bench_sample.py [--shapes mid 124M] [--precisions fp32 bf16] [--int8] [--tokens 256] [--write]
     python benchmarks/bench_sample.py --llama-cpp [--tokens 128] [--write]
 
 The same weights (a random GPT-2-shaped model made in transformers and imported), the same
@@ -164,6 +164,10 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--modes", nargs="+", default=["greedy", "top-k 50"], choices=["greedy", "top-k 50"])
+    parser.add_argument("--int8", action="store_true",
+                        help="also gptcli with int8 weights (`--quantize int8`, activations in each precision)")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="gptcli (fp32, bf16, int8) against llama.cpp (f16, q8_0), GPT-2 124M shape")
     parser.add_argument("--write", action="store_true")
@@ -191,15 +195,19 @@ def main() -> None:
             ours_fp32 = import_hf_model(tmp)
         prompt = torch.randint(1, vocab, (8,)).tolist()
         new = min(args.tokens, ctx - len(prompt))
-        for precision, batch in ((p, b) for p in args.precisions for b in (1, 8)):
+        for precision, batch in ((p, b) for p in args.precisions for b in args.batches):
             dtype = DTYPES[precision]
             hf = copy.deepcopy(hf_fp32).to(dtype)
-            ours = for_generation(copy.deepcopy(ours_fp32), dtype)
+            variants = {"gptcli": for_generation(copy.deepcopy(ours_fp32), dtype)}
+            if args.int8:
+                variants["gptcli int8"] = for_generation(copy.deepcopy(ours_fp32), dtype, "int8")
             for mode, settings, hf_kwargs in (
                 ("greedy", SamplingSettings(temperature=0), {"do_sample": False}),
                 ("top-k 50", SamplingSettings(temperature=1.0, top_k=50), {"do_sample": True, "top_k": 50}),
             ):
-                def run_ours():
+                if mode not in args.modes:
+                    continue
+                def run_ours(ours):
                     start = time.perf_counter()
                     first = None
                     for token in generate_tokens(ours, prompt, new, settings, batch,
@@ -221,30 +229,47 @@ def main() -> None:
                     assert out.shape[1] == len(prompt) + new
                     return first, time.perf_counter() - start
 
-                run_ours(), run_hf()  # warm-up
-                results = {"gptcli": [], "transformers": []}
+                runners = {who: functools.partial(run_ours, model) for who, model in variants.items()}
+                runners["transformers"] = run_hf
+                for run in runners.values():
+                    run()  # warm-up
+                results = {who: [] for who in runners}
                 for _ in range(args.rounds):
-                    results["gptcli"].append(run_ours())
-                    results["transformers"].append(run_hf())
+                    for who, run in runners.items():
+                        results[who].append(run())
                 summary = {}
                 for who, values in results.items():
                     ttft = statistics.median(v[0] for v in values)
                     total = statistics.median(v[1] for v in values)
                     summary[who] = (ttft, batch * new / total)
                     rows.append((name, precision, batch, mode, who, ttft * 1000, batch * new / total))
-                rows.append((name, precision, batch, mode, "ratio", None,
-                             summary["gptcli"][1] / summary["transformers"][1]))
+                for who in variants:
+                    rows.append((name, precision, batch, mode, f"ratio {who}", None,
+                                 summary[who][1] / summary["transformers"][1]))
     lines = [f"### Sampling on CPU ({time.strftime('%Y-%m-%d')})", "", describe_machine(), "",
              f"`python benchmarks/bench_sample.py --shapes {' '.join(args.shapes)} --precisions "
-             f"{' '.join(args.precisions)}`: {args.tokens} new tokens after an 8-token prompt, weights in the "
-             f"precision shown on both sides, median of {args.rounds} interleaved rounds.", "",
+             f"{' '.join(args.precisions)}{' --int8' if args.int8 else ''} --batches {' '.join(map(str, args.batches))} "
+             f"--modes {' '.join(repr(m) if ' ' in m else m for m in args.modes)} --rounds {args.rounds} --tokens "
+             f"{args.tokens}`: {args.tokens} "
+             f"new tokens after an 8-token prompt, weights in the precision shown on both sides (gptcli int8: "
+             f"int8 weights, activations in that precision), median of {args.rounds} interleaved rounds.", "",
              "| shape | weights | batch | sampling | implementation | time to first token | tokens/s |",
              "|---|---|---|---|---|---|---|"]
     for name, precision, batch, mode, who, ttft, tps in rows:
-        if who == "ratio":
-            lines.append(f"| {name} | {precision} | {batch} | {mode} | **gptcli / transformers** | | **{tps:.2f}×** |")
+        if who.startswith("ratio "):
+            lines.append(f"| {name} | {precision} | {batch} | {mode} | **{who[6:]} / transformers** | | **{tps:.2f}×** |")
         else:
             lines.append(f"| {name} | {precision} | {batch} | {mode} | {who} | {ttft:.1f} ms | {tps:,.0f} |")
+    rate = {row[:5]: row[6] for row in rows}
+    if args.int8 and {"fp32", "bf16"} <= set(args.precisions):
+        lines.append("")
+        for name in args.shapes:
+            for batch in args.batches if "greedy" in args.modes else ():
+                int8 = max(rate[name, p, batch, "greedy", "gptcli int8"] for p in ("fp32", "bf16"))
+                lines.append(f"- **{name}, batch {batch}, greedy: gptcli int8 (faster activations) / transformers "
+                             f"fp32 = {int8 / rate[name, 'fp32', batch, 'greedy', 'transformers']:.2f}×, / "
+                             f"transformers bf16 = {int8 / rate[name, 'bf16', batch, 'greedy', 'transformers']:.2f}×** "
+                             f"(targets at batch 1: ≥ 3× and ≥ 2×)")
     text = "\n".join(lines) + "\n"
     publish(text, args.write)
 

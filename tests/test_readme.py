@@ -103,6 +103,12 @@ COMMANDS: dict[str, Row] = {
     'gptcli sample -c checkpoints/gpt2 -p "The meaning of life is" -n 60 --top-k 40':
         Row(needs=(IMPORT,), data=(needs_gpt2_ranks,)),
     GPT2_CLASSIFY: Row(needs=(IMPORT,), data=(needs_gpt2_ranks,)),
+    "gptcli export-gguf checkpoints/gpt2 --out gpt2.gguf --type q8_0": Row(needs=(IMPORT,), data=(needs_gpt2_ranks,)),
+    "gptcli eval -c checkpoints/gpt2 --task hellaswag --data hellaswag_val.jsonl":
+        Row(needs=(IMPORT,), data=(needs_gpt2_ranks,)),
+    "gptcli eval -c checkpoints/gpt2 --task hellaswag --data hellaswag_val.jsonl --limit 1000 --json":
+        Row(needs=(IMPORT,), data=(needs_gpt2_ranks,)),
+    "gptcli eval -c runs/demo --task choice --data my_tests.jsonl": Row(needs=(DEMO,)),
     "gptcli export-hf runs/gpt2-classify --out hf/gpt2-classify":
         Row(needs=(IMPORT, GPT2_CLASSIFY), data=(needs_gpt2_ranks,)),
     'gptcli sample -c runs/shakespeare-char -p "ROMEO:" -n 500 --top-k 200 --temperature 0.8':
@@ -187,6 +193,11 @@ def lay_out(root: Path) -> None:
     if GPT2_TIKTOKEN.is_file():
         shutil.copy(GPT2_TIKTOKEN, repo / "path" / "to" / "gpt2.tiktoken")
         make_hf_gpt2(repo / "hf" / "gpt2")
+    hellaswag = [{"activity_label": "Cooking", "ctx_a": "A man cracks an egg into a pan.", "ctx_b": "he",
+                  "endings": [" stirs it with a fork.", " paints the wall.", " sings.", " jumps."], "label": 0}] * 3
+    (repo / "hellaswag_val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in hellaswag))
+    (repo / "my_tests.jsonl").write_text("".join(json.dumps({"context": f"import {m}", "choices": ["os", "!!"],
+                                                             "label": 0}) + "\n" for m in ("os", "sys")))
     instruct = (REPO / "configs" / "finetune-instruct.yaml").read_text()
     (repo / "my.yaml").write_text(instruct.replace("runs/instruct-docstrings", "runs/my"))
     rows = ["asyncio.run(main())", "msg = email.message_from_string(s)", "root = tkinter.Tk()",

@@ -208,6 +208,22 @@ class ModelConfig:
 
 
 @dataclass
+class EvalTask:
+    """A multiple-choice task scored at every evaluation of a pretraining run (an entry of
+    `train.eval_tasks`), as `gptcli eval --task` scores it."""
+
+    task: Literal["hellaswag", "choice"] = _field(
+        "choice", "`hellaswag` (its official JSONL) or `choice` (JSONL of context, choices, label).")
+    data: str = _field("", "The items' file.", path=True)
+    limit: int | None = _field(None, "Score only the first N items (each evaluation).")
+    name: str = _field("", "Short name in metrics (`NAME/acc_norm`); empty: the task's name.")
+
+    @property
+    def metric_name(self) -> str:
+        return self.name or self.task
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = _field(12, "Sequences per micro-batch (per device).")
     grad_accum: int = _field(1, "Micro-batches accumulated into one optimizer step.")
@@ -231,6 +247,11 @@ class TrainConfig:
     grad_clip: float = _field(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
     eval_every: int = _field(250, "Evaluate on the validation split every this many steps.")
     eval_batches: int = _field(20, "Micro-batches averaged for one validation loss.")
+    eval_tasks: list[EvalTask] = _field(
+        [], "Pretraining: multiple-choice tasks scored at every evaluation, a list of "
+        "`{task, data, limit, name}`; acc and acc_norm go to metrics.jsonl as `NAME/acc`, `NAME/acc_norm`.",
+        path=True,
+    )
     save_every: int = _field(250, "Save a checkpoint every this many steps (and at the end).")
     keep_last: int = _field(
         0, "Keep only the newest N step checkpoints (the best and latest are always kept); 0 keeps all."
@@ -306,7 +327,22 @@ class FinetuneConfig:
     text_column: str = _field("text", "classify: column (or JSONL field) with the text.")
     label_column: str = _field("label", "classify: column (or JSONL field) with the label.")
     truncate: Literal["keep_end", "keep_start"] = _field(
-        "keep_end", "classify: which part of a text longer than the context to keep."
+        "keep_end", "classify, long_text truncate: which part of a text longer than the context to keep."
+    )
+    long_text: Literal["truncate", "pool"] = _field(
+        "truncate", "classify: a text longer than the context is cut to it (`truncate`, see truncate) or read "
+        "whole as overlapping context-long windows whose class logits are averaged (`pool`: costs one "
+        "window per pool_stride tokens). Stored with the checkpoint: eval and sample read texts the same way."
+    )
+    pool_stride: int = _field(
+        0, "classify, long_text pool: tokens between the starts of consecutive windows, at most the "
+        "context; 0: half the context."
+    )
+    pooling: Literal["last", "mean"] = _field(
+        "mean", "classify: the classifier reads the `mean` of the hidden states of all real (non-padding) "
+        "tokens, or the hidden state of the `last` one (GPT-2's choice, and what `export-hf` writes for "
+        "transformers). Mean measured better on the built-in example (BENCHMARKS.md, issue 19). Stored with "
+        "the checkpoint."
     )
     aux_lm_weight: float = _field(
         0.0, "classify: weight of an auxiliary language-modelling loss (0.5 in the GPT paper)."
@@ -448,6 +484,17 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     need(0 <= t.beta2 < 1, f"train.beta2: must be in [0, 1), got {t.beta2}")
     need(t.grad_clip >= 0, f"train.grad_clip: must be 0 or more, got {t.grad_clip}")
     problems += mixture_problems(d)
+    need(not (t.eval_tasks and t.parallel == "fsdp"), "train.eval_tasks: not supported with "
+                                                        "train.parallel=fsdp yet; use ddp or drop the tasks")
+    names = [task.metric_name for task in t.eval_tasks]
+    for i, task in enumerate(t.eval_tasks):
+        need(bool(task.data), f"train.eval_tasks[{i}].data: missing; name the task's JSONL file")
+        need(task.limit is None or task.limit >= 1, f"train.eval_tasks[{i}].limit: must be at least 1, "
+                                                    f"got {_show(task.limit)}")
+        need(names.count(task.metric_name) == 1, f"train.eval_tasks[{i}]: another task is also named "
+                                                 f"'{task.metric_name}'; give each a unique name")
+        need(not task.name or bool(SOURCE_NAME.fullmatch(task.name)),
+             f"train.eval_tasks[{i}].name: use letters, digits, '_', '-' and '.' only, got {_describe(task.name)}")
     need(0 < d.val_fraction < 1, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     need(bool(d.text_field), "data.text_field: must not be empty")
     return problems
@@ -500,6 +547,8 @@ def _finetune_problems(cfg: FinetuneRunConfig) -> list[str]:
         problems.append(f"finetune.patience: must be 0 or more, got {_show(f.patience)}")
     if f.aux_lm_weight < 0:
         problems.append(f"finetune.aux_lm_weight: must be 0 or more, got {f.aux_lm_weight}")
+    if f.pool_stride < 0:
+        problems.append(f"finetune.pool_stride: must be 0 (half the context) or more, got {_show(f.pool_stride)}")
     if not 0 < f.val_fraction < 1:
         problems.append(f"finetune.val_fraction: must be in (0, 1), got {f.val_fraction}")
     m = cfg.model
@@ -543,6 +592,11 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
         if text in choices:
             return text
         problems.append(f"{path}: expected one of {', '.join(choices)}; got {_describe(value)}")
+        return None
+    if dataclasses.is_dataclass(hint):  # a section inside a list (train.eval_tasks)
+        if isinstance(value, dict):
+            return _build(hint, value, path, problems)
+        problems.append(f"{path}: expected a mapping of keys to values, got {_describe(value)}")
         return None
     if origin is list:
         (item_hint,) = typing.get_args(hint)

@@ -198,8 +198,12 @@ def eval_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     quantize: Annotated[str, typer.Option(help="Language model: " + QUANTIZE_HELP)] = "none",
+    task: Annotated[Optional[str], typer.Option(
+        help="Language model: score a multiple-choice file instead: hellaswag (its official JSONL) or choice "
+             "(JSONL of context, choices, label).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="With --task: the first N items only.")] = None,
 ) -> None:
-    """Loss, perplexity and bits per byte of a language model; accuracy, F1 and confusion of a classifier.
+    """Loss, perplexity and bits per byte of a language model; acc and acc_norm on a multiple-choice task; accuracy, F1 and confusion of a classifier.
 
     Examples:
 
@@ -208,6 +212,8 @@ def eval_command(
       gptcli eval -c runs/demo --data notes/ --data 'more/*.md'
 
       gptcli eval -c runs/classify-stdlib --data test.csv --predictions preds.csv
+
+      gptcli eval -c runs/gpt2 --task hellaswag --data hellaswag_val.jsonl --limit 1000
     """
     from gptcli.cli.display import (
         ProgressDisplay,
@@ -220,8 +226,23 @@ def eval_command(
     from gptcli.store.rundir import resolve_checkpoint
 
     check_quantize(quantize)
+    if limit is not None and task is None:
+        raise GptcliError("--limit counts multiple-choice items; it goes with --task")
     path = resolve_checkpoint(checkpoint)
-    if is_classifier(path):
+    if task is not None:
+        from gptcli.cli.display import render_choice_metrics
+        from gptcli.evals.choice import eval_choice_checkpoint
+
+        if not data or len(data) != 1:
+            raise GptcliError(f"--task {task}: give the items as exactly one --data file (JSONL)")
+        with ProgressDisplay() as display:
+            path, metrics = eval_choice_checkpoint(path, task, data[0], limit, batch_size,
+                                                   precision, device,
+                                                   on_event=display,
+                                                   prepare=None if quantize == "none" else quantize_model)
+        if not json_output:
+            render_choice_metrics(metrics)
+    elif is_classifier(path):
         from gptcli.evals.classify import eval_classifier_checkpoint
 
         if quantize != "none":

@@ -162,8 +162,8 @@ def render_classify_metrics(m: dict) -> None:
     """Accuracy, macro-F1, per-class precision/recall, and the confusion matrix as tables;
     for a summary record of many classes (see classify.classification_metrics), the rows of
     the worst classes and the most frequent mistakes instead."""
-    console.print(f"accuracy {m['val_accuracy']:.4f}  macro-F1 {m['val_macro_f1']:.4f}  "
-                  f"(majority-class baseline {m['val_majority_baseline']:.4f})", highlight=False)
+    console.print(f"accuracy {m['val_accuracy']:.4f}  macro-F1 {m['val_macro_f1']:.4f}", highlight=False)
+    console.print(_baselines_line(m), highlight=False, markup=False)
     if "classes" in m:
         title = (f"per class: the {len(m['per_class'])} with the lowest F1, of {m['classes_in_data']:,} "
                  f"classes in the data ({m['classes']:,} in the classifier)")
@@ -180,6 +180,18 @@ def render_classify_metrics(m: dict) -> None:
         _render_confusion(list(m["per_class"]), m["confusion"])
     else:
         _render_most_confused(m["most_confused"])
+
+
+def _baselines_line(m: dict) -> str:
+    """What the classifier is measured against: the majority class and, where its training
+    texts could be read, a naive Bayes over word counts (or why not)."""
+    line = f"baselines: majority class accuracy {m['val_majority_baseline']:.4f}"
+    if "val_naive_bayes_accuracy" in m:
+        return (line + f"; naive Bayes over word counts accuracy {m['val_naive_bayes_accuracy']:.4f}  "
+                       f"macro-F1 {m['val_naive_bayes_macro_f1']:.4f}")
+    if "naive_bayes_unavailable" in m:
+        return line + f"; naive Bayes not available: {m['naive_bayes_unavailable']}"
+    return line
 
 
 def _render_confusion(labels: list[str], confusion: list[list[int]]) -> None:
@@ -224,6 +236,17 @@ def render_lm_metrics(m: dict) -> None:
     table.add_row("bits per byte", f"{m['bpb']:.4f}")
     for name, source in m.get("by_source", {}).items():
         table.add_row(Text(f"  {name}"), f"loss {source['loss']:.4f}  bits per byte {source['bpb']:.4f}")
+    table.add_row("precision", m["precision"])
+    console.print(table)
+
+
+def render_choice_metrics(m: dict) -> None:
+    """acc and acc_norm (with standard errors) of a multiple-choice evaluation."""
+    table = Table(show_header=False, box=None)
+    table.add_row("task", Text(f"{m['task']} ({m['data']})"))
+    table.add_row("items", f"{m['items']:,} ({m['items_per_second']:.1f} items/s)")
+    table.add_row("acc", f"{m['acc']:.4f} ± {m['acc_stderr']:.4f}")
+    table.add_row("acc_norm", f"{m['acc_norm']:.4f} ± {m['acc_norm_stderr']:.4f}")
     table.add_row("precision", m["precision"])
     console.print(table)
 

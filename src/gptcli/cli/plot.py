@@ -3,7 +3,8 @@
 Panels, each shared by all runs (one colour per run):
 - loss: training loss (solid) and validation loss (dashed, dots at evaluations);
 - val bpb: bits per byte, when any run is a language model;
-- val accuracy: when any run is a classifier.
+- val accuracy: when any run is a classifier;
+- one panel per multiple-choice task of `train.eval_tasks`: its acc_norm.
 The x axis is the optimizer step or the tokens seen.
 """
 
@@ -19,6 +20,7 @@ from gptcli.store.runlog import METRICS_FILE, RUN_FILE, read_metrics
 
 LOSS_PNG = "loss.png"
 X_AXES = {"step": "step", "tokens": "tokens seen"}
+TASK_METRIC = "/acc_norm"  # a train.eval_tasks task's key in metrics.jsonl: NAME/acc_norm
 
 
 def _pyplot():
@@ -70,6 +72,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
         panels.append(("val_bpb", "val bits per byte"))
     if any("val_accuracy" in r for records in runs.values() for r in records):
         panels.append(("val_accuracy", "val accuracy"))
+    tasks = sorted({key for records in runs.values() for r in records for key in r if key.endswith(TASK_METRIC)})
+    panels += [(key, f"{key.removesuffix(TASK_METRIC)} acc_norm (multiple choice)") for key in tasks]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     names = _short_names(list(runs))
@@ -88,7 +92,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
         ax.set_title(title)
         ax.set_xlabel(X_AXES[x_axis])
         ax.grid(alpha=0.3)
-        if log_scale and key != "val_accuracy":
+        if log_scale and key in ("loss", "val_bpb"):  # not accuracies
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.tight_layout()

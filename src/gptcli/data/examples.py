@@ -1,7 +1,8 @@
 """Built-in example datasets made from the running Python's standard library, so every
 finetune task can be demonstrated on any machine with no download.
 They have no file: their records are numbered 1, 2, ... in the order returned (fixed by
-the seed), and `source_name` names them for messages."""
+the seed), and `source_name` names them for messages. `finetune_records` gives a finetune
+its training and validation records, from a file or a built-in example."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import random
 import sysconfig
 from pathlib import Path
 
+import numpy as np
+
+from gptcli.config import FinetuneRunConfig
 from gptcli.data.corpus import stdlib_files
-from gptcli.data.records import Record, numbered
+from gptcli.data.records import Record, numbered, read_records
+from gptcli.errors import GptcliError
 
 STDLIB_PACKAGES = "stdlib-packages"
 STDLIB_DOCSTRINGS = "stdlib-docstrings"
@@ -66,3 +71,28 @@ def stdlib_docstring_pairs(limit: int = 3000, seed: int = 0) -> list[Record]:
                     records.append({"prompt": signature, "response": doc.splitlines()[0]})
     rng.shuffle(records)
     return numbered(records[:limit])
+
+
+def finetune_records(cfg: FinetuneRunConfig) -> tuple[list[Record], list[Record], str]:
+    """Training and validation records of a finetune, and what messages call the training
+    data: `val_file`, or `val_fraction` of `train_file` held out after a shuffle seeded by
+    `cfg.seed` (so `gptcli eval` can rebuild the split a classifier trained on)."""
+    f = cfg.finetune
+    if not f.train_file:
+        example = STDLIB_PACKAGES if f.task == "classify" else STDLIB_DOCSTRINGS
+        raise GptcliError(f"finetune.train_file: required for --task {f.task} (CSV, TSV, JSONL or Parquet; "
+                          f"or {example} for the built-in example)")
+    if f.train_file == STDLIB_PACKAGES:
+        train, source = stdlib_package_snippets(seed=cfg.seed), source_name(f.train_file)
+    elif f.train_file == STDLIB_DOCSTRINGS:
+        train, source = stdlib_docstring_pairs(seed=cfg.seed), source_name(f.train_file)
+    else:
+        train, source = read_records(f.train_file), f.train_file
+    if f.val_file:
+        return train, read_records(f.val_file), source
+    order = np.random.default_rng(cfg.seed).permutation(len(train))
+    n_val = max(1, round(len(train) * f.val_fraction))
+    if n_val >= len(train):
+        raise GptcliError(f"{f.train_file} has {len(train)} records: too few to "
+                          f"hold out a validation set; add data or a val_file")
+    return [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]], source

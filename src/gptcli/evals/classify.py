@@ -1,24 +1,30 @@
 """A classifier's evaluation: class probabilities, accuracy / macro-F1 / per-class metrics
 (bounded for many classes), and `gptcli eval` on a labelled file with optional per-row
-predictions (language models: lm.py)."""
+predictions and the majority-class and naive Bayes baselines (language models: lm.py)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from gptcli.atomic import write_text
-from gptcli.data.labelled import encode_texts, pad_batch
+from gptcli.config import FinetuneRunConfig, config_from_dict
+from gptcli.data.examples import finetune_records
+from gptcli.data.labelled import TextReading, encode_windows, pad_windows
 from gptcli.data.records import column, read_records
+from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
+from gptcli.evals.baselines import NaiveBayes
 from gptcli.model.heads import GPTClassifier
 from gptcli.outputs import check_output_file, input_paths
 from gptcli.runtime import Precision, resolve_device
-from gptcli.store.checkpoint import checkpoint_task, load_model
+from gptcli.store.checkpoint import CONFIG_YAML, checkpoint_task, load_model
 from gptcli.store.rundir import resolve_checkpoint
 
 
@@ -27,7 +33,10 @@ def eval_classifier_checkpoint(checkpoint: str | Path | None, data_file: str | P
                         predictions: str | Path | None = None, batch_size: int = 32,
                         device: str = "auto") -> tuple[Path, dict]:
     """Accuracy, macro-F1, per-class precision/recall and the confusion matrix of a
-    classifier checkpoint on `data_file`; writes `predictions` (CSV) when given."""
+    classifier checkpoint on `data_file`, with two baselines: the majority class of
+    `data_file` and a naive Bayes fitted on the training records the checkpoint's config
+    names (`naive_bayes_unavailable` says why not, when they cannot be read); writes
+    `predictions` (CSV) when given."""
     records = read_records(data_file)  # the cheap checks first
     texts = [str(t) for t in column(records, text_column, data_file, "--text-column")]
     truth = [str(y) for y in column(records, label_column, data_file, "--label-column")]
@@ -38,37 +47,91 @@ def eval_classifier_checkpoint(checkpoint: str | Path | None, data_file: str | P
         raise GptcliError(f"{path} is not a classifier checkpoint; `gptcli eval --data TEXT` "
                           f"evaluates language models")
     dev = resolve_device(device)
-    model, tokenizer = load_model(path, dev)
+    model, tokenizer, training = load_classifier(path, dev)
     unknown = sorted(set(truth) - set(model.labels))
     if unknown:
         raise GptcliError(f"{data_file}: labels the classifier never learned: {', '.join(unknown[:5])}")
     index = {name: i for i, name in enumerate(model.labels)}
     y = np.array([index[label] for label in truth])
-    sequences = encode_texts(tokenizer, texts, model.config.block_size, keep="end")
-    probs = predict_probs(model, sequences, tokenizer.eot_id, batch_size, Precision("fp32", dev.type), dev)
+    rows = encode_windows(tokenizer, texts, model.config.block_size, model.reading)
+    probs = predict_probs(model, rows, tokenizer.eot_id, batch_size, Precision("fp32", dev.type), dev)
     predicted = probs.argmax(1)
     metrics = classification_metrics(y, predicted, model.labels)
     counts = np.bincount(y, minlength=len(model.labels))
     metrics["majority_baseline"] = float(counts.max() / counts.sum())
+    metrics.update(_naive_bayes_metrics(training, model.labels, texts, y))
     if predictions is not None:
         _write_predictions(predictions, texts, truth, predicted, probs, model.labels)
     return path, metrics
 
 
+def load_classifier(path: Path, device: torch.device) -> tuple[GPTClassifier, Tokenizer, FinetuneRunConfig | None]:
+    """A resolved classifier checkpoint's model, reading texts and pooling as its training
+    did (finetune.long_text, pool_stride, truncate, pooling in its config.yaml), its
+    tokenizer, and that training config (None for a checkpoint without a readable one, such
+    as an HF import: it then reads texts as before these settings, last token, ends kept)."""
+    model, tokenizer = load_model(path, device)
+    training = training_config(path)
+    if training is not None:
+        model.pooling = training.finetune.pooling
+        model.reading = TextReading.from_config(training.finetune)
+    return model, tokenizer, training
+
+
+def training_config(path: Path) -> FinetuneRunConfig | None:
+    """The finetune config saved in a checkpoint, or None when it has none that loads. One
+    saved before `finetune.pooling` existed trained on the last token, whatever today's
+    default, and says so here."""
+    try:
+        data = yaml.safe_load((path / CONFIG_YAML).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("finetune"), dict):
+            return None
+        cfg = config_from_dict(data, FinetuneRunConfig)
+    except (OSError, yaml.YAMLError, GptcliError):
+        return None
+    if "pooling" not in data["finetune"]:
+        return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pooling="last"))
+    return cfg
+
+
+def _naive_bayes_metrics(training: FinetuneRunConfig | None, labels: list[str], texts: list[str],
+                         y: np.ndarray) -> dict:
+    """Accuracy and macro-F1 on `texts` of a naive Bayes fitted on the classifier's training
+    records, or why there is none (the run's training file is gone, say)."""
+    if training is None:
+        return {"naive_bayes_unavailable": "the checkpoint records no finetune config naming its training file"}
+    f = training.finetune
+    try:
+        train, _, source = finetune_records(training)
+        train_texts = [str(t) for t in column(train, f.text_column, source, "finetune.text_column")]
+        train_labels = [str(label) for label in column(train, f.label_column, source, "finetune.label_column")]
+    except GptcliError as exc:
+        return {"naive_bayes_unavailable": f"cannot read the training file {f.train_file} ({exc})"}
+    index = {name: i for i, name in enumerate(labels)}
+    known = [i for i, label in enumerate(train_labels) if label in index]
+    if not known:
+        return {"naive_bayes_unavailable": f"the training file {f.train_file} has none of the classifier's labels"}
+    bag = NaiveBayes.fit([train_texts[i] for i in known], np.array([index[train_labels[i]] for i in known]),
+                         len(labels))
+    metrics = classification_metrics(y, bag.predict(texts), labels)
+    return {"naive_bayes_accuracy": metrics["accuracy"], "naive_bayes_macro_f1": metrics["macro_f1"]}
+
+
 @torch.no_grad()
-def predict_probs(model: GPTClassifier, sequences: list[np.ndarray], pad_id: int, batch_size: int,
+def predict_probs(model: GPTClassifier, texts: list[list[np.ndarray]], pad_id: int, batch_size: int,
                   precision: Precision, device: torch.device) -> np.ndarray:
-    """Class probabilities (N, K) for token sequences, in batches of similar length."""
+    """Class probabilities (N, K) for texts given as their token rows (one, or a window
+    each: see data/labelled.py), `batch_size` texts at a time, of similar lengths."""
     was_training = model.training
     model.eval()
-    order = np.argsort([len(s) for s in sequences])  # similar lengths pad less
-    probs = np.zeros((len(sequences), model.n_classes), dtype=np.float32)
+    order = np.argsort([sum(len(row) for row in rows) for rows in texts])  # similar lengths pad less
+    probs = np.zeros((len(texts), model.n_classes), dtype=np.float32)
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        idx, lengths = pad_batch([sequences[r] for r in rows], pad_id, device)
+        batch = order[start:start + batch_size]
+        idx, lengths, owners = pad_windows([texts[t] for t in batch], pad_id, device)
         with precision.autocast():
-            logits = model(idx, lengths=lengths)
-        probs[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            logits = model(idx, lengths=lengths, owners=owners)
+        probs[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     model.train(was_training)
     return probs
 

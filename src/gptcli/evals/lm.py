@@ -51,15 +51,8 @@ def eval_lm_checkpoint(checkpoint: str | Path | None, inputs: list[str] | None, 
         raise GptcliError(f"--split: '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
     if batch_size < 1:
         raise GptcliError(f"--batch-size: must be at least 1, got {batch_size}")
-    if precision not in ("auto", *DTYPES):
-        raise GptcliError(f"--precision: '{precision}' is not one of auto, {', '.join(DTYPES)}")
-    path = resolve_checkpoint(checkpoint)
-    if checkpoint_task(path) == "classify":
-        raise GptcliError(f"{path} is a classifier; evaluate it on a labelled file with --data FILE.csv")
-    dev = resolve_device(device)
-    model, tokenizer = load_model(path, dev)
-    if prepare is not None:
-        model = prepare(model.eval())
+    path, model, tokenizer, dev = load_lm_for_eval(checkpoint, precision, device, prepare,
+                                                   "evaluate it on a labelled file with --data FILE.csv")
     trained = _trainer_record(path)  # the precision and validation data of the run, when known
     precision_ = resolve_precision(_trained_precision(trained, dev) if precision == "auto" else precision,
                                    dev, option="--precision")
@@ -71,6 +64,24 @@ def eval_lm_checkpoint(checkpoint: str | Path | None, inputs: list[str] | None, 
     metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))  # exp overflows past ~709
     metrics["precision"] = precision_.name
     return path, metrics
+
+
+def load_lm_for_eval(checkpoint: str | Path | None, precision: str, device: str,
+                     prepare: Callable[[Model], Model] | None, for_classifier: str
+                     ) -> tuple[Path, Model, Tokenizer, torch.device]:
+    """A language-model checkpoint loaded for evaluation (path, model in eval mode, tokenizer,
+    device), after checking `precision` (auto or one of DTYPES); a classifier is refused with
+    `for_classifier` as the way out. `prepare` rewrites the model (the CLI's `--quantize`)."""
+    if precision not in ("auto", *DTYPES):
+        raise GptcliError(f"--precision: '{precision}' is not one of auto, {', '.join(DTYPES)}")
+    path = resolve_checkpoint(checkpoint)
+    if checkpoint_task(path) == "classify":
+        raise GptcliError(f"{path} is a classifier; {for_classifier}")
+    dev = resolve_device(device)
+    model, tokenizer = load_model(path, dev)
+    if prepare is not None:
+        model = prepare(model.eval())
+    return path, model, tokenizer, dev
 
 
 def _trainer_record(checkpoint: Path) -> dict:

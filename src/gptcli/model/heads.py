@@ -1,8 +1,11 @@
 """Task heads over a model of any family (a `Model`, see __init__.py).
 
 Sequence classification: a linear head `score` (no bias) on the hidden state of each
-sequence's last real token, as in Hugging Face's GPT2ForSequenceClassification. Sequences
-are right-padded per batch; with causal attention the padding never reaches the real tokens.
+sequence's last real token (`pooling` "last", as in Hugging Face's
+GPT2ForSequenceClassification) or on the mean of its real tokens' hidden states ("mean").
+Sequences are right-padded per batch; with causal attention the padding never reaches the
+real tokens, and mean pooling leaves it out. A text read as several windows (rows) has the
+mean of its rows' class logits (`owners` says which rows are whose).
 
 The head holds its model as `trunk`, but its state dict gives the trunk's tensors the
 trunk's own names (`wte.weight`, `h.0.attn.c_attn.weight`, ..., no `trunk.` prefix) next to
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptcli.data.labelled import TextReading
 from gptcli.model import Model
 from gptcli.model.gpt import IGNORE_INDEX
 
@@ -46,12 +50,15 @@ def _flatten_reported_keys(module: nn.Module, incompatible) -> None:
 
 
 class GPTClassifier(nn.Module):
-    def __init__(self, trunk: Model, labels: list[str], aux_lm_weight: float = 0.0):
+    def __init__(self, trunk: Model, labels: list[str], aux_lm_weight: float = 0.0,
+                 pooling: str = "last", reading: TextReading = TextReading()):
         super().__init__()
         self.trunk = trunk  # registered first: its parameters come first, as optimizer states expect
         self.labels = list(labels)
         self.n_classes = len(labels)
         self.aux_lm_weight = aux_lm_weight
+        self.pooling = pooling  # "last" or "mean" (finetune.pooling)
+        self.reading = reading  # how texts become rows (finetune.long_text): for whoever feeds it texts
         self.lora_spec = None  # set by lora.apply_lora (the adapters go into the trunk's layers)
         self.score = nn.Linear(trunk.config.n_embd, self.n_classes, bias=False)
         nn.init.normal_(self.score.weight, std=0.02)
@@ -97,20 +104,33 @@ class GPTClassifier(nn.Module):
         return self.trunk.flops_per_token() + 6 * self.score.weight.numel()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits (B, K) for right-padded `idx` (B, T) with `lengths` (B,); or, with
-        `targets` (B,), the summed cross-entropy (plus the weighted auxiliary LM loss)."""
+                lengths: torch.Tensor | None = None, owners: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits (B, K) for right-padded rows `idx` (R, T) with `lengths` (R,): one row
+        per text (B = R), or with `owners` (R,) each row's text (0 .. B-1, every text at least
+        one row), the mean of each text's row logits. With `targets` (B,): the summed
+        cross-entropy (plus the weighted auxiliary LM loss over the rows)."""
         if lengths is None:
             lengths = torch.full((idx.size(0),), idx.size(1), device=idx.device)
-        hidden = self.hidden_states(idx)  # (B, T, C)
-        last = hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, C)
-        logits = self.score(last)
+        hidden = self.hidden_states(idx)  # (R, T, C)
+        logits = self.score(self._pool(hidden, lengths))  # (R, K)
+        if owners is not None:
+            logits = _mean_by_owner(logits, owners)  # (B, K)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
         if self.aux_lm_weight > 0:
             loss = loss + self.aux_lm_weight * self._lm_loss(hidden, idx, lengths)
         return loss
+
+    def _pool(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One vector (R, C) per row of `hidden` (R, T, C): its last real token's, or the mean
+        over its real tokens (positions < length; the padding after them is left out)."""
+        rows = torch.arange(hidden.size(0), device=hidden.device)
+        if self.pooling == "last":
+            return hidden[rows, lengths - 1]
+        real = torch.arange(hidden.size(1), device=hidden.device) < lengths[:, None]  # (R, T)
+        summed = (hidden.float() * real[:, :, None]).sum(dim=1)  # (R, C), summed in fp32
+        return (summed / lengths[:, None]).to(hidden.dtype)
 
     def _lm_loss(self, hidden: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Each sequence's mean next-token loss over its real tokens, summed over the batch:
@@ -121,3 +141,12 @@ class GPTClassifier(nn.Module):
                                           IGNORE_INDEX)  # (B, T-1), padding ignored
         per_example = 1.0 / (lengths - 1).clamp(min=1).float()  # (B,): a mean over each sequence
         return self.loss(hidden[:, :-1], next_ids, per_example[:, None].expand_as(next_ids))
+
+
+def _mean_by_owner(logits: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+    """The mean of the rows of `logits` (R, K) that share an owner: (B, K), B = owners.max() + 1,
+    in fp32 (a sum over many windows in bf16 would lose digits)."""
+    n_texts = int(owners.max()) + 1
+    sums = torch.zeros(n_texts, logits.size(1), device=logits.device).index_add_(0, owners, logits.float())
+    counts = torch.bincount(owners, minlength=n_texts)  # (B,)
+    return sums / counts[:, None]

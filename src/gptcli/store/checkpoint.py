@@ -34,7 +34,7 @@ from gptcli.errors import GptcliError, shorten
 from gptcli.model import DEFAULT_ARCH, Arch, Model, get_arch
 from gptcli.model.heads import GPTClassifier
 from gptcli.model.lora import LoRASpec, apply_lora
-from gptcli.outputs import mark
+from gptcli.outputs import mark, marked_kind
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"  # sha256 and size of every other file, checked on load
@@ -290,6 +290,15 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     model.to(device)
     load_weights(model, directory, device)
     return model.eval(), tokenizer
+
+
+def run_of(checkpoint: Path) -> Path:
+    """The run directory that holds `checkpoint` (RUN/checkpoints/step-N), or the checkpoint
+    itself when no run holds it (an import's `checkpoints/gpt2` is not inside a run)."""
+    parent = checkpoint.parent
+    if parent.name == CHECKPOINTS and marked_kind(parent.parent) == "run":
+        return parent.parent
+    return checkpoint
 
 
 def is_checkpoint(path: Path) -> bool:

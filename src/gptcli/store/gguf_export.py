@@ -41,7 +41,7 @@ from gptcli.errors import GptcliError
 from gptcli.model.lora import merge_lora
 from gptcli.outputs import check_output_file, input_paths
 from gptcli.store import hf_gpt2, hf_llama
-from gptcli.store.checkpoint import CHECKPOINTS, checkpoint_task, load_model
+from gptcli.store.checkpoint import checkpoint_task, load_model, run_of
 from gptcli.store.hf import export_state, tokenizer_files
 
 TYPES = ("f32", "f16", "q8_0")
@@ -64,7 +64,7 @@ def export_gguf(source: Path, out: str | Path, dtype: str = "f16", overwrite: bo
     if dtype not in TYPES:
         raise GptcliError(f"--type must be one of {', '.join(TYPES)}, got {dtype!r}")
     gguf = _gguf()
-    run = source.parent.parent if source.parent.name == CHECKPOINTS else source
+    run = run_of(source)
     target = check_output_file(out, input_paths([run, source]), "--out")
     _check_replaceable(target, Path(out), overwrite)
     if checkpoint_task(source) == "classify":

@@ -56,7 +56,7 @@ from gptcli.model.lora import merge_lora
 from gptcli.outputs import check_output_dir, input_paths, mark
 from gptcli.paths import cache_root
 from gptcli.store import hf_gpt2, hf_llama
-from gptcli.store.checkpoint import CHECKPOINTS, checkpoint_task, is_checkpoint, load_model, save_checkpoint
+from gptcli.store.checkpoint import checkpoint_task, is_checkpoint, load_model, run_of, save_checkpoint
 
 HF_CONFIG, HF_WEIGHTS, HF_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
 HF_INDEX, HF_PICKLE_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
@@ -388,7 +388,7 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
     transformers loads (`overwrite`: replacing an earlier export): GPT-2 for arch gpt2,
     the Llama-family class that computes it for arch llama. The export may not overlap the
     checkpoint nor the run that holds it."""
-    run = source.parent.parent if source.parent.name == CHECKPOINTS else source
+    run = run_of(source)
     target = check_output_dir(out, "hf-export", replace=overwrite, inputs=input_paths([run, source]))
     model, tokenizer = load_model(source)
     classifier = checkpoint_task(source) == "classify"

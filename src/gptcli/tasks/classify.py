@@ -1,5 +1,6 @@
-"""The classify task's data: labelled texts as token rows, right-padded batches, and the
-validation the training loop runs (the model is model/heads.py's classifier)."""
+"""The classify task's data: labelled texts as token rows (cut to the context or as windows),
+right-padded batches, and the validation the training loop runs, with the majority-class
+and naive Bayes baselines beside it (the model is model/heads.py's classifier)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,37 @@ import numpy as np
 import torch
 
 from gptcli.data.dataset import STREAMS, step_rows
-from gptcli.data.labelled import encode_texts, pad_batch
+from gptcli.data.labelled import TextReading, encode_windows, pad_windows
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
+from gptcli.evals.baselines import NaiveBayes
 from gptcli.evals.classify import classification_metrics, predict_probs
 from gptcli.model.heads import GPTClassifier
 from gptcli.runtime import Distributed, Precision
 
 
 class ClassifyData:
-    """Labelled texts for the training loop: random train batches, full validation passes."""
+    """Labelled texts for the training loop: random train batches, full validation passes.
+    Each text is one or more rows (see data/labelled.py's TextReading: `keep`, `long_text`,
+    `pool_stride`); a batch holds `batch_size` texts with all their rows."""
 
     metric = "val_accuracy"
     higher_is_better = True
 
     def __init__(self, tokenizer: Tokenizer, labels: list[str], train: tuple[list[str], list[str]],
                  val: tuple[list[str], list[str]], block_size: int, batch_size: int, keep: str,
-                 seed: int, device: torch.device, grad_accum: int = 1, dist: Distributed = Distributed()):
+                 seed: int, device: torch.device, grad_accum: int = 1, dist: Distributed = Distributed(),
+                 long_text: str = "truncate", pool_stride: int = 0):
         self.labels = labels
         index = {name: i for i, name in enumerate(labels)}
-        self.train_ids = encode_texts(tokenizer, train[0], block_size, keep)
-        self.train_y = np.array([index[y] for y in train[1]])
-        self.val_ids = encode_texts(tokenizer, val[0], block_size, keep)
-        self.val_y = np.array([index[y] for y in val[1]])
+        reading = TextReading(long_text, keep, pool_stride)
+        self.train_rows = encode_windows(tokenizer, train[0], block_size, reading)
+        self.train_y = np.array([index[y] for y in train[1]], dtype=np.int64)
+        self.val_rows = encode_windows(tokenizer, val[0], block_size, reading)
+        self.val_y = np.array([index[y] for y in val[1]], dtype=np.int64)
+        self.naive_bayes = None  # its validation predictions (N,): the bag-of-words baseline
+        if train[0]:
+            self.naive_bayes = NaiveBayes.fit(train[0], self.train_y, len(labels)).predict(val[0])
         self.pad_id = tokenizer.eot_id
         self.batch_size = batch_size
         self.per_step = batch_size * grad_accum * dist.world_size
@@ -39,20 +48,24 @@ class ClassifyData:
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         rows = step_rows(self.seed, STREAMS["classify"], step, micro, self.dist.rank, self.batch_size, self.per_step,
-                         self.dist.world_size, len(self.train_ids))
-        idx, lengths = pad_batch([self.train_ids[r] for r in rows], self.pad_id, self.device)
+                         self.dist.world_size, len(self.train_rows))
+        idx, lengths, owners = pad_windows([self.train_rows[r] for r in rows], self.pad_id, self.device)
         return {"idx": idx, "targets": torch.from_numpy(self.train_y[rows]).to(self.device),
-                "lengths": lengths}
+                "lengths": lengths, "owners": owners}
 
     @torch.no_grad()
     def validate(self, model: GPTClassifier, precision: Precision) -> dict:
-        probs = predict_probs(model, self.val_ids, self.pad_id, self.batch_size, precision, self.device)
+        probs = predict_probs(model, self.val_rows, self.pad_id, self.batch_size, precision, self.device)
         picked = probs[np.arange(len(self.val_y)), self.val_y]
         loss = float(-np.log(np.maximum(picked, 1e-12)).mean())
         metrics = classification_metrics(self.val_y, probs.argmax(1), self.labels)
         majority = np.bincount(self.val_y, minlength=len(self.labels)).max() / len(self.val_y)
+        baselines = {"val_majority_baseline": float(majority)}
+        if self.naive_bayes is not None:
+            bag = classification_metrics(self.val_y, self.naive_bayes, self.labels)
+            baselines.update(val_naive_bayes_accuracy=bag["accuracy"], val_naive_bayes_macro_f1=bag["macro_f1"])
         return {"val_loss": loss, "val_accuracy": metrics.pop("accuracy"),
-                "val_macro_f1": metrics.pop("macro_f1"), "val_majority_baseline": float(majority),
+                "val_macro_f1": metrics.pop("macro_f1"), **baselines,
                 **metrics}  # per-class detail, bounded (see classification_metrics)
 
 

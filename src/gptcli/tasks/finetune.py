@@ -10,19 +10,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from gptcli.config import FinetuneModelConfig, FinetuneRunConfig, ModelConfig, RunConfig, dump_yaml
 from gptcli.data.dataset import TokenDataset, prepare_dataset
-from gptcli.data.examples import (
-    STDLIB_DOCSTRINGS,
-    STDLIB_PACKAGES,
-    source_name,
-    stdlib_docstring_pairs,
-    stdlib_package_snippets,
-)
-from gptcli.data.records import Record, column, read_records
+from gptcli.data.examples import STDLIB_PACKAGES, finetune_records
+from gptcli.data.labelled import TextReading
+from gptcli.data.records import column
 from gptcli.data.tokenizer import Tokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
@@ -79,51 +73,26 @@ def _model_config(base: ModelConfig, section: FinetuneModelConfig) -> ModelConfi
     return dataclasses.replace(base, dropout=given.get("dropout", base.dropout), block_size=block)
 
 
-def _split(records: list, cfg: FinetuneRunConfig) -> tuple[list, list]:
-    """Hold out finetune.val_fraction of the records (after a seeded shuffle)."""
-    order = np.random.default_rng(cfg.seed).permutation(len(records))
-    n_val = max(1, round(len(records) * cfg.finetune.val_fraction))
-    if n_val >= len(records):
-        raise GptcliError(f"{cfg.finetune.train_file} has {len(records)} records: too few to "
-                          f"hold out a validation set; add data or a val_file")
-    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
-
-
-def _records(cfg: FinetuneRunConfig) -> tuple[list[Record], list[Record], str]:
-    """Training and validation records, and what messages call the training data."""
-    f = cfg.finetune
-    if not f.train_file:
-        example = STDLIB_PACKAGES if f.task == "classify" else STDLIB_DOCSTRINGS
-        raise GptcliError(f"finetune.train_file: required for --task {f.task} (CSV, TSV, JSONL or Parquet; "
-                          f"or {example} for the built-in example)")
-    if f.train_file == STDLIB_PACKAGES:
-        train, source = stdlib_package_snippets(seed=cfg.seed), source_name(f.train_file)
-    elif f.train_file == STDLIB_DOCSTRINGS:
-        train, source = stdlib_docstring_pairs(seed=cfg.seed), source_name(f.train_file)
-    else:
-        train, source = read_records(f.train_file), f.train_file
-    if f.val_file:
-        return train, read_records(f.val_file), source
-    return (*_split(train, cfg), source)
-
-
 def _classify(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: ModelConfig,
               device: torch.device, dist: Distributed, on_event: EventSink
               ) -> tuple[GPTClassifier, ClassifyData, Tokenizer]:
     f = cfg.finetune
-    train, val, source = _records(cfg)
+    train, val, source = finetune_records(cfg)
     where_val = f.val_file or source
     texts = [str(t) for t in column(train, f.text_column, source, "finetune.text_column")]
     labels = [str(y) for y in column(train, f.label_column, source, "finetune.label_column")]
     val_texts = [str(t) for t in column(val, f.text_column, where_val, "finetune.text_column")]
     val_labels = [str(y) for y in column(val, f.label_column, where_val, "finetune.label_column")]
     names = check_labels(labels, val_labels, source)
-    model = GPTClassifier(get_arch(base.arch).model(model_cfg), names, f.aux_lm_weight)
+    if f.pool_stride > model_cfg.block_size:
+        raise GptcliError(f"finetune.pool_stride: {f.pool_stride} is beyond the {model_cfg.block_size}-token "
+                          f"context, so windows would skip text; set it to at most {model_cfg.block_size}")
+    reading = TextReading.from_config(f)
+    model = GPTClassifier(get_arch(base.arch).model(model_cfg), names, f.aux_lm_weight, f.pooling, reading)
     model.load_state_dict(_trunk_state(base), strict=False)  # the head (`score`) starts fresh
-    keep = "start" if f.truncate == "keep_start" else "end"
     data = ClassifyData(tokenizer, names, (texts, labels), (val_texts, val_labels),
-                        model_cfg.block_size, cfg.train.batch_size, keep, cfg.seed, device,
-                        cfg.train.grad_accum, dist)
+                        model_cfg.block_size, cfg.train.batch_size, reading.keep, cfg.seed, device,
+                        cfg.train.grad_accum, dist, long_text=reading.long_text, pool_stride=reading.stride)
     return model, data, tokenizer
 
 
@@ -149,7 +118,7 @@ def _instruct(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_c
               device: torch.device, dist: Distributed, on_event: EventSink
               ) -> tuple[Model, InstructData, Tokenizer]:
     f = cfg.finetune
-    train, val, source = _records(cfg)
+    train, val, source = finetune_records(cfg)
     train_conversations = conversations(train, source)
     val_conversations = conversations(val, f.val_file or source)
     if not has_chat_template(tokenizer):

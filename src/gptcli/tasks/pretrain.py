@@ -23,6 +23,7 @@ from gptcli.data.dataset import BatchSampler, TokenDataset, prepare_dataset
 from gptcli.data.mixture import Mixture, MixtureSampler, Weights
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
+from gptcli.evals.choice import ChoiceTasks
 from gptcli.evals.lm import mixture_validation, validation_loss
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.model import DEFAULT_ARCH, Model, get_arch
@@ -35,7 +36,8 @@ from gptcli.tasks.run import Built, Job, RunResult, run_job
 
 class PretrainData:
     """Random windows from the train split (this rank's share of each step's global batch);
-    a fixed set of windows from the val split (the same on every rank)."""
+    a fixed set of windows from the val split (the same on every rank), and the
+    multiple-choice tasks of train.eval_tasks at every evaluation."""
 
     metric = "val_loss"
     higher_is_better = False
@@ -44,6 +46,7 @@ class PretrainData:
                  dist: Distributed = Distributed()):
         t, block = cfg.train, cfg.model.block_size
         self.rank = dist.rank
+        self.tasks = ChoiceTasks(t.eval_tasks, dataset.tokenizer)
         self.train = BatchSampler(dataset.splits["train"], t.batch_size, block, cfg.seed, "train",
                                   device, t.grad_accum, dist.world_size)
         self.val = BatchSampler(dataset.splits["val"], t.batch_size, block, cfg.seed, "val", device)
@@ -56,7 +59,8 @@ class PretrainData:
 
     def validate(self, model: Model, precision: Precision) -> dict[str, float]:
         batches = ({"idx": x, "targets": y} for x, y in map(self.val.batch, range(self.eval_batches)))
-        return validation_loss(model, batches, precision, self.val_bytes_per_token)
+        return {**validation_loss(model, batches, precision, self.val_bytes_per_token),
+                **self.tasks.scores(model, precision)}
 
 
 class MixtureData:
@@ -71,6 +75,7 @@ class MixtureData:
                  dist: Distributed = Distributed()):
         t = cfg.train
         self.rank, self.mixture, self.cfg, self.device = dist.rank, mixture, cfg, device
+        self.tasks = ChoiceTasks(t.eval_tasks, mixture.tokenizer)
         self.train = MixtureSampler(mixture, t.batch_size, cfg.model.block_size, cfg.seed, device,
                                     t.grad_accum, dist.world_size)
 
@@ -82,7 +87,8 @@ class MixtureData:
         return self.train.tokens_by_source(steps)
 
     def validate(self, model: Model, precision: Precision) -> dict[str, float]:
-        return mixture_validation(model, self.mixture, self.cfg, precision, self.device)
+        return {**mixture_validation(model, self.mixture, self.cfg, precision, self.device),
+                **self.tasks.scores(model, precision)}
 
 
 def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, tokenizer: Tokenizer,
