@@ -46,7 +46,8 @@ INSTRUCT = "gptcli finetune configs/finetune-instruct.yaml"
 SHAKESPEARE_RUN = "gptcli pretrain configs/shakespeare-char.yaml"
 IMPORT = "gptcli import-hf hf/gpt2 --out checkpoints/gpt2"
 GPT2_CLASSIFY = ("gptcli finetune configs/finetune-classify.yaml --set finetune.init_from=checkpoints/gpt2 "
-                 "--set finetune.lora.rank=8 --set out_dir=runs/gpt2-classify")
+                 "--set finetune.lora.rank=8 --set finetune.pooling=last --set finetune.long_text=truncate "
+                 "--set out_dir=runs/gpt2-classify")
 
 
 SERVER = "a server runs until stopped; tests/serve/ start it and check what it answers"

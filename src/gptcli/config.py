@@ -237,7 +237,8 @@ class TrainConfig:
     )
     optimizer: Literal["adamw", "muon"] = _field(
         "adamw", "`adamw`, or `muon`: Muon (momentum orthogonalised by Newton-Schulz, as "
-        "torch.optim.Muon) for the 2-D weights inside the blocks, AdamW at train.lr for the rest."
+        "torch.optim.Muon) for the 2-D weights inside the blocks, AdamW at train.lr for the rest "
+        "(LoRA's adapters included)."
     )
     muon_lr: float = _field(0.02, "Muon's peak learning rate (same warmup and decay as train.lr).")
     muon_momentum: float = _field(0.95, "Muon's (Nesterov) momentum.")

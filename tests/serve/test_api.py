@@ -17,6 +17,9 @@ from serving import CONTEXT, random_model, request, start_server
 
 openai = pytest.importorskip("openai")
 
+import torch  # noqa: E402
+
+from gptcli.config import FinetuneRunConfig, config_from_dict, dump_yaml  # noqa: E402
 from gptcli.data.tokenizer import BytesTokenizer  # noqa: E402
 from gptcli.model.heads import GPTClassifier  # noqa: E402
 from gptcli.store.checkpoint import save_checkpoint  # noqa: E402
@@ -224,18 +227,42 @@ def test_the_api_key_is_required(serve_process, lm_checkpoint):
 # --- classifiers ------------------------------------------------------------------------
 
 
-def test_a_classifier_serves_classify(serve_process, tmp_path, capsys):
+MEAN_POOLED = dump_yaml(config_from_dict({"finetune": {"task": "classify", "pooling": "mean", "long_text": "pool",
+                                                         "pool_stride": 16}}, FinetuneRunConfig))
+
+
+@pytest.mark.parametrize("config", ["# cls\n", MEAN_POOLED], ids=["last-token", "mean-pooled-windows"])
+def test_a_classifier_serves_classify(serve_process, tmp_path, capsys, config):
+    """Served probabilities equal `gptcli sample`'s, which reads texts and pools states as
+    the checkpoint's config.yaml says (a long text here: three windows when pooled)."""
     checkpoint = save_checkpoint(tmp_path / "sentiment", GPTClassifier(random_model(257), ["neg", "pos"]),
-                                 BytesTokenizer(), "# cls\n")
-    code, out, err = run_cli(["sample", "-c", checkpoint, "-p", "great film", "--json", "--device", "cpu"], capsys)
+                                 BytesTokenizer(), config)
+    long_text = "great film, " * 10  # 120 bytes, past the context
+    assert len(long_text) > CONTEXT
+    code, out, err = run_cli(["sample", "-c", checkpoint, "-p", long_text, "--json", "--device", "cpu"], capsys)
     expected = json.loads(out)
     server = serve_process(checkpoint)
-    status, answer = request(f"{server.api}/classify", {"input": ["great film", "awful"]})
+    status, answer = request(f"{server.api}/classify", {"input": [long_text, "awful"]})
     assert status == 200 and [d["index"] for d in answer["data"]] == [0, 1]
     assert answer["data"][0]["label"] == expected["label"]
     assert answer["data"][0]["probabilities"] == pytest.approx(expected["probs"], abs=1e-6)
     status, answer = request(f"{server.api}/completions", {"prompt": "a"})
     assert status == 400 and "classifier" in answer["error"]["message"]
+
+
+def test_mean_pooling_changes_the_served_answer(tmp_path):
+    """What makes the test above able to fail: the two readings give different probabilities."""
+    from gptcli.evals.classify import load_classifier
+    from gptcli.infer.sample import class_probabilities
+
+    text = "great film, " * 10
+    probs = []
+    for name, config in (("last", "# cls\n"), ("mean", MEAN_POOLED)):
+        path = save_checkpoint(tmp_path / name, GPTClassifier(random_model(257), ["neg", "pos"]), BytesTokenizer(),
+                               config)
+        model, tokenizer, _ = load_classifier(path, torch.device("cpu"))
+        probs.append(class_probabilities(model, tokenizer, text)["pos"])
+    assert abs(probs[0] - probs[1]) > 1e-3
 
 
 # --- lost clients, shutdown, start-up ---------------------------------------------------

@@ -122,6 +122,30 @@ def test_classifier_exports_as_sequence_classification(tmp_path, bias):
         torch.testing.assert_close(hf.eval()(idx).logits, model(idx), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("settings, exports", [
+    ({"pooling": "last", "long_text": "truncate"}, True),
+    ({"pooling": "mean", "long_text": "truncate"}, False),
+    ({"pooling": "last", "long_text": "pool"}, False),
+    ({}, False),  # today's default: mean
+])
+def test_a_classifier_that_pools_is_not_exported(tmp_path, settings, exports):
+    """transformers' head reads the last token of one window: a classifier trained to pool
+    would predict differently there, so export refuses it and writes nothing."""
+    from gptcli.config import FinetuneRunConfig, config_from_dict, dump_yaml
+    from gptcli.model.heads import GPTClassifier
+
+    config = dump_yaml(config_from_dict({"finetune": {"task": "classify", **settings}}, FinetuneRunConfig))
+    model = GPTClassifier(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=257)), ["a", "b"])
+    ckpt = save_checkpoint(tmp_path / "cls", model, BytesTokenizer(), config)
+    if exports:
+        assert (export_hf(ckpt, tmp_path / "exported") / "config.json").is_file()
+        return
+    with pytest.raises(GptcliError, match=r"cannot be exported: it was trained with finetune.pooling: \w+ and "
+                                          r"finetune.long_text: \w+, .*--set finetune.pooling=last"):
+        export_hf(ckpt, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
+
+
 @needs_gpt2_ranks
 def test_exported_tokenizer_files_match_tiktoken(tmp_path):
     tok = tiktoken_from_file(GPT2_TIKTOKEN)

@@ -293,3 +293,18 @@ def test_resume_refuses_a_different_global_batch(tmp_path, base_run):
     cfg["train"].update(max_steps=4, batch_size=4)
     with pytest.raises(GptcliError, match="global batch .* was 8, now 4"):
         finetune(config_from_dict(cfg, FinetuneRunConfig), resume=True)
+
+
+def test_the_builtin_example_is_the_shipped_config():
+    """`gptcli finetune --task classify` without a config runs configs/finetune-classify.yaml
+    (on the latest pretrained run instead of runs/demo), as its comment says."""
+    import dataclasses
+    from pathlib import Path
+
+    from gptcli.config import load_config
+    from gptcli.tasks.finetune import builtin_example
+
+    shipped = load_config(Path(__file__).parents[2] / "configs/finetune-classify.yaml", [], FinetuneRunConfig)
+    builtin = load_config(None, builtin_example("classify"), FinetuneRunConfig)
+    assert builtin.finetune.init_from == ""  # the latest pretrained run
+    assert dataclasses.replace(builtin, finetune=dataclasses.replace(builtin.finetune, init_from="runs/demo")) == shipped

