@@ -46,8 +46,8 @@ INSTRUCT = "gptcli finetune configs/finetune-instruct.yaml"
 SHAKESPEARE_RUN = "gptcli pretrain configs/shakespeare-char.yaml"
 IMPORT = "gptcli import-hf hf/gpt2 --out checkpoints/gpt2"
 GPT2_CLASSIFY = ("gptcli finetune configs/finetune-classify.yaml --set finetune.init_from=checkpoints/gpt2 "
-                 "--set finetune.lora.rank=8 --set finetune.pooling=last --set finetune.long_text=truncate "
-                 "--set out_dir=runs/gpt2-classify")
+                 "--set finetune.lora.rank=8 --set finetune.aux_lm_weight=0 --set finetune.pooling=last "
+                 "--set finetune.long_text=truncate --set out_dir=runs/gpt2-classify")
 
 
 SERVER = "a server runs until stopped; tests/serve/ start it and check what it answers"
@@ -88,7 +88,8 @@ COMMANDS: dict[str, Row] = {
     "gptcli pretrain configs/demo.yaml --resume": Row(needs=(DEMO,), extra=("--set", "train.max_steps=4")),
     "gptcli pretrain configs/demo.yaml --overwrite": Row(needs=(DEMO,)),
     CLASSIFY: Row(needs=(DEMO,)),
-    "gptcli finetune configs/finetune-classify.yaml --set finetune.lora.rank=8": Row(needs=(DEMO,)),
+    "gptcli finetune configs/finetune-classify.yaml --set finetune.lora.rank=8 --set finetune.aux_lm_weight=0":
+        Row(needs=(DEMO,)),
     "gptcli finetune configs/finetune-lm.yaml": Row(needs=(DEMO,), data=(needs_shakespeare,)),
     INSTRUCT: Row(needs=(DEMO,)),
     "gptcli finetune my.yaml --task instruct --resume":

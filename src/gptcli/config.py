@@ -250,7 +250,8 @@ class TrainConfig:
     eval_batches: int = _field(20, "Micro-batches averaged for one validation loss.")
     eval_tasks: list[EvalTask] = _field(
         [], "Pretraining: multiple-choice tasks scored at every evaluation, a list of "
-        "`{task, data, limit, name}`; acc and acc_norm go to metrics.jsonl as `NAME/acc`, `NAME/acc_norm`.",
+        "`{task, data, limit, name}` (`task`: `hellaswag` or `choice`; `limit`: the first N items; `name`: in "
+        "metrics, default the task); acc and acc_norm go to metrics.jsonl as `NAME/acc`, `NAME/acc_norm`.",
         path=True,
     )
     save_every: int = _field(250, "Save a checkpoint every this many steps (and at the end).")

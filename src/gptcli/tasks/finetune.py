@@ -43,9 +43,10 @@ def builtin_example(task: str | None) -> list[str]:
     if task not in (None, "classify"):
         raise GptcliError(f"--task {task} needs a config naming its data (see configs/finetune-{task}.yaml)")
     # The settings of configs/finetune-classify.yaml (a test keeps the two equal), which
-    # BENCHMARKS.md measured: whole snippets pooled in windows, Muon, no dropout.
+    # BENCHMARKS.md measured: whole snippets pooled in windows, the auxiliary LM loss, Muon,
+    # no dropout.
     return [f"finetune.train_file={STDLIB_PACKAGES}", "out_dir=runs/classify-stdlib", "finetune.long_text=pool",
-            "model.dropout=0.0", "train.optimizer=muon", "train.batch_size=32", "train.lr=1e-3",
+            "finetune.aux_lm_weight=0.25", "model.dropout=0.0", "train.optimizer=muon", "train.batch_size=32", "train.lr=1e-3",
             "train.min_lr=1e-4"]
 
 
