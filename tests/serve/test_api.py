@@ -234,7 +234,7 @@ MEAN_POOLED = dump_yaml(config_from_dict({"finetune": {"task": "classify", "pool
 @pytest.mark.parametrize("config", ["# cls\n", MEAN_POOLED], ids=["last-token", "mean-pooled-windows"])
 def test_a_classifier_serves_classify(serve_process, tmp_path, capsys, config):
     """Served probabilities equal `gptcli sample`'s, which reads texts and pools states as
-    the checkpoint's config.yaml says (a long text here: three windows when pooled)."""
+    the checkpoint's config.yaml says (a long text here: five windows when pooled)."""
     checkpoint = save_checkpoint(tmp_path / "sentiment", GPTClassifier(random_model(257), ["neg", "pos"]),
                                  BytesTokenizer(), config)
     long_text = "great film, " * 10  # 120 bytes, past the context
@@ -250,7 +250,7 @@ def test_a_classifier_serves_classify(serve_process, tmp_path, capsys, config):
     assert status == 400 and "classifier" in answer["error"]["message"]
 
 
-def test_mean_pooling_changes_the_served_answer(tmp_path):
+def test_the_two_readings_give_different_answers(tmp_path):
     """What makes the test above able to fail: the two readings give different probabilities."""
     from gptcli.evals.classify import load_classifier
     from gptcli.infer.sample import class_probabilities

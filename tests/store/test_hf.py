@@ -127,6 +127,7 @@ def test_classifier_exports_as_sequence_classification(tmp_path, bias):
     ({"pooling": "mean", "long_text": "truncate"}, False),
     ({"pooling": "last", "long_text": "pool"}, False),
     ({}, False),  # today's default: mean
+    (None, True),  # saved before finetune.pooling existed: trained on the last token
 ])
 def test_a_classifier_that_pools_is_not_exported(tmp_path, settings, exports):
     """transformers' head reads the last token of one window: a classifier trained to pool
@@ -134,7 +135,9 @@ def test_a_classifier_that_pools_is_not_exported(tmp_path, settings, exports):
     from gptcli.config import FinetuneRunConfig, config_from_dict, dump_yaml
     from gptcli.model.heads import GPTClassifier
 
-    config = dump_yaml(config_from_dict({"finetune": {"task": "classify", **settings}}, FinetuneRunConfig))
+    config = dump_yaml(config_from_dict({"finetune": {"task": "classify", **(settings or {})}}, FinetuneRunConfig))
+    if settings is None:
+        config = "\n".join(line for line in config.splitlines() if "pooling:" not in line)
     model = GPTClassifier(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=257)), ["a", "b"])
     ckpt = save_checkpoint(tmp_path / "cls", model, BytesTokenizer(), config)
     if exports:
@@ -144,6 +147,36 @@ def test_a_classifier_that_pools_is_not_exported(tmp_path, settings, exports):
                                           r"finetune.long_text: \w+, .*--set finetune.pooling=last"):
         export_hf(ckpt, tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
+
+
+@needs_gpt2_ranks
+@pytest.mark.parametrize("truncate", ["keep_end", "keep_start"])
+def test_an_exported_classifier_reads_long_texts_as_gptcli(tmp_path, truncate):
+    """The exported tokenizer cuts a text longer than the context from the side training
+    cut it (finetune.truncate), so transformers classifies it as gptcli does."""
+    from gptcli.config import FinetuneRunConfig, config_from_dict, dump_yaml
+    from gptcli.evals.classify import load_classifier
+    from gptcli.infer.sample import class_probabilities
+    from gptcli.model.heads import GPTClassifier
+
+    config = dump_yaml(config_from_dict({"finetune": {"task": "classify", "pooling": "last", "truncate": truncate}},
+                                        FinetuneRunConfig))
+    torch.manual_seed(0)
+    trunk = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50257))
+    ckpt = save_checkpoint(tmp_path / "cls", GPTClassifier(trunk, ["a", "b"]), tiktoken_from_file(GPT2_TIKTOKEN),
+                           config)
+    out = export_hf(ckpt, tmp_path / "exported")
+    text = "The first words of this text differ from its last words, which are many more than sixteen tokens."
+    model, tokenizer, _ = load_classifier(ckpt, torch.device("cpu"))
+    assert len(tokenizer.encode(text)) > 16
+    expected = class_probabilities(model, tokenizer, text)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = hf_tokenizer(text, truncation=True, return_tensors="pt")["input_ids"]
+    hf = transformers.GPT2ForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        probs = torch.softmax(hf(ids).logits[0], dim=-1).tolist()
+    assert ids.shape == (1, 16)
+    assert probs == pytest.approx([expected["a"], expected["b"]], abs=1e-5)
 
 
 @needs_gpt2_ranks

@@ -205,10 +205,15 @@ def test_classification_metrics_by_hand():
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
 
 
-def test_resume_bit_identical_for_finetune(tmp_path, base_run):
+@pytest.mark.parametrize("lora_under_muon", [False, True])
+def test_resume_bit_identical_for_finetune(tmp_path, base_run, lora_under_muon):
+    """Also for LoRA under train.optimizer=muon, whose optimizer is AdamW (train/optim.py)."""
     data = write_classify_csv(tmp_path / "cls.csv")
     straight = ft_config(tmp_path, base_run, "classify", train_file=str(data))
     straight["train"].update(max_steps=20, log_every=1, eval_every=10, save_every=10, lr_decay_steps=20)
+    if lora_under_muon:
+        straight["finetune"]["lora"] = {"rank": 4, "alpha": 8}
+        straight["train"]["optimizer"] = "muon"
     finetune(config_from_dict(straight, FinetuneRunConfig))
     split = json.loads(json.dumps(straight))
     split["out_dir"] = str(tmp_path / "split")

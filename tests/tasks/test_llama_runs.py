@@ -140,7 +140,8 @@ def test_resume_with_the_other_optimizer_is_refused(tmp_path, corpus_dir, capsys
                               "--set", f"train.optimizer={resumed}"], capsys)
     assert code == 2 and out == ""
     message = (f"error: the run was trained with train.optimizer={trained}, so it resumes with it (its saved "
-               f"state holds {trained}'s moments); drop --set train.optimizer={resumed}, or start a new run")
+               f"state holds {trained}'s moments); set train.optimizer={trained} (drop --set "
+               f"train.optimizer={resumed}), or start a new run")
     assert message in err.splitlines(), err  # one line
     assert "Traceback" not in err
     assert snapshot() == before  # nothing written

@@ -106,12 +106,7 @@ def test_lora_factors_take_adamw():
     """Muon orthogonalises whole matrices; LoRA's rank-r factors go to AdamW (measured 14
     points better on the classify example), so adapters alone train with AdamW only, and
     with unfrozen block matrices beside them Muon keeps exactly those."""
-    from gptcli.model.lora import LoRASpec, apply_lora
-
-    model = GPTClassifier(llama(), ["a", "b"])
-    apply_lora(model, LoRASpec(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj")))
-    for name, p in model.named_parameters():  # as finetune does: adapters and the head train
-        p.requires_grad_("lora_" in name or name.startswith("score"))
+    model = lora_classifier()
     opt = build_optimizer(model, MUON, CPU)
     trainable = {n.removeprefix("trunk.") for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable)
@@ -191,15 +186,37 @@ def test_state_dict_round_trip_continues_bit_identically():
 
 
 def test_loading_the_other_optimizers_state_is_refused_by_name():
-    adamw_state = build_optimizer(llama(), TrainConfig(), CPU).state_dict()
-    muon_state = build_optimizer(llama(), MUON, CPU).state_dict()
-    _check_same_optimizer(muon_state, "muon")
-    _check_same_optimizer(adamw_state, "adamw")
+    adamw = build_optimizer(llama(), TrainConfig(), CPU)
+    muon = build_optimizer(llama(), MUON, CPU)
+    _check_same_optimizer(muon.state_dict(), muon, "muon")
+    _check_same_optimizer(adamw.state_dict(), adamw, "adamw")
     with pytest.raises(GptcliError, match=r"^the run was trained with train.optimizer=muon, so it "
-                                          r"resumes with it .*drop --set train.optimizer=adamw"):
-        _check_same_optimizer(muon_state, "adamw")
+                                          r"resumes with it .*set train.optimizer=muon \(drop --set train.optimizer=adamw"):
+        _check_same_optimizer(muon.state_dict(), adamw, "adamw")
     with pytest.raises(GptcliError, match=r"train.optimizer=adamw, .*drop --set train.optimizer=muon"):
-        _check_same_optimizer(adamw_state, "muon")
+        _check_same_optimizer(adamw.state_dict(), muon, "muon")
+
+
+def lora_classifier() -> GPTClassifier:
+    from gptcli.model.lora import LoRASpec, apply_lora
+
+    model = GPTClassifier(llama(), ["a", "b"])
+    apply_lora(model, LoRASpec(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj")))
+    for name, p in model.named_parameters():  # as finetune does: adapters and the head train
+        p.requires_grad_("lora_" in name or name.startswith("score"))
+    return model
+
+
+def test_a_lora_run_under_muon_resumes_its_adamw_state():
+    """Under train.optimizer=muon a LoRA run saves AdamW's moments; resuming it with the same
+    config is accepted. State saved when its adapters still took Muon is refused in one line."""
+    built = build_optimizer(lora_classifier(), MUON, CPU)
+    _check_same_optimizer(build_optimizer(lora_classifier(), MUON, CPU).state_dict(), built, "muon")
+    older = Optimizers([build_optimizer(lora_classifier(), TrainConfig(), CPU),
+                        Muon([nn.Parameter(torch.zeros(4, 4))], lr=0.02, weight_decay=0.0, momentum=0.95)]).state_dict()
+    with pytest.raises(GptcliError, match=r"^the run's saved optimizer state \(3 parameter groups of muon\) does "
+                                          r"not fit .*\(2 of adamw; .*start a new run$"):
+        _check_same_optimizer(older, built, "muon")
 
 
 # --- the learning-rate schedule in the training loop -----------------------------------------------

@@ -118,9 +118,9 @@ def load_served(options: ServeOptions, worker: Executor):
     """The checkpoint, loaded and ready: the model for generation (or classification), its
     tokenizer, the engine, and the id clients name it by. Runs on `worker`, the thread
     that will run the model."""
+    from gptcli.evals.classify import load_classifier
     from gptcli.infer.engine import BatchEngine
     from gptcli.infer.sample import is_classifier, load_for_generation
-    from gptcli.evals.classify import load_classifier
     from gptcli.serve.app import Served
     from gptcli.tasks.instruct import is_chat_model
 

@@ -399,8 +399,7 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
     target = check_output_dir(out, "hf-export", replace=overwrite, inputs=input_paths([run, source]))
     model, tokenizer = load_model(source)
     classifier = checkpoint_task(source) == "classify"
-    if classifier:
-        _check_exportable_reading(source)
+    truncation_side = _classifier_truncation_side(source) if classifier else "right"
     if model.lora_spec is not None:
         merge_lora(model)
     cfg = model.config
@@ -426,17 +425,19 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         (work / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if _is_gpt2_tokenizer(tokenizer):
-            _write_gpt2_tokenizer(work, tokenizer, cfg.block_size)
+            _write_gpt2_tokenizer(work, tokenizer, cfg.block_size, truncation_side)
     return Path(out)
 
 
-def _check_exportable_reading(source: Path) -> None:
-    """Refuse a classifier that pools its hidden states or its windows: transformers'
+def _classifier_truncation_side(source: Path) -> str:
+    """The side transformers' tokenizer must cut long texts from to read them as the
+    classifier was trained (`left` keeps the end: finetune.truncate keep_end, the default).
+    A classifier that pools its hidden states or its windows is refused: transformers'
     ...ForSequenceClassification scores the last token of one window, so it would predict
-    differently. Settings come from the checkpoint's config.yaml (none: last, truncate)."""
+    differently. Settings come from the checkpoint's config.yaml (none: last, truncate, end)."""
     training = training_config(source)
     if training is None:
-        return
+        return "left"
     settings = training.finetune
     if settings.pooling != "last" or settings.long_text != "truncate":
         raise GptcliError(
@@ -444,13 +445,15 @@ def _check_exportable_reading(source: Path) -> None:
             f"finetune.long_text: {settings.long_text}, but transformers' classification head reads the last "
             f"token of one window; finetune with --set finetune.pooling=last --set finetune.long_text=truncate "
             f"to export")
+    return "left" if settings.truncate == "keep_end" else "right"
 
 
-def _write_gpt2_tokenizer(work: Path, tokenizer: TiktokenTokenizer, block_size: int) -> None:
+def _write_gpt2_tokenizer(work: Path, tokenizer: TiktokenTokenizer, block_size: int, truncation_side: str) -> None:
     vocab, merges = tokenizer_files(tokenizer.encoding._mergeable_ranks)
     vocab[EOT] = tokenizer.eot_id
     (work / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (work / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     (work / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT,
-         "unk_token": EOT, "model_max_length": block_size, "add_prefix_space": False}))
+         "unk_token": EOT, "model_max_length": block_size, "add_prefix_space": False,
+         "truncation_side": truncation_side}))

@@ -111,7 +111,7 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
         shard(model, precision)  # before the optimizer: it must hold the sharded parameters
     optimizer = build_optimizer(model, cfg, device)
     if state.optimizer is not None:
-        _check_same_optimizer(state.optimizer, cfg.optimizer)
+        _check_same_optimizer(state.optimizer, optimizer, cfg.optimizer)
         restore_moments(optimizer, state.optimizer)
     dist.barrier()  # every rank has checked the run directory before rank 0 changes it
     run_dir = claim.path
@@ -348,13 +348,24 @@ def restore_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
         group.update(own)
 
 
-def _check_same_optimizer(saved: dict, name: str) -> None:
-    """A resumed run keeps its optimizer: the saved state holds one optimizer's moments."""
-    was = "muon" if any("ns_steps" in group for group in saved["param_groups"]) else "adamw"
-    if was != name:
+def _check_same_optimizer(saved: dict, built: torch.optim.Optimizer, name: str) -> None:
+    """A resumed run keeps its optimizer: the saved state must hold the moments of the one
+    this run built (`name` is train.optimizer; under it, a LoRA run's optimizer is AdamW)."""
+    was, now = _optimizer_kind(saved), _optimizer_kind(built.state_dict())
+    if was == now and len(saved["param_groups"]) == len(built.param_groups):
+        return
+    if was != now and was != name:
         raise GptcliError(f"the run was trained with train.optimizer={was}, so it resumes with "
-                          f"it (its saved state holds {was}'s moments); drop --set "
-                          f"train.optimizer={name}, or start a new run")
+                          f"it (its saved state holds {was}'s moments); set train.optimizer={was} (drop "
+                          f"--set train.optimizer={name}), or start a new run")
+    raise GptcliError(f"the run's saved optimizer state ({len(saved['param_groups'])} parameter groups of "
+                      f"{was}) does not fit the optimizer this version of gptcli builds for it "
+                      f"({len(built.param_groups)} of {now}; since LoRA adapters take AdamW under "
+                      f"train.optimizer=muon); start a new run")
+
+
+def _optimizer_kind(state: dict) -> str:
+    return "muon" if any("ns_steps" in group for group in state["param_groups"]) else "adamw"
 
 
 def _clip(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
