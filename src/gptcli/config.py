@@ -486,8 +486,6 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     need(0 <= t.beta2 < 1, f"train.beta2: must be in [0, 1), got {t.beta2}")
     need(t.grad_clip >= 0, f"train.grad_clip: must be 0 or more, got {t.grad_clip}")
     problems += mixture_problems(d)
-    need(not (t.eval_tasks and t.parallel == "fsdp"), "train.eval_tasks: not supported with "
-                                                        "train.parallel=fsdp yet; use ddp or drop the tasks")
     names = [task.metric_name for task in t.eval_tasks]
     for i, task in enumerate(t.eval_tasks):
         need(bool(task.data), f"train.eval_tasks[{i}].data: missing; name the task's JSONL file")

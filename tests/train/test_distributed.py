@@ -132,3 +132,28 @@ def test_finetune_under_torchrun_matches_single_process(tmp_path, base, parallel
     saved = [load_file(tmp_path / run / "checkpoints" / "step-000008" / "model.safetensors")
              for run in ("ft1", "ft2")]
     assert {k: v.shape for k, v in saved[0].items()} == {k: v.shape for k, v in saved[1].items()}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_eval_tasks_under_torchrun_score_as_one_process(tmp_path, base, parallel):
+    """train.eval_tasks under DDP and FSDP2 (where scoring's trunk and head calls gather the
+    sharded weights themselves) give the single process's acc and acc_norm."""
+    items = [{"context": f"line {i}: the", "choices": [" cat", " sat on", " the mat.", " x" * (i + 1)],
+              "label": i % 4} for i in range(12)]
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in items))
+    base["train"].update(parallel=parallel, max_steps=6, eval_every=3,
+                         eval_tasks=[{"task": "choice", "data": str(data), "name": "toy"}])
+    done = torchrun(["pretrain", write_config(tmp_path / "run.yaml", base)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    single = json.loads(json.dumps(base))
+    single["out_dir"] = str(tmp_path / "single")
+    single["train"]["batch_size"] = 8
+    pretrain(config_from_dict(single))
+
+    def scores(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["toy/acc"], r["toy/acc_norm"]) for r in rows if "toy/acc" in r]
+
+    assert [step for step, *_ in scores(tmp_path / "ddp")] == [3, 6]
+    assert scores(tmp_path / "ddp") == scores(tmp_path / "single")

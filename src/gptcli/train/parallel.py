@@ -50,7 +50,7 @@ def shard(model: Model, precision: Precision) -> None:
     """FSDP2 in place: each block is its own shard group, the root module holds the rest.
     Under bf16, weights are gathered and computed in bf16 while gradients are reduced and
     kept in fp32 (the master weights stay fp32)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if precision.name == "fp16":
         raise GptcliError("train.parallel: fsdp needs precision bf16 or fp32 (fp16 loss scaling "
@@ -61,6 +61,12 @@ def shard(model: Model, precision: Precision) -> None:
     for block in model.blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    # Multiple-choice scoring (train.eval_tasks) runs the trunk and the head as two calls, not
+    # through forward, and FSDP gathers weights only around forward. The root's (embeddings,
+    # final norm, head) happen to stay gathered after the validation forward before it (the
+    # root does not reshard after forward); registering the two calls removes that reliance.
+    for method in ("hidden_states", "logits"):
+        register_fsdp_forward_method(model, method)
 
 
 def wrap_for_steps(model: nn.Module, dist: Distributed, mode: str,
