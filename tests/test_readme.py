@@ -97,6 +97,7 @@ COMMANDS: dict[str, Row] = {
     'gptcli sample -c runs/classify-stdlib -p "msg = email.message_from_string(text)"':
         Row(needs=(DEMO, CLASSIFY)),
     "gptcli eval -c runs/classify-stdlib --data test.csv --predictions preds.csv": Row(needs=(DEMO, CLASSIFY)),
+    "gptcli eval -c runs/classify-stdlib": Row(needs=(DEMO, CLASSIFY)),
     'gptcli sample -c runs/instruct-docstrings -p "def read_config(path):"':
         Row(needs=(DEMO, INSTRUCT), extra=("-n", "8")),
     IMPORT: Row(data=(needs_gpt2_ranks,)),

@@ -80,6 +80,25 @@ def test_classify_learns_and_predicts(tmp_path, base_run, capsys):
                             "--predictions", tmp_path / "preds.csv"], capsys)
     assert code == 0 and json.loads(out)["accuracy"] > 0.95
     assert (tmp_path / "preds.csv").read_text().startswith("text,label,predicted,p_consonant,p_vowel")
+    # Without --data: the validation split it trained with, rebuilt from its config.
+    code, out, _ = run_cli(["eval", "-c", result.run_dir, "--json"], capsys)
+    own = json.loads(out)
+    assert code == 0 and own["data"] == f"{data} (validation split)"
+    assert own["confusion"] == rows[-1]["confusion"] and own["accuracy"] == rows[-1]["val_accuracy"]
+    assert own["naive_bayes_accuracy"] == rows[-1]["val_naive_bayes_accuracy"]
+
+
+def test_a_classifier_without_its_config_needs_data(tmp_path, capsys):
+    from conftest import run_cli
+
+    from gptcli.store.checkpoint import save_checkpoint
+
+    trunk = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=257))
+    checkpoint = save_checkpoint(tmp_path / "cls", GPTClassifier(trunk, ["a", "b"]), BytesTokenizer(), "# none\n")
+    code, out, err = run_cli(["eval", "-c", checkpoint], capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == (f"error: {checkpoint} records no finetune config to rebuild its validation split from; "
+                           f"give a labelled file with --data")
 
 
 def test_lm_task_reports_before_and_after(tmp_path, base_run):

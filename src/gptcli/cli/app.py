@@ -184,7 +184,7 @@ def eval_command(
     data: Annotated[Optional[list[str]], typer.Option(
         "--data", help="Language model: text files, folders, globs, `stdlib` or a tokenized directory "
                        "(repeatable; none: the run's own validation). Classifier: one CSV, TSV, JSONL or Parquet "
-                       "file with text and label columns.")] = None,
+                       "file with text and label columns (none: the validation split it trained with).")] = None,
     split: Annotated[str, typer.Option(help="Of a tokenized directory: all, train or val.")] = "all",
     batch_size: Annotated[int, typer.Option(help="Windows (or rows) per forward pass.")] = 8,
     precision: Annotated[str, typer.Option(
@@ -217,6 +217,7 @@ def eval_command(
     """
     from gptcli.cli.display import (
         ProgressDisplay,
+        console,
         render_classify_metrics,
         render_lm_metrics,
         show_checkpoint,
@@ -247,11 +248,13 @@ def eval_command(
 
         if quantize != "none":
             raise GptcliError(f"--quantize is for language models; {path} is a classifier")
-        if not data or len(data) != 1:
-            raise GptcliError("--data: a classifier is evaluated on exactly one labelled file (CSV, TSV, JSONL or Parquet)")
-        path, metrics = eval_classifier_checkpoint(path, data[0], text_column, label_column, predictions,
-                                            batch_size=batch_size, device=device)
+        if data and len(data) != 1:
+            raise GptcliError("--data: a classifier is evaluated on one labelled file (CSV, TSV, JSONL or "
+                              "Parquet), or without --data on the validation split it trained with")
+        path, metrics = eval_classifier_checkpoint(path, data[0] if data else None, text_column, label_column,
+                                                   predictions, batch_size=batch_size, device=device)
         if not json_output:
+            console.print(f"data: {metrics['data']}", highlight=False, markup=False)
             render_classify_metrics({f"val_{k}" if k in ("accuracy", "macro_f1", "majority_baseline",
                                                           "naive_bayes_accuracy", "naive_bayes_macro_f1") else k: v
                                      for k, v in metrics.items()})

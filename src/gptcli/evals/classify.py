@@ -26,41 +26,62 @@ from gptcli.store.checkpoint import checkpoint_task, load_model, training_config
 from gptcli.store.rundir import resolve_checkpoint
 
 
-def eval_classifier_checkpoint(checkpoint: str | Path | None, data_file: str | Path,
-                        text_column: str = "text", label_column: str = "label",
-                        predictions: str | Path | None = None, batch_size: int = 32,
-                        device: str = "auto") -> tuple[Path, dict]:
+def eval_classifier_checkpoint(checkpoint: str | Path | None, data_file: str | Path | None,
+                               text_column: str = "text", label_column: str = "label",
+                               predictions: str | Path | None = None, batch_size: int = 32,
+                               device: str = "auto") -> tuple[Path, dict]:
     """Accuracy, macro-F1, per-class precision/recall and the confusion matrix of a
-    classifier checkpoint on `data_file`, with two baselines: the majority class of
-    `data_file` and a naive Bayes fitted on the training records the checkpoint's config
-    names (`naive_bayes_unavailable` says why not, when they cannot be read); writes
-    `predictions` (CSV) when given."""
-    records = read_records(data_file)  # the cheap checks first
-    texts = [str(t) for t in column(records, text_column, data_file, "--text-column")]
-    truth = [str(y) for y in column(records, label_column, data_file, "--label-column")]
+    classifier checkpoint on `data_file` (None: the validation split it trained with, rebuilt
+    from its config), with two baselines: the majority class of those records and a naive
+    Bayes fitted on the training records the checkpoint's config names
+    (`naive_bayes_unavailable` says why not, when they cannot be read); writes `predictions`
+    (CSV) when given. `data` in the result names the records evaluated."""
+    if data_file is not None:  # the cheap checks first
+        records = read_records(data_file)
+        texts = [str(t) for t in column(records, text_column, data_file, "--text-column")]
+        truth = [str(y) for y in column(records, label_column, data_file, "--label-column")]
+        source = str(data_file)
     path = resolve_checkpoint(checkpoint)
     if predictions is not None:
-        predictions = check_output_file(predictions, input_paths([data_file, path]), "--predictions")
+        inputs = [path] if data_file is None else [data_file, path]
+        predictions = check_output_file(predictions, input_paths(inputs), "--predictions")
     if checkpoint_task(path) != "classify":
         raise GptcliError(f"{path} is not a classifier checkpoint; `gptcli eval --data TEXT` "
                           f"evaluates language models")
+    if data_file is None:
+        texts, truth, source = _own_validation(path)
     dev = resolve_device(device)
     model, tokenizer, training = load_classifier(path, dev)
     unknown = sorted(set(truth) - set(model.labels))
     if unknown:
-        raise GptcliError(f"{data_file}: labels the classifier never learned: {', '.join(unknown[:5])}")
+        raise GptcliError(f"{source}: labels the classifier never learned: {', '.join(unknown[:5])}")
     index = {name: i for i, name in enumerate(model.labels)}
     y = np.array([index[label] for label in truth])
     rows = encode_windows(tokenizer, texts, model.config.block_size, model.reading)
     probs = predict_probs(model, rows, tokenizer.eot_id, batch_size, Precision("fp32", dev.type), dev)
     predicted = probs.argmax(1)
-    metrics = classification_metrics(y, predicted, model.labels)
+    metrics = {"data": source, **classification_metrics(y, predicted, model.labels)}
     counts = np.bincount(y, minlength=len(model.labels))
     metrics["majority_baseline"] = float(counts.max() / counts.sum())
     metrics.update(_naive_bayes_metrics(training, model.labels, texts, y))
     if predictions is not None:
         _write_predictions(predictions, texts, truth, predicted, probs, model.labels)
     return path, metrics
+
+
+def _own_validation(path: Path) -> tuple[list[str], list[str], str]:
+    """The texts and labels of the validation split a classifier trained with (its
+    val_file, or the seeded val_fraction of its train_file), and what to call them."""
+    training = training_config(path)
+    if training is None:
+        raise GptcliError(f"{path} records no finetune config to rebuild its validation split from; "
+                          f"give a labelled file with --data")
+    f = training.finetune
+    _, val, source = finetune_records(training)
+    name = f"{f.val_file or source} (validation split)"
+    texts = [str(t) for t in column(val, f.text_column, name, "finetune.text_column")]
+    labels = [str(y) for y in column(val, f.label_column, name, "finetune.label_column")]
+    return texts, labels, name
 
 
 def load_classifier(path: Path, device: torch.device) -> tuple[GPTClassifier, Tokenizer, FinetuneRunConfig | None]:
