@@ -82,7 +82,7 @@ def test_loglikelihoods_and_answers_equal_a_by_hand_computation(tmp_path):
     np.testing.assert_allclose(flat(one_by_one), flat(result.loglikelihoods), atol=1e-4)
 
 
-def test_acc_norm_divides_by_the_choices_length_in_characters():
+def test_acc_norm_divides_by_characters_and_acc_bytes_by_bytes():
     items = [ChoiceItem("q", ("a", "bbbb"), 1), ChoiceItem("q", ("é", "xx"), 0)]
     result = ChoiceResult([[-2.0, -3.0], [-1.5, -2.0]], items)
     # Item 1 (label "bbbb"): the sum picks "a" (-2 > -3); per character "bbbb" (-0.75 > -2).
@@ -90,6 +90,7 @@ def test_acc_norm_divides_by_the_choices_length_in_characters():
     # "é" (two bytes) would score -0.75 and win, making acc_norm 1.0: the harness counts characters.
     metrics = result.metrics()
     assert metrics["acc"] == 0.5 and metrics["acc_norm"] == 0.5
+    assert metrics["acc_bytes"] == 1.0  # what the harness's acc_bytes counts: UTF-8 bytes
     assert metrics["acc_stderr"] == pytest.approx(np.std([0, 1], ddof=1) / math.sqrt(2))
 
 

@@ -1,7 +1,7 @@
 """Parity with EleutherAI's lm-evaluation-harness: a small trained checkpoint of each recipe,
 exported with export-hf, scored by the harness (its Python API, its `hf` model) on a local
 multiple-choice task over a JSONL made here, and by `gptcli eval --task choice` on the same
-items: the same acc and acc_norm, and every choice's log-likelihood within 1e-3."""
+items: the same acc, acc_norm and acc_bytes, and every choice's log-likelihood within 1e-3."""
 
 import json
 
@@ -33,6 +33,9 @@ metric_list:
     aggregation: mean
     higher_is_better: true
   - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_bytes
     aggregation: mean
     higher_is_better: true
 """
@@ -70,6 +73,8 @@ def items_file(path) -> None:
         choices = [lines[k + 1], *others]
         label = i % 4
         choices[0], choices[label] = choices[label], choices[0]
+        if i % 2:  # non-ASCII choices, where characters and UTF-8 bytes differ (acc_norm, acc_bytes)
+            choices = [c.replace("e", "é").replace("'", "’") if j % 2 else c for j, c in enumerate(choices)]
         rows.append({"context": lines[k] + ("\n" if i % 3 else ""), "choices": choices, "label": label})
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -105,5 +110,6 @@ def test_harness_and_gptcli_agree(tmp_path, monkeypatch, arch):
     for mine, other in zip(our_lls, their_lls):
         assert mine == pytest.approx(other, abs=1e-3)
     assert ours["acc"] == theirs["acc,none"] and ours["acc_norm"] == theirs["acc_norm,none"]
+    assert ours["acc_bytes"] == theirs["acc_bytes,none"]
     assert ours["acc_stderr"] == pytest.approx(theirs["acc_stderr,none"], rel=1e-6)
     assert ours["items"] == 40

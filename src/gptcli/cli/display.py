@@ -241,12 +241,13 @@ def render_lm_metrics(m: dict) -> None:
 
 
 def render_choice_metrics(m: dict) -> None:
-    """acc and acc_norm (with standard errors) of a multiple-choice evaluation."""
+    """acc, acc_norm and acc_bytes (with standard errors) of a multiple-choice evaluation."""
     table = Table(show_header=False, box=None)
     table.add_row("task", Text(f"{m['task']} ({m['data']})"))
     table.add_row("items", f"{m['items']:,} ({m['items_per_second']:.1f} items/s)")
     table.add_row("acc", f"{m['acc']:.4f} ± {m['acc_stderr']:.4f}")
     table.add_row("acc_norm", f"{m['acc_norm']:.4f} ± {m['acc_norm_stderr']:.4f}")
+    table.add_row("acc_bytes", f"{m['acc_bytes']:.4f} ± {m['acc_bytes_stderr']:.4f}")
     table.add_row("precision", m["precision"])
     console.print(table)
 

@@ -12,8 +12,10 @@ lm-evaluation-harness scores its multiple-choice tasks, so that the numbers comp
   the last (the harness's truncation).
 - acc: 1 when the choice with the highest log-likelihood is the label. acc_norm: the same
   after dividing each log-likelihood by the choice's length in characters (the harness's
-  `len(choice)`, without the delimiter; its byte length where the text is ASCII). Each is
-  reported with the standard error of its mean (sample standard deviation / sqrt(n)).
+  `len(choice)`, without the delimiter), the number papers report. acc_bytes: divided by
+  its length in UTF-8 bytes instead (the harness's metric of that name; equal to acc_norm
+  where the choices are ASCII). Each is reported with the standard error of its mean
+  (sample standard deviation / sqrt(n)).
 
 Readers: `hellaswag` reads the official HellaSwag JSONL (`ctx_a`, `ctx_b`,
 `activity_label`, `endings`, `label`) with the harness's preprocessing (context
@@ -139,11 +141,13 @@ class ChoiceResult:
     items: list[ChoiceItem]
 
     def metrics(self) -> dict[str, float]:
-        correct = np.array([int(np.argmax(lls)) == item.label for lls, item in zip(self.loglikelihoods, self.items)])
-        normed = np.array([int(np.argmax(np.array(lls) / [len(c) for c in item.choices])) == item.label
-                           for lls, item in zip(self.loglikelihoods, self.items)])
-        return {"items": len(self.items), "acc": float(correct.mean()), "acc_stderr": _stderr(correct),
-                "acc_norm": float(normed.mean()), "acc_norm_stderr": _stderr(normed)}
+        metrics: dict[str, float] = {"items": len(self.items)}
+        for name, length in (("acc", lambda choice: 1), ("acc_norm", len),
+                             ("acc_bytes", lambda choice: len(choice.encode("utf-8")))):
+            right = np.array([int(np.argmax(np.array(lls) / [length(c) for c in item.choices])) == item.label
+                              for lls, item in zip(self.loglikelihoods, self.items)])
+            metrics[name], metrics[f"{name}_stderr"] = float(right.mean()), _stderr(right)
+        return metrics
 
 
 def _stderr(outcomes: np.ndarray) -> float:
