@@ -58,9 +58,9 @@ class PretrainData:
         return {"idx": x, "targets": y}
 
     def validate(self, model: Model, precision: Precision) -> dict[str, float]:
+        tasks = self.tasks.scores(model, precision)  # first: under fsdp, before any forward gathers weights
         batches = ({"idx": x, "targets": y} for x, y in map(self.val.batch, range(self.eval_batches)))
-        return {**validation_loss(model, batches, precision, self.val_bytes_per_token),
-                **self.tasks.scores(model, precision)}
+        return {**validation_loss(model, batches, precision, self.val_bytes_per_token), **tasks}
 
 
 class MixtureData:
@@ -87,8 +87,8 @@ class MixtureData:
         return self.train.tokens_by_source(steps)
 
     def validate(self, model: Model, precision: Precision) -> dict[str, float]:
-        return {**mixture_validation(model, self.mixture, self.cfg, precision, self.device),
-                **self.tasks.scores(model, precision)}
+        tasks = self.tasks.scores(model, precision)  # first, as above
+        return {**mixture_validation(model, self.mixture, self.cfg, precision, self.device), **tasks}
 
 
 def _check_resume_compatible(cfg: RunConfig, checkpoint: Path, tokenizer: Tokenizer,

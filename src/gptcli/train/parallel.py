@@ -62,9 +62,8 @@ def shard(model: Model, precision: Precision) -> None:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     # Multiple-choice scoring (train.eval_tasks) runs the trunk and the head as two calls, not
-    # through forward, and FSDP gathers weights only around forward. The root's (embeddings,
-    # final norm, head) happen to stay gathered after the validation forward before it (the
-    # root does not reshard after forward); registering the two calls removes that reliance.
+    # through forward, and FSDP gathers weights only around forward: registered, each call
+    # gathers the root's (embeddings, final norm, head) as forward does.
     for method in ("hidden_states", "logits"):
         register_fsdp_forward_method(model, method)
 
