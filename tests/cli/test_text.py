@@ -12,6 +12,7 @@ import torch
 from conftest import run_cli, tiny_config
 
 from gptcli.config import ModelConfig
+from gptcli.data.labelled import TextReading
 from gptcli.data.tokenizer import BytesTokenizer
 from gptcli.evals.classify import DETAILED_CLASSES, classification_metrics
 from gptcli.infer.sample import decode_escapes
@@ -269,7 +270,7 @@ def test_evaluation_record_of_a_classifier_with_many_classes_stays_small():
     torch.manual_seed(0)
     model = GPTClassifier(GPT(TINY), labels)
     texts = [f"text {i}" for i in range(600)]
-    data = ClassifyData(BytesTokenizer(), labels, ([], []), (texts, labels[:600]), 32, 64, "end", 0,
+    data = ClassifyData(BytesTokenizer(), labels, ([], []), (texts, labels[:600]), 32, 64, TextReading(), 0,
                         torch.device("cpu"))
     record = data.validate(model, Precision("fp32", "cpu"))
     assert len(json.dumps(record)) < 100_000 and "confusion" not in record

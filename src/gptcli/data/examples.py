@@ -2,20 +2,22 @@
 finetune task can be demonstrated on any machine with no download.
 They have no file: their records are numbered 1, 2, ... in the order returned (fixed by
 the seed), and `source_name` names them for messages. `finetune_records` gives a finetune
-its training and validation records, from a file or a built-in example."""
+its training and validation records, from a file or a built-in example; `labelled_splits`
+their texts and labels for a classifier."""
 
 from __future__ import annotations
 
 import ast
 import random
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gptcli.config import FinetuneRunConfig
 from gptcli.data.corpus import stdlib_files
-from gptcli.data.records import Record, numbered, read_records
+from gptcli.data.records import Record, column, numbered, read_records
 from gptcli.errors import GptcliError
 
 STDLIB_PACKAGES = "stdlib-packages"
@@ -96,3 +98,28 @@ def finetune_records(cfg: FinetuneRunConfig) -> tuple[list[Record], list[Record]
         raise GptcliError(f"{f.train_file} has {len(train)} records: too few to "
                           f"hold out a validation set; add data or a val_file")
     return [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]], source
+
+
+@dataclass(frozen=True)
+class LabelledSplits:
+    """A classify finetune's (texts, labels) of each split, as strings, and what messages
+    call each split's data."""
+
+    train: tuple[list[str], list[str]]
+    val: tuple[list[str], list[str]]
+    train_source: str
+    val_source: str
+
+
+def labelled_splits(cfg: FinetuneRunConfig) -> LabelledSplits:
+    """The texts and labels (finetune.text_column, label_column) of finetune_records' splits:
+    what a classifier trains and validates on, and what `gptcli eval` rebuilds for it."""
+    f = cfg.finetune
+    train, val, source = finetune_records(cfg)
+    val_source = f.val_file or source
+
+    def texts_and_labels(records: list[Record], where: str) -> tuple[list[str], list[str]]:
+        return ([str(t) for t in column(records, f.text_column, where, "finetune.text_column")],
+                [str(y) for y in column(records, f.label_column, where, "finetune.label_column")])
+
+    return LabelledSplits(texts_and_labels(train, source), texts_and_labels(val, val_source), source, val_source)

@@ -13,7 +13,7 @@ import torch
 
 from gptcli.atomic import write_text
 from gptcli.config import FinetuneRunConfig
-from gptcli.data.examples import finetune_records
+from gptcli.data.examples import LabelledSplits, labelled_splits
 from gptcli.data.labelled import TextReading, encode_windows, pad_windows
 from gptcli.data.records import column, read_records
 from gptcli.data.tokenizer import Tokenizer
@@ -48,8 +48,10 @@ def eval_classifier_checkpoint(checkpoint: str | Path | None, data_file: str | P
     if checkpoint_task(path) != "classify":
         raise GptcliError(f"{path} is not a classifier checkpoint; `gptcli eval --data TEXT` "
                           f"evaluates language models")
+    splits = None  # the training run's splits, rebuilt once for both the data and naive Bayes
     if data_file is None:
-        texts, truth, source = _own_validation(path)
+        splits = _own_splits(path)
+        (texts, truth), source = splits.val, f"{splits.val_source} (validation split)"
     dev = resolve_device(device)
     model, tokenizer, training = load_classifier(path, dev)
     unknown = sorted(set(truth) - set(model.labels))
@@ -63,25 +65,20 @@ def eval_classifier_checkpoint(checkpoint: str | Path | None, data_file: str | P
     metrics = {"data": source, **classification_metrics(y, predicted, model.labels)}
     counts = np.bincount(y, minlength=len(model.labels))
     metrics["majority_baseline"] = float(counts.max() / counts.sum())
-    metrics.update(_naive_bayes_metrics(training, model.labels, texts, y))
+    metrics.update(_naive_bayes_metrics(training, splits, model.labels, texts, y))
     if predictions is not None:
         _write_predictions(predictions, texts, truth, predicted, probs, model.labels)
     return path, metrics
 
 
-def _own_validation(path: Path) -> tuple[list[str], list[str], str]:
-    """The texts and labels of the validation split a classifier trained with (its
-    val_file, or the seeded val_fraction of its train_file), and what to call them."""
+def _own_splits(path: Path) -> LabelledSplits:
+    """The splits a classifier trained with (its val_file, or the seeded val_fraction of its
+    train_file), rebuilt from the finetune config in its checkpoint."""
     training = training_config(path)
     if training is None:
         raise GptcliError(f"{path} records no finetune config to rebuild its validation split from; "
                           f"give a labelled file with --data")
-    f = training.finetune
-    _, val, source = finetune_records(training)
-    name = f"{f.val_file or source} (validation split)"
-    texts = [str(t) for t in column(val, f.text_column, name, "finetune.text_column")]
-    labels = [str(y) for y in column(val, f.label_column, name, "finetune.label_column")]
-    return texts, labels, name
+    return labelled_splits(training)
 
 
 def load_classifier(path: Path, device: torch.device) -> tuple[GPTClassifier, Tokenizer, FinetuneRunConfig | None]:
@@ -97,19 +94,20 @@ def load_classifier(path: Path, device: torch.device) -> tuple[GPTClassifier, To
     return model, tokenizer, training
 
 
-def _naive_bayes_metrics(training: FinetuneRunConfig | None, labels: list[str], texts: list[str],
-                         y: np.ndarray) -> dict:
+def _naive_bayes_metrics(training: FinetuneRunConfig | None, splits: LabelledSplits | None, labels: list[str],
+                         texts: list[str], y: np.ndarray) -> dict:
     """Accuracy and macro-F1 on `texts` of a naive Bayes fitted on the classifier's training
-    records, or why there is none (the run's training file is gone, say)."""
+    records (`splits`, or rebuilt from `training`), or why there is none (the run's training
+    file is gone, say)."""
     if training is None:
         return {"naive_bayes_unavailable": "the checkpoint records no finetune config naming its training file"}
     f = training.finetune
-    try:
-        train, _, source = finetune_records(training)
-        train_texts = [str(t) for t in column(train, f.text_column, source, "finetune.text_column")]
-        train_labels = [str(label) for label in column(train, f.label_column, source, "finetune.label_column")]
-    except GptcliError as exc:
-        return {"naive_bayes_unavailable": f"cannot read the training file {f.train_file} ({exc})"}
+    if splits is None:
+        try:
+            splits = labelled_splits(training)
+        except GptcliError as exc:
+            return {"naive_bayes_unavailable": f"cannot read the training file {f.train_file} ({exc})"}
+    train_texts, train_labels = splits.train
     index = {name: i for i, name in enumerate(labels)}
     known = [i for i, label in enumerate(train_labels) if label in index]
     if not known:

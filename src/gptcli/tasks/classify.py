@@ -19,19 +19,17 @@ from gptcli.runtime import Distributed, Precision
 
 class ClassifyData:
     """Labelled texts for the training loop: random train batches, full validation passes.
-    Each text is one or more rows (see data/labelled.py's TextReading: `keep`, `long_text`,
-    `pool_stride`); a batch holds `batch_size` texts with all their rows."""
+    Each text is one or more rows, as `reading` says (data/labelled.py's TextReading); a
+    batch holds `batch_size` texts with all their rows."""
 
     metric = "val_accuracy"
     higher_is_better = True
 
     def __init__(self, tokenizer: Tokenizer, labels: list[str], train: tuple[list[str], list[str]],
-                 val: tuple[list[str], list[str]], block_size: int, batch_size: int, keep: str,
-                 seed: int, device: torch.device, grad_accum: int = 1, dist: Distributed = Distributed(),
-                 long_text: str = "truncate", pool_stride: int = 0):
+                 val: tuple[list[str], list[str]], block_size: int, batch_size: int, reading: TextReading,
+                 seed: int, device: torch.device, grad_accum: int = 1, dist: Distributed = Distributed()):
         self.labels = labels
         index = {name: i for i, name in enumerate(labels)}
-        reading = TextReading(long_text, keep, pool_stride)
         self.train_rows = encode_windows(tokenizer, train[0], block_size, reading)
         self.train_y = np.array([index[y] for y in train[1]], dtype=np.int64)
         self.val_rows = encode_windows(tokenizer, val[0], block_size, reading)

@@ -14,9 +14,8 @@ import torch
 
 from gptcli.config import FinetuneModelConfig, FinetuneRunConfig, ModelConfig, RunConfig, dump_yaml
 from gptcli.data.dataset import TokenDataset, prepare_dataset
-from gptcli.data.examples import STDLIB_PACKAGES, finetune_records
+from gptcli.data.examples import STDLIB_PACKAGES, finetune_records, labelled_splits
 from gptcli.data.labelled import TextReading
-from gptcli.data.records import column
 from gptcli.data.tokenizer import Tokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
@@ -81,22 +80,16 @@ def _classify(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_c
               device: torch.device, dist: Distributed, on_event: EventSink
               ) -> tuple[GPTClassifier, ClassifyData, Tokenizer]:
     f = cfg.finetune
-    train, val, source = finetune_records(cfg)
-    where_val = f.val_file or source
-    texts = [str(t) for t in column(train, f.text_column, source, "finetune.text_column")]
-    labels = [str(y) for y in column(train, f.label_column, source, "finetune.label_column")]
-    val_texts = [str(t) for t in column(val, f.text_column, where_val, "finetune.text_column")]
-    val_labels = [str(y) for y in column(val, f.label_column, where_val, "finetune.label_column")]
-    names = check_labels(labels, val_labels, source)
+    splits = labelled_splits(cfg)
+    names = check_labels(splits.train[1], splits.val[1], splits.train_source)
     if f.pool_stride > model_cfg.block_size:
         raise GptcliError(f"finetune.pool_stride: {f.pool_stride} is beyond the {model_cfg.block_size}-token "
                           f"context, so windows would skip text; set it to at most {model_cfg.block_size}")
     reading = TextReading.from_config(f)
     model = GPTClassifier(get_arch(base.arch).model(model_cfg), names, f.aux_lm_weight, f.pooling, reading)
     model.load_state_dict(_trunk_state(base), strict=False)  # the head (`score`) starts fresh
-    data = ClassifyData(tokenizer, names, (texts, labels), (val_texts, val_labels),
-                        model_cfg.block_size, cfg.train.batch_size, reading.keep, cfg.seed, device,
-                        cfg.train.grad_accum, dist, long_text=reading.long_text, pool_stride=reading.stride)
+    data = ClassifyData(tokenizer, names, splits.train, splits.val, model_cfg.block_size, cfg.train.batch_size,
+                        reading, cfg.seed, device, cfg.train.grad_accum, dist)
     return model, data, tokenizer
 
 

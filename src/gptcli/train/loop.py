@@ -351,7 +351,7 @@ def restore_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
 def _check_same_optimizer(saved: dict, built: torch.optim.Optimizer, name: str) -> None:
     """A resumed run keeps its optimizer: the saved state must hold the moments of the one
     this run built (`name` is train.optimizer; under it, a LoRA run's optimizer is AdamW)."""
-    was, now = _optimizer_kind(saved), _optimizer_kind(built.state_dict())
+    was, now = _optimizer_kind(saved["param_groups"]), _optimizer_kind(built.param_groups)
     if was == now and len(saved["param_groups"]) == len(built.param_groups):
         return
     if was != now and was != name:
@@ -364,8 +364,8 @@ def _check_same_optimizer(saved: dict, built: torch.optim.Optimizer, name: str) 
                       f"train.optimizer=muon); start a new run")
 
 
-def _optimizer_kind(state: dict) -> str:
-    return "muon" if any("ns_steps" in group for group in state["param_groups"]) else "adamw"
+def _optimizer_kind(param_groups: list[dict]) -> str:
+    return "muon" if any("ns_steps" in group for group in param_groups) else "adamw"
 
 
 def _clip(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
