@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from gptcli.config import (
+    FinetuneRunConfig,
     RunConfig,
     apply_overrides,
     config_from_dict,
@@ -62,6 +63,18 @@ def test_all_problems_reported_at_once():
     message = str(info.value)
     assert "train.lr" in message and "train.bogus" in message and "model.n_layer" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("cls", [RunConfig, FinetuneRunConfig])
+def test_type_and_range_problems_reported_together(cls):
+    """A wrong type elsewhere used to hide range problems until the next try."""
+    with pytest.raises(GptcliError) as info:
+        config_from_dict({"train": {"lr": "abc", "batch_size": -3, "warmup_steps": -1}}, cls)
+    problems = str(info.value).split("; ")
+    assert problems[0] == "train.lr: expected a number, got 'abc'"
+    assert "train.batch_size: must be at least 1, got -3" in problems
+    assert "train.warmup_steps: must be 0 or more, got -1" in problems
+    assert sum(p.startswith("train.lr") for p in problems) == 1  # the defaulted lr is not re-judged
 
 
 @pytest.mark.parametrize("override, message", [

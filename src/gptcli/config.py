@@ -807,18 +807,27 @@ def config_from_dict(data: dict, cls: type = RunConfig) -> Any:
     """Build and validate a config from plain data; raise one error listing every problem."""
     problems: list[str] = []
     cfg = _expand_user_paths(_build(cls, data, "", problems))
-    if not problems and isinstance(cfg, RunConfig):
-        problems = _range_problems(cfg)
-    if not problems and isinstance(cfg, ModelConfig):
-        problems = model_config_problems(cfg)
-    if not problems and isinstance(cfg, FinetuneRunConfig):
-        problems = _finetune_problems(cfg)
+    # The range checks run even after type problems (a value of the wrong type was left at
+    # its default), so one try reports everything; a key reported already is not repeated.
+    reported = {problem.partition(":")[0] for problem in problems}
+    problems += [problem for problem in _value_problems(cfg) if problem.partition(":")[0] not in reported]
     if problems:
         raise GptcliError("; ".join(problems))
     # The arch fills the component keys left empty: what runs is written down in full.
     if isinstance(cfg, RunConfig):
         return dataclasses.replace(cfg, model=cfg.model.resolved(), data=cfg.data.resolved())
     return cfg.resolved() if isinstance(cfg, ModelConfig) else cfg
+
+
+def _value_problems(cfg: Any) -> list[str]:
+    """What the types cannot say about a built config: ranges and cross-field rules."""
+    if isinstance(cfg, RunConfig):
+        return _range_problems(cfg)
+    if isinstance(cfg, ModelConfig):
+        return model_config_problems(cfg)
+    if isinstance(cfg, FinetuneRunConfig):
+        return _finetune_problems(cfg)
+    return []
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

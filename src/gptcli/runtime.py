@@ -22,7 +22,9 @@ _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
                   "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "--device") -> torch.device:
+    """The device `name` (auto, cpu, cuda, cuda:N, mps) asks for; errors name `option`, the
+    setting it came from (`--device` of a command, `train.device` of a config)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -32,11 +34,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise GptcliError(f"train.device: unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from None
+        raise GptcliError(f"{option}: unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise GptcliError(f"train.device: '{name}' asked for, but no CUDA GPU is available")
+        raise GptcliError(f"{option}: '{name}' asked for, but no CUDA GPU is available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise GptcliError(f"train.device: '{name}' does not exist ({torch.cuda.device_count()} GPUs)")
+        raise GptcliError(f"{option}: '{name}' does not exist ({torch.cuda.device_count()} GPUs)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise GptcliError("train.device: 'mps' asked for, but MPS is not available")
     return device
@@ -67,11 +69,13 @@ def resolve_precision(name: str, device: torch.device, cpu_trial=None,
                       option: str = "train.precision") -> Precision:
     """Turn `train.precision` (or the `option` named in errors) into a Precision. For `auto`
     on CPU, `cpu_trial(precision)` (seconds per step) decides between fp32 and bf16 by
-    measurement; without a trial it is fp32."""
+    measurement; without a trial it is fp32. The trial is skipped (fp32) on a CPU whose
+    bf16 products are slow (`bf16_matmul_is_fast`): there one bf16 step of the trial took
+    longer than a minute of silence before the run began."""
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif device.type == "cpu" and cpu_trial is not None:
+        elif device.type == "cpu" and cpu_trial is not None and bf16_matmul_is_fast(device):
             # bf16 must win clearly: on small models the two are close, and a coin toss
             # between runs would make results depend on machine noise.
             fp32, bf16 = (cpu_trial(Precision(p, "cpu")) for p in ("fp32", "bf16"))
@@ -83,6 +87,50 @@ def resolve_precision(name: str, device: torch.device, cpu_trial=None,
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise GptcliError(f"{option}: this GPU has no bf16; use fp16 (with loss scaling) or fp32")
     return Precision(name, device.type)
+
+
+# Per process: (device type, index) -> whether bf16 matrix products beat fp32's there.
+_BF16_FAST: dict[tuple[str, int | None], bool] = {}
+# The probe: a stack of 4 products of 256 x 256 matrices (134 MFLOP), the size of a small
+# model's Newton-Schulz step or attention block. About 1.5 ms in fp32 on a 2-core CPU;
+# bf16 takes 0.1 s where the CPU has no bf16 instructions (oneDNN's reference kernel).
+_PROBE_SHAPE = (4, 256, 256)
+
+
+def bf16_matmul_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matrix products run clearly faster than fp32's on `device` (in under
+    BF16_MARGIN of the time). On CUDA: whether the GPU has bf16. Elsewhere it is measured,
+    once per process, because CPUs differ by two orders of magnitude: AMX and AVX-512 BF16
+    run bf16 2-4x faster than fp32, while an AVX2-only CPU runs it 20-100x slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    key = (device.type, device.index)
+    if key not in _BF16_FAST:
+        fp32, bf16 = _probe_matmul_seconds(device)
+        _BF16_FAST[key] = bf16 < BF16_MARGIN * fp32
+    return _BF16_FAST[key]
+
+
+def _probe_matmul_seconds(device: torch.device, repeats: int = 7) -> tuple[float, float]:
+    """The best times of batched products of the probe's shape in fp32 and in bf16, taken
+    in turns so that a busy moment of a shared machine slows both alike. Stops early once
+    bf16 is ten times slower: then its exact figure does not matter."""
+    generator = torch.Generator().manual_seed(0)  # leaves the run's RNG stream alone
+    a = torch.randn(_PROBE_SHAPE, generator=generator).to(device)
+    operands = {torch.float32: a, torch.bfloat16: a.bfloat16()}
+    best = dict.fromkeys(operands, float("inf"))
+    for x in operands.values():
+        torch.bmm(x, x)  # warm-up: kernel selection, thread pool start
+    for _ in range(repeats):
+        for dtype, x in operands.items():
+            _sync(device)
+            start = time.perf_counter()
+            torch.bmm(x, x)
+            _sync(device)
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+        if best[torch.bfloat16] > 10 * best[torch.float32]:
+            break
+    return best[torch.float32], best[torch.bfloat16]
 
 
 def should_compile(setting: str, device: torch.device) -> bool:

@@ -332,3 +332,38 @@ def test_the_builtin_example_is_the_shipped_config():
     builtin = load_config(None, builtin_example("classify"), FinetuneRunConfig)
     assert builtin.finetune.init_from == ""  # the latest pretrained run
     assert dataclasses.replace(builtin, finetune=dataclasses.replace(builtin.finetune, init_from="runs/demo")) == shipped
+
+
+@pytest.mark.parametrize("task", ["instruct", "lm"])
+def test_finetune_without_a_config_takes_its_data_from_set(tmp_path, base_run, task, capsys):
+    """`--set` is the YAML: `finetune --task instruct|lm` with its data given by --set trains
+    (it was refused as 'needs a config naming its data')."""
+    from conftest import run_cli
+
+    if task == "instruct":
+        data = tmp_path / "sft.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(20)))
+        given = [f"finetune.train_file={data}"]
+    else:
+        domain = tmp_path / "domain"
+        domain.mkdir()
+        for i in range(10):
+            (domain / f"d{i}.txt").write_text(f"SELECT {i};\n" * 20)
+        given = [f"data.inputs=[{domain}]"]
+    settings = [*given, f"finetune.init_from={base_run}", f"out_dir={tmp_path / 'ft'}", "train.max_steps=2",
+                "train.eval_every=2", "train.batch_size=2", "train.device=cpu", "train.precision=fp32"]
+    code, _out, err = run_cli(["finetune", "--task", task, *[a for s in settings for a in ("--set", s)]], capsys)
+    assert code == 0, err
+    assert (tmp_path / "ft" / "checkpoints" / "latest").is_file()
+
+
+@pytest.mark.parametrize(("task", "message"), [
+    ("bogus", "error: finetune.task: expected one of classify, lm, instruct; got 'bogus'"),
+    ("instruct", "error: finetune.train_file: required for --task instruct"),
+    ("lm", "error: data.inputs: name the new-domain text for --task lm"),
+])
+def test_finetune_without_a_config_names_what_is_missing(tmp_path, base_run, task, message, capsys):
+    from conftest import run_cli
+
+    code, out, err = run_cli(["finetune", "--task", task, "--set", f"finetune.init_from={base_run}"], capsys)
+    assert code == 2 and out == "" and err.startswith(message), err

@@ -179,3 +179,27 @@ def test_cpu_peak_is_measured_once_per_device_and_dtype_unless_fresh(monkeypatch
     assert runtime.peak_flops(cpu, fp32, fresh=True) == 9.0
     assert runtime.peak_flops(cpu, fp32) == 9.0
     assert calls == [("cpu", torch.float32), ("cpu", torch.bfloat16)] + [("cpu", torch.float32)] * 2
+
+
+@pytest.mark.parametrize("bf16_fast", [True, False])
+def test_auto_precision_says_what_it_times_and_skips_slow_bf16(tmp_path, corpus_dir, monkeypatch, bf16_fast):
+    """Before the run header, `precision: auto` on CPU says it is timing steps; on a CPU
+    with slow bf16 it times nothing and trains in fp32 (that trial was a silent minute)."""
+    import gptcli.runtime as runtime
+    import gptcli.train.loop as loop
+    from gptcli.events import Notice, RunStarted
+
+    monkeypatch.setattr(runtime, "bf16_matmul_is_fast", lambda device: bf16_fast)
+    timed = []
+    real_timer = loop.cpu_step_timer
+    monkeypatch.setattr(loop, "cpu_step_timer",
+                        lambda model, data: (lambda p, t=real_timer(model, data): timed.append(p.name) or t(p)))
+    cfg = config_from_dict(tiny_config([str(corpus_dir)], tmp_path / "run", max_steps=1, precision="auto"))
+    events = []
+    pretrain(cfg, on_event=events.append)
+    started = next(i for i, e in enumerate(events) if isinstance(e, RunStarted))
+    notes = [i for i, e in enumerate(events) if isinstance(e, Notice) and "timing a training step" in e.message]
+    if bf16_fast:
+        assert timed == ["fp32", "bf16"] and len(notes) == 1 and notes[0] < started
+    else:
+        assert timed == [] and notes == [] and events[started].facts["precision"] == "fp32"

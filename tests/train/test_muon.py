@@ -393,3 +393,92 @@ def test_muon_with_every_block_frozen_is_a_one_line_error():
         p.requires_grad_(False)
     with pytest.raises(GptcliError, match="no trainable matrix inside the blocks"):
         build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+
+
+# --- the Newton-Schulz dtype, chosen by what the device multiplies fast ------------------------
+
+def test_fp32_orthogonalisation_gives_the_bf16_update_up_to_bf16_rounding():
+    """The same stack orthogonalised in fp32 and in bf16 agrees to bf16's rounding, and
+    both land the singular values near 1 (what the iteration is for)."""
+    from gptcli.train.muon import NS_COEFFICIENTS, orthogonalise
+
+    g = torch.randn(4, 128, 384, generator=torch.Generator().manual_seed(0))
+    fp32 = orthogonalise(g, NS_COEFFICIENTS, 5, 1e-7, torch.float32)
+    bf16 = orthogonalise(g, NS_COEFFICIENTS, 5, 1e-7, torch.bfloat16).float()
+    assert fp32.dtype == torch.float32
+    assert ((fp32 - bf16).norm() / fp32.norm()).item() < 0.02
+    for x in (fp32, bf16):
+        singular = torch.linalg.svdvals(x)
+        assert singular.min() > 0.5 and singular.max() < 1.3
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_muon_orthogonalises_in_bf16_only_where_the_device_multiplies_it_fast(monkeypatch, fast):
+    import gptcli.train.muon as muon
+    import gptcli.train.optim as optim
+
+    monkeypatch.setattr(optim, "bf16_matmul_is_fast", lambda device: fast)
+    seen = []
+    real = muon.orthogonalise
+    monkeypatch.setattr(muon, "orthogonalise", lambda *a: seen.append(a[-1]) or real(*a))
+    model = llama()
+    optimizer = build_optimizer(model, MUON, CPU)
+    train_steps(model, optimizer, batches(1))
+    assert seen and set(seen) == {torch.bfloat16 if fast else torch.float32}
+    assert optimizer.state_dict()["param_groups"][-1]["ns_dtype"] == ("bf16" if fast else "fp32")
+
+
+def test_a_resumed_run_keeps_its_ns_dtype_and_old_state_keeps_bf16(monkeypatch):
+    """The dtype is the run's: resuming on a machine that would choose the other one keeps
+    the saved choice (exact resume); state saved before the choice existed was bf16."""
+    import gptcli.train.optim as optim
+    from gptcli.train.loop import restore_moments
+
+    model = llama()
+    monkeypatch.setattr(optim, "bf16_matmul_is_fast", lambda device: False)
+    first = build_optimizer(model, MUON, CPU)
+    train_steps(model, first, batches(1))
+    saved = copy.deepcopy(first.state_dict())
+    monkeypatch.setattr(optim, "bf16_matmul_is_fast", lambda device: True)
+    second = build_optimizer(model, MUON, CPU)
+    restore_moments(second, saved)
+    assert second.param_groups[-1]["ns_dtype"] == "fp32"
+    for group in saved["param_groups"]:
+        group.pop("ns_dtype", None)
+    third = build_optimizer(model, MUON, CPU)
+    restore_moments(third, saved)
+    assert third.param_groups[-1]["ns_dtype"] == "bf16"
+
+
+def test_bf16_speed_is_measured_once_per_device(monkeypatch):
+    """The probe times fp32 then bf16 once per process and device; bf16 counts as fast only
+    when clearly faster (under BF16_MARGIN of fp32's time)."""
+    import gptcli.runtime as runtime
+
+    calls, real_probe = [], runtime._probe_matmul_seconds
+
+    def fake_seconds(device):
+        calls.append(device)
+        return 1.0, 0.95  # bf16 barely faster: not fast
+
+    monkeypatch.setattr(runtime, "_probe_matmul_seconds", fake_seconds)
+    monkeypatch.setattr(runtime, "_BF16_FAST", {})
+    assert runtime.bf16_matmul_is_fast(CPU) is False
+    assert runtime.bf16_matmul_is_fast(CPU) is False
+    assert calls == [CPU]
+    fp32, bf16 = real_probe(CPU, repeats=2)  # the real probe: two timings
+    assert 0 < fp32 < 1 and 0 < bf16 < 10
+
+
+def test_auto_precision_skips_the_bf16_trial_where_bf16_is_slow(monkeypatch):
+    """On a CPU whose bf16 products are slow, `auto` is fp32 without timing a bf16 step
+    (that trial was a minute of silence before the first step on an AVX2-only CPU)."""
+    import gptcli.runtime as runtime
+
+    trials = []
+    monkeypatch.setattr(runtime, "bf16_matmul_is_fast", lambda device: False)
+    assert runtime.resolve_precision("auto", CPU, lambda p: trials.append(p.name) or 1.0).name == "fp32"
+    assert trials == []
+    monkeypatch.setattr(runtime, "bf16_matmul_is_fast", lambda device: True)
+    assert runtime.resolve_precision("auto", CPU, lambda p: trials.append(p.name) or {"fp32": 1.0, "bf16": 0.5}[p.name]).name == "bf16"
+    assert trials == ["fp32", "bf16"]

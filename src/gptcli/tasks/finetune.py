@@ -37,10 +37,12 @@ _MAY_CHANGE = {"dropout", "block_size"}  # model keys a finetune config may set 
 
 
 def builtin_example(task: str | None) -> list[str]:
-    """The config overrides of `gptcli finetune` without a config: the built-in classify
-    example (stdlib snippets -> their package) on the latest pretrained run."""
+    """The config overrides of `gptcli finetune` without a config: for classify, the
+    built-in example (stdlib snippets -> their package) on the latest pretrained run. Other
+    tasks have no built-in data: theirs comes from `--set` like any config value, and
+    the config's own checks name what is missing (and an unknown task)."""
     if task not in (None, "classify"):
-        raise GptcliError(f"--task {task} needs a config naming its data (see configs/finetune-{task}.yaml)")
+        return []
     # The settings of configs/finetune-classify.yaml (a test keeps the two equal), which
     # BENCHMARKS.md measured: whole snippets pooled in windows, the auxiliary LM loss, Muon,
     # no dropout.

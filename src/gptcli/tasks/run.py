@@ -72,7 +72,7 @@ def run_job(job: Job, resume: bool, overwrite: bool, on_event: EventSink) -> Run
     run that fails before training leaves the folder as it was, and a replaced run is put
     back if the new one fails before its first checkpoint (see store/rundir.py)."""
     started, started_at = time.perf_counter(), time.time()
-    dist, device = init_distributed(resolve_device(job.cfg.train.device))
+    dist, device = init_distributed(resolve_device(job.cfg.train.device, option="train.device"))
     claim = claim_run_dir(job.cfg.out_dir, resume=resume, overwrite=overwrite, dist=dist,
                           inputs=job.inputs, on_event=on_event)
     failed = True

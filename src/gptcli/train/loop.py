@@ -38,6 +38,7 @@ from gptcli.store.checkpoint import (
 )
 from gptcli.store.rundir import RunClaim, prune_checkpoints, read_pointer, write_pointer
 from gptcli.store.runlog import RunLog, require_tensorboard, trim_metrics
+from gptcli.train.muon import RUN_SETTINGS
 from gptcli.train.optim import build_optimizer, lr_at
 from gptcli.train.parallel import (
     full_optimizer_state,
@@ -155,7 +156,22 @@ def _run_precision(setting: str, device: torch.device, model: nn.Module, data: T
     elif resumed is not None:
         on_event(Notice(f"the run trained in {resumed}; continuing in {setting} as asked (the "
                         f"losses will not match an uninterrupted run exactly)"))
-    return resolve_precision(setting, device, cpu_step_timer(model, data))
+    return resolve_precision(setting, device, announced(cpu_step_timer(model, data), on_event))
+
+
+def announced(trial: Callable[[Precision], float], on_event: EventSink) -> Callable[[Precision], float]:
+    """`trial`, saying once, before it first runs, why the run has not started yet."""
+    said = False
+
+    def run(precision: Precision) -> float:
+        nonlocal said
+        if not said:
+            on_event(Notice("precision auto: timing a training step in fp32 and in bf16 to train in "
+                            "the faster (set train.precision to skip this)"))
+            said = True
+        return trial(precision)
+
+    return run
 
 
 def global_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -218,7 +234,8 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
     `model` is the plain module (saved as is); a compiled wrapper is used for the steps
     when `setup.compile` is set, falling back to eager if compilation fails. A SIGINT or
     SIGTERM finishes the current step, saves, and raises `Interrupted`. run.json records
-    how the session ended.
+    how the session ended, and the step of the last save (`_save` sets `state.step`; a
+    save after the last log step would otherwise go uncounted).
     """
     log = RunLog(setup.run_dir, enabled=setup.dist.is_main, tensorboard=setup.cfg.tensorboard,
                  started_at=setup.started_at, first_step=state.step, facts={
@@ -227,12 +244,12 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
     try:
         state = _train(model, data, setup, state, on_event, log)
     except (Interrupted, KeyboardInterrupt):  # a checkpointed stop, or a second Ctrl-C
-        log.close("interrupted")
+        log.close("interrupted", step=state.step)
         raise
     except BaseException as exc:
-        log.close("failed", f"{type(exc).__name__}: {exc}")
+        log.close("failed", f"{type(exc).__name__}: {exc}", step=state.step)
         raise
-    log.close("finished")
+    log.close("finished", step=state.step)
     return state
 
 
@@ -341,8 +358,11 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
 def restore_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Load a resumed run's optimizer state, keeping the settings the config gives now
     (learning-rate scales, momentum, betas, weight decay): loading would put back the
-    saved ones, and a changed setting would be reported but silently not used."""
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    saved ones, and a changed setting would be reported but silently not used. Settings
+    the run chose for itself (Muon's `ns_dtype`, by the machine's speed) stay as saved, so
+    the resumed steps compute what the uninterrupted run would."""
+    settings = [{k: v for k, v in group.items() if k not in ("params", *RUN_SETTINGS)}
+                for group in optimizer.param_groups]
     load_optimizer_state(optimizer, saved)
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)

@@ -1,15 +1,23 @@
 """Muon (Jordan et al. 2024), computed for every matrix of one shape at once.
 
 The update is torch.optim.Muon's, step for step: Nesterov momentum, then the quintic
-Newton-Schulz iteration in bf16 that maps the momentum to a nearby semi-orthogonal matrix,
+Newton-Schulz iteration that maps the momentum to a nearby semi-orthogonal matrix,
 decoupled weight decay, and the learning rate scaled by sqrt(max(1, rows / cols)).
+
+The iteration runs in bf16 (torch.optim.Muon's choice) where the device multiplies bf16
+fast, and in fp32 elsewhere: on an AVX2-only CPU one bf16 orthogonalisation of a 4 x 128
+x 384 stack measured 198 ms against 10 ms in fp32, which made the whole modern recipe 10x
+slower there. The iteration only needs to land the singular values near 1, so fp32 gives
+the same update up to bf16's rounding (tested). The choice is made when the optimizer is
+built and kept in its parameter groups (`ns_dtype`), so a resumed run keeps its own.
 torch.optim.Muon runs that iteration one matrix at a time, 15 small products per matrix;
 a model's blocks repeat a few shapes, so here the matrices of one shape are stacked and
 each product is one batched call. At nanoGPT's CPU shape (16 matrices, 4 shapes) that
 halves the optimizer's time (BENCHMARKS.md, "Recipes"), and the difference grows with depth.
 
 The state and parameter groups are torch.optim.Muon's (`momentum_buffer` per parameter;
-`ns_steps`, `ns_coefficients`, `eps` per group), so the two read each other's state dicts.
+`ns_steps`, `ns_coefficients`, `eps` per group, plus `ns_dtype`), so the two read each
+other's state dicts.
 """
 
 from __future__ import annotations
@@ -20,14 +28,21 @@ from collections import defaultdict
 import torch
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller Jordan's) quintic
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# What state saved before `ns_dtype` existed was computed in.
+SAVED_BEFORE_NS_DTYPE = "bf16"
+# Group settings that belong to the run, not to the config: a resume keeps the saved ones.
+RUN_SETTINGS = ("ns_dtype",)
 
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, weight_decay: float, momentum: float,
-                 nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7):
+                 nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7, ns_dtype: str = "bf16"):
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype must be one of {', '.join(NS_DTYPES)}, got {ns_dtype}")
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
                     "ns_coefficients": NS_COEFFICIENTS, "ns_steps": ns_steps, "eps": eps,
-                    "adjust_lr_fn": None}
+                    "adjust_lr_fn": None, "ns_dtype": ns_dtype}
         super().__init__(params, defaults)
         for group in self.param_groups:
             if any(p.dim() != 2 for p in group["params"]):
@@ -45,10 +60,16 @@ class Muon(torch.optim.Optimizer):
                 buffers = [self._buffer(p) for p in params]
                 torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])  # m = mu m + (1 - mu) g
                 updates = torch._foreach_lerp(grads, buffers, group["momentum"]) if group["nesterov"] else buffers
-                ortho = orthogonalise(torch.stack(updates), group["ns_coefficients"], group["ns_steps"], group["eps"])
+                ortho = orthogonalise(torch.stack(updates), group["ns_coefficients"], group["ns_steps"],
+                                      group["eps"], NS_DTYPES[group["ns_dtype"]])
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
                 scaled_lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
                 torch._foreach_add_(params, list(ortho.to(params[0].dtype).unbind(0)), alpha=-scaled_lr)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("ns_dtype", SAVED_BEFORE_NS_DTYPE)
 
     def _buffer(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -58,12 +79,12 @@ class Muon(torch.optim.Optimizer):
 
 
 def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
-                  eps: float) -> torch.Tensor:
-    """Newton-Schulz iterations on a stack of matrices g (N, rows, cols), in bf16: each
+                  eps: float, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Newton-Schulz iterations on a stack of matrices g (N, rows, cols), in `dtype`: each
     converges towards U V^T of its SVD (singular values pushed into about [0.5, 1.5]).
     Works on the wide orientation, so the Gram matrix is the smaller one."""
     a, b, c = coefficients
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT

@@ -18,6 +18,7 @@ from torch import nn
 from gptcli.config import TrainConfig
 from gptcli.errors import GptcliError
 from gptcli.model.lora import LoRALinear
+from gptcli.runtime import bf16_matmul_is_fast
 from gptcli.train.muon import Muon
 
 
@@ -27,7 +28,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     norms, biases, a task head), as Muon's authors prescribe. LoRA's factors are not such
     weights: orthogonalising a rank-r factor's update measured 14 points worse than AdamW on
     the classify example (BENCHMARKS.md), so they take AdamW, and a LoRA finetune with
-    `muon` is AdamW throughout."""
+    `muon` is AdamW throughout. Muon's Newton-Schulz runs in bf16 where `device` multiplies
+    bf16 fast, else in fp32 (muon.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         return _adamw(params, cfg, device)
@@ -44,7 +46,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         raise GptcliError("train.optimizer=muon has no trainable matrix inside the blocks to update "
                           "(finetune.freeze.blocks freezes them all); use train.optimizer=adamw")
     rest = [p for p in params if not for_muon(p)]
-    muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+    muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                ns_dtype="bf16" if bf16_matmul_is_fast(device) else "fp32")
     for group in muon.param_groups:
         group["lr_scale"] = cfg.muon_lr / cfg.lr
     return Optimizers([_adamw(rest, cfg, device), muon])
