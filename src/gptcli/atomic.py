@@ -1,12 +1,20 @@
 """Crash-safe writes: build a directory or file under a temporary name, fsync it, rename it
-into place. A crash at any moment leaves either the old version or the new, never half."""
+into place. A crash at any moment leaves either the old version or the new, never half.
+
+What is published gets the permissions the umask gives, as any file the user makes: on a
+shared machine others can read a run (0755/0644 under umask 022) or not (0700/0600 under
+077), the whole run alike. `tempfile.mkdtemp` would make staging folders 0700, and
+safetensors writes its files 0600, whatever the umask; so staging folders are made with
+`os.mkdir` (which applies the umask) and everything staged is set to the umask's modes
+before it is renamed into place.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import tempfile
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,15 +69,45 @@ def write_text(path: Path, text: str, fsync: bool = True) -> None:
     write_bytes(path, text.encode("utf-8"), fsync)
 
 
+def make_unique_dir(parent: Path, prefix: str) -> Path:
+    """A new, empty folder `parent/<prefix><random>` with the umask's permissions (where
+    `tempfile.mkdtemp` would make it 0700)."""
+    while True:
+        path = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
+        try:
+            os.mkdir(path, 0o777)  # the umask takes its bits away, as for any folder
+            return path
+        except FileExistsError:  # another process drew the same name: draw again
+            continue
+
+
+def follow_umask(root: Path) -> None:
+    """Give every folder and file under `root` the permissions the umask allows, as if
+    made with plain `mkdir` and `open` (some writers, such as safetensors, make 0600
+    files). `root` itself must have been made by `make_unique_dir`: its mode is the
+    umask's mode for folders, so the umask is never changed to be read (that would race
+    with other threads)."""
+    folder_mode = stat.S_IMODE(root.stat().st_mode)
+    file_mode = folder_mode & 0o666  # as open() with 0o666: no execute bits
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue  # chmod would change what the link points to
+        wanted = folder_mode if path.is_dir() else file_mode
+        if stat.S_IMODE(path.stat().st_mode) != wanted:
+            os.chmod(path, wanted)
+
+
 @contextlib.contextmanager
 def staging_dir(target: Path) -> Iterator[Path]:
-    """A temporary sibling directory to build `target` in. When the block ends it is
-    fsynced and moved into place; if the block raises, it is deleted and `target` is
-    untouched. (Killed processes leave `.tmp-<name>-*` siblings, which are never read.)"""
+    """A temporary sibling directory to build `target` in. When the block ends its
+    permissions follow the umask, it is fsynced and moved into place; if the block raises,
+    it is deleted and `target` is untouched. (Killed processes leave `.tmp-<name>-*`
+    siblings, which are never read.)"""
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    work = make_unique_dir(target.parent, f".tmp-{target.name}-")
     try:
         yield work
+        follow_umask(work)
         fsync_tree(work)
         replace_dir(work, target)
     except BaseException:

@@ -680,8 +680,9 @@ def _build(cls: type, data: Any, path: str, problems: list[str], base: Any = Non
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value, dotted, problems, getattr(base, key))
             continue
+        before = len(problems)
         converted = _coerce(value, hints[key], dotted, problems)
-        if converted is not None or value is None:
+        if len(problems) == before:  # a rejected value leaves the default in place
             kwargs[key] = converted
     return dataclasses.replace(base, **kwargs)
 

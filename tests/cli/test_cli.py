@@ -121,7 +121,7 @@ BAD = [
       "finetune.train_file={tmp}/onelabel.csv"], "1 class(es)"),
     (["finetune", "{tmp}/ft.yaml", "--set", "finetune.init_from={ckpt}", "--task", "instruct", "--set",
       "finetune.train_file={tmp}/bad.jsonl"], "bad.jsonl:2: invalid JSON"),
-    (["finetune", "--task", "lm"], "--task lm needs a config"),
+    (["finetune", "--task", "lm"], "no pretrained run found under runs/"),
     (["finetune", "--task", "classify"], "no pretrained run found under runs/"),
     (["eval", "-c", "{ckpt}", "--data", "{tmp}/missing.csv"], "does not exist"),
     (["eval", "-c", "{ckpt}", "--split", "bogus"], "--split: 'bogus' is not one of all, train, val"),

@@ -68,7 +68,8 @@ def test_run_names_are_shown_verbatim(tmp_path, weird_runs, capsys, monkeypatch)
         run_dir = tmp_path / "runs" / name
         assert f"run → {run_dir}\n" in err  # the training header
         done = [line for line in err.splitlines() if line.startswith("done: ")]
-        assert len(done) == 1 and f"--checkpoint {run_dir} " in done[0]
+        # Quoted for the shell: `[...]` is a glob there, and zsh refuses one that matches nothing.
+        assert len(done) == 1 and f"--checkpoint '{run_dir}' " in done[0]
     for columns in ("80", "300"):  # names on lines of their own, and the one-row-per-run table
         monkeypatch.setenv("COLUMNS", columns)
         code, _, err = run_cli(["runs", tmp_path / "runs"], capsys)

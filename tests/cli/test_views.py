@@ -130,7 +130,8 @@ def test_runs_lists_finished_interrupted_failed_and_killed(tmp_path, lm_run, cor
     from gptcli.store.rundir import resolve_checkpoint
 
     assert lm["parameters"] == load_model(resolve_checkpoint(lm_run))[0].num_params()
-    assert runs["cut"]["step"] == 10 and runs["cut"]["max_steps"] == 20
+    # SIGINT came after step 10's log line: the step under way finished and was saved
+    assert runs["cut"]["step"] == 11 and runs["cut"]["max_steps"] == 20
     code, _, err = run_cli(["runs", tmp_path / "runs"], capsys)  # the rich table renders
     assert code == 0 and "interrupted" in err and "finished" in err and "failed" in err
 

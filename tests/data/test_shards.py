@@ -171,3 +171,43 @@ def test_train_bpe_writes_tiktoken_file(tmp_path, corpus_dir):
     assert any("ran out of pairs" in e.message for e in events if isinstance(e, Notice))
     with pytest.raises(GptcliError, match="--train-bpe"):
         tokenize_corpus([str(corpus_dir)], tmp_path / "t2", train_bpe=100)
+
+
+# A file too small to split is refused, but what is wrong with its content is said first,
+# whatever its size: re-encoding a 9-byte file will not make it big enough, and the user
+# should not fix the size only to be told about the encoding next.
+@pytest.mark.parametrize("content, message", [
+    (b"caf\xe9 abc\n", r"tiny\.txt: invalid UTF-8 at byte 3"),
+    (b"ab\x00cdefg\n", r"tiny\.txt looks like a binary file \(NUL byte at offset 2\)"),
+    (b"ok\nfine\n", r"tiny\.txt is too small to split"),
+])
+@pytest.mark.parametrize("train_bpe", [None, 300], ids=["tokenizer", "train-bpe"])
+def test_content_errors_come_before_the_size_of_a_one_file_corpus(tmp_path, content, message, train_bpe):
+    (tmp_path / "tiny.txt").write_bytes(content)
+    with pytest.raises(GptcliError, match=message):
+        tokenize_corpus([str(tmp_path / "tiny.txt")], tmp_path / "out", tokenizer="bytes", train_bpe=train_bpe)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_one_file_corpus_says_it_was_split_by_position(tmp_path, corpus_dir):
+    (tmp_path / "one.txt").write_text("a line of text\n" * 100)
+    one = tokenize_corpus([str(tmp_path / "one.txt")], tmp_path / "one", tokenizer="bytes")
+    assert one.split_by_position
+    assert not tokenize_corpus([str(corpus_dir)], tmp_path / "many", tokenizer="bytes").split_by_position
+
+
+def test_a_part_with_one_text_file_splits_it_as_one_run_does(tmp_path):
+    """Only a whole corpus of one text file is split by position: in a corpus of two, split
+    in two parts, each part's one file goes whole to train or val, as in one run."""
+    from gptcli.data.merge import merge_parts
+
+    for name in "ab":
+        (tmp_path / f"{name}.txt").write_text(f"{name} line\n" * 200)
+    inputs = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    one = tokenize_corpus(inputs, tmp_path / "one", tokenizer="bytes", val_fraction=0.5)
+    parts = [tokenize_corpus(inputs, tmp_path / f"part{k}", tokenizer="bytes", val_fraction=0.5, part=(k, 2))
+             for k in (1, 2)]
+    assert not any(part.split_by_position for part in parts)
+    merge_parts([str(tmp_path / "part1"), str(tmp_path / "part2")], tmp_path / "merged")
+    assert read_meta(tmp_path / "merged")["splits"] == read_meta(tmp_path / "one")["splits"]
+    assert {split: stats.documents for split, stats in one.splits.items()} == {"train": 1, "val": 1}

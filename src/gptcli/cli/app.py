@@ -6,8 +6,10 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,6 +17,12 @@ from typing import Annotated, Optional
 import typer
 
 from gptcli.errors import GptcliError, Interrupted
+
+# The click that Typer parses with (a copy inside recent Typer, the click package before): its
+# errors, to print a usage mistake as one line. Before click 8.2 a bare `gptcli` printed the
+# help itself, without NoArgsIsHelpError (and `except ()` catches nothing).
+_click_errors = importlib.import_module(typer.BadParameter.__module__)
+_NO_ARGS_IS_HELP = getattr(_click_errors, "NoArgsIsHelpError", ())
 
 QUANTIZE_HELP = ("none, or int8: linear layers' weights stored as int8 with per-channel scales "
                  "(a quarter of their fp32 bytes; about 1.6x fp32's decoding speed on CPU).")
@@ -91,9 +99,8 @@ def tokenize(
         except KeyboardInterrupt:
             if merge:
                 raise
-            again = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")] + ["--resume"]
-            console.print(f"interrupted; the batches written so far are kept; continue with: gptcli "
-                          f"{' '.join(again)}", markup=False, highlight=False)
+            console.print(f"interrupted; the batches written so far are kept; continue with: "
+                          f"{_continue_command()}", markup=False, highlight=False)
             raise typer.Exit(130) from None
     table = Table(title=Text(f"{result.out_dir}  ·  {result.tokenizer} ({result.vocab_size} ids, "
                              f"{result.dtype})  ·  {result.sources} files  ·  {result.seconds:.1f}s"),
@@ -103,7 +110,9 @@ def tokenize(
     total_bytes = 0
     for split, stats in result.splits.items():
         total_bytes += stats.bytes
-        table.add_row(split, f"{stats.documents:,}", f"{stats.bytes / 1e6:.2f}", f"{stats.tokens:,}",
+        # One text file is one document, cut by position: each split holds part of it.
+        documents = "1 (split by position)" if result.split_by_position else f"{stats.documents:,}"
+        table.add_row(split, documents, f"{stats.bytes / 1e6:.2f}", f"{stats.tokens:,}",
                       f"{stats.bytes / max(stats.tokens, 1):.2f}")
     console.print(table)
     console.print(f"{result.shards} shard file(s) per split at most; "
@@ -131,10 +140,11 @@ def pretrain(
     trained = _train(run_pretrain, load_config(config, set_ or []), resume, overwrite)
     if trained is None:
         return
-    result, _ = trained
-    best = f"{result.best_metric:.4f}" if result.best_metric is not None else "-"
-    console.print(f"done: {result.steps} steps in {result.seconds:.0f}s, best val loss {best}; "
-                  f"sample with: gptcli sample --checkpoint {result.run_dir} --prompt '...'", markup=False)
+    result, display = trained
+    console.print(f"done: {result.steps} steps in {result.seconds:.0f}s, best val loss "
+                  f"{_best(result, display)}; sample with: gptcli sample --checkpoint "
+                  f"{shlex.quote(str(result.run_dir))} --prompt '...'", markup=False)
+    _show_loss_plot(result.run_dir)
 
 
 @app.command()
@@ -167,14 +177,15 @@ def finetune(
         return
     result, display = trained
     if display.last_eval and "per_class" in display.last_eval:  # a classifier's evaluation
+        console.print(display.final_eval_heading(), markup=False, highlight=False)
         render_classify_metrics(display.last_eval)
     if result.before:
         console.print(f"before: val loss {result.before['val_loss']:.4f}"
                       + (f", bpb {result.before['val_bpb']:.4f}" if "val_bpb" in result.before else ""))
-    best = f"{result.best_metric:.4f}" if result.best_metric is not None else "-"
     console.print(f"done: {result.task}, {result.steps} steps in {result.seconds:.0f}s, best "
-                  f"{result.metric} {best}; use it with: gptcli sample --checkpoint {result.run_dir} -p '...'",
-                  markup=False)
+                  f"{result.metric} {_best(result, display)}; use it with: gptcli sample --checkpoint "
+                  f"{shlex.quote(str(result.run_dir))} -p '...'", markup=False)
+    _show_loss_plot(result.run_dir)
 
 
 @app.command("eval")
@@ -525,7 +536,8 @@ def import_hf(
     from gptcli.store.hf import import_hf as run_import
 
     path = run_import(hf_dir, out, tokenizer, overwrite)
-    console.print(f"imported {hf_dir} -> {path}; sample with: gptcli sample -c {path} -p '...'", markup=False)
+    console.print(f"imported {hf_dir} -> {path}; sample with: gptcli sample -c {shlex.quote(str(path))} -p '...'",
+                  markup=False)
 
 
 @app.command("export-hf")
@@ -539,11 +551,12 @@ def export_hf(
     Example: gptcli export-hf runs/gpt2-classify --out hf/gpt2-classify
     """
     from gptcli.cli.display import console
-    from gptcli.store.hf import export_hf as run_export
+    from gptcli.store.hf import export_hf_model
     from gptcli.store.rundir import resolve_checkpoint
 
-    path = run_export(resolve_checkpoint(checkpoint), out, overwrite)
-    console.print(f"exported -> {path}; load with transformers' from_pretrained('{path}')", markup=False)
+    result = export_hf_model(resolve_checkpoint(checkpoint), out, overwrite)
+    console.print(f"exported -> {result.path}; load with transformers' from_pretrained('{result.path}'); "
+                  f"{result.tokenizer_note}", markup=False)
 
 
 @app.command("export-gguf")
@@ -563,13 +576,13 @@ def export_gguf(
 
     path = run_export(resolve_checkpoint(checkpoint), out, type_, overwrite)
     size = path.stat().st_size / 1e6
-    console.print(f"exported -> {path} ({size:,.1f} MB); run it with llama.cpp: llama-cli -m {path}", markup=False)
+    console.print(f"exported -> {path} ({size:,.1f} MB); run it with llama.cpp: llama-cli -m {shlex.quote(str(path))}",
+                  markup=False)
 
 
 def _train(run, cfg, resume: bool, overwrite: bool):
     """Run a training command (`run` is pretrain or finetune) under the live display; on rank
-    0 draw the finished run's loss.png and return (result, display). Other ranks show
-    nothing and get None."""
+    0 return (result, display). Other ranks show nothing and get None."""
     from gptcli.cli.display import TrainDisplay
 
     display = TrainDisplay(quiet=not _is_rank_zero())
@@ -579,24 +592,40 @@ def _train(run, cfg, resume: bool, overwrite: bool):
         display.close()
     if not _is_rank_zero():
         return None
-    _draw_loss(result.run_dir)
     return result, display
 
 
-def _draw_loss(run_dir: Path) -> None:
-    """loss.png in a finished run's directory, when the optional matplotlib is installed; a
-    plot that cannot be drawn is a note, never a failed run."""
+def _best(result, display) -> str:
+    """The best metric of a finished run, and its step when this run reached it (a resumed
+    run's best may be from before)."""
+    if result.best_metric is None:
+        return "-"
+    at = f" at step {display.best_step}" if display.best_step is not None else ""
+    return f"{result.best_metric:.4f}{at}"
+
+
+def _show_loss_plot(run_dir: Path) -> None:
+    """Draw loss.png into a finished run's directory and name it, as the last line of the
+    run. matplotlib is an optional extra that a plain install lacks: then the line says how
+    to get it and draw the plot afterwards. A plot that cannot be drawn is a note, never a
+    failed run."""
     import importlib.util
 
-    from gptcli.cli.display import notice
+    from gptcli.cli.display import console, notice
     from gptcli.cli.plot import LOSS_PNG, plot_runs
 
+    target = Path(run_dir) / LOSS_PNG
     if importlib.util.find_spec("matplotlib") is None:
-        return  # `gptcli plot` says how to install it
+        later = shlex.join(["gptcli", "plot", str(run_dir), "--out", str(target)])
+        console.print(f"loss plot: not drawn, matplotlib is missing; pip install 'gptcli[plot]' then {later}",
+                      markup=False, highlight=False)
+        return
     try:
-        plot_runs([run_dir], run_dir / LOSS_PNG)
+        plot_runs([run_dir], target)
     except Exception as exc:
-        notice(f"could not draw {LOSS_PNG}: {exc}")
+        notice(f"could not draw {target}: {exc}")
+        return
+    console.print(f"loss plot: {target}", markup=False, highlight=False)
 
 
 def _is_rank_zero() -> bool:
@@ -605,25 +634,79 @@ def _is_rank_zero() -> bool:
 
 
 def main() -> None:
+    # Not standalone: click's own mistakes (an unknown option, a value of the wrong type)
+    # come back here as exceptions, to be printed like every other user error.
+    _show_library_warnings_as_notes()
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="gptcli")
+    except _NO_ARGS_IS_HELP as exc:  # bare `gptcli`: the help is the answer
+        exc.show()
+        sys.exit(exc.exit_code)
+    except _click_errors.ClickException as exc:
+        _print_error(_usage_message(exc))
+        sys.exit(2)
     except GptcliError as exc:
-        from gptcli.cli.display import console
-
-        if _is_rank_zero():
-            console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        _print_error(str(exc))
         sys.exit(2)
     except Interrupted as exc:
         from gptcli.cli.display import console
 
-        again = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")] + ["--resume"]
         if _is_rank_zero():
-            console.print(f"{exc}; continue with: gptcli {' '.join(again)}", markup=False, highlight=False)
+            console.print(f"{exc}; continue with: {_continue_command()}", markup=False, highlight=False)
         sys.exit(exc.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C: checkpoints are atomic, so stopping is safe
         sys.exit(130)
     finally:
         _leave_process_group()
+    if isinstance(code, int) and code != 0:  # typer.Exit(n), and Typer's Ctrl-C as Exit(130)
+        sys.exit(code)
+
+
+def _show_library_warnings_as_notes() -> None:
+    """The library warns (a bad `latest` pointer read without an event sink) through
+    Python's warnings; the CLI shows its own as one `note: ...` line, like its notices."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        from gptcli.store.rundir import PointerWarning  # here: importing it costs torch's import
+
+        if issubclass(category, PointerWarning):
+            from gptcli.cli.display import notice
+
+            notice(str(message))
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
+def _print_error(message: str) -> None:
+    from gptcli.cli.display import console
+
+    if _is_rank_zero():
+        console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _usage_message(exc: Exception) -> str:
+    """click's message in this CLI's style (`no such option: --bogus`), with where to read
+    the usage instead of click's usage block (whose `{config}` placeholders read as noise)."""
+    message = " ".join(exc.format_message().split()).removesuffix(".")
+    if message[:1].isupper() and message[1:2].islower():  # not an acronym or an option name
+        message = message[0].lower() + message[1:]
+    command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "gptcli"
+    return f"{message} (see {command} --help)"
+
+
+def _continue_command() -> str:
+    """This command line again with --resume (without --overwrite, which would start over),
+    quoted for a POSIX shell: pasted back, it gives exactly these arguments, spaces,
+    brackets and `$` included."""
+    dropped = {"--resume", "--no-resume", "--overwrite", "--no-overwrite"}
+    return shlex.join(["gptcli", *(a for a in sys.argv[1:] if a not in dropped), "--resume"])
 
 
 def _leave_process_group() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -207,7 +208,7 @@ def check_chat_model(path: Path) -> None:
     """Refuse a classifier or a base language model, before its weights are loaded."""
     if is_classifier(path):
         raise GptcliError(f"{path} is a classifier, not a chat model; classify text with "
-                          f"gptcli sample -c {path} -p TEXT")
+                          f"gptcli sample -c {shlex.quote(str(path))} -p TEXT")
     if not is_chat_model(load_tokenizer(path / TOKENIZER_DIR)):
         raise GptcliError(f"{path} is a base language model, not a chat model; continue text with "
                           f"gptcli sample, or make a chat model with gptcli finetune --task instruct")

@@ -12,6 +12,7 @@ raise on a `[/]`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -19,6 +20,8 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -55,7 +58,11 @@ def show_checkpoint(path: object) -> None:
 
 class ProgressDisplay:
     """A bar per phase (reading for a char vocabulary, BPE training, tokenizing with MB/s
-    and tokens/s, evaluating with tokens/s)."""
+    and tokens/s, evaluating with tokens/s).
+
+    Off a terminal (a log file, a pipe, CI) nothing is drawn while the work runs: each
+    phase's line is printed once, finished, when the work succeeds. A failure then prints
+    only its `error: ...` line, not a half-done bar above it."""
 
     def __init__(self) -> None:
         self.progress = Progress(
@@ -63,22 +70,27 @@ class ProgressDisplay:
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
             console=console, transient=False,
         )
+        self.live = console.is_terminal
         self.tasks: dict[str, int] = {}
         self.started: dict[str, float] = {}
 
     def __enter__(self) -> ProgressDisplay:
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.tasks:  # started on the first event: a failure before it prints nothing
+    def __exit__(self, kind, exc, traceback) -> None:
+        if not self.tasks:  # started on the first event: a failure before it prints nothing
+            return
+        if self.live:
             self.progress.stop()
+        elif kind is None:
+            self.progress.console.print(self.progress.get_renderable())
 
     def __call__(self, event: object) -> None:
         if isinstance(event, Notice):
             self.progress.console.print(_note(event.message), highlight=False)
         if not isinstance(event, ProgressEvent):
             return
-        if not self.tasks:
+        if not self.tasks and self.live:
             self.progress.start()
         if event.phase not in self.tasks:
             self.tasks[event.phase] = self.progress.add_task(event.phase, total=event.total, rate="")
@@ -94,15 +106,79 @@ class ProgressDisplay:
                              rate=rate)
 
 
-class TrainDisplay:
-    """Header table, a live step bar (loss, lr, tokens/s, MFU, ETA), eval and save lines."""
+def _clock_time(seconds: float | None) -> str:
+    """H:MM:SS, as rich shows times (hours past 24 stay hours); -:--:-- when unknown."""
+    if seconds is None:
+        return "-:--:--"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
-    def __init__(self, quiet: bool = False) -> None:
+
+class _TimeLeft:
+    """The time a run has left, from the pace of its steps so far.
+
+    The pace is measured from the first logged step on, so that the start-up (building the
+    model, compiling, warming caches: often most of the first interval) does not slow every
+    later estimate; at the first logged step, for want of a second, it is measured from the
+    run's start. Evaluations and checkpoints stay in the measured time: they recur."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.start: tuple[float, int] | None = None  # (time, step) of the run's start
+        self.first_logged: tuple[float, int] | None = None
+        self.max_steps = 0
+
+    def begin(self, step: int, max_steps: int) -> None:
+        self.start, self.first_logged, self.max_steps = (self.clock(), step), None, max_steps
+
+    def seconds_left(self, step: int) -> float | None:
+        """Seconds left after `step` (now logged); None while there is no pace to go by."""
+        now = self.clock()
+        if self.first_logged is not None and step > self.first_logged[1]:
+            since = self.first_logged
+        else:
+            since = self.start
+        if self.first_logged is None:
+            self.first_logged = (now, step)
+        if since is None or now <= since[0] or step <= since[1]:
+            return None
+        return (self.max_steps - step) * (now - since[0]) / (step - since[1])
+
+
+class _CountdownColumn(ProgressColumn):
+    """The live bar's ETA: the estimate made at the last logged step, counted down until the
+    next (logged steps may be minutes apart, and rich's own estimate, from the updates of
+    the last 30 s, then has nothing to go by)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def render(self, task: Task) -> Text:
+        deadline = task.fields.get("deadline")
+        left = None if deadline is None else max(deadline - self.clock(), 0.0)
+        return Text(f"ETA {_clock_time(left)}", style="progress.remaining")
+
+
+class TrainDisplay:
+    """Header table, a live step bar (loss, lr, tokens/s, MFU, ETA), eval and save lines.
+
+    It also keeps what the end of the run reports: the last evaluation (`last_eval`) and
+    the step and checkpoint of the best (`best_step`, `best_checkpoint`). `clock` gives
+    seconds (a test's own clock makes the ETA exact)."""
+
+    def __init__(self, quiet: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self.progress: Progress | None = None
         self.task = None
         self.live = console.is_terminal
         self.last_eval: dict | None = None
+        self.best_step: int | None = None
+        self.best_checkpoint: str | None = None
+        self.resumed = False
         self.quiet = quiet  # under torchrun, ranks other than 0 show nothing
+        self.clock = clock
+        self.time_left = _TimeLeft(clock)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -126,12 +202,17 @@ class TrainDisplay:
             self._step(event.metrics)
         elif isinstance(event, EvalDone):
             m = self.last_eval = event.metrics
+            if m["best"]:
+                self.best_step = m["step"]
             star = " [green]best[/]" if m["best"] else ""
             shown = "  ".join(f"{key.removeprefix('val_').replace('_', ' ')} {m[key]:.4f}"
                               for key in _EVAL_KEYS if key in m)
             self._print(f"step {m['step']:>6}  val {shown}{star}")
-        elif isinstance(event, CheckpointSaved) and not self.live:
-            self._print(f"saved {escape(str(event.path))}")
+        elif isinstance(event, CheckpointSaved):
+            if event.best:
+                self.best_checkpoint = event.path
+            if not self.live:
+                self._print(f"saved {escape(str(event.path))}")
         elif isinstance(event, RunFinished):
             self.close()
 
@@ -140,22 +221,41 @@ class TrainDisplay:
         for key, value in event.facts.items():
             table.add_row(Text(key), Text(str(value)))
         console.print(table)
+        self.resumed = event.start_step > 0
+        self.time_left.begin(event.start_step, event.max_steps)
         if self.live:
             self.progress = Progress(
                 TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                TextColumn("{task.fields[info]}"), _CountdownColumn(self.clock), console=console,
             )
             self.progress.start()
             self.task = self.progress.add_task("train", total=event.max_steps,
-                                               completed=event.start_step, info="")
+                                               completed=event.start_step, info="", deadline=None)
 
     def _step(self, m: dict) -> None:
         info = (f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_sec']:,.0f} tok/s  "
                 f"MFU {100 * m['mfu']:.1f}%")
+        left = self.time_left.seconds_left(m["step"])
         if self.progress is not None:
-            self.progress.update(self.task, completed=m["step"], info=info)
+            deadline = None if left is None else self.clock() + left
+            self.progress.update(self.task, completed=m["step"], info=info, deadline=deadline)
         else:
-            self._print(f"step {m['step']:>6}  {info}")
+            self._print(f"step {m['step']:>6}  {info}  ETA {_clock_time(left)}")
+
+    def final_eval_heading(self) -> str | None:
+        """Which step the last evaluation (the tables at the end of a run) describes, and
+        where the best checkpoint is: the last step is often not the best, and
+        `checkpoints/best` (what `-c RUN` uses) names the best."""
+        if self.last_eval is None:
+            return None
+        step = self.last_eval["step"]
+        if self.best_step == step:
+            return f"validation at step {step} (the last, and the best: checkpoints/best)"
+        if self.best_step is None:
+            earlier = "; the best is from before this run resumed (checkpoints/best)" if self.resumed else ""
+            return f"validation at step {step} (the last){earlier}"
+        where = f"{self.best_checkpoint} (checkpoints/best)" if self.best_checkpoint else "checkpoints/best"
+        return f"validation at step {step} (the last); the best was step {self.best_step}: {where}"
 
 
 def render_classify_metrics(m: dict) -> None:
@@ -354,11 +454,15 @@ def render_info(d: dict) -> None:
     model = d["model"]
     table = Table(show_header=False, box=None, title=Text(d["checkpoint"]), title_justify="left")
     table.add_row("kind", Text(d["kind"]))
-    table.add_row("model", f"{model['n_layer']} layers x {model['n_embd']} wide, {model['n_head']} heads, "
-                           f"context {model['block_size']}, vocab {model['vocab_size']}, "
-                           f"bias {str(model['bias']).lower()}, dropout {model['dropout']}")
-    table.add_row("recipe", _recipe(model))
-    table.add_row("parameters", f"{d['parameters']:,} ({_count(d['parameters'])})")
+    if model is None:  # weights unreadable and no run config to read the shape from
+        table.add_row("model", Text("unknown (weights unreadable)", style="red"))
+    else:
+        table.add_row("model", f"{model['n_layer']} layers x {model['n_embd']} wide, {model['n_head']} heads, "
+                               f"context {model['block_size']}, vocab {model['vocab_size']}, "
+                               f"bias {str(model['bias']).lower()}, dropout {model['dropout']}")
+        table.add_row("recipe", _recipe(model))
+    if d["parameters"] is not None:
+        table.add_row("parameters", f"{d['parameters']:,} ({_count(d['parameters'])})")
     if "lora" in d:
         lora = d["lora"]
         table.add_row("LoRA", f"rank {lora['rank']}, alpha {lora['alpha']}, "
@@ -384,6 +488,8 @@ def render_info(d: dict) -> None:
                                 + f"  (total {_count(sum(d['files'].values()))}B)"))
     style = "green" if d["checksums"].startswith("ok") else "red"
     table.add_row("checksums", Text(d["checksums"], style=style))
+    for problem in d.get("problems", []):
+        table.add_row("problem", Text(problem, style="red"))
     console.print(table, highlight=False)
 
 

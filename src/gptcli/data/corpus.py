@@ -364,6 +364,12 @@ def _content_size(source: Source) -> int:
     return total
 
 
+def _check_text(source: Source) -> None:
+    """Read a text file through: its encoding or binary error, if it has one, is raised."""
+    for _ in _text_pieces(source, None):
+        pass
+
+
 def single_document_split(source: Source, val_fraction: float) -> int:
     """Content offset starting the validation tail of a one-file corpus: the first line start
     at or after (1 - val_fraction) of the (decompressed) text."""
@@ -375,6 +381,9 @@ def single_document_split(source: Source, val_fraction: float) -> int:
     newline = rest.find(b"\n")
     cut = target + newline + 1 if newline >= 0 else target
     if not 0 < cut < size:
+        # What is wrong with the content is said first, whatever the size: a file that is no
+        # text at all should not be refused only as small (and then, once larger, as binary).
+        _check_text(source)
         raise GptcliError(
             f"{source.path} is too small to split into train and validation parts"
         )

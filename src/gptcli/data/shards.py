@@ -111,6 +111,9 @@ class TokenizeResult:
     sources: int
     seconds: float
     shards: int = 1
+    # One plain text file: its one document is cut by position, part in train, part in val
+    # (so the splits' `documents` count it once, in val, where it ends).
+    split_by_position: bool = False
 
 
 def default_workers(remaining_bytes: int) -> int:
@@ -172,9 +175,16 @@ def _build_tokenizer(spec: str | Tokenizer, sources: list[Source], text_field: s
     return resolve_tokenizer(spec)
 
 
-def _split_offset(sources: list[Source], val_fraction: float) -> int | None:
+def _splits_by_position(sources: list[Source], part: tuple[int, int]) -> bool:
+    """Whether the corpus is one plain text file, split by position rather than by document.
+    A part of several (n > 1) is never: the whole corpus then has at least n files, and a
+    part's one file must split by document as it does in a run of them all."""
+    return part[1] == 1 and len(sources) == 1 and sources[0].is_plain_text
+
+
+def _split_offset(sources: list[Source], val_fraction: float, part: tuple[int, int]) -> int | None:
     """The byte where val starts when the corpus is one plain text file, else None."""
-    if len(sources) == 1 and not sources[0].is_jsonl:
+    if _splits_by_position(sources, part):
         return single_document_split(sources[0], val_fraction)
     return None
 
@@ -187,7 +197,7 @@ def _assigned(sources: list[Source], text_field: str, val_fraction: float, seed:
     `part` = (k, n) of the corpus's files: source i is the corpus's file k - 1 + i n."""
     if start is not None and start[0] >= len(sources):
         return  # everything was read before
-    assigner = SplitAssigner(val_fraction, seed, _split_offset(sources, val_fraction))
+    assigner = SplitAssigner(val_fraction, seed, _split_offset(sources, val_fraction, part))
     index_of = {source.path: i for i, source in enumerate(sources)}
     current = start[0] if start else 0
     for piece in iter_pieces(sources, text_field, assigner.split_offset, start=start):
@@ -300,7 +310,8 @@ def tokenize_corpus(
         raise GptcliError(f"could not write {out_dir} ({exc.strerror or exc}); free disk space or "
                           f"choose a writable --out; nothing was written") from None
     return TokenizeResult(out_dir, tok.name, tok.vocab_size, run.dtype.name, run.stats, len(sources),
-                          time.perf_counter() - started, max(len(s) for s in run.shards.values()))
+                          time.perf_counter() - started, max(len(s) for s in run.shards.values()),
+                          split_by_position=_splits_by_position(sources, (k, n)))
 
 
 def _open_work(work: Path, target: Path, shown: Path, settings: dict, resume: bool, overwrite: bool

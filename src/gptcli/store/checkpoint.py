@@ -216,21 +216,29 @@ def read_metadata(directory: str | Path) -> dict[str, str]:
 def read_arch(directory: str | Path) -> Arch:
     """The model family of a checkpoint: `arch` in its weights metadata, gpt2 for checkpoints
     written before it was recorded."""
-    name = read_metadata(directory).get("arch", DEFAULT_ARCH)
+    return _arch_of(read_metadata(directory), Path(directory) / WEIGHTS)
+
+
+def _arch_of(metadata: dict[str, str], path: Path) -> Arch:
     try:
-        return get_arch(name)
+        return get_arch(metadata.get("arch", DEFAULT_ARCH))
     except GptcliError as exc:
-        raise GptcliError(f"{Path(directory) / WEIGHTS}: {exc}") from None
+        raise GptcliError(f"{path}: {exc}") from None
 
 
 def read_model_config(directory: str | Path) -> Any:
     """The model config (the arch's config dataclass) stored in a checkpoint's weights
     metadata, checked as a run's is."""
-    path = Path(directory) / WEIGHTS
-    arch = read_arch(directory)
+    return model_config_of(read_metadata(directory), Path(directory) / WEIGHTS)
+
+
+def model_config_of(metadata: dict[str, str], path: Path) -> Any:
+    """The checked model config in the weights metadata of the file at `path` (named in
+    errors)."""
+    arch = _arch_of(metadata, path)
     try:
-        data = json.loads(read_metadata(directory)["model_config"])
-    except ValueError as exc:
+        data = json.loads(metadata["model_config"])
+    except (KeyError, ValueError) as exc:
         raise GptcliError(f"{path}: unreadable model config ({shorten(str(exc))})") from None
     try:
         cfg = config_from_dict(data, arch.config)
@@ -243,6 +251,48 @@ def read_model_config(directory: str | Path) -> Any:
         raise GptcliError(f"{path}: invalid model config: {'; '.join(problems)}; the checkpoint is "
                           f"damaged or was not written by gptcli")
     return cfg
+
+
+_HEADER_LIMIT = 100_000_000  # bytes; safetensors refuses larger headers too
+
+
+@dataclass(frozen=True)
+class WeightsHeader:
+    """What a safetensors file's header says, read without its tensors."""
+
+    metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]  # every tensor's shape, by name
+    problem: str | None  # why the tensors cannot all be read as described (None: the size fits)
+
+
+def read_weights_header(path: Path) -> WeightsHeader:
+    """The metadata and tensor shapes of a safetensors file from its header alone, and
+    whether the file is as long as the header says. A truncated file, which `safe_open`
+    refuses outright, can so still be described (`gptcli info`). Raises a GptcliError
+    when the header itself cannot be read."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")  # u64 header length, then the JSON header
+            if size < 8 or length > min(size - 8, _HEADER_LIMIT):
+                raise ValueError(f"its header length ({length:,} bytes) does not fit the file ({size:,} bytes)")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+            raise ValueError("the header is not a JSON object of tensors")
+        metadata = header.pop("__metadata__", {})
+        shapes = {name: tuple(int(n) for n in entry["shape"]) for name, entry in header.items()}
+        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except OSError as exc:
+        raise GptcliError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError, IndexError) as exc:  # UnicodeDecodeError is a ValueError
+        raise GptcliError(f"{path} is not a readable safetensors file ({shorten(str(exc), 200)})") from None
+    expected = 8 + length + end
+    problem = None
+    if size < expected:
+        problem = f"{path} is truncated: {size:,} bytes where its header describes {expected:,}"
+    elif size > expected:
+        problem = f"{path} has {size - expected:,} bytes beyond the tensors its header describes"
+    return WeightsHeader(metadata, shapes, problem)
 
 
 def checkpoint_task(directory: str | Path) -> str:

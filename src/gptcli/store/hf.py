@@ -18,10 +18,12 @@ vocab_size is its tokenizer's (checkpoints require it): a Llama-family embedding
 no token uses (Qwen pads to a multiple of 128) is imported with its first
 `tokenizer.vocab_size` rows; no text reaches the others, and their logits go with them.
 
-Tokenizers: GPT-2's files (`vocab.json`, `merges.txt`) are derived from tiktoken's BPE
-ranks on export, and ranks from `vocab.json` on import, so no tokenizer download is needed
-either way. A Llama-family directory's `tokenizer.json` (byte-level BPE) is read by
-gptcli.data.hf_tokenizer.
+Tokenizers: on export, hf_tokenizers.py writes the checkpoint's tokenizer where
+transformers can read it with gptcli's exact ids (bytes and char as `tokenizer.json`, a BPE
+with GPT-2's pattern as `vocab.json` and `merges.txt` derived from tiktoken's ranks), and
+the result says plainly when it wrote none. On import, ranks come from `vocab.json`, so no
+tokenizer download is needed either way. A Llama-family directory's `tokenizer.json`
+(byte-level BPE) is read by gptcli.data.hf_tokenizer.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from gptcli.data.bpe import GPT2_PATTERN
 from gptcli.data.hf_tokenizer import TOKENIZER_FILE, byte_alphabet, read_hf_tokenizer
 from gptcli.data.tokenizer import (
     EOT,
-    TiktokenTokenizer,
     Tokenizer,
     named_tiktoken,
     tiktoken_from_file,
@@ -64,13 +65,16 @@ from gptcli.store.checkpoint import (
     save_checkpoint,
     training_config,
 )
+from gptcli.store.hf_tokenizers import (  # tokenizer_files: also gguf_export's and the tests'
+    tokenizer_files,  # noqa: F401
+    write_tokenizer,
+)
 
 HF_CONFIG, HF_WEIGHTS, HF_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
 HF_INDEX, HF_PICKLE_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
 FAMILIES = (hf_gpt2, hf_llama)  # each names its MODEL_TYPES; arch gpt2 -> hf_gpt2, llama -> hf_llama
 _BY_ARCH = {"gpt2": hf_gpt2, "llama": hf_llama}
 _VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # tensors with one row per token
-GPT2_EOT_ID = 50256
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -79,38 +83,7 @@ def is_hf_dir(path: str | Path) -> bool:
         (path / name).is_file() for name in (HF_WEIGHTS, HF_INDEX, HF_PICKLE, HF_PICKLE_INDEX))
 
 
-# --- GPT-2's tokenizer files, spelled in the byte alphabet --------------------------------
-
-
-def _spell(token: bytes) -> str:
-    return "".join(byte_alphabet()[b] for b in token)
-
-
-def tokenizer_files(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[str]]:
-    """vocab.json and merges.txt contents from BPE ranks: the merge that makes each
-    multi-byte token is found by running BPE on its bytes with only lower ranks."""
-    vocab = {_spell(token): rank for token, rank in ranks.items()}
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) > 1:
-            left, right = _last_merge(token, ranks)
-            merges.append(f"{_spell(left)} {_spell(right)}")
-    return vocab, merges
-
-
-def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
-    """The two parts BPE joins last when building `token` (merging lowest ranks first)."""
-    parts = [bytes([b]) for b in token]
-    limit = ranks[token]
-    while len(parts) > 2:
-        candidates = [(ranks.get(parts[i] + parts[i + 1], limit), i) for i in range(len(parts) - 1)]
-        best, i = min(candidates)
-        if best >= limit:
-            break
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    if len(parts) != 2:
-        raise GptcliError(f"token {token!r} cannot be built by BPE merges from its ranks")
-    return parts[0], parts[1]
+# --- GPT-2's tokenizer files on import (export: hf_tokenizers.py) -------------------------
 
 
 def ranks_from_vocab(vocab: dict[str, int]) -> dict[bytes, int]:
@@ -122,11 +95,6 @@ def ranks_from_vocab(vocab: dict[str, int]) -> dict[bytes, int]:
             continue
         ranks[bytes(char_to_byte[c] for c in spelled)] = rank
     return ranks
-
-
-def _is_gpt2_tokenizer(tokenizer: Tokenizer) -> bool:
-    return (isinstance(tokenizer, TiktokenTokenizer) and tokenizer.vocab_size == GPT2_EOT_ID + 1
-            and tokenizer.eot_id == GPT2_EOT_ID and tokenizer.encoding._pat_str == GPT2_PATTERN)
 
 
 # --- import ------------------------------------------------------------------------------
@@ -390,11 +358,26 @@ def export_state(model, classifier: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+@dataclass(frozen=True)
+class HFExport:
+    """What `gptcli export-hf` wrote: the folder, and what became of the tokenizer."""
+
+    path: Path
+    tokenizer_written: bool  # AutoTokenizer.from_pretrained(path) gives gptcli's ids
+    tokenizer_note: str  # one sentence: which tokenizer files were written, or why none was
+
+
 def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
+    """The folder `export_hf_model` writes (for callers that only need the path)."""
+    return export_hf_model(source, out, overwrite).path
+
+
+def export_hf_model(source: Path, out: str | Path, overwrite: bool = False) -> HFExport:
     """`gptcli export-hf`: the checkpoint directory `source` as an HF directory that
     transformers loads (`overwrite`: replacing an earlier export): GPT-2 for arch gpt2,
-    the Llama-family class that computes it for arch llama. The export may not overlap the
-    checkpoint nor the run that holds it."""
+    the Llama-family class that computes it for arch llama, with the tokenizer where
+    transformers can read it with the same ids (hf_tokenizers.py; the result says whether).
+    The export may not overlap the checkpoint nor the run that holds it."""
     run = run_of(source)
     target = check_output_dir(out, "hf-export", replace=overwrite, inputs=input_paths([run, source]))
     model, tokenizer = load_model(source)
@@ -424,9 +407,8 @@ def export_hf(source: Path, out: str | Path, overwrite: bool = False) -> Path:
         (work / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         (work / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if _is_gpt2_tokenizer(tokenizer):
-            _write_gpt2_tokenizer(work, tokenizer, cfg.block_size, truncation_side)
-    return Path(out)
+        written = write_tokenizer(work, tokenizer, cfg.block_size, truncation_side)
+    return HFExport(Path(out), written.written, written.note)
 
 
 def _classifier_truncation_side(source: Path) -> str:
@@ -446,14 +428,3 @@ def _classifier_truncation_side(source: Path) -> str:
             f"token of one window; finetune with --set finetune.pooling=last --set finetune.long_text=truncate "
             f"to export")
     return "left" if settings.truncate == "keep_end" else "right"
-
-
-def _write_gpt2_tokenizer(work: Path, tokenizer: TiktokenTokenizer, block_size: int, truncation_side: str) -> None:
-    vocab, merges = tokenizer_files(tokenizer.encoding._mergeable_ranks)
-    vocab[EOT] = tokenizer.eot_id
-    (work / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (work / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (work / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT,
-         "unk_token": EOT, "model_max_length": block_size, "add_prefix_space": False,
-         "truncation_side": truncation_side}))

@@ -1,6 +1,11 @@
 """`gptcli info`: what a checkpoint holds, read from its files without building the model:
 shape, parameter count, tokenizer, origin, training progress, metrics at save time, file
-sizes, and whether every file still matches its checksum."""
+sizes, and whether every file still matches its checksum.
+
+Damage is described, never fatal: a weights file cut short (or otherwise unreadable) is
+described from its header, or, without one, from the run's config.yaml, and the
+description's `problems` say what is wrong, beside the failed checksums line; so does a
+`latest` pointer that names no usable checkpoint (rundir.read_pointer)."""
 
 from __future__ import annotations
 
@@ -9,21 +14,25 @@ import json
 import math
 from pathlib import Path
 
+import torch
 import yaml
-from safetensors import safe_open
 
 from gptcli.config import RunConfig, load_config
 from gptcli.data.mixture import tokens_by_source
+from gptcli.data.tokenizer import load_tokenizer
 from gptcli.errors import GptcliError
+from gptcli.events import Notice
+from gptcli.model import get_arch
 from gptcli.store.checkpoint import (
     CONFIG_YAML,
     LATEST,
     MANIFEST,
+    TOKENIZER_DIR,
     TRAINER_JSON,
     WEIGHTS,
-    read_metadata,
-    read_model_config,
+    model_config_of,
     read_trainer_json,
+    read_weights_header,
     verify_checkpoint,
 )
 from gptcli.store.rundir import resolve_checkpoint
@@ -33,23 +42,26 @@ _MERGED_SUFFIX = "-merged"  # finetune.py names merged LoRA copies step-NNNNNN-m
 
 
 def checkpoint_info(path: str | Path) -> dict:
-    """A JSON-ready description of the checkpoint at `path` (a run directory: its latest)."""
+    """A JSON-ready description of the checkpoint at `path` (a run directory: its latest).
+    `problems` (present only when there are some) lists damage found on the way; `model`
+    and `parameters` are None only when neither the weights nor config.yaml give them."""
     source = Path(path)
-    checkpoint = resolve_checkpoint(source, prefer=LATEST)
-    metadata = read_metadata(checkpoint)
-    cfg = read_model_config(checkpoint)
-    parameters, adapter_parameters = _count_parameters(checkpoint / WEIGHTS)
+    problems: list[str] = []
+    checkpoint = resolve_checkpoint(source, prefer=LATEST,
+                                    on_event=lambda e: isinstance(e, Notice) and problems.append(e.message))
+    weights = _weights(checkpoint, problems)
+    metadata = weights.metadata
     info = {
         "checkpoint": str(checkpoint),
         "kind": _kind(source, checkpoint, metadata),
-        "model": dataclasses.asdict(cfg),  # resolved: arch and every component
-        "parameters": parameters,
-        "tokenizer": json.loads(metadata["tokenizer"]).get("name", "?"),
+        "model": None if weights.cfg is None else dataclasses.asdict(weights.cfg),  # resolved: arch and every component
+        "parameters": weights.parameters,
+        "tokenizer": _tokenizer_name(checkpoint, metadata),
     }
     if "labels" in metadata:
         info["labels"] = json.loads(metadata["labels"])
-    if adapter_parameters:
-        info["lora"] = {**json.loads(metadata["lora"]), "adapter_parameters": adapter_parameters}
+    if weights.adapter_parameters:
+        info["lora"] = {**json.loads(metadata["lora"]), "adapter_parameters": weights.adapter_parameters}
     info.update(_training(checkpoint))
     info["files"] = {str(p.relative_to(checkpoint)): p.stat().st_size
                      for p in sorted(checkpoint.rglob("*")) if p.is_file()}
@@ -58,19 +70,70 @@ def checkpoint_info(path: str | Path) -> dict:
         info["checksums"] = f"ok ({len(info['files']) - 1} files match {MANIFEST})"
     except GptcliError as exc:
         info["checksums"] = f"FAILED: {exc}"
+    if problems:
+        info["problems"] = problems
     return info
 
 
-def _count_parameters(weights: Path) -> tuple[int, int]:
-    """(all stored parameters, LoRA adapter parameters), from the safetensors header."""
-    total = adapters = 0
-    with safe_open(str(weights), framework="pt") as f:
-        for name in f.keys():
-            count = math.prod(f.get_slice(name).get_shape())
-            total += count
-            if ".lora_" in name:
-                adapters += count
-    return total, adapters
+@dataclasses.dataclass(frozen=True)
+class _Weights:
+    """What the weights file tells about the model, as far as it can be read."""
+
+    metadata: dict[str, str]  # empty when the header is unreadable
+    cfg: object | None  # the model config (the arch's dataclass)
+    parameters: int | None  # stored parameters (a tied head counted once)
+    adapter_parameters: int  # of them, LoRA adapters'
+
+
+def _weights(checkpoint: Path, problems: list[str]) -> _Weights:
+    """The model described from the weights file's header (which a truncated file still
+    has); without a readable header, from config.yaml. What is wrong goes to `problems`."""
+    path = checkpoint / WEIGHTS
+    try:
+        header = read_weights_header(path)
+        cfg = model_config_of(header.metadata, path)
+    except GptcliError as exc:
+        problems.append(str(exc))
+        cfg = _model_from_run_config(checkpoint)
+        if cfg is None:
+            problems.append(f"{CONFIG_YAML} does not give the model's shape either (only a pretraining "
+                            f"run's does)")
+            return _Weights({}, None, None, 0)
+        problems.append(f"the model's shape is read from {CONFIG_YAML} instead")
+        return _Weights({}, cfg, _parameters_of(cfg), 0)
+    if header.problem is not None:
+        problems.append(f"{header.problem}; the model cannot be loaded from it")
+    total = sum(math.prod(shape) for shape in header.shapes.values())
+    adapters = sum(math.prod(shape) for name, shape in header.shapes.items() if ".lora_" in name)
+    return _Weights(header.metadata, cfg, total, adapters)
+
+
+def _model_from_run_config(checkpoint: Path) -> object | None:
+    """A pretraining run's config.yaml holds the resolved model config; a finetune's holds
+    only the settings it changed, and an import's none."""
+    try:
+        cfg = load_config(checkpoint / CONFIG_YAML)
+    except (GptcliError, OSError):
+        return None
+    return cfg.model if isinstance(cfg, RunConfig) and cfg.model.vocab_size else None
+
+
+def _parameters_of(cfg: object) -> int:
+    """Parameters of a model of `cfg`, built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        return get_arch(cfg.arch).model(cfg).num_params()
+
+
+def _tokenizer_name(checkpoint: Path, metadata: dict[str, str]) -> str:
+    """The tokenizer's name, from the weights' metadata or else the tokenizer folder."""
+    try:
+        return json.loads(metadata["tokenizer"]).get("name", "?")
+    except (KeyError, ValueError, AttributeError):
+        pass
+    try:
+        return load_tokenizer(checkpoint / TOKENIZER_DIR).name
+    except (GptcliError, OSError):
+        return "?"
 
 
 def _kind(source: Path, checkpoint: Path, metadata: dict) -> str:

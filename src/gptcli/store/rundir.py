@@ -28,13 +28,14 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import re
 import shutil
-import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from gptcli.atomic import write_text
-from gptcli.errors import GptcliError
+from gptcli.atomic import make_unique_dir, write_text
+from gptcli.errors import GptcliError, shorten
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.outputs import (
     KIND_NAMES,
@@ -53,6 +54,7 @@ from gptcli.store.checkpoint import (
     BEST,
     CHECKPOINTS,
     LATEST,
+    MANIFEST,
     WEIGHTS,
     checkpoint_task,
     is_checkpoint,
@@ -60,6 +62,7 @@ from gptcli.store.checkpoint import (
 from gptcli.store.hf import cached_import, is_hf_dir
 
 _OWN_FILES = {MARKER, LOCK_FILE}  # a folder holding only these has no run in it yet
+_STEP = re.compile(r"step-(\d+)")  # a step checkpoint's folder name (merged copies end in -merged)
 
 
 class RunClaim:
@@ -85,8 +88,7 @@ class RunClaim:
         self._started = True
         if not self._replace or self._lock is None:
             return
-        backup = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.replaced-{os.getpid()}-",
-                                       dir=self.path.parent))
+        backup = make_unique_dir(self.path.parent, f".{self.path.name}.replaced-{os.getpid()}-")
         try:
             os.replace(self.path, backup)  # onto the empty folder just made: a name no one has
         except OSError as exc:
@@ -192,7 +194,8 @@ def _claim(out_dir: str | Path, resume: bool, overwrite: bool, inputs: list[Path
     try:
         if kind == "run":  # first: a process training there is the clearest answer
             lock = DirLock(path, "another run")
-        latest = read_pointer(path, LATEST) if path.is_dir() else None
+        # Only a resume uses `latest`: only then is a bad pointer worth a note.
+        latest = read_pointer(path, LATEST, on_event if resume else ignore) if path.is_dir() else None
         used = path.is_dir() and bool(set(os.listdir(path)) - _OWN_FILES)
         _check_claim(out_dir, path, kind, used, latest, resume, overwrite)
         created = _first_missing(path)
@@ -253,12 +256,71 @@ def write_pointer(run_dir: str | Path, name: str, checkpoint: Path) -> None:
     write_text(Path(run_dir) / CHECKPOINTS / name, checkpoint.name + "\n")
 
 
-def read_pointer(run_dir: str | Path, name: str) -> Path | None:
-    pointer = Path(run_dir) / CHECKPOINTS / name
-    if not pointer.is_file():
-        return None
-    target = pointer.parent / pointer.read_text().strip()
-    return target if (target / WEIGHTS).is_file() else None
+class PointerWarning(UserWarning):
+    """A `latest`/`best` pointer names no usable checkpoint; issued where the reader of
+    the pointer was given no `on_event` to report it to."""
+
+
+def read_pointer(run_dir: str | Path, name: str, on_event: EventSink | None = None) -> Path | None:
+    """The checkpoint `checkpoints/<name>` names, when it is a complete checkpoint of this
+    run (None when there is no such pointer, as before a run's first evaluation).
+
+    A pointer that names anything else (a path outside `checkpoints/`, a missing or
+    incomplete folder, unreadable text) is reported, naming the pointer and what it names:
+    as a Notice to `on_event`, or with `on_event=None` as a PointerWarning (pass `ignore`
+    to keep quiet). `latest` then falls back to the newest complete step checkpoint, so
+    resume, sample, eval and info keep working; a missing `latest` beside complete
+    checkpoints falls back the same way. Other pointers are ignored."""
+    folder = Path(run_dir) / CHECKPOINTS
+    pointer = folder / name
+    target, problem = _pointed(pointer) if pointer.is_file() else (None, None)
+    if target is not None:
+        return target
+    fallback = newest_checkpoint(folder) if name == LATEST else None
+    if problem is None and fallback is None:
+        return None  # no pointer and nothing to fall back to: an ordinary state, not a problem
+    if problem is None:
+        problem = f"{pointer} is missing"
+    instead = f"using the newest complete checkpoint, {fallback.name}" if fallback else "ignoring it"
+    _report(f"{problem}; {instead}", on_event)
+    return fallback
+
+
+def _pointed(pointer: Path) -> tuple[Path | None, str | None]:
+    """(the checkpoint `pointer` names, None) if it is a complete one inside the pointer's
+    folder, else (None, what is wrong with the pointer)."""
+    try:
+        text = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"{pointer} cannot be read ({getattr(exc, 'strerror', None) or exc})"
+    if not text or Path(text).name != text or text in (".", ".."):  # a path, not a folder name beside it
+        return None, f"{pointer} names {shorten(repr(text))}, which is not a checkpoint folder in {pointer.parent}"
+    target = pointer.parent / text
+    if not target.is_dir():
+        return None, f"{pointer} names {shorten(text)}, which does not exist"
+    if not is_complete_checkpoint(target):
+        return None, f"{pointer} names {shorten(text)}, which is not a complete checkpoint"
+    return target, None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """Weights and the manifest: a save renames the folder into place with both, so a
+    folder without them is not one gptcli finished writing."""
+    return (path / WEIGHTS).is_file() and (path / MANIFEST).is_file()
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The complete step checkpoint (`step-N`, not a merged copy) with the highest step."""
+    steps = [(int(match[1]), path) for path in folder.glob("step-*")
+             if (match := _STEP.fullmatch(path.name)) and is_complete_checkpoint(path)]
+    return max(steps)[1] if steps else None
+
+
+def _report(message: str, on_event: EventSink | None) -> None:
+    if on_event is None:
+        warnings.warn(message, PointerWarning, stacklevel=3)  # points at the caller of read_pointer
+    else:
+        on_event(Notice(message))
 
 
 def find_latest_run(root: str | Path = "runs", task: str | None = None) -> Path | None:
@@ -268,18 +330,19 @@ def find_latest_run(root: str | Path = "runs", task: str | None = None) -> Path 
     if not root.is_dir():
         return None
     pointers = [p for p in root.glob(f"**/{CHECKPOINTS}/{LATEST}") if p.is_file() and not hidden_below(p, root)]
-    if task is not None:
+    if task is not None:  # (a bad pointer is reported where the chosen run is read)
         pointers = [p for p in pointers
-                    if (c := read_pointer(p.parent.parent, LATEST)) and checkpoint_task(c) == task]
+                    if (c := read_pointer(p.parent.parent, LATEST, ignore)) and checkpoint_task(c) == task]
     if not pointers:
         return None
     return max(pointers, key=lambda p: p.stat().st_mtime).parent.parent
 
 
-def resolve_checkpoint(path: str | Path | None, prefer: str = BEST) -> Path:
+def resolve_checkpoint(path: str | Path | None, prefer: str = BEST, on_event: EventSink | None = None) -> Path:
     """A checkpoint directory from a checkpoint path, a run directory (its `prefer`red
     checkpoint, else the latest), a Hugging Face model directory (imported once into the
-    cache), or nothing (the most recent run under ./runs)."""
+    cache), or nothing (the most recent run under ./runs). A bad pointer in the run is
+    reported to `on_event` (None: as a PointerWarning; see read_pointer)."""
     if path is None:
         run = find_latest_run()
         if run is None:
@@ -294,8 +357,8 @@ def resolve_checkpoint(path: str | Path | None, prefer: str = BEST) -> Path:
         return cached_import(path)
     if is_checkpoint(path):
         return path
-    for name in (prefer, LATEST):
-        found = read_pointer(path, name)
+    for name in dict.fromkeys((prefer, LATEST)):  # each pointer read (and reported) once
+        found = read_pointer(path, name, on_event)
         if found is not None:
             return found
     raise GptcliError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
@@ -305,7 +368,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
     """Delete step checkpoints beyond the newest `keep_last`, never the ones that
     `latest`, `best` or `merged` name. Returns what was deleted."""
     folder = Path(run_dir) / CHECKPOINTS
-    protected = {p for p in (read_pointer(run_dir, n) for n in (LATEST, BEST, "merged")) if p}
+    # Quietly: training prunes after every save, and a bad pointer is reported where it is used.
+    protected = {p for p in (read_pointer(run_dir, n, ignore) for n in (LATEST, BEST, "merged")) if p}
     steps = sorted(p for p in folder.glob("step-*") if p.is_dir() and p not in protected
                    and not p.name.endswith("-merged"))
     newest = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith("-merged"))

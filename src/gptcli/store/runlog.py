@@ -2,7 +2,9 @@
 
     metrics.jsonl   one JSON object per logged step and per evaluation
     run.json        task, size, plan, status (running, finished, interrupted, failed),
-                    process, wall time; rewritten at every log step
+                    process, wall time, step; rewritten at every log step and at the
+                    end of the session (with the last step done, which may be a later
+                    one than the last logged: a Ctrl-C saves the step it finishes)
     tensorboard/    the same scalars for TensorBoard (with `train.tensorboard: true`)
 
 `gptcli runs` and `gptcli plot` read them back.
@@ -123,11 +125,16 @@ class RunLog:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, record["step"])
 
-    def close(self, status: str, error: str | None = None) -> None:
-        """Record how the session ended: finished, interrupted or failed (with the error)."""
+    def close(self, status: str, error: str | None = None, step: int | None = None) -> None:
+        """Record how the session ended: finished, interrupted or failed (with the error),
+        and `step`, the last step the run completed (the loop passes the step of its last
+        save): run.json is otherwise rewritten only at log steps, and a Ctrl-C between two
+        of them saves a later step than the last one logged. The step never goes back."""
         if not self.enabled:
             return
         self.info["status"] = status
+        if step is not None:
+            self.info["step"] = max(step, self.info.get("step", step))
         if error:
             self.info["error"] = error
         else:
@@ -178,6 +185,8 @@ def summarize_run(run_dir: Path) -> RunSummary:
     best_key = f"best_{metric}" if metric else None
     bests = [r[best_key] for r in records if best_key in r and r[best_key] is not None]
     steps = [r["step"] for r in records if "step" in r]
+    if isinstance(info.get("step"), int):  # the step of a save after the last logged one
+        steps.append(info["step"])
     tokens = [r["tokens_seen"] for r in records if "tokens_seen" in r]
     by_source = [r["tokens_by_source"] for r in records if "tokens_by_source" in r]
     return RunSummary(
