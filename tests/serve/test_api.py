@@ -163,6 +163,18 @@ BAD = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ("/v1/completions", {"prompt": "a", "seed": -1}, 400, "seed", "2**64"),
     ("/v1/completions", {"prompt": "a", "echo": True}, 400, "echo", "not supported"),
+    ("/v1/completions", {"prompt": "a", "max_completion_tokens": -3}, 400, "max_completion_tokens", "at least 1"),
+    ("/v1/completions", {"prompt": "a", "max_completion_tokens": 2.5}, 400, "max_completion_tokens",
+     "valid integer"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 0}, 400, "logprobs", "not supported"),
+    ("/v1/completions", {"prompt": "a", "top_logprobs": 2}, 400, "top_logprobs", "not supported"),
+    ("/v1/completions", {"prompt": "a", "response_format": {"type": "json_object"}}, 400, "response_format",
+     "not supported"),
+    ("/v1/completions", {"prompt": "a", "response_format": "json"}, 400, "response_format", "valid dictionary"),
+    ("/v1/completions", {"prompt": "a", "temperature": -0.5}, 400, "temperature", "between 0 and 2"),
+    ("/v1/completions", {"prompt": "a", "n": 0}, 400, "n", "between 1 and 8"),
+    ("/v1/completions", {"prompt": "a", "stop": [1]}, 400, "stop", "a string or a list of up to 4 strings"),
+    ("/v1/completions", {"prompt": "a", "stop": ""}, 400, "stop", "non-empty strings"),
     ("/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, "model", "does not exist"),
     ("/v1/completions", {"prompt": "x" * 64}, 400, None, "context is 64"),
     ("/v1/completions", {"prompt": "a<|endoftext|>"}, 400, None, "special token"),
@@ -201,6 +213,72 @@ def test_chat_message_errors(chat_server):
                         ({"messages": [{"role": "user", "content": "a<|end|>"}]}, None)):
         status, answer = request(f"{chat_server.api}/chat/completions", body)
         assert status == 400 and answer["error"]["param"] == param, answer
+
+
+CHAT_BAD = [  # (fields over a valid body, param, words in the message)
+    ({"max_completion_tokens": -3}, "max_completion_tokens", "at least 1"),
+    ({"max_completion_tokens": "3"}, "max_completion_tokens", "valid integer"),
+    ({"max_tokens": 0}, "max_tokens", "at least 1"),
+    ({"stream": 1}, "stream", "valid boolean"),
+    ({"tool_choice": "auto"}, "tool_choice", "not supported"),
+    ({"functions": [{"name": "f"}]}, "functions", "not supported"),
+    ({"function_call": "auto"}, "function_call", "not supported"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "not supported"),
+    ({"logprobs": True}, "logprobs", "not supported"),
+    ({"top_logprobs": 3}, "top_logprobs", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi", "name": 3}]}, "messages", "'messages.0.name'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", "messages.0.content"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages",
+     "tool calls are not supported"),
+]
+
+
+@pytest.mark.parametrize("fields, param, words", CHAT_BAD, ids=[f"{b[1]}-{b[2]}" for b in CHAT_BAD])
+def test_bad_chat_fields_get_400_naming_them(chat_server, fields, param, words):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+    status, answer = request(f"{chat_server.api}/chat/completions", body)
+    assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
+
+
+def test_the_budget_fields_and_neutral_values_are_read(lm_server, chat_server):
+    """max_completion_tokens is read on both routes (on completions it was ignored: 16 tokens
+    came back); neutral values of the unsupported fields pass."""
+    status, answer = request(f"{lm_server.api}/completions", {"prompt": "ab", "max_completion_tokens": 3,
+                                                              "temperature": 0, "logprobs": None,
+                                                              "response_format": {"type": "text"}})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 3, answer
+    status, answer = request(f"{chat_server.api}/chat/completions", {
+        "messages": [{"role": "user", "content": "hi", "name": "ann"}], "max_tokens": 9, "max_completion_tokens": 1,
+        "tool_choice": "none", "logprobs": False, "top_logprobs": 0, "temperature": 0})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 1, answer
+
+
+def post_raw(server, path: str, body: bytes, content_type: str | None) -> tuple[int, dict]:
+    """POST `body` with exactly this Content-Type header (None: no header at all)."""
+    parts = urlsplit(server.url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers={} if content_type is None else
+                           {"Content-Type": content_type})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/classify"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_that_is_not_declared_json_gets_415(lm_server, path, content_type):
+    status, answer = post_raw(lm_server, path, b'{"prompt": "a", "max_tokens": 2}', content_type)
+    assert status == 415, answer
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "Content-Type: application/json" in error["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON", None])
+def test_json_bodies_and_bodies_without_a_content_type_are_read(lm_server, content_type):
+    status, answer = post_raw(lm_server, "/v1/completions", b'{"prompt": "a", "max_tokens": 2}', content_type)
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
 
 
 def test_bodies_over_the_limit_get_413(serve_process, lm_checkpoint):
@@ -248,6 +326,8 @@ def test_a_classifier_serves_classify(serve_process, tmp_path, capsys, config):
     assert answer["data"][0]["probabilities"] == pytest.approx(expected["probs"], abs=1e-6)
     status, answer = request(f"{server.api}/completions", {"prompt": "a"})
     assert status == 400 and "classifier" in answer["error"]["message"]
+    status, answer = request(f"{server.api}/classify", {"input": []})
+    assert status == 400 and answer["error"]["param"] == "input", answer
 
 
 def test_the_two_readings_give_different_answers(tmp_path):

@@ -45,6 +45,7 @@ from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Progress, ignore
 from gptcli.model import Model
+from gptcli.model.budget import Sizes, check_batch_fits, logit_bytes, pass_bytes, scoring_bytes_per_logit
 from gptcli.evals.lm import load_lm_for_eval
 from gptcli.runtime import Precision, resolve_precision
 
@@ -170,12 +171,43 @@ def score_items(model: Model, tokenizer: Tokenizer, items: list[ChoiceItem], bat
     scores: list[list[float]] = []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        sequences = [_sequence(tokenizer, item.context, choice, window) for item in batch for choice in item.choices]
+        per_item = [[_sequence(tokenizer, item.context, choice, window) for choice in item.choices] for item in batch]
+        _check_batch_fits(model, batch_size, per_item, device)
+        sequences = [sequence for choices in per_item for sequence in choices]
         flat = iter(_loglikelihoods(model, sequences, device))
         scores += [[next(flat) for _ in item.choices] for item in batch]
         on_event(Progress("scoring", start + len(batch), len(items)))
     model.train(was_training)
     return ChoiceResult(scores, items)
+
+
+def _check_batch_fits(model: Model, batch_size: int, per_item: list[list[tuple[list[int], int]]],
+                      device: torch.device) -> None:
+    """Refuse a --batch-size whose batch (every choice of `per_item`'s items, as
+    _loglikelihoods scores them) cannot fit beside the model, before it is allocated.
+    Checked per batch, as the sequences' lengths are known only once they are encoded."""
+    sizes = Sizes.of(model)
+
+    def bytes_for(items: int) -> int:
+        return _scoring_bytes(sizes, [sequence for choices in per_item[:items] for sequence in choices])
+
+    sequences = sum(len(choices) for choices in per_item)
+    check_batch_fits(f"--batch-size {batch_size}", len(per_item), bytes_for,
+                     f"the activations and log-probabilities of {sequences:,} sequences (the choices of "
+                     f"{len(per_item):,} items)", "use a smaller --batch-size", device)
+
+
+def _scoring_bytes(sizes: Sizes, sequences: list[tuple[list[int], int]]) -> int:
+    """What _loglikelihoods allocates for `sequences` (model/budget.py): the padded input
+    ids (N, T) in int64, one block's pass over them, the final hidden states (N, T, C) kept
+    while the head runs, and the logits and fp32 log-probabilities of the K continuation
+    positions (K, V)."""
+    rows = len(sequences)
+    longest = max(len(ids) - 1 for ids, _ in sequences)
+    scored = sum(n for _, n in sequences)
+    return (rows * longest * 8 + pass_bytes(sizes, rows, longest, longest, masked=False)
+            + rows * longest * sizes.n_embd * sizes.elem
+            + logit_bytes(sizes, scored, scoring_bytes_per_logit(sizes)))
 
 
 def _sequence(tokenizer: Tokenizer, context: str, choice: str, window: int) -> tuple[list[int], int]:

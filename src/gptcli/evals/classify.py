@@ -19,6 +19,7 @@ from gptcli.data.records import column, read_records
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.evals.baselines import NaiveBayes
+from gptcli.model.budget import FP32, Sizes, check_batch_fits, pass_bytes
 from gptcli.model.heads import GPTClassifier
 from gptcli.outputs import check_output_file, input_paths
 from gptcli.runtime import Precision, resolve_device
@@ -36,7 +37,9 @@ def eval_classifier_checkpoint(checkpoint: str | Path | None, data_file: str | P
     Bayes fitted on the training records the checkpoint's config names
     (`naive_bayes_unavailable` says why not, when they cannot be read); writes `predictions`
     (CSV) when given. `data` in the result names the records evaluated."""
-    if data_file is not None:  # the cheap checks first
+    if batch_size < 1:  # the cheap checks first
+        raise GptcliError(f"--batch-size: must be at least 1, got {batch_size}")
+    if data_file is not None:
         records = read_records(data_file)
         texts = [str(t) for t in column(records, text_column, data_file, "--text-column")]
         truth = [str(y) for y in column(records, label_column, data_file, "--label-column")]
@@ -129,12 +132,32 @@ def predict_probs(model: GPTClassifier, texts: list[list[np.ndarray]], pad_id: i
     probs = np.zeros((len(texts), model.n_classes), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
+        _check_batch_fits(model, batch_size, [texts[t] for t in batch], device)
         idx, lengths, owners = pad_windows([texts[t] for t in batch], pad_id, device)
         with precision.autocast():
             logits = model(idx, lengths=lengths, owners=owners)
         probs[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     model.train(was_training)
     return probs
+
+
+def _check_batch_fits(model: GPTClassifier, batch_size: int, texts: list[list[np.ndarray]],
+                      device: torch.device) -> None:
+    """Refuse a --batch-size whose batch of `texts` cannot fit beside the model, before it
+    is allocated (model/budget.py): its R rows (a text's windows each) padded to the longest,
+    T tokens: one block's pass over them and the fp32 copy mean pooling sums (R, T, C).
+    Checked per batch, as the texts' lengths differ."""
+    sizes = Sizes.of(model)
+
+    def bytes_for(count: int) -> int:
+        rows = [row for windows in texts[:count] for row in windows]
+        longest = max(len(row) for row in rows)
+        return (pass_bytes(sizes, len(rows), longest, longest, masked=False)
+                + len(rows) * longest * sizes.n_embd * FP32)
+
+    check_batch_fits(f"--batch-size {batch_size}", len(texts), bytes_for,
+                     f"the activations of {len(texts):,} texts ({sum(len(w) for w in texts):,} windows)",
+                     "use a smaller --batch-size", device)
 
 
 def _write_predictions(out: Path, texts, truth, predicted, probs, labels) -> None:

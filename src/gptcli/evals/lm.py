@@ -32,6 +32,7 @@ from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Progress, ignore
 from gptcli.model import Model
+from gptcli.model.budget import Sizes, check_batch_fits, loss_bytes, pass_bytes
 from gptcli.model.gpt import IGNORE_INDEX
 from gptcli.runtime import DTYPES, Precision, resolve_device, resolve_precision
 from gptcli.store.checkpoint import CONFIG_YAML, checkpoint_task, load_model, read_trainer_json
@@ -156,6 +157,7 @@ def _evaluate_inputs(model: Model, tokenizer: Tokenizer, inputs: list[str], spli
     total = sum(len(groups) for _, groups in plans)
     if total == 0:
         raise GptcliError("the data has fewer than 2 tokens: nothing to predict")
+    _check_batch_fits(model, batch_size, max(len(starts) for _, groups in plans for starts in groups), device)
     batches = (_batch(s, starts, block, device) for s, groups in plans for starts in groups)
     n_tokens = sum(len(s) for s in streams)
     n_targets = sum(max(len(s) - 1, 0) for s in streams)  # the first token of a stream is not scored
@@ -163,6 +165,20 @@ def _evaluate_inputs(model: Model, tokenizer: Tokenizer, inputs: list[str], spli
     metrics = validation_loss(model, _counting(batches, total, on_event), precision, n_bytes / n_targets)
     return {"loss": metrics["val_loss"], "bpb": metrics["val_bpb"], "data": described,
             "tokens": n_tokens, "bytes": int(n_bytes)}
+
+
+def _check_batch_fits(model: Model, batch_size: int, windows: int, device: torch.device) -> None:
+    """Refuse a --batch-size whose largest batch (`windows` windows: fewer than asked when
+    the data holds fewer) cannot fit beside the model: one block's activations over every
+    window and the loss's chunk of logits (model/budget.py)."""
+    sizes, block = Sizes.of(model), model.config.block_size
+
+    def bytes_for(rows: int) -> int:
+        return pass_bytes(sizes, rows, block, block, masked=False) + loss_bytes(sizes, rows * block)
+
+    check_batch_fits(f"--batch-size {batch_size}", windows, bytes_for,
+                     f"the activations and loss of {windows:,} windows of {block:,} tokens",
+                     "use a smaller --batch-size", device)
 
 
 def mixture_validation(model: Model, mixture: Mixture, cfg: RunConfig, precision: Precision,

@@ -37,6 +37,7 @@ import torch
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.infer.generate import SPAN_STEP, SampleText, SamplingSettings, next_token, prefill
 from gptcli.model import Model
+from gptcli.model.budget import SAMPLING_BYTES_PER_LOGIT, Sizes, kv_cache_bytes, logit_bytes, pass_bytes
 
 log = logging.getLogger(__name__)  # errors go to the server's log (the library prints nothing)
 
@@ -133,6 +134,18 @@ class BatchEngine:
         self._rows: list[tuple[_Running, int]] = []
         self._tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # last token per row
         self._positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # where it goes
+
+    @staticmethod
+    def bytes_needed(model: Model, max_batch: int) -> int:
+        """The memory an engine of `max_batch` rows takes beyond the weights (model/budget.py):
+        its KV cache, every row a whole context long; the larger of one prompt's prefill (a
+        row alone, up to the context) and a step of every row; and a row of logits each,
+        with sampling's working copies."""
+        sizes, context = Sizes.of(model), model.config.block_size
+        forward = max(pass_bytes(sizes, 1, context, context, masked=True),
+                      pass_bytes(sizes, max_batch, 1, context, masked=True))
+        return (kv_cache_bytes(sizes, max_batch, context) + forward
+                + logit_bytes(sizes, max_batch, SAMPLING_BYTES_PER_LOGIT))
 
     def check(self, job: Job) -> None:
         """Refuse a job the engine could never run (the server checks first, with messages

@@ -22,6 +22,7 @@ import torch
 
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.model import Model
+from gptcli.model.budget import SAMPLING_BYTES_PER_LOGIT, Sizes, kv_cache_bytes, logit_bytes, pass_bytes
 from gptcli.model.kv_cache import KVCache
 
 # Slots a decode step attends over grow in steps of this many. Masked slots past the
@@ -94,6 +95,25 @@ def decode_one_token(model: Model, cache: KVCache, token: torch.Tensor, input_po
 DecodeStep = Callable[[Model, KVCache, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def cache_slots(context: int, prompt_tokens: int, max_new_tokens: int, compiled: bool) -> int:
+    """The KV cache length generate_tokens allocates: the prompt and every new token but the
+    last (never fed back), at most the context, so a short request attends over a short
+    cache; a compiled step's cache is the whole context, the shape it was compiled for."""
+    return context if compiled else min(context, prompt_tokens + max(max_new_tokens - 1, 0))
+
+
+def generation_bytes(model: Model, rows: int, prompt_tokens: int, slots: int) -> int:
+    """The memory generate_tokens takes beyond the weights for `rows` samples of a prompt
+    of `prompt_tokens` with a cache of `slots` (model/budget.py): the KV cache, the larger
+    of the prefill of every row at once and a one-token step (each attending over the
+    cache), and one row of logits per sample with sampling's working copies."""
+    sizes = Sizes.of(model)
+    forward = max(pass_bytes(sizes, rows, prompt_tokens, slots, masked=True),
+                  pass_bytes(sizes, rows, 1, slots, masked=True))
+    return (kv_cache_bytes(sizes, rows, slots) + forward
+            + logit_bytes(sizes, rows, SAMPLING_BYTES_PER_LOGIT))
+
+
 @torch.inference_mode()
 def generate_tokens(model: Model, prompt: list[int], max_new_tokens: int, settings: SamplingSettings,
                     num_samples: int = 1, generator: torch.Generator | None = None,
@@ -107,11 +127,7 @@ def generate_tokens(model: Model, prompt: list[int], max_new_tokens: int, settin
     context = model.config.block_size
     device = next(model.parameters()).device
     history = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, T)
-    # Slots for the prompt and every new token but the last (never fed back), at most the
-    # context: a short request attends over a short cache. A compiled step's cache is the
-    # context, so that every request has the shape it was compiled for.
-    slots = context if compiled is not None else len(prompt) + max(max_new_tokens - 1, 0)
-    cache = model.new_kv_cache(num_samples, slots)
+    cache = model.new_kv_cache(num_samples, cache_slots(context, len(prompt), max_new_tokens, compiled is not None))
     logits = prefill(model, cache, history)
     position = history.size(1)  # where the next token goes
     attended = cache  # the prefix of `cache` that decode steps read, replaced once per SPAN_STEP
@@ -134,6 +150,18 @@ def generate_tokens(model: Model, prompt: list[int], max_new_tokens: int, settin
                 attended = cache.prefix(span)
             logits = decode_one_token(model, attended, token, torch.tensor([position], device=device))
             position += 1
+
+
+# Host memory a SampleText holds (measured with tracemalloc: 660 bytes each for 100,000 of
+# them after two tokens), and what each kept token adds: its slot in `tokens` (8), an int
+# object for ids past the 256 Python caches (28), up to 4 bytes of text.
+SAMPLE_TEXT_BYTES = 700
+KEPT_TOKEN_BYTES = 40
+
+
+def sample_text_bytes(max_new_tokens: int) -> int:
+    """The most host memory one SampleText takes by the end of `max_new_tokens` tokens."""
+    return SAMPLE_TEXT_BYTES + max_new_tokens * KEPT_TOKEN_BYTES
 
 
 class SampleText:

@@ -17,9 +17,17 @@ from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.infer.compiled import COMPILE_CHOICES, CompiledDecode, wants_compiled_decode
 from gptcli.infer.cpu_layout import for_generation
-from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
+from gptcli.infer.generate import (
+    SampleText,
+    SamplingSettings,
+    cache_slots,
+    generate_tokens,
+    generation_bytes,
+    sample_text_bytes,
+)
 from gptcli.infer.quantize import QUANTIZE_CHOICES, check_quantize
 from gptcli.model import Model
+from gptcli.model.budget import check_batch_fits
 from gptcli.model.lora import merge_lora
 from gptcli.runtime import DTYPES, resolve_device, resolve_precision
 from gptcli.store.checkpoint import checkpoint_task, load_model
@@ -178,8 +186,10 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     if request.seed is not None:
         generator = torch.Generator(device=device).manual_seed(request.seed)
     settings = SamplingSettings(request.temperature, request.top_k, request.top_p)
+    wants_compiled = wants_compiled_decode(request.compile, device)
+    check_samples_fit(model, request, len(prompt), wants_compiled, device)  # before any per-sample allocation
     texts = [SampleText(tokenizer, request.stops, stop_ids) for _ in range(request.num_samples)]
-    compiled = CompiledDecode(device.type == "cuda") if wants_compiled_decode(request.compile, device) else None
+    compiled = CompiledDecode(device.type == "cuda") if wants_compiled else None
     for tokens in generate_tokens(model, prompt, request.max_new_tokens, settings,
                                   request.num_samples, generator, compiled):
         for row, token in enumerate(tokens.tolist()):
@@ -195,6 +205,35 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     if compiled is not None and compiled.fallback:
         on_event(Notice(f"the compiled decode step failed ({compiled.fallback}); decoded eagerly"))
     return path, [Sample(t.text, t.tokens) for t in texts]
+
+
+def check_samples_fit(model: Model, request: SampleRequest, prompt_tokens: int, compiled: bool,
+                      device: torch.device) -> None:
+    """Refuse, before any of it is allocated, a batch that cannot fit the memory left beside
+    the loaded model: on the device the KV cache, activations and logits (generation_bytes),
+    in the host's memory each sample's text and kept tokens (sample_text_bytes); on CPU (and
+    MPS) both in the one memory. First --max-new-tokens for one sample (a sample's tokens
+    are all kept), then --num-samples."""
+    context = model.config.block_size
+
+    def tensor_bytes(rows: int, tokens: int) -> int:
+        return generation_bytes(model, rows, prompt_tokens, cache_slots(context, prompt_tokens, tokens, compiled))
+
+    def host_bytes(rows: int, tokens: int) -> int:
+        return rows * sample_text_bytes(tokens)
+
+    if device.type == "cuda":  # a memory of its own, beside the host's
+        budgets = [(device, tensor_bytes, "the KV cache, activations and logits"),
+                   (torch.device("cpu"), host_bytes, "the texts and tokens")]
+    else:
+        budgets = [(device, lambda rows, tokens: tensor_bytes(rows, tokens) + host_bytes(rows, tokens),
+                    "the KV cache, activations, logits and texts")]
+    n, new = request.num_samples, request.max_new_tokens
+    for memory, bytes_for, parts in budgets:
+        check_batch_fits(f"--max-new-tokens {new}", new, lambda tokens: bytes_for(1, tokens),
+                         f"{parts} of one sample of {new:,} new tokens", "generate fewer tokens", memory)
+        check_batch_fits(f"--num-samples {n}", n, lambda rows: bytes_for(rows, new),
+                         f"{parts} of {n:,} samples of {new:,} new tokens", "use fewer samples", memory)
 
 
 def load_for_generation(path: Path, device: torch.device, precision: str = "auto",

@@ -104,7 +104,7 @@ def build_app(served: Served) -> FastAPI:
         body: CompletionRequest = parse(CompletionRequest, await _json(request))
         _check_generation(served, body)
         prompts = [_encode(served, lambda: _text_ids(served.tokenizer, text)) for text in body.prompts()]
-        return await _answer(served, request, body, prompts, body.max_tokens, chat=False)
+        return await _answer(served, request, body, prompts, body.budget, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -125,6 +125,7 @@ def build_app(served: Served) -> FastAPI:
         _check_model(served, body.model)
         if served.task != "classify":
             raise ApiError(400, f"{served.model_id} is not a classifier; use /v1/completions")
+        body.check()
         try:
             for i, text in enumerate(body.texts()):
                 _check_unicode(text, f"input[{i}]")
@@ -151,11 +152,24 @@ def _authorize(served: Served, request: Request) -> None:
 
 
 async def _json(request: Request) -> object:
+    """The decoded JSON body, or an ApiError: 415 for a body declared as something other
+    than JSON (a form, plain text: it would be parsed as what it is not), 400 for one that
+    does not parse. A body without a Content-Type is read as JSON, as most servers do."""
+    declared = request.headers.get("content-type")
+    if declared is not None and not _is_json(declared):
+        raise ApiError(415, f"the request body is declared as {shorten(declared, 100)!r} (Content-Type); the API "
+                            f"takes JSON: send it with 'Content-Type: application/json'")
     body = await request.body()
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of 4,300+ digits, deep nesting
         raise ApiError(400, f"the request body is not valid JSON ({shorten(str(exc), 200)})") from None
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json, or a JSON-based type (application/problem+json), with any parameters."""
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def _model_card(served: Served) -> dict:

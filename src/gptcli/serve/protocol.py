@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gptcli.errors import shorten
+
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_STOPS = 4  # OpenAI's limit
 
@@ -22,8 +24,8 @@ class ApiError(Exception):
     """A request the server refuses: HTTP `status` and OpenAI's error object."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
-             503: "server_error"}
+             405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+             500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -39,12 +41,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: only plain text is produced (no JSON mode or schema)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: str
+
+
 class _Sampling(BaseModel):
     """What completions and chat completions share."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str | None = None  # the served model's id (any other is refused); omitted: that model
+    max_tokens: int | None = None  # each request kind sets its default
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are given
     temperature: float = 1.0  # 0 is greedy
     top_p: float = 1.0
     top_k: int | None = None  # not OpenAI's; llama.cpp's and vLLM's servers take it too
@@ -57,12 +68,23 @@ class _Sampling(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
+    logprobs: bool | int | None = None  # chat: a boolean; completions: how many (0 still asks for some)
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    @property
+    def budget(self) -> int | None:
+        """The most tokens to generate (None: the rest of the context)."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
     def check(self, max_n: int) -> None:
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ApiError(400, f"{name} must be at least 1, got {value}", name)
         if not math.isfinite(self.temperature) or not 0 <= self.temperature <= 2:
             raise ApiError(400, f"temperature must be between 0 and 2, got {self.temperature}", "temperature")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
@@ -81,8 +103,14 @@ class _Sampling(BaseModel):
                 raise ApiError(400, f"{name} is not supported; leave it at 0", name)
         if self.logit_bias:
             raise ApiError(400, "logit_bias is not supported; leave it out", "logit_bias")
-        if self.logprobs:
+        # `is not` rather than truthiness: logprobs 0 asks for the sampled tokens' log-probabilities.
+        if self.logprobs is not None and self.logprobs is not False:
             raise ApiError(400, "logprobs is not supported; leave it out", "logprobs")
+        if self.top_logprobs:
+            raise ApiError(400, "top_logprobs is not supported; leave it out", "top_logprobs")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ApiError(400, f"response_format {shorten(self.response_format.type)!r} is not supported; "
+                                f"only plain text is (leave it out)", "response_format")
 
     @property
     def include_usage(self) -> bool:
@@ -102,8 +130,6 @@ class CompletionRequest(_Sampling):
         super().check(max_n)
         if isinstance(self.prompt, list) and not self.prompt:
             raise ApiError(400, "prompt must not be an empty list", "prompt")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ApiError(400, f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
         if self.echo:
             raise ApiError(400, "echo is not supported; leave it out", "echo")
         if self.best_of not in (None, 1):
@@ -125,6 +151,8 @@ class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+    name: str | None = None  # OpenAI's participant name; chat templates have no place for it
+    tool_calls: list | None = None  # an assistant's earlier tool calls: refused, as tools are
 
     def as_turn(self) -> dict:
         """{"role", "content"} as chat templates take it; developer is OpenAI's newer name
@@ -138,21 +166,23 @@ class ChatRequest(_Sampling):
 
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = None  # None: the rest of the context
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None  # the deprecated form of tools
+    function_call: str | dict | None = None
 
     def check(self, max_n: int) -> None:
         super().check(max_n)
-        for name in ("max_tokens", "max_completion_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ApiError(400, f"{name} must be at least 1, got {value}", name)
-        if self.tools:
-            raise ApiError(400, "tools are not supported; leave them out", "tools")
-
-    @property
-    def budget(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ApiError(400, f"{name} are not supported; leave them out", name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise ApiError(400, f"{name} is not supported (no tools are); leave it out", name)
+        for i, message in enumerate(self.messages):
+            if message.tool_calls:
+                raise ApiError(400, f"messages[{i}].tool_calls: tool calls are not supported; leave them out",
+                               "messages")
 
 
 class ClassifyRequest(BaseModel):
@@ -164,6 +194,10 @@ class ClassifyRequest(BaseModel):
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def check(self) -> None:
+        if isinstance(self.input, list) and not self.input:
+            raise ApiError(400, "input must not be an empty list", "input")
 
 
 def parse(kind: type[BaseModel], data: object) -> BaseModel:
@@ -197,5 +231,6 @@ def _choices_hint(kind: type[BaseModel], loc: tuple) -> str:
     return f" (it takes {unions[name]})" if name else ""
 
 
-_FIELDS = {name for kind in (CompletionRequest, ChatRequest, ClassifyRequest, Message, TextPart, StreamOptions)
+_FIELDS = {name for kind in (CompletionRequest, ChatRequest, ClassifyRequest, Message, TextPart, StreamOptions,
+                              ResponseFormat)
            for name in kind.model_fields}

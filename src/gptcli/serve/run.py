@@ -121,6 +121,7 @@ def load_served(options: ServeOptions, worker: Executor):
     from gptcli.evals.classify import load_classifier
     from gptcli.infer.engine import BatchEngine
     from gptcli.infer.sample import is_classifier, load_for_generation
+    from gptcli.model.budget import check_batch_fits
     from gptcli.serve.app import Served
     from gptcli.tasks.instruct import is_chat_model
 
@@ -136,6 +137,10 @@ def load_served(options: ServeOptions, worker: Executor):
         return Served(name, model.eval(), tokenizer, "classify", worker, None, api_key, options.max_batch)
     model, tokenizer = load_for_generation(path, device, options.precision, options.quantize)
     task = "chat" if is_chat_model(tokenizer) else "lm"
+    rows, context = options.max_batch, model.config.block_size
+    check_batch_fits(f"--max-batch {rows}", rows, lambda n: BatchEngine.bytes_needed(model, n),
+                     f"the KV cache, activations and logits of {rows:,} rows of {context:,} tokens",
+                     "lower --max-batch", device)  # before the engine allocates its rows
     engine = BatchEngine(model, tokenizer, options.max_batch)
     return Served(name, model, tokenizer, task, worker, engine, api_key, options.max_batch)
 
