@@ -1,9 +1,13 @@
 """GPT-2's recipe against the modern one, on nanoGPT's CPU shape, in one script.
 
-    python benchmarks/bench_recipes.py [--parts main shortest ablations demo] [--write]
+    python benchmarks/bench_recipes.py [--parts speed demo-time main shortest ablations demo] [--write]
 
 Every run is `gptcli pretrain` of a shipped config with `--set` overrides, one after the
 other on the same machine, so the wall times compare:
+- speed: both recipes at nanoGPT's CPU shape for --speed-steps steps: training tokens/s
+  (the median of the logged intervals) beside the loss, and the modern recipe's share.
+- demo-time: configs/demo.yaml exactly as shipped, from a cold tokenization cache: the
+  main command's wall time (its promise: at most 3 minutes on a quiet 2-core CPU).
 - main: configs/shakespeare-char.yaml (GPT-2's recipe) and configs/shakespeare-char-modern.yaml,
   2000 steps each, validation loss every 100 steps (20 batches, as nanoGPT estimates it)
   and, at the end, over the whole validation split.
@@ -53,26 +57,42 @@ CHANGES = {
 }
 
 
-def pretrain(name: str, config: str, overrides: list[str]) -> dict:
-    """Train one run; its validation curve, final losses and wall time."""
+def pretrain(name: str, config: str, overrides: list[str], shipped: bool = False,
+             env: dict | None = None) -> dict:
+    """Train one run; its validation curve, final losses, training tokens/s and wall time.
+    `shipped` keeps the config's own evaluation and saving (else every 100 steps, no saves)."""
     out_dir = RUNS / name
     saved = out_dir / "bench-result.json"
     if REUSE and saved.is_file() and json.loads(saved.read_text())["overrides"] == overrides:
         return json.loads(saved.read_text())
     command = [sys.executable, "-m", "gptcli", "pretrain", str(ROOT / "configs" / f"{config}.yaml"),
-               "--overwrite", "--set", f"out_dir={out_dir}", "--set", "train.eval_every=100",
-               "--set", "train.save_every=100000"]
+               "--overwrite", "--set", f"out_dir={out_dir}"]
+    if not shipped:
+        command += ["--set", "train.eval_every=100", "--set", "train.save_every=100000"]
     for item in overrides:
         command += ["--set", item]
-    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
+    command_seconds = time.perf_counter() - started
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     curve = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    speeds = sorted(r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r)
     info = json.loads((out_dir / "run.json").read_text())
     last = max(curve)
     result = {"name": name, "overrides": overrides, "steps": last, "curve": curve, "val": curve[last],
-              "full_val": full_validation(out_dir), "wall": info["wall_seconds"]}
+              "full_val": full_validation(out_dir), "wall": info["wall_seconds"],
+              "command_seconds": command_seconds, "tokens_per_sec": speeds[len(speeds) // 2],
+              "precision": _precision_of(out_dir)}
     saved.write_text(json.dumps(result))
     return json.loads(saved.read_text())  # as a reuse would read it (string step keys)
+
+
+def _precision_of(out_dir: Path) -> str:
+    """The precision `auto` chose, as the run's latest checkpoint records it."""
+    from gptcli.store.checkpoint import load_trainer_state
+    from gptcli.store.rundir import resolve_checkpoint
+
+    return load_trainer_state(resolve_checkpoint(out_dir)).precision
 
 
 def full_validation(out_dir: Path) -> dict:
@@ -92,12 +112,37 @@ def main_part(results: dict) -> list[str]:
     lines = ["| step | GPT-2 recipe val loss | modern recipe val loss |", "|---|---|---|"]
     for step in sorted(gpt2["curve"], key=int):
         lines.append(f"| {step} | {gpt2['curve'][step]:.4f} | {modern['curve'].get(step, math.nan):.4f} |")
-    lines += ["", "| recipe | steps | wall time | val loss (20 batches) | val loss (whole split) | val bpb (whole split) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| recipe | steps | wall time | tokens/s | val loss (20 batches) | val loss (whole split) | "
+                  "val bpb (whole split) |", "|---|---|---|---|---|---|---|"]
     for name, r in (("GPT-2", gpt2), ("modern", modern)):
-        lines.append(f"| {name} | {r['steps']} | {r['wall']:.0f} s | {r['val']:.4f} | "
+        lines.append(f"| {name} | {r['steps']} | {r['wall']:.0f} s | {r['tokens_per_sec']:,.0f} | {r['val']:.4f} | "
                      f"{r['full_val']['loss']:.4f} | {r['full_val']['bpb']:.4f} |")
     return lines
+
+
+def speed_part(steps: int) -> list[str]:
+    """Training speed of both recipes at nanoGPT's CPU shape, beside their loss."""
+    runs = {name: pretrain(f"speed-{slug}", config, schedule_for(steps))
+            for name, slug, config in (("GPT-2", "gpt2", GPT2), ("modern", "modern", MODERN))}
+    lines = [f"| recipe | precision | tokens/s | val loss at {steps} (whole split) | wall time |",
+             "|---|---|---|---|---|"]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {r['precision']} | {r['tokens_per_sec']:,.0f} | {r['full_val']['loss']:.4f} | "
+                     f"{r['wall']:.0f} s |")
+    share = runs["modern"]["tokens_per_sec"] / runs["GPT-2"]["tokens_per_sec"]
+    return [*lines, "", f"The modern recipe trains at {share:.0%} of GPT-2's tokens/s."]
+
+
+def demo_time_part() -> list[str]:
+    """The main command as a newcomer runs it: the shipped demo, tokenizing stdlib first."""
+    env = {**os.environ, "GPTCLI_CACHE": str(RUNS / "demo-time-cache")}
+    subprocess.run(["rm", "-rf", env["GPTCLI_CACHE"]], check=True)
+    r = pretrain("demo-time", "demo", [], shipped=True, env=env)
+    verdict = "met" if r["command_seconds"] <= 180 else "missed"
+    return ["| run | precision | steps | tokens/s | val loss (20 batches) | val bpb (whole split) | "
+            "command wall time | target (180 s) |", "|---|---|---|---|---|---|---|---|",
+            f"| configs/demo.yaml | {r['precision']} | {r['steps']} | {r['tokens_per_sec']:,.0f} | {r['val']:.4f} | "
+            f"{r['full_val']['bpb']:.4f} | {r['command_seconds']:.0f} s | {verdict} |"]
 
 
 def shortest_part(results: dict, candidates: list[int]) -> list[str]:
@@ -157,7 +202,8 @@ def demo_part() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", nargs="+", default=["main", "shortest", "ablations", "demo"])
+    parser.add_argument("--parts", nargs="+", default=["speed", "demo-time", "main", "shortest", "ablations", "demo"])
+    parser.add_argument("--speed-steps", type=int, default=300)
     parser.add_argument("--shortest", nargs="+", type=int, default=[300, 400, 500, 600, 700, 800, 1000])
     parser.add_argument("--ablation-steps", type=int, default=600)
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs of an earlier invocation")
@@ -169,6 +215,12 @@ def main() -> None:
     started = time.perf_counter()
     results: dict = {}
     sections = []
+    if "speed" in args.parts:
+        sections += [f"Training speed of both recipes ({args.speed_steps} steps each):", "",
+                     *speed_part(args.speed_steps), ""]
+    if "demo-time" in args.parts:
+        sections += ["The main command (configs/demo.yaml as shipped, tokenizing included):", "",
+                     *demo_time_part(), ""]
     if "main" in args.parts:
         sections += ["GPT-2 recipe vs modern recipe, 2000 steps each:", "", *main_part(results), ""]
     if "shortest" in args.parts:

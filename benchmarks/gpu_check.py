@@ -66,7 +66,7 @@ class Context:
                 "train": {"batch_size": 4 if self.tiny else 16, "max_steps": STEPS, "lr": 1e-3, "min_lr": 1e-4,
                           "warmup_steps": 2, "lr_decay_steps": STEPS, "eval_every": STEPS, "eval_batches": 2,
                           "save_every": STEPS,
-                          "log_every": 1, "precision": "fp32", "compile": "false", "device": self.device,
+                          "log_every": 1, "precision": "fp32", "compile": "off", "device": self.device,
                           **train}}
 
 
@@ -95,7 +95,7 @@ def _worst(a: list[float], b: list[float]) -> float:
 def check_compile(ctx: Context) -> Row:
     eager = pretrain_losses(ctx.config("eager"))
     try:
-        compiled = pretrain_losses(ctx.config("compiled", compile="true"))
+        compiled = pretrain_losses(ctx.config("compiled", compile="on"))
     except Exception as exc:  # no compiler toolchain: say so, do not hide it
         return Row("compiled vs eager training", "FAIL", f"compile failed: {str(exc).splitlines()[0][:120]}")
     worst = _worst(compiled, eager)

@@ -67,7 +67,7 @@ def tiny_config(inputs: list[str], out_dir: Path, **train) -> dict:
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0},
         "train": {"batch_size": 4, "max_steps": 30, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
                   "eval_every": 10, "eval_batches": 2, "save_every": 10, "log_every": 5,
-                  "precision": "fp32", "compile": "false", "device": "cpu", **train},
+                  "precision": "fp32", "compile": "off", "device": "cpu", **train},
     }
 
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from gptcli.config import ModelConfig
+from gptcli.data.chat_format import CHAT_TOKENS
 from gptcli.data.tokenizer import BytesTokenizer, WithAddedTokens
 from gptcli.model.gpt import GPT
 from gptcli.store.checkpoint import save_checkpoint
-from gptcli.tasks.instruct import CHAT_TOKENS
 
 CONTEXT = 64
 START_TIMEOUT_S = 60

@@ -36,7 +36,9 @@ def test_yaml_1_1_exponent_strings_are_numbers(tmp_path):
 
 
 def test_compile_accepts_yaml_booleans(tmp_path):
-    assert load_config(write(tmp_path, "train: {compile: true}\n")).train.compile == "true"
+    assert load_config(write(tmp_path, "train: {compile: true}\n")).train.compile == "on"  # the old word
+    assert load_config(write(tmp_path, "train: {compile: 'false'}\n")).train.compile == "off"  # saved by older runs
+    assert load_config(None, ["train.compile=on"]).train.compile == "on"  # YAML's on is a boolean: read back
 
 
 def test_unknown_key_suggests_closest(tmp_path):

@@ -26,7 +26,7 @@ from gptcli.tasks.pretrain import pretrain
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO = "demo.yaml"
 QUICK = ["train.max_steps=2", "train.eval_every=2", "train.eval_batches=1", "train.save_every=2",
-         "train.log_every=1", "train.device=cpu", "train.precision=fp32", "train.compile=false"]
+         "train.log_every=1", "train.device=cpu", "train.precision=fp32", "train.compile=off"]
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"]
 
 # config -> (command, its own shortening on top of QUICK). A config added to configs/

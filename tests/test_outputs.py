@@ -127,7 +127,7 @@ def test_finetune_refuses_to_replace_its_own_base_run(tmp_path, corpus_dir, caps
     before = snapshot(base)
     lm = {"out_dir": str(base), "finetune": {"task": "lm", "init_from": str(base)},
           "data": {"inputs": [str(corpus_dir)]},
-          "train": {"max_steps": 2, "device": "cpu", "precision": "fp32", "compile": "false"}}
+          "train": {"max_steps": 2, "device": "cpu", "precision": "fp32", "compile": "off"}}
     code, _, err = run_cli(["finetune", write_config(tmp_path / "ft.yaml", lm), "--overwrite"], capsys)
     assert code == 2 and "contains the input" in err and "Traceback" not in err
     assert snapshot(base) == before

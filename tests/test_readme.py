@@ -30,10 +30,10 @@ README = REPO / "README.md"
 PRETRAIN = ["--set", "train.max_steps=2", "--set", "train.eval_every=2", "--set", "train.eval_batches=1",
             "--set", "train.save_every=2", "--set", "train.batch_size=2", "--set", "model.n_layer=1",
             "--set", "model.n_head=2", "--set", "model.n_embd=32", "--set", "train.device=cpu",
-            "--set", "train.precision=fp32", "--set", "train.compile=false"]
+            "--set", "train.precision=fp32", "--set", "train.compile=off"]
 FINETUNE = ["--set", "train.max_steps=2", "--set", "train.eval_every=2", "--set", "train.eval_batches=1",
             "--set", "train.save_every=2", "--set", "train.batch_size=2", "--set", "train.device=cpu",
-            "--set", "train.precision=fp32", "--set", "train.compile=false"]
+            "--set", "train.precision=fp32", "--set", "train.compile=off"]
 OFFLINE_GPT2 = ["--tokenizer", str(GPT2_TIKTOKEN)]  # tiktoken's own gpt2 files need a download
 OFFLINE_GPT2_ARGS = tuple(OFFLINE_GPT2)
 PART_1 = "gptcli tokenize fineweb-edu/sample/10BT --out parts/1 --part 1/2"

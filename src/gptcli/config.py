@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from gptcli.errors import GptcliError, shorten
+from gptcli.families import DEFAULT_FAMILY, FAMILIES
 
 
 def _field(default: Any, help: str, path: bool = False) -> Any:
@@ -113,27 +114,26 @@ def _name_from_path(path: str) -> str:
 # Keys renamed since configs were first written: old name -> current name, per section.
 # Old names are still read (YAML, --set, the configs saved in older runs).
 OLD_NAMES: dict[type, dict[str, str]] = {DataConfig: {"jsonl_field": "text_field"}}
+# Choices renamed since: the setting's dotted key -> old value -> current value. Old values
+# are still read (the configs saved in older runs say `compile: 'false'`).
+OLD_VALUES: dict[str, dict[str, str]] = {"train.compile": {"true": "on", "false": "off"}}
+# One vocabulary for every compile switch: train.compile and sample's --compile.
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
-# The two recipes `model.arch` names. Every component field left empty takes the arch's
-# value; each can also be set on its own (the ablations of BENCHMARKS.md do).
-ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    # GPT-2 (2019): learned positions, LayerNorm, GELU, biases, tied embeddings.
-    "gpt2": {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
-             "tie_embeddings": True, "zero_init": False},
-    # The Llama / Qwen family: rotary positions, RMSNorm, SwiGLU, no biases, untied embeddings.
-    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
-              "tie_embeddings": False, "zero_init": True},
-}
+def _arch_help() -> str:
+    """model.arch's help, one clause per family of gptcli/families/."""
+    clauses = [f"`{name}` ({family.summary})" for name, family in FAMILIES.items()]
+    listed = " or ".join(filter(None, [", ".join(clauses[:-1]), clauses[-1]]))  # "A, B or C"
+    return f"Recipe: {listed}. Fills every component key below that is left empty."
 
 
+# `model.arch` names a family of gptcli/families/ (the choices are that table's names, read
+# when a config is loaded). Every component field left empty takes the family's value
+# (`defaults`); each can also be set on its own (the ablations of BENCHMARKS.md do).
 @dataclass
 class ModelConfig:
-    arch: Literal["gpt2", "llama"] = _field(
-        "gpt2", "Recipe: `gpt2` (GPT-2's, 2019) or `llama` (the Llama/Qwen family: rotary "
-        "positions, RMSNorm, SwiGLU, no biases, untied embeddings). Fills every component "
-        "key below that is left empty."
-    )
+    arch: Literal[tuple(FAMILIES)] = _field(DEFAULT_FAMILY, _arch_help())
     n_layer: int = _field(12, "Transformer blocks.")
     n_head: int = _field(12, "Attention (query) heads per block; must divide n_embd unless head_dim is set.")
     n_embd: int = _field(768, "Width of the residual stream.")
@@ -194,7 +194,7 @@ class ModelConfig:
 
     def resolved(self) -> ModelConfig:
         """This config with every empty component key filled from its arch (idempotent)."""
-        fill = {name: value for name, value in ARCH_DEFAULTS[self.arch].items()
+        fill = {name: value for name, value in FAMILIES[self.arch].defaults.items()
                 if getattr(self, name) is None}
         if self.n_kv_head is None:
             fill["n_kv_head"] = self.n_head
@@ -266,8 +266,9 @@ class TrainConfig:
         "auto", "`auto` picks bf16 on GPUs that support it, fp16 with loss scaling on older "
         "GPUs, and on CPU whichever of fp32 and bf16 runs this model faster."
     )
-    compile: Literal["auto", "true", "false"] = _field(
-        "auto", "torch.compile the model: `auto` compiles on CUDA only."
+    compile: Literal[COMPILE_CHOICES] = _field(
+        "auto", "torch.compile the model: `on`, `off`, or `auto`: on CUDA only (`true` and "
+        "`false` are read as `on` and `off`)."
     )
     device: str = _field("auto", "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`.")
     parallel: Literal["ddp", "fsdp"] = _field(
@@ -377,7 +378,7 @@ class FinetuneModelConfig:
     dropout: float | None = _field(None, "Dropout for finetuning (empty: the checkpoint's).")
     block_size: int | None = _field(
         None, "A shorter context than the checkpoint's (its first positions are kept); empty: the same.")
-    arch: Literal["gpt2", "llama"] | None = _field(None, SAME)
+    arch: Literal[tuple(FAMILIES)] | None = _field(None, SAME)
     n_layer: int | None = _field(None, SAME)
     n_head: int | None = _field(None, SAME)
     n_embd: int | None = _field(None, SAME)
@@ -589,6 +590,7 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         text = str(value).lower() if isinstance(value, bool) else value
+        text = OLD_VALUES.get(".".join(path.split(".")[-2:]), {}).get(text, text)
         if text in choices:
             return text
         problems.append(f"{path}: expected one of {', '.join(choices)}; got {_describe(value)}")

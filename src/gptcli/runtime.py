@@ -134,7 +134,8 @@ def _probe_matmul_seconds(device: torch.device, repeats: int = 7) -> tuple[float
 
 
 def should_compile(setting: str, device: torch.device) -> bool:
-    return setting == "true" or (setting == "auto" and device.type == "cuda")
+    """`train.compile`: on, off, or auto (on CUDA only)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:

@@ -10,13 +10,14 @@ import pytest
 from conftest import run_cli
 from serving import CONTEXT, random_model
 
-from gptcli.cli.chat import Command, fit_conversation, handle_line, open_session, parse_line
+from gptcli.cli.chat import Command, handle_line, parse_line
+from gptcli.data.chat_format import CHAT_TOKENS, chat_prompt_ids
 from gptcli.data.tokenizer import BytesTokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
-from gptcli.infer.sample import SampleRequest
+from gptcli.infer.conversation import fit_conversation, open_conversation
+from gptcli.infer.session import GenerationSettings
 from gptcli.model.heads import GPTClassifier
 from gptcli.store.checkpoint import save_checkpoint
-from gptcli.tasks.instruct import CHAT_TOKENS, chat_prompt_ids
 
 CHAT_TOKENIZER = WithAddedTokens(BytesTokenizer(), CHAT_TOKENS)
 N = "12"  # reply budget in the CLI tests: prompt + reply stay inside the context
@@ -82,7 +83,7 @@ def test_fit_budget_is_the_rest_of_the_context_and_a_lone_long_message_is_refuse
 
 
 def test_system_command_changes_the_prompt_and_keeps_the_history(chat_ckpt, capsys):
-    _, session = open_session(chat_ckpt, SampleRequest(max_new_tokens=4, temperature=0.0, device="cpu"), "")
+    session = open_conversation(chat_ckpt, GenerationSettings(max_new_tokens=4, temperature=0.0), "", device="cpu")
     session.history += messages("hi", "there")
     before = session.fit("hello").ids
     assert handle_line(session, "/system be brief")

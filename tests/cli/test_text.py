@@ -137,11 +137,11 @@ def test_stop_escapes_reach_the_sampler_and_are_documented(lm_checkpoint, capsys
 
     requests = []
 
-    def fake_sample(checkpoint, request, **_):
+    def fake_generate(loaded, request, on_text, on_event):
         requests.append(request)
-        return checkpoint, [Sample("", [])]
+        return [Sample("", [])]
 
-    monkeypatch.setattr(gptcli.infer.sample, "sample", fake_sample)
+    monkeypatch.setattr(gptcli.infer.sample, "_generate", fake_generate)
     code, _, err = run_cli(["sample", "-c", lm_checkpoint, "--stop", "\\n\\n", "--stop", "é\\t"], capsys)
     assert code == 0, err
     assert requests[0].stops == ["\n\n", "é\t"]

@@ -12,13 +12,31 @@ from pathlib import Path
 import pytest
 from conftest import GPT2_TIKTOKEN, SHAKESPEARE, needs_gpt2_ranks
 
+from gptcli.data.chat_format import (
+    CHAT_TOKENS,
+    chat_stop_ids,
+    is_chat_model,
+    prompt_ids,
+)
 from gptcli.data.hf_tokenizer import byte_alphabet, read_hf_tokenizer
-from gptcli.data.tokenizer import WithAddedTokens, load_tokenizer, read_ranks, tiktoken_from_file
+from gptcli.data.tokenizer import (
+    WithAddedTokens,
+    load_tokenizer,
+    read_ranks,
+    tiktoken_from_file,
+)
 from gptcli.errors import GptcliError
-from gptcli.tasks.instruct import CHAT_TOKENS, chat_stop_ids, is_chat_model, prompt_ids
 
 tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import (  # noqa: E402
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # trained first: ids 0, 1, 2
 # Llama 3's / Qwen2's split regex (cl100k-like): up to 3 digits, letters with one leading mark.

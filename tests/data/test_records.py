@@ -103,7 +103,7 @@ def ft_config(tmp_path, base_run, task, **finetune_keys) -> FinetuneRunConfig:
         "seed": 3,
         "finetune": {"task": task, "init_from": str(base_run), "val_fraction": 0.25, **finetune_keys},
         "train": {"batch_size": 2, "max_steps": 1, "eval_every": 1, "eval_batches": 1, "save_every": 1,
-                  "precision": "fp32", "compile": "false", "device": "cpu"},
+                  "precision": "fp32", "compile": "off", "device": "cpu"},
     }, FinetuneRunConfig)
 
 

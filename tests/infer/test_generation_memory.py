@@ -36,7 +36,7 @@ def nothing_allocated(monkeypatch):
         raise AssertionError("allocated before the memory check")
 
     monkeypatch.setattr(KVCache, "empty", classmethod(refuse))
-    monkeypatch.setattr("gptcli.infer.sample.SampleText", refuse)
+    monkeypatch.setattr("gptcli.infer.session.SampleText", refuse)
 
 
 def small_machine(monkeypatch, available: int) -> None:

@@ -14,8 +14,13 @@ from torch import nn
 from gptcli.data.tokenizer import BytesTokenizer
 from gptcli.infer.cpu_layout import InferenceLinear, for_generation
 from gptcli.infer.generate import decode_one_token, prefill
-from gptcli.infer.quantize import KERNEL_MAX_ROWS, Int8Linear, quantize_int8, quantize_model
-from gptcli.infer.sample import load_for_generation
+from gptcli.infer.load import load
+from gptcli.infer.quantize import (
+    KERNEL_MAX_ROWS,
+    Int8Linear,
+    quantize_int8,
+    quantize_model,
+)
 from gptcli.model.heads import GPTClassifier
 from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
 from gptcli.store.checkpoint import save_checkpoint
@@ -137,8 +142,8 @@ def test_eval_quantize_int8_is_close(lm_checkpoint, tmp_path, capsys):
 
 
 def test_chat_and_serve_load_through_one_place(chat_checkpoint):
-    model, _ = load_for_generation(chat_checkpoint, torch.device("cpu"), "auto", "int8")
-    assert isinstance(model.lm_head, Int8Linear)
+    loaded = load(chat_checkpoint, "cpu", "auto", "int8", expect=("chat",))
+    assert isinstance(loaded.model.lm_head, Int8Linear)
 
 
 def test_serve_quantize_int8_answers(lm_checkpoint, tmp_path):

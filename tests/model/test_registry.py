@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from gptcli.config import ModelConfig
 from gptcli.data.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError
-from gptcli.model import ARCHS, get_arch
+from gptcli.model import get_arch
 from gptcli.model.gpt import GPT
 from gptcli.model.heads import GPTClassifier
 from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
@@ -122,7 +122,7 @@ def test_lm_checkpoint_records_its_arch_and_old_ones_load_as_gpt2(tmp_path):
     weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     write_old_checkpoint(tmp_path / "old", weights, task="lm")
     loaded, _ = load_model(tmp_path / "old")
-    assert type(loaded) is ARCHS["gpt2"].model
+    assert type(loaded) is get_arch("gpt2").model
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in weights.items())
 
 

@@ -17,7 +17,6 @@ from serving import CONTEXT, random_model, request, start_server
 
 openai = pytest.importorskip("openai")
 
-import torch  # noqa: E402
 
 from gptcli.config import FinetuneRunConfig, config_from_dict, dump_yaml  # noqa: E402
 from gptcli.data.tokenizer import BytesTokenizer  # noqa: E402
@@ -152,7 +151,7 @@ BAD = [  # (path, body, status, param, words in the message)
     ("/v1/completions", b"[1, 2]", 400, None, "must be a JSON object"),
     ("/v1/completions", b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, None, "not valid JSON"),
     ("/v1/completions", b'{"prompt": "a", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None, "not valid JSON"),
-    ("/v1/completions", b'{"prompt": "a\\ud800"}', 400, None, "lone surrogate"),
+    ("/v1/completions", b'{"prompt": "a\\ud800"}', 400, None, "the prompt is not valid UTF-8 text (character 1"),
     ("/v1/completions", {"prompt": 3}, 400, "prompt", "a string or a list of strings"),
     ("/v1/completions", {"prompt": "a", "max_tokens": "10"}, 400, "max_tokens", "valid integer"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens", "at least 1"),
@@ -332,16 +331,14 @@ def test_a_classifier_serves_classify(serve_process, tmp_path, capsys, config):
 
 def test_the_two_readings_give_different_answers(tmp_path):
     """What makes the test above able to fail: the two readings give different probabilities."""
-    from gptcli.evals.classify import load_classifier
-    from gptcli.infer.sample import class_probabilities
+    from gptcli.infer.load import load
 
     text = "great film, " * 10
     probs = []
     for name, config in (("last", "# cls\n"), ("mean", MEAN_POOLED)):
         path = save_checkpoint(tmp_path / name, GPTClassifier(random_model(257), ["neg", "pos"]), BytesTokenizer(),
                                config)
-        model, tokenizer, _ = load_classifier(path, torch.device("cpu"))
-        probs.append(class_probabilities(model, tokenizer, text)["pos"])
+        probs.append(load(path, "cpu").probabilities(text)["pos"])
     assert abs(probs[0] - probs[1]) > 1e-3
 
 

@@ -17,7 +17,7 @@ from gptcli.infer.generate import SamplingSettings, generate_tokens
 from gptcli.model.gpt import GPT
 from gptcli.store.checkpoint import save_checkpoint
 from gptcli.store.gguf_export import export_gguf
-from gptcli.tasks.instruct import CHAT_TOKENS
+from gptcli.data.chat_format import CHAT_TOKENS
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'gptcli[gguf]')")
 

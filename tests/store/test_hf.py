@@ -155,8 +155,7 @@ def test_an_exported_classifier_reads_long_texts_as_gptcli(tmp_path, truncate):
     """The exported tokenizer cuts a text longer than the context from the side training
     cut it (finetune.truncate), so transformers classifies it as gptcli does."""
     from gptcli.config import FinetuneRunConfig, config_from_dict, dump_yaml
-    from gptcli.evals.classify import load_classifier
-    from gptcli.infer.sample import class_probabilities
+    from gptcli.infer.load import load
     from gptcli.model.heads import GPTClassifier
 
     config = dump_yaml(config_from_dict({"finetune": {"task": "classify", "pooling": "last", "truncate": truncate}},
@@ -167,9 +166,9 @@ def test_an_exported_classifier_reads_long_texts_as_gptcli(tmp_path, truncate):
                            config)
     out = export_hf(ckpt, tmp_path / "exported")
     text = "The first words of this text differ from its last words, which are many more than sixteen tokens."
-    model, tokenizer, _ = load_classifier(ckpt, torch.device("cpu"))
-    assert len(tokenizer.encode(text)) > 16
-    expected = class_probabilities(model, tokenizer, text)
+    classifier = load(ckpt, "cpu")
+    assert len(classifier.tokenizer.encode(text)) > 16
+    expected = classifier.probabilities(text)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     ids = hf_tokenizer(text, truncation=True, return_tensors="pt")["input_ids"]
     hf = transformers.GPT2ForSequenceClassification.from_pretrained(out).eval()

@@ -444,7 +444,7 @@ def chat_dir(tmp_path_factory) -> Path:
 
 
 def test_an_imported_chat_model_samples_with_its_template(tmp_path, capsys, chat_dir):
-    from gptcli.tasks.instruct import chat_stop_ids, prompt_ids
+    from gptcli.data.chat_format import chat_stop_ids, prompt_ids
 
     code, _, err = run_cli(["import-hf", chat_dir, "--out", tmp_path / "ckpt"], capsys)
     assert code == 0, err

@@ -8,6 +8,7 @@ import torch
 from conftest import own_cache, tiny_config, write_corpus
 
 from gptcli.config import FinetuneRunConfig, ModelConfig, config_from_dict
+from gptcli.data.chat_format import CHAT_TOKENS, END
 from gptcli.data.tokenizer import BytesTokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
 from gptcli.evals.classify import classification_metrics
@@ -18,7 +19,7 @@ from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
 from gptcli.store.checkpoint import load_model
 from gptcli.store.rundir import resolve_checkpoint
 from gptcli.tasks.finetune import finetune
-from gptcli.tasks.instruct import CHAT_TOKENS, END, render
+from gptcli.tasks.instruct import render
 from gptcli.tasks.pretrain import pretrain
 
 

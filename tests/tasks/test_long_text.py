@@ -4,7 +4,6 @@ and the config errors."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,12 +11,18 @@ from gptcli.config import FinetuneRunConfig, ModelConfig, config_from_dict, dump
 from gptcli.data.labelled import TextReading, encode_windows, pad_windows, window_starts
 from gptcli.data.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError
-from gptcli.evals.classify import load_classifier, predict_probs
-from gptcli.infer.sample import class_probabilities, classify
+from gptcli.evals.classify import predict_probs
+from gptcli.infer.load import Classifier, load
+from gptcli.infer.sample import classify
 from gptcli.model.gpt import GPT
 from gptcli.model.heads import GPTClassifier
 from gptcli.runtime import Precision
-from gptcli.store.checkpoint import save_checkpoint
+from gptcli.store.checkpoint import (
+    classifier_metadata,
+    read_metadata,
+    save_checkpoint,
+    training_config,
+)
 from gptcli.store.rundir import resolve_checkpoint
 from gptcli.tasks.finetune import finetune
 
@@ -26,10 +31,14 @@ TOKENIZER = BytesTokenizer()
 CPU = torch.device("cpu")
 
 
-def classifier(pooling: str = "last", reading: TextReading = TextReading()) -> GPTClassifier:
+def classifier(pooling: str = "last") -> GPTClassifier:
     torch.manual_seed(0)
     trunk = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=CONTEXT, vocab_size=257))
-    return GPTClassifier(trunk, ["a", "b", "c"], pooling=pooling, reading=reading).eval()
+    return GPTClassifier(trunk, ["a", "b", "c"], pooling=pooling).eval()
+
+
+def loaded(model: GPTClassifier, reading: TextReading = TextReading()) -> Classifier:
+    return Classifier(None, model, TOKENIZER, reading)
 
 
 @pytest.mark.parametrize("length, stride, starts", [
@@ -46,14 +55,14 @@ def test_windows_cover_the_text_and_end_at_its_end(length, stride, starts):
     assert covered == set(range(max(length, CONTEXT))) or length <= CONTEXT
 
 
-def in_label_order(model, text) -> list[float]:
-    probs = class_probabilities(model, TOKENIZER, text)
+def in_label_order(model, text, reading: TextReading = TextReading()) -> list[float]:
+    probs = loaded(model, reading).probabilities(text)
     return [probs[label] for label in model.labels]
 
 
 def test_pooled_classification_is_the_mean_of_the_window_logits():
     reading = TextReading("pool", stride=6)
-    model = classifier(reading=reading)
+    model = classifier()
     text = "def handler(self, message):\n    return message.get_payload()\n"  # 62 bytes: 9 windows
     ids = torch.tensor(TOKENIZER.encode(text))
     starts = window_starts(len(ids), CONTEXT, 6)
@@ -61,13 +70,13 @@ def test_pooled_classification_is_the_mean_of_the_window_logits():
         window_logits = torch.cat([model(ids[s:s + CONTEXT][None]) for s in starts])  # (W, K)
     expected = torch.softmax(window_logits.mean(dim=0), dim=-1)
     assert len(starts) == 9
-    assert in_label_order(model, text) == pytest.approx(expected.tolist(), abs=1e-6)
+    assert in_label_order(model, text, reading) == pytest.approx(expected.tolist(), abs=1e-6)
     # in a batch with shorter and longer texts (padding, other owners) the same
     texts = ["short", text, text * 3, ""]
     batched = predict_probs(model, encode_windows(TOKENIZER, texts, CONTEXT, reading), TOKENIZER.eot_id, 3,
                             Precision("fp32", "cpu"), CPU)
     assert batched[1] == pytest.approx(expected.numpy(), abs=1e-6)
-    assert batched[0] == pytest.approx(in_label_order(model, "short"), abs=1e-6)
+    assert batched[0] == pytest.approx(in_label_order(model, "short", reading), abs=1e-6)
 
 
 def test_truncate_keeps_one_row_per_text():
@@ -129,20 +138,23 @@ def ft_config(tmp_path, base, **finetune_keys):
         "finetune": {"task": "classify", "init_from": str(base), "train_file": str(write_csv(tmp_path / "d.csv")),
                      "patience": 0, **finetune_keys},
         "train": {"batch_size": 4, "max_steps": 4, "eval_every": 4, "save_every": 4, "log_every": 2,
-                  "warmup_steps": 1, "precision": "fp32", "compile": "false", "device": "cpu"},
+                  "warmup_steps": 1, "precision": "fp32", "compile": "off", "device": "cpu"},
     }, FinetuneRunConfig)
 
 
 def test_a_checkpoint_keeps_how_it_reads_texts(tmp_path, base):
     result = finetune(ft_config(tmp_path, base, long_text="pool", pool_stride=4, pooling="mean"))
-    model, _, training = load_classifier(resolve_checkpoint(result.run_dir), CPU)
-    assert (model.pooling, model.reading) == ("mean", TextReading("pool", "end", 4))
-    assert training.finetune.train_file.endswith("d.csv")
+    checkpoint = resolve_checkpoint(result.run_dir)
+    own = load(checkpoint, CPU)
+    assert isinstance(own, Classifier)
+    assert (own.model.pooling, own.reading) == ("mean", TextReading("pool", "end", 4))
+    assert json.loads(read_metadata(checkpoint)["classifier"]) == {  # the checkpoint's own, not config.yaml's
+        "pooling": "mean", "long_text": "pool", "truncate": "keep_end", "pool_stride": 4}
     record = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert 0 <= record["val_naive_bayes_accuracy"] <= 1 and "val_naive_bayes_macro_f1" in record
     text = "vowel: " + "aeiou" * 6
     _, probs = classify(result.run_dir, text, device="cpu")
-    assert probs == pytest.approx(class_probabilities(model, TOKENIZER, text))
+    assert probs == pytest.approx(own.probabilities(text))
 
 
 def test_a_stride_beyond_the_context_is_refused(tmp_path, base):
@@ -154,11 +166,19 @@ def test_a_stride_beyond_the_context_is_refused(tmp_path, base):
 def test_old_checkpoints_read_as_before(tmp_path):
     """A classifier saved without these settings (or without a finetune config): last token, end kept."""
     path = save_checkpoint(tmp_path / "old", classifier(), TOKENIZER, "# no config\n")
-    model, _, training = load_classifier(path, CPU)
-    assert training is None and (model.pooling, model.reading) == ("last", TextReading("truncate", "end", 0))
+    old = load(path, CPU)
+    assert (old.model.pooling, old.reading) == ("last", TextReading("truncate", "end", 0))
     saved = dump_yaml(config_from_dict({"finetune": {"truncate": "keep_start"}}, FinetuneRunConfig))
     before_pooling = "\n".join(line for line in saved.splitlines() if "pooling:" not in line)
     path = save_checkpoint(tmp_path / "start", classifier(), TOKENIZER, before_pooling)
-    model, _, training = load_classifier(path, CPU)
-    assert (model.pooling, model.reading) == ("last", TextReading("truncate", "start", 0))
-    assert training.finetune.pooling == "last"
+    start = load(path, CPU)
+    assert (start.model.pooling, start.reading) == ("last", TextReading("truncate", "start", 0))
+    assert training_config(path).finetune.pooling == "last"
+    # A checkpoint written before the settings were stored with its weights reads them from
+    # its config.yaml; its weights' metadata wins once it has them.
+    config = dump_yaml(config_from_dict({"finetune": {"pooling": "mean", "long_text": "pool"}}, FinetuneRunConfig))
+    path = save_checkpoint(tmp_path / "config-only", classifier(), TOKENIZER, config)
+    assert (load(path, CPU).model.pooling, load(path, CPU).reading.long_text) == ("mean", "pool")
+    path = save_checkpoint(tmp_path / "both", classifier(), TOKENIZER, config,
+                           metadata=classifier_metadata("last", TextReading("truncate", "start", 0)))
+    assert (load(path, CPU).model.pooling, load(path, CPU).reading) == ("last", TextReading("truncate", "start", 0))

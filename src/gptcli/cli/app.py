@@ -27,6 +27,15 @@ _NO_ARGS_IS_HELP = getattr(_click_errors, "NoArgsIsHelpError", ())
 QUANTIZE_HELP = ("none, or int8: linear layers' weights stored as int8 with per-channel scales "
                  "(a quarter of their fp32 bytes; about 1.6x fp32's decoding speed on CPU).")
 
+# Options several commands share, declared once.
+Checkpoint = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", "-c", help="Run or checkpoint directory (default: the latest run under runs/).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+Precision = Annotated[str, typer.Option(
+    help="Weights and compute: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, bf16, fp16.")]
+Quantize = Annotated[str, typer.Option(help=QUANTIZE_HELP)]
+LMQuantize = Annotated[str, typer.Option(help="Language model: " + QUANTIZE_HELP)]
+
 app = typer.Typer(
     help="Train, finetune and sample GPT models.\n\n"
          "  gptcli tokenize corpus/ --out data/mycorpus\n\n"
@@ -88,7 +97,9 @@ def tokenize(
     with ProgressDisplay() as display:
         try:
             if merge:
-                from gptcli.data.merge import merge_parts  # imports torch (through the dataset reader)
+                from gptcli.data.merge import (
+                    merge_parts,  # imports torch (through the dataset reader)
+                )
 
                 result = merge_parts(inputs, out, overwrite=overwrite, on_event=display)
             else:
@@ -165,7 +176,8 @@ def finetune(
     """
     from gptcli.cli.display import console, render_classify_metrics
     from gptcli.config import FinetuneRunConfig, load_config
-    from gptcli.tasks.finetune import builtin_example, finetune as run_finetune
+    from gptcli.tasks.finetune import builtin_example
+    from gptcli.tasks.finetune import finetune as run_finetune
 
     overrides = list(set_ or [])
     if task is not None:
@@ -190,8 +202,7 @@ def finetune(
 
 @app.command("eval")
 def eval_command(
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        "--checkpoint", "-c", help="Run or checkpoint directory (default: the latest run under runs/).")] = None,
+    checkpoint: Checkpoint = None,
     data: Annotated[Optional[list[str]], typer.Option(
         "--data", help="Language model: text files, folders, globs, `stdlib` or a tokenized directory "
                        "(repeatable; none: the run's own validation). Classifier: one CSV, TSV, JSONL or Parquet "
@@ -207,8 +218,8 @@ def eval_command(
     predictions: Annotated[Optional[Path], typer.Option(
         help="Classifier: write per-row predictions to this CSV.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    quantize: Annotated[str, typer.Option(help="Language model: " + QUANTIZE_HELP)] = "none",
+    device: Device = "auto",
+    quantize: LMQuantize = "none",
     task: Annotated[Optional[str], typer.Option(
         help="Language model: score a multiple-choice file instead: hellaswag (its official JSONL) or choice "
              "(JSONL of context, choices, label).")] = None,
@@ -226,61 +237,18 @@ def eval_command(
 
       gptcli eval -c runs/gpt2 --task hellaswag --data hellaswag_val.jsonl --limit 1000
     """
-    from gptcli.cli.display import (
-        ProgressDisplay,
-        console,
-        render_classify_metrics,
-        render_lm_metrics,
-        show_checkpoint,
-    )
-    from gptcli.infer.quantize import check_quantize, quantize_model
-    from gptcli.infer.sample import is_classifier
-    from gptcli.store.rundir import resolve_checkpoint
+    from gptcli.cli.display import ProgressDisplay, render_evaluation, show_checkpoint
+    from gptcli.evals.evaluate import EvalRequest, evaluate
 
-    check_quantize(quantize)
-    if limit is not None and task is None:
-        raise GptcliError("--limit counts multiple-choice items; it goes with --task")
-    path = resolve_checkpoint(checkpoint)
-    if task is not None:
-        from gptcli.cli.display import render_choice_metrics
-        from gptcli.evals.choice import eval_choice_checkpoint
-
-        if not data or len(data) != 1:
-            raise GptcliError(f"--task {task}: give the items as exactly one --data file (JSONL)")
-        with ProgressDisplay() as display:
-            path, metrics = eval_choice_checkpoint(path, task, data[0], limit, batch_size,
-                                                   precision, device,
-                                                   on_event=display,
-                                                   prepare=None if quantize == "none" else quantize_model)
-        if not json_output:
-            render_choice_metrics(metrics)
-    elif is_classifier(path):
-        from gptcli.evals.classify import eval_classifier_checkpoint
-
-        if quantize != "none":
-            raise GptcliError(f"--quantize is for language models; {path} is a classifier")
-        if data and len(data) != 1:
-            raise GptcliError("--data: a classifier is evaluated on one labelled file (CSV, TSV, JSONL or "
-                              "Parquet), or without --data on the validation split it trained with")
-        path, metrics = eval_classifier_checkpoint(path, data[0] if data else None, text_column, label_column,
-                                                   predictions, batch_size=batch_size, device=device)
-        if not json_output:
-            console.print(f"data: {metrics['data']}", highlight=False, markup=False)
-            render_classify_metrics({f"val_{k}" if k in ("accuracy", "macro_f1", "majority_baseline",
-                                                          "naive_bayes_accuracy", "naive_bayes_macro_f1") else k: v
-                                     for k, v in metrics.items()})
-    else:
-        from gptcli.evals.lm import eval_lm_checkpoint
-
-        with ProgressDisplay() as display:
-            path, metrics = eval_lm_checkpoint(path, data, split, batch_size, precision, device,
-                                               text_field=text_column, on_event=display,
-                                               prepare=None if quantize == "none" else quantize_model)
-        if not json_output:
-            render_lm_metrics(metrics)
-    show_checkpoint(path)
+    request = EvalRequest(data, split, batch_size, precision, device, quantize, text_column, label_column,
+                          predictions, task, limit)
+    with ProgressDisplay() as display:
+        result = evaluate(checkpoint, request, on_event=display)
+    if not json_output:
+        render_evaluation(result.kind, result.metrics)
+    show_checkpoint(result.path)
     if json_output:
-        print(json.dumps(metrics))
+        print(json.dumps(result.metrics))
 
 
 @app.command()
@@ -360,9 +328,7 @@ def sample(
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", help="Read the prompt from this UTF-8 file (its text exactly, final newline included).")
     ] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        "--checkpoint", "-c", help="Run or checkpoint directory (default: the latest run under runs/).")
-    ] = None,
+    checkpoint: Checkpoint = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 is greedy.")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens.")] = None,
@@ -375,16 +341,15 @@ def sample(
              "\\\\ backslash, \\uXXXX and \\UXXXXXXXX code points; other text is taken as typed.")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(
-        help="Weights and compute: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, bf16, fp16.")
-    ] = "auto",
+    device: Device = "auto",
+    precision: Precision = "auto",
     raw: Annotated[bool, typer.Option(
         help="Continue the prompt as plain text even when the checkpoint has a chat template "
              "(an instruct checkpoint, or an imported model that ships one).")] = False,
-    quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
+    quantize: Quantize = "none",
     compile_: Annotated[str, typer.Option(
-        "--compile", help="Compile the decode step: auto (on with CUDA, as CUDA graphs; off on CPU), on, off.")
+        "--compile", help="Compile the decode step: auto (on with CUDA, as CUDA graphs; off on CPU), on, off "
+                          "(train.compile's words).")
     ] = "auto",
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout.
@@ -394,33 +359,18 @@ def sample(
     from gptcli.cli.display import notice, render_class_probabilities, show_checkpoint
     from gptcli.events import Notice
     from gptcli.infer.sample import (
+        Classified,
         SampleRequest,
-        classify,
         decode_escapes,
-        is_classifier,
         read_prompt,
+        sample_or_classify,
     )
-    from gptcli.infer.sample import sample as run_sample
-    from gptcli.store.rundir import resolve_checkpoint
 
     prompt = read_prompt(prompt, prompt_file)
     request = SampleRequest(prompt=prompt, max_new_tokens=max_new_tokens,
                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
                             num_samples=num_samples, seed=seed, stops=[decode_escapes(s) for s in stop or []],
                             device=device, precision=precision, raw=raw, quantize=quantize, compile=compile_)
-    request.check()  # option errors first, before any checkpoint is looked at
-    checkpoint = resolve_checkpoint(checkpoint)  # once: a run dir, an HF dir or the latest run
-    if is_classifier(checkpoint):
-        if quantize != "none":
-            raise GptcliError(f"--quantize is for language models; {checkpoint} is a classifier")
-        path, probs = classify(checkpoint, prompt, device)
-        if json_output:
-            print(json.dumps({"text": prompt, "label": next(iter(probs)), "probs": probs}))
-        else:
-            print(next(iter(probs)))
-            render_class_probabilities(probs)
-        show_checkpoint(path)
-        return
 
     def stream(row: int, text: str) -> None:
         """Sample 0 streams live (after its prompt); the others print when all are done."""
@@ -430,8 +380,18 @@ def sample(
             sys.stdout.flush()
 
     stream.started = False
-    path, samples = run_sample(checkpoint, request, on_text=stream,
-                               on_event=lambda e: isinstance(e, Notice) and notice(e.message))
+    result = sample_or_classify(checkpoint, request, on_text=stream,
+                                on_event=lambda e: isinstance(e, Notice) and notice(e.message))
+    if isinstance(result, Classified):
+        probs = result.probabilities
+        if json_output:
+            print(json.dumps({"text": prompt, "label": next(iter(probs)), "probs": probs}))
+        else:
+            print(next(iter(probs)))
+            render_class_probabilities(probs)
+        show_checkpoint(result.path)
+        return
+    path, samples = result.path, result.samples
     if json_output:
         for s in samples:
             print(json.dumps({"prompt": prompt, "text": s.text, "tokens": s.tokens}, ensure_ascii=False))
@@ -457,11 +417,9 @@ def chat(
     greedy: Annotated[bool, typer.Option(help="Always take the most likely token.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible replies.")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt to start with (/system changes it).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(
-        help="Weights and compute: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, bf16, fp16.")
-    ] = "auto",
-    quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
+    device: Device = "auto",
+    precision: Precision = "auto",
+    quantize: Quantize = "none",
 ) -> None:
     """Talk with an instruct checkpoint or an imported chat model, replies streamed to stdout.
 
@@ -469,19 +427,15 @@ def chat(
     /reset, /system TEXT, /help, /quit. Example: gptcli chat -c runs/instruct-docstrings
     """
     from gptcli.cli.chat import run_chat
-    from gptcli.infer.sample import SampleRequest
+    from gptcli.infer.session import GenerationSettings
 
-    request = SampleRequest(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, device=device, precision=precision,
-                            quantize=quantize)
-    run_chat(checkpoint, request, system or "")
+    settings = GenerationSettings(max_new_tokens, 0.0 if greedy else temperature, top_k, top_p, seed=seed)
+    run_chat(checkpoint, settings, system or "", device, precision, quantize)
 
 
 @app.command()
 def serve(
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        "--checkpoint", "-c", help="Run or checkpoint directory (default: the latest run under runs/).")
-    ] = None,
+    checkpoint: Checkpoint = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port, printed at start).")] = 8000,
@@ -495,10 +449,9 @@ def serve(
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 1 << 20,
     shutdown_timeout: Annotated[float, typer.Option(
         help="Seconds in-flight requests get to finish after SIGINT/SIGTERM.")] = 10.0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(
-        help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, bf16, fp16.")] = "auto",
-    quantize: Annotated[str, typer.Option(help="Language model: " + QUANTIZE_HELP)] = "none",
+    device: Device = "auto",
+    precision: Precision = "auto",
+    quantize: LMQuantize = "none",
 ) -> None:
     """Serve a checkpoint over OpenAI's API (/v1/completions, /v1/chat/completions,
     /v1/classify) with a web page at /.
@@ -672,7 +625,9 @@ def _show_library_warnings_as_notes() -> None:
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        from gptcli.store.rundir import PointerWarning  # here: importing it costs torch's import
+        from gptcli.store.rundir import (
+            PointerWarning,  # here: importing it costs torch's import
+        )
 
         if issubclass(category, PointerWarning):
             from gptcli.cli.display import notice

@@ -449,6 +449,19 @@ def _recipe(model: dict) -> str:
     return f"{model['arch']}: {', '.join(parts)}"
 
 
+def render_evaluation(kind: str, metrics: dict) -> None:
+    """`gptcli eval`'s tables, by what was evaluated (evals/evaluate.py's Evaluation.kind)."""
+    if kind == "choice":
+        render_choice_metrics(metrics)
+    elif kind == "classifier":
+        console.print(f"data: {metrics['data']}", highlight=False, markup=False)
+        render_classify_metrics({f"val_{k}" if k in ("accuracy", "macro_f1", "majority_baseline",
+                                                      "naive_bayes_accuracy", "naive_bayes_macro_f1") else k: v
+                                 for k, v in metrics.items()})
+    else:
+        render_lm_metrics(metrics)
+
+
 def render_info(d: dict) -> None:
     """`gptcli info`: a checkpoint's description (from info.checkpoint_info)."""
     model = d["model"]

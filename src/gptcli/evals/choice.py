@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +43,16 @@ from gptcli.config import EvalTask
 from gptcli.data.records import Record, read_records, where
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
+from gptcli.evals.lm import load_lm_for_eval
 from gptcli.events import EventSink, Progress, ignore
 from gptcli.model import Model
-from gptcli.model.budget import Sizes, check_batch_fits, logit_bytes, pass_bytes, scoring_bytes_per_logit
-from gptcli.evals.lm import load_lm_for_eval
+from gptcli.model.budget import (
+    Sizes,
+    check_batch_fits,
+    logit_bytes,
+    pass_bytes,
+    scoring_bytes_per_logit,
+)
 from gptcli.runtime import Precision, resolve_precision
 
 TASKS = ("hellaswag", "choice")
@@ -244,14 +250,12 @@ def _loglikelihoods(model: Model, sequences: list[tuple[list[int], int]], device
 
 def eval_choice_checkpoint(checkpoint: str | Path | None, task: str, data: str | Path, limit: int | None = None,
                            batch_size: int = 8, precision: str = "fp32", device: str = "auto",
-                           on_event: EventSink = ignore,
-                           prepare: Callable[[Model], Model] | None = None) -> tuple[Path, dict]:
+                           on_event: EventSink = ignore, quantize: str = "none") -> tuple[Path, dict]:
     """acc and acc_norm of a language-model checkpoint on a multiple-choice file. `precision`
-    auto is fp32 (the harness's default for a float32 export); `prepare` rewrites the loaded
-    model (the CLI's `--quantize`)."""
+    auto is fp32 (the harness's default for a float32 export); `quantize` int8 scores it
+    with int8 linear layers (the CLI's `--quantize`)."""
     items = read_items(task, data, limit)
-    path, model, tokenizer, dev = load_lm_for_eval(checkpoint, precision, device, prepare,
-                                                   "--task scores language models")
+    path, model, tokenizer, dev = load_lm_for_eval(checkpoint, device, precision, quantize)
     precision_ = resolve_precision("fp32" if precision == "auto" else precision, dev, option="--precision")
     started = time.perf_counter()
     with precision_.autocast():

@@ -14,16 +14,16 @@ import torch
 from gptcli.atomic import write_text
 from gptcli.config import FinetuneRunConfig
 from gptcli.data.examples import LabelledSplits, labelled_splits
-from gptcli.data.labelled import TextReading, encode_windows, pad_windows
+from gptcli.data.labelled import encode_windows, pad_windows
 from gptcli.data.records import column, read_records
-from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.evals.baselines import NaiveBayes
+from gptcli.infer.load import load
 from gptcli.model.budget import FP32, Sizes, check_batch_fits, pass_bytes
 from gptcli.model.heads import GPTClassifier
 from gptcli.outputs import check_output_file, input_paths
-from gptcli.runtime import Precision, resolve_device
-from gptcli.store.checkpoint import checkpoint_task, load_model, training_config
+from gptcli.runtime import Precision
+from gptcli.store.checkpoint import checkpoint_task, training_config
 from gptcli.store.rundir import resolve_checkpoint
 
 
@@ -55,14 +55,15 @@ def eval_classifier_checkpoint(checkpoint: str | Path | None, data_file: str | P
     if data_file is None:
         splits = _own_splits(path)
         (texts, truth), source = splits.val, f"{splits.val_source} (validation split)"
-    dev = resolve_device(device)
-    model, tokenizer, training = load_classifier(path, dev)
+    classifier = load(path, device, expect=("classifier",))
+    model, tokenizer, dev = classifier.model, classifier.tokenizer, next(classifier.model.parameters()).device
+    training = training_config(path)
     unknown = sorted(set(truth) - set(model.labels))
     if unknown:
         raise GptcliError(f"{source}: labels the classifier never learned: {', '.join(unknown[:5])}")
     index = {name: i for i, name in enumerate(model.labels)}
     y = np.array([index[label] for label in truth])
-    rows = encode_windows(tokenizer, texts, model.config.block_size, model.reading)
+    rows = encode_windows(tokenizer, texts, model.config.block_size, classifier.reading)
     probs = predict_probs(model, rows, tokenizer.eot_id, batch_size, Precision("fp32", dev.type), dev)
     predicted = probs.argmax(1)
     metrics = {"data": source, **classification_metrics(y, predicted, model.labels)}
@@ -82,19 +83,6 @@ def _own_splits(path: Path) -> LabelledSplits:
         raise GptcliError(f"{path} records no finetune config to rebuild its validation split from; "
                           f"give a labelled file with --data")
     return labelled_splits(training)
-
-
-def load_classifier(path: Path, device: torch.device) -> tuple[GPTClassifier, Tokenizer, FinetuneRunConfig | None]:
-    """A resolved classifier checkpoint's model, reading texts and pooling as its training
-    did (finetune.long_text, pool_stride, truncate, pooling in its config.yaml), its
-    tokenizer, and that training config (None for a checkpoint without a readable one, such
-    as an HF import: it then reads texts as before these settings, last token, ends kept)."""
-    model, tokenizer = load_model(path, device)
-    training = training_config(path)
-    if training is not None:
-        model.pooling = training.finetune.pooling
-        model.reading = TextReading.from_config(training.finetune)
-    return model, tokenizer, training
 
 
 def _naive_bayes_metrics(training: FinetuneRunConfig | None, splits: LabelledSplits | None, labels: list[str],

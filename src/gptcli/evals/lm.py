@@ -16,7 +16,7 @@ byte = loss / ln 2 / (UTF-8 bytes per token).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +31,12 @@ from gptcli.data.token_files import SPLITS, is_tokenized_dir
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Progress, ignore
+from gptcli.infer.load import load
 from gptcli.model import Model
 from gptcli.model.budget import Sizes, check_batch_fits, loss_bytes, pass_bytes
 from gptcli.model.gpt import IGNORE_INDEX
-from gptcli.runtime import DTYPES, Precision, resolve_device, resolve_precision
-from gptcli.store.checkpoint import CONFIG_YAML, checkpoint_task, load_model, read_trainer_json
-from gptcli.store.rundir import resolve_checkpoint
+from gptcli.runtime import Precision, resolve_precision
+from gptcli.store.checkpoint import CONFIG_YAML, read_trainer_json
 
 SPLIT_CHOICES = ("all", *SPLITS)
 
@@ -44,16 +44,15 @@ SPLIT_CHOICES = ("all", *SPLITS)
 def eval_lm_checkpoint(checkpoint: str | Path | None, inputs: list[str] | None, split: str = "all",
                 batch_size: int = 8, precision: str = "auto", device: str = "auto",
                 text_field: str = "text", on_event: EventSink = ignore,
-                prepare: Callable[[Model], Model] | None = None) -> tuple[Path, dict]:
+                quantize: str = "none") -> tuple[Path, dict]:
     """Loss, perplexity and bits per byte of a language-model checkpoint; see the module doc.
     `precision` auto: the precision the run trained in (fp32 for checkpoints without one).
-    `prepare` rewrites the loaded model before it is evaluated (the CLI's `--quantize`)."""
+    `quantize` int8 scores it with int8 linear layers (the CLI's `--quantize`)."""
     if split not in SPLIT_CHOICES:
         raise GptcliError(f"--split: '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
     if batch_size < 1:
         raise GptcliError(f"--batch-size: must be at least 1, got {batch_size}")
-    path, model, tokenizer, dev = load_lm_for_eval(checkpoint, precision, device, prepare,
-                                                   "evaluate it on a labelled file with --data FILE.csv")
+    path, model, tokenizer, dev = load_lm_for_eval(checkpoint, device, precision, quantize)
     trained = _trainer_record(path)  # the precision and validation data of the run, when known
     precision_ = resolve_precision(_trained_precision(trained, dev) if precision == "auto" else precision,
                                    dev, option="--precision")
@@ -67,22 +66,13 @@ def eval_lm_checkpoint(checkpoint: str | Path | None, inputs: list[str] | None, 
     return path, metrics
 
 
-def load_lm_for_eval(checkpoint: str | Path | None, precision: str, device: str,
-                     prepare: Callable[[Model], Model] | None, for_classifier: str
+def load_lm_for_eval(checkpoint: str | Path | None, device: str, precision: str, quantize: str
                      ) -> tuple[Path, Model, Tokenizer, torch.device]:
-    """A language-model checkpoint loaded for evaluation (path, model in eval mode, tokenizer,
-    device), after checking `precision` (auto or one of DTYPES); a classifier is refused with
-    `for_classifier` as the way out. `prepare` rewrites the model (the CLI's `--quantize`)."""
-    if precision not in ("auto", *DTYPES):
-        raise GptcliError(f"--precision: '{precision}' is not one of auto, {', '.join(DTYPES)}")
-    path = resolve_checkpoint(checkpoint)
-    if checkpoint_task(path) == "classify":
-        raise GptcliError(f"{path} is a classifier; {for_classifier}")
-    dev = resolve_device(device)
-    model, tokenizer = load_model(path, dev)
-    if prepare is not None:
-        model = prepare(model.eval())
-    return path, model, tokenizer, dev
+    """A language-model checkpoint loaded to be scored (path, model in eval mode and fp32,
+    int8 with `quantize`, tokenizer, device), once `precision` (applied by the caller,
+    under autocast) is known to be a choice; a classifier is refused."""
+    loaded = load(checkpoint, device, precision, quantize, expect=("lm", "chat"), generate=False)
+    return loaded.path, loaded.model, loaded.tokenizer, next(loaded.model.parameters()).device
 
 
 def _trainer_record(checkpoint: Path) -> dict:

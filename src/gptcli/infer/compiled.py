@@ -27,7 +27,6 @@ from gptcli.model import Model
 from gptcli.model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
-COMPILE_CHOICES = ("auto", "on", "off")
 
 
 def wants_compiled_decode(choice: str, device: torch.device) -> bool:

@@ -35,9 +35,21 @@ from dataclasses import dataclass, field
 import torch
 
 from gptcli.data.tokenizer import Tokenizer
-from gptcli.infer.generate import SPAN_STEP, SampleText, SamplingSettings, next_token, prefill
+from gptcli.infer.generate import (
+    SPAN_STEP,
+    SampleText,
+    SamplingSettings,
+    next_token,
+    prefill,
+)
 from gptcli.model import Model
-from gptcli.model.budget import SAMPLING_BYTES_PER_LOGIT, Sizes, kv_cache_bytes, logit_bytes, pass_bytes
+from gptcli.model.budget import (
+    SAMPLING_BYTES_PER_LOGIT,
+    Sizes,
+    kv_cache_bytes,
+    logit_bytes,
+    pass_bytes,
+)
 
 log = logging.getLogger(__name__)  # errors go to the server's log (the library prints nothing)
 

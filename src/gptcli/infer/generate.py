@@ -22,7 +22,13 @@ import torch
 
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.model import Model
-from gptcli.model.budget import SAMPLING_BYTES_PER_LOGIT, Sizes, kv_cache_bytes, logit_bytes, pass_bytes
+from gptcli.model.budget import (
+    SAMPLING_BYTES_PER_LOGIT,
+    Sizes,
+    kv_cache_bytes,
+    logit_bytes,
+    pass_bytes,
+)
 from gptcli.model.kv_cache import KVCache
 
 # Slots a decode step attends over grow in steps of this many. Masked slots past the

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 from collections.abc import Callable
@@ -12,31 +11,23 @@ from typing import BinaryIO
 
 import torch
 
-from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
-from gptcli.infer.compiled import COMPILE_CHOICES, CompiledDecode, wants_compiled_decode
-from gptcli.infer.cpu_layout import for_generation
-from gptcli.infer.generate import (
-    SampleText,
-    SamplingSettings,
-    cache_slots,
-    generate_tokens,
-    generation_bytes,
-    sample_text_bytes,
+from gptcli.config import COMPILE_CHOICES
+from gptcli.infer.compiled import CompiledDecode, wants_compiled_decode
+from gptcli.infer.generate import cache_slots, generation_bytes, sample_text_bytes
+from gptcli.infer.load import Classifier, LanguageModel, load
+from gptcli.infer.quantize import QUANTIZE_CHOICES
+from gptcli.infer.session import (
+    GenerationSession,
+    GenerationSettings,
+    Sample,
+    not_utf8_at,
 )
-from gptcli.infer.quantize import QUANTIZE_CHOICES, check_quantize
 from gptcli.model import Model
 from gptcli.model.budget import check_batch_fits
-from gptcli.model.lora import merge_lora
-from gptcli.runtime import DTYPES, resolve_device, resolve_precision
-from gptcli.store.checkpoint import checkpoint_task, load_model
-from gptcli.store.rundir import resolve_checkpoint
-from gptcli.data.labelled import encode_windows, pad_windows
-from gptcli.evals.classify import load_classifier
-from gptcli.tasks.instruct import chat_stop_ids, is_chat_model, prompt_ids
+from gptcli.runtime import DTYPES
 
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and folds negatives onto it)
 _ESCAPE = re.compile(r"\\(?:([\\nrt])|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
 _SIMPLE_ESCAPES = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
 
@@ -91,18 +82,11 @@ def _utf8(data: bytes, source: str) -> str:
         raise GptcliError(f"{source}: invalid UTF-8 at byte {exc.start}; convert it (e.g. with iconv)") from None
 
 
-def _not_utf8_at(text: str) -> int | None:
-    """Index of the first character UTF-8 cannot encode, or None. Such characters are lone
-    surrogates: what command-line bytes that are not UTF-8 turn into (surrogateescape)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return exc.start
-    return None
-
-
 @dataclass(frozen=True)
 class SampleRequest:
+    """`gptcli sample`'s request: the prompt, how to generate (GenerationSettings' fields),
+    how many samples, and where and how the model runs."""
+
     prompt: str = ""
     max_new_tokens: int = 256
     temperature: float = 0.8
@@ -117,29 +101,19 @@ class SampleRequest:
     quantize: str = "none"  # none | int8: linear weights stored as int8 (infer/quantize.py)
     compile: str = "auto"  # auto | on | off: the decode step compiled (infer/compiled.py)
 
+    @property
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(self.max_new_tokens, self.temperature, self.top_k, self.top_p,
+                                  tuple(self.stops), self.seed)
+
     def check(self) -> None:
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        bad = _not_utf8_at(self.prompt)
+        problems = self.settings.problems()
+        bad = not_utf8_at(self.prompt)
         if bad is not None:
             problems.append(f"--prompt is not valid UTF-8 text (character {bad} is {ascii(self.prompt[bad])}); "
                             f"pass UTF-8 text, or a UTF-8 file with --prompt-file")
-        if not math.isfinite(self.temperature) or self.temperature < 0:  # nan passes `< 0`
-            problems.append(f"--temperature must be 0 (greedy) or more, and finite; got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            problems.append(f"--top-k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.num_samples < 1:
             problems.append(f"--num-samples must be at least 1, got {self.num_samples}")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            problems.append(f"--seed must be between 0 and 2**64 - 1 ({MAX_SEED}), got {self.seed}")
-        for stop in self.stops:
-            if not stop:
-                problems.append("--stop must not be empty (an empty string would end every sample at once)")
-            elif _not_utf8_at(stop) is not None:
-                problems.append(f"--stop {ascii(stop)} is not valid UTF-8 text")
         if self.precision not in ("auto", *DTYPES):
             problems.append(f"--precision must be auto, {', '.join(DTYPES)}, got {self.precision}")
         if self.compile not in COMPILE_CHOICES:
@@ -151,9 +125,29 @@ class SampleRequest:
 
 
 @dataclass
-class Sample:
-    text: str
-    tokens: list[int]
+class Classified:
+    """`gptcli sample` of a classifier: the label probabilities of the prompt."""
+
+    path: Path
+    probabilities: dict[str, float]  # most likely first
+
+
+@dataclass
+class Sampled:
+    path: Path
+    samples: list[Sample]
+
+
+def sample_or_classify(checkpoint: str | Path | None, request: SampleRequest,
+                       on_text: Callable[[int, str], None] = lambda row, text: None,
+                       on_event: EventSink = ignore) -> Sampled | Classified:
+    """`gptcli sample`: continue the prompt with a language model (see `sample`), or give
+    a classifier's probabilities for it."""
+    request.check()  # option errors first, before any checkpoint is looked at
+    loaded = load(checkpoint, request.device, request.precision, request.quantize)
+    if isinstance(loaded, Classifier):
+        return Classified(loaded.path, loaded.probabilities(request.prompt))
+    return Sampled(loaded.path, _generate(loaded, request, on_text, on_event))
 
 
 def sample(checkpoint: str | Path | None, request: SampleRequest,
@@ -165,46 +159,25 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     Returns the checkpoint used and the samples.
     """
     request.check()
-    path = resolve_checkpoint(checkpoint)
-    if is_classifier(path):
-        raise GptcliError(f"{path} is a classifier; use classify() for it")
-    device = resolve_device(request.device)
-    model, tokenizer = load_for_generation(path, device, request.precision, request.quantize)
-    context = model.config.block_size
-    check_plain_text(tokenizer, request.prompt, "the prompt")
-    stop_ids: frozenset[int] = frozenset()
-    if is_chat_model(tokenizer) and not request.raw:  # an instruct or chat model: one user turn, stop at its end
-        prompt = prompt_ids(tokenizer, request.prompt)
-        stop_ids = chat_stop_ids(tokenizer)
-    else:
-        prompt = text_prompt_ids(tokenizer, request.prompt)
-    if len(prompt) > context:
-        on_event(Notice(f"prompt is {len(prompt)} tokens, longer than the {context}-token "
-                        f"context: keeping its last {context}"))
-        prompt = prompt[-context:]
-    generator = None
-    if request.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(request.seed)
-    settings = SamplingSettings(request.temperature, request.top_k, request.top_p)
+    loaded = load(checkpoint, request.device, request.precision, request.quantize, expect=("lm", "chat"))
+    return loaded.path, _generate(loaded, request, on_text, on_event)
+
+
+def _generate(loaded: LanguageModel, request: SampleRequest, on_text: Callable[[int, str], None],
+              on_event: EventSink) -> list[Sample]:
+    session = GenerationSession(loaded)
+    prompt = session.prompt(request.prompt, raw=request.raw)
+    if prompt.cropped:
+        on_event(Notice(f"prompt is {len(prompt.ids) + prompt.cropped} tokens, longer than the "
+                        f"{session.context}-token context: keeping its last {session.context}"))
+    device = next(loaded.model.parameters()).device
     wants_compiled = wants_compiled_decode(request.compile, device)
-    check_samples_fit(model, request, len(prompt), wants_compiled, device)  # before any per-sample allocation
-    texts = [SampleText(tokenizer, request.stops, stop_ids) for _ in range(request.num_samples)]
+    check_samples_fit(loaded.model, request, len(prompt.ids), wants_compiled, device)  # before any per-sample allocation
     compiled = CompiledDecode(device.type == "cuda") if wants_compiled else None
-    for tokens in generate_tokens(model, prompt, request.max_new_tokens, settings,
-                                  request.num_samples, generator, compiled):
-        for row, token in enumerate(tokens.tolist()):
-            delta = texts[row].add(token)
-            if delta:
-                on_text(row, delta)
-        if all(t.stopped for t in texts):
-            break
-    for row, text in enumerate(texts):
-        delta = text.finish()
-        if delta:
-            on_text(row, delta)
+    samples = session.generate(prompt, request.settings, request.num_samples, on_text, compiled)
     if compiled is not None and compiled.fallback:
         on_event(Notice(f"the compiled decode step failed ({compiled.fallback}); decoded eagerly"))
-    return path, [Sample(t.text, t.tokens) for t in texts]
+    return samples
 
 
 def check_samples_fit(model: Model, request: SampleRequest, prompt_tokens: int, compiled: bool,
@@ -236,56 +209,8 @@ def check_samples_fit(model: Model, request: SampleRequest, prompt_tokens: int, 
                          f"{parts} of {n:,} samples of {new:,} new tokens", "use fewer samples", memory)
 
 
-def load_for_generation(path: Path, device: torch.device, precision: str = "auto",
-                        quantize: str = "none") -> tuple[Model, Tokenizer]:
-    """A resolved checkpoint's model, ready to generate: adapters merged, weights in the
-    precision asked for (`auto`: bf16 or fp16 on CUDA, fp32 elsewhere) and, on CPU, in the
-    decode-friendly layout, or with `quantize` int8 its linear layers' weights in int8
-    (activations in that precision); and its tokenizer."""
-    check_quantize(quantize)
-    model, tokenizer = load_model(path, device)
-    if model.lora_spec is not None:
-        merge_lora(model)  # one matrix per layer again: the adapters cost nothing per token
-    for_generation(model, resolve_precision(precision, device, option="--precision").dtype, quantize)
-    return model, tokenizer
-
-
-def check_plain_text(tokenizer: Tokenizer, text: str, what: str) -> None:
-    """Refuse text holding a special token's spelling: prompts and messages are plain text
-    (a user cannot inject an end-of-turn), so such text would not mean what it looks like."""
-    for special in tokenizer.special_tokens:
-        if special in text:
-            raise GptcliError(f"{what} contains the special token {special} as text; it is read as "
-                              f"plain text, so remove it")
-
-
-def text_prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Plain text to continue; an empty prompt starts a new document (end-of-text)."""
-    return tokenizer.encode(text) if text else [tokenizer.eot_id]
-
-
-def is_classifier(path: Path) -> bool:
-    """Whether a resolved checkpoint directory holds a classifier."""
-    return checkpoint_task(path) == "classify"
-
-
 def classify(checkpoint: str | Path | None, text: str, device: str = "auto"
              ) -> tuple[Path, dict[str, float]]:
     """Class probabilities of `text` under a classifier checkpoint, most likely first."""
-    path = resolve_checkpoint(checkpoint)
-    if not is_classifier(path):
-        raise GptcliError(f"{path} is not a classifier checkpoint")
-    model, tokenizer, _ = load_classifier(path, resolve_device(device))
-    return path, class_probabilities(model, tokenizer, text)
-
-
-@torch.inference_mode()
-def class_probabilities(model: Model, tokenizer: Tokenizer, text: str) -> dict[str, float]:
-    """Label -> probability of `text` under a loaded classifier, most likely first. A text
-    longer than the context is read as the classifier was trained to read it (`model.reading`,
-    set from its checkpoint by load_classifier): cut to the context, or every window pooled."""
-    device = next(model.parameters()).device
-    idx, lengths, owners = pad_windows(encode_windows(tokenizer, [text], model.config.block_size, model.reading),
-                                       tokenizer.eot_id, device)
-    probs = torch.softmax(model(idx, lengths=lengths, owners=owners).float(), dim=-1)[0].tolist()
-    return dict(sorted(zip(model.labels, probs), key=lambda pair: -pair[1]))
+    classifier = load(checkpoint, device, expect=("classifier",))
+    return classifier.path, classifier.probabilities(text)

@@ -1,9 +1,12 @@
-"""Model families by name, and the protocol the rest of gptcli uses them through.
+"""Model families as code builds them, and the protocol the rest of gptcli uses them through.
 
-A checkpoint records its family as `arch` (checkpoints from before it was recorded are
-`gpt2`); `get_arch` maps the name to the family's config dataclass, model class and
-checks. Outside model/, code sees a model only as a `Model`: the family's model, or a task
-head over one (heads.py), which offers the same members.
+What a family is (its name, component defaults, Hugging Face and GGUF names) is plain data
+in gptcli/families/, one file each. A config names its family as `model.arch` and a
+checkpoint records it as `arch` (checkpoints from before it was recorded are `gpt2`);
+`get_arch` gives the family with what building one takes: its config dataclass, model
+builder and checks. Outside model/, code builds models only through `get_arch` and sees
+them only as `Model`s: the family's model, or a task head over one (heads.py), which offers
+the same members.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from gptcli.config import ModelConfig, model_config_problems
-from gptcli.errors import GptcliError, shorten
+from gptcli.families import DEFAULT_FAMILY, Family, get_family
 from gptcli.model.gpt import GPT, check_fits
 from gptcli.model.kv_cache import KVCache
 from gptcli.model.lora import LoRASpec
@@ -25,7 +28,7 @@ from gptcli.model.lora import LoRASpec
 class Model(Protocol):
     """The members of a model (an nn.Module) that code outside model/ may use."""
 
-    arch: str  # the family's name in ARCHS
+    arch: str  # its family's name (gptcli/families/)
     config: Any  # the family's config dataclass; has n_embd, block_size, vocab_size
     lora_spec: LoRASpec | None  # what its adapters were made with (set by lora.apply_lora)
     activation_checkpointing: bool  # recompute blocks in backward (set by the training loop)
@@ -56,19 +59,19 @@ class Model(Protocol):
 
 @dataclass(frozen=True)
 class Arch:
+    """A family (gptcli/families/) with what building its models takes."""
+
+    family: Family
     config: type  # the config dataclass, read from a checkpoint's metadata
     model: Callable[[Any], Model]  # built from a config
     problems: Callable[[Any], list[str]]  # a config's problems, for a checkpoint's stored one
     check_fits: Callable[..., None]  # refuses, before building, a model too large for a device
 
 
-# Both recipes are the one GPT class, its components chosen by the config (gpt.py).
-ARCHS = {name: Arch(ModelConfig, GPT, model_config_problems, check_fits) for name in ("gpt2", "llama")}
-DEFAULT_ARCH = "gpt2"  # what a checkpoint without `arch` in its metadata holds
+DEFAULT_ARCH = DEFAULT_FAMILY  # what a checkpoint without `arch` in its metadata holds
 
 
 def get_arch(name: str) -> Arch:
-    if name not in ARCHS:
-        raise GptcliError(f"unknown model architecture '{shorten(name)}'; gptcli knows "
-                          f"{', '.join(ARCHS)}")
-    return ARCHS[name]
+    """The family `name` (a one-line GptcliError naming the known ones if there is none).
+    Every family is the one GPT class, its components chosen by the config (gpt.py)."""
+    return Arch(get_family(name), ModelConfig, GPT, model_config_problems, check_fits)

@@ -1,6 +1,7 @@
 """The GPT: one decoder-only transformer, its components chosen once from the config.
 
-Two recipes share this file (`model.arch`, config.py's ARCH_DEFAULTS):
+Every family builds this one class (`model.arch`; each family's component defaults are in
+gptcli/families/):
 - `gpt2`: GPT-2 exactly. Learned positions, pre-LayerNorm blocks, tanh-approximated GELU,
   biases, tied input/output embeddings.
 - `llama`: the Llama/Qwen family. Rotary positions (rope.py), RMSNorm, a SwiGLU MLP, no
@@ -158,7 +159,7 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
         cfg = cfg.resolved()
         self.config = cfg
-        self.arch = cfg.arch  # its name in model/__init__.py's ARCHS, recorded in checkpoints
+        self.arch = cfg.arch  # its family's name (gptcli/families/), recorded in checkpoints
         self.lora_spec = None  # set by lora.apply_lora
         self.activation_checkpointing = False  # set by the training loop (train config)
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptcli.data.labelled import TextReading
 from gptcli.model import Model
 from gptcli.model.gpt import IGNORE_INDEX
 
@@ -50,15 +49,13 @@ def _flatten_reported_keys(module: nn.Module, incompatible) -> None:
 
 
 class GPTClassifier(nn.Module):
-    def __init__(self, trunk: Model, labels: list[str], aux_lm_weight: float = 0.0,
-                 pooling: str = "last", reading: TextReading = TextReading()):
+    def __init__(self, trunk: Model, labels: list[str], aux_lm_weight: float = 0.0, pooling: str = "last"):
         super().__init__()
         self.trunk = trunk  # registered first: its parameters come first, as optimizer states expect
         self.labels = list(labels)
         self.n_classes = len(labels)
         self.aux_lm_weight = aux_lm_weight
         self.pooling = pooling  # "last" or "mean" (finetune.pooling)
-        self.reading = reading  # how texts become rows (finetune.long_text): for whoever feeds it texts
         self.lora_spec = None  # set by lora.apply_lora (the adapters go into the trunk's layers)
         self.score = nn.Linear(trunk.config.n_embd, self.n_classes, bias=False)
         nn.init.normal_(self.score.weight, std=0.02)

@@ -81,6 +81,3 @@ def merge_lora(model: nn.Module) -> None:
         _replace(model, name, model.get_submodule(name).merged())
     model.lora_spec = None
 
-
-def lora_parameter_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if ".lora_" in n]

@@ -30,14 +30,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from gptcli.data.tokenizer import Tokenizer
 from gptcli.errors import GptcliError, shorten
 from gptcli.infer.engine import BatchEngine, Job, Update
 from gptcli.infer.generate import SamplingSettings
-from gptcli.infer.sample import check_plain_text, class_probabilities, text_prompt_ids
-from gptcli.model import Model
-from gptcli.serve.protocol import ApiError, ChatRequest, ClassifyRequest, CompletionRequest, parse
-from gptcli.tasks.instruct import chat_prompt_ids, chat_stop_ids
+from gptcli.infer.load import Classifier, Loaded
+from gptcli.infer.session import GenerationSession, Prompt, not_utf8_at
+from gptcli.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    parse,
+)
 
 LOST_CLIENT_POLL_S = 1.0  # how often a non-streamed request checks that its client is still there
 
@@ -47,9 +51,7 @@ class Served:
     """The checkpoint a server answers for. `engine` is None for a classifier."""
 
     model_id: str
-    model: Model
-    tokenizer: Tokenizer
-    task: str  # "lm", "chat" or "classify"
+    loaded: Loaded
     worker: Executor  # the one thread that runs the model (BatchEngine.start says why)
     engine: BatchEngine | None
     api_key: str | None = None
@@ -57,8 +59,17 @@ class Served:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
+    def task(self) -> str:
+        """What clients may ask of it: "lm", "chat" or "classify"."""
+        return "classify" if isinstance(self.loaded, Classifier) else self.loaded.kind
+
+    @property
     def context(self) -> int:
-        return self.model.config.block_size
+        return self.loaded.model.config.block_size
+
+    @property
+    def session(self) -> GenerationSession:
+        return GenerationSession(self.loaded)
 
 
 def build_app(served: Served) -> FastAPI:
@@ -103,7 +114,8 @@ def build_app(served: Served) -> FastAPI:
         _authorize(served, request)
         body: CompletionRequest = parse(CompletionRequest, await _json(request))
         _check_generation(served, body)
-        prompts = [_encode(served, lambda: _text_ids(served.tokenizer, text)) for text in body.prompts()]
+        session = served.session
+        prompts = [_encode(served, lambda: session.prompt(text, raw=True)) for text in body.prompts()]
         return await _answer(served, request, body, prompts, body.budget, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -115,7 +127,7 @@ def build_app(served: Served) -> FastAPI:
             raise ApiError(400, f"{served.model_id} has no chat template (it is a base language model); use "
                                 f"/v1/completions, or finetune it with --task instruct", "messages")
         turns = [m.as_turn() for m in body.messages]
-        prompt = _encode(served, lambda: _chat_ids(served.tokenizer, turns))
+        prompt = _encode(served, lambda: served.session.chat_prompt(turns))
         return await _answer(served, request, body, [prompt], body.budget, chat=True)
 
     @app.post("/v1/classify")
@@ -126,14 +138,14 @@ def build_app(served: Served) -> FastAPI:
         if served.task != "classify":
             raise ApiError(400, f"{served.model_id} is not a classifier; use /v1/completions")
         body.check()
-        try:
-            for i, text in enumerate(body.texts()):
-                _check_unicode(text, f"input[{i}]")
-        except GptcliError as exc:
-            raise ApiError(400, str(exc)) from None
+        for i, text in enumerate(body.texts()):
+            bad = not_utf8_at(text)
+            if bad is not None:
+                raise ApiError(400, f"input[{i}] is not valid UTF-8 text (character {bad} is {ascii(text[bad])}); "
+                                    f"send UTF-8 text")
         loop = asyncio.get_running_loop()
-        results = [await loop.run_in_executor(served.worker, class_probabilities, served.model, served.tokenizer,
-                                              text) for text in body.texts()]
+        results = [await loop.run_in_executor(served.worker, served.loaded.probabilities, text)
+                   for text in body.texts()]
         return {"object": "list", "model": served.model_id,
                 "data": [{"index": i, "label": next(iter(probs)), "probabilities": probs}
                          for i, probs in enumerate(results)]}
@@ -192,58 +204,34 @@ def _check_generation(served: Served, body: CompletionRequest | ChatRequest) -> 
     body.check(served.max_batch)
 
 
-def _text_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    _check_text(tokenizer, text, "the prompt")
-    return text_prompt_ids(tokenizer, text)
-
-
-def _chat_ids(tokenizer: Tokenizer, turns: list[dict]) -> list[int]:
-    for i, turn in enumerate(turns):
-        _check_text(tokenizer, turn["content"], f"messages[{i}].content")
-    return chat_prompt_ids(tokenizer, turns)
-
-
-def _check_text(tokenizer: Tokenizer, text: str, what: str) -> None:
-    _check_unicode(text, what)
-    check_plain_text(tokenizer, text, what)
-
-
-def _check_unicode(text: str, what: str) -> None:
-    """Text that UTF-8 can encode: JSON's \\ud800 escapes decode to lone surrogates."""
+def _encode(served: Served, encode) -> Prompt:
+    """A prompt (from the session: text checked once, ids in the model's format), or a
+    400: text that is not UTF-8 or holds a special token, a chat template that refuses the
+    conversation, or a prompt that leaves no room in the context."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise GptcliError(f"{what} holds a lone surrogate at character {exc.start}; send valid Unicode "
-                          f"text") from None
-
-
-def _encode(served: Served, encode) -> list[int]:
-    """A prompt's ids, or a 400: text holding a special token, a chat template that refuses
-    the conversation, or a prompt that leaves no room in the context."""
-    try:
-        ids = encode()
+        prompt = encode()
     except GptcliError as exc:
         raise ApiError(400, str(exc)) from None
-    if len(ids) >= served.context:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens; the model's context is {served.context}, "
+    tokens = len(prompt.ids) + prompt.cropped
+    if tokens >= served.context:
+        raise ApiError(400, f"the prompt is {tokens} tokens; the model's context is {served.context}, "
                             f"which must also hold the reply: shorten it", code="context_length_exceeded")
-    return ids
+    return prompt
 
 
 async def _answer(served: Served, request: Request, body: CompletionRequest | ChatRequest,
-                  prompts: list[list[int]], budget: int | None, chat: bool):
+                  prompts: list[Prompt], budget: int | None, chat: bool):
     """Submit one job per prompt (n choices each); answer with one JSON or a stream."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
-    stop_ids = chat_stop_ids(served.tokenizer) if chat else frozenset()
     settings = SamplingSettings(body.temperature, body.top_k, body.top_p)
     jobs = []
     for p, prompt in enumerate(prompts):
-        room = served.context - len(prompt)
-        jobs.append(Job(prompt, room if budget is None else min(budget, room), settings,
+        room = served.context - len(prompt.ids)
+        jobs.append(Job(prompt.ids, room if budget is None else min(budget, room), settings,
                         _emitter(loop, queue, p * body.n), n=body.n, seed=body.seed,
-                        stops=body.stops(), stop_ids=stop_ids))
-    reply = _Reply(served.model_id, chat, sum(len(p) for p in prompts), len(prompts) * body.n)
+                        stops=body.stops(), stop_ids=prompt.stop_ids))
+    reply = _Reply(served.model_id, chat, sum(len(p.ids) for p in prompts), len(prompts) * body.n)
     try:
         for job in jobs:
             served.engine.submit(job)

@@ -15,8 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gptcli.errors import shorten
+from gptcli.infer.session import MAX_SEED
 
-MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_STOPS = 4  # OpenAI's limit
 
 

@@ -22,8 +22,7 @@ from pathlib import Path
 
 from gptcli.errors import GptcliError
 from gptcli.infer.quantize import QUANTIZE_CHOICES
-from gptcli.runtime import DTYPES, resolve_device
-from gptcli.store.rundir import resolve_checkpoint
+from gptcli.runtime import DTYPES
 
 API_KEY_ENV = "GPTCLI_API_KEY"
 
@@ -118,31 +117,24 @@ def load_served(options: ServeOptions, worker: Executor):
     """The checkpoint, loaded and ready: the model for generation (or classification), its
     tokenizer, the engine, and the id clients name it by. Runs on `worker`, the thread
     that will run the model."""
-    from gptcli.evals.classify import load_classifier
     from gptcli.infer.engine import BatchEngine
-    from gptcli.infer.sample import is_classifier, load_for_generation
+    from gptcli.infer.load import Classifier, load
     from gptcli.model.budget import check_batch_fits
     from gptcli.serve.app import Served
-    from gptcli.tasks.instruct import is_chat_model
 
-    path = resolve_checkpoint(options.checkpoint)
-    device = resolve_device(options.device)
     api_key = options.api_key if options.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    name = options.model_name or model_id(path)
-    if is_classifier(path):
-        if options.quantize != "none":
-            raise GptcliError(f"--quantize is for language models; {path} is a classifier")
-        # Read texts and pool states as the classifier was trained to (its config.yaml).
-        model, tokenizer, _ = load_classifier(path, device)
-        return Served(name, model.eval(), tokenizer, "classify", worker, None, api_key, options.max_batch)
-    model, tokenizer = load_for_generation(path, device, options.precision, options.quantize)
-    task = "chat" if is_chat_model(tokenizer) else "lm"
+    # A classifier reads texts and pools states as it was trained to (its stored settings).
+    loaded = load(options.checkpoint, options.device, options.precision, options.quantize)
+    name = options.model_name or model_id(loaded.path)
+    if isinstance(loaded, Classifier):
+        return Served(name, loaded, worker, None, api_key, options.max_batch)
+    model = loaded.model
     rows, context = options.max_batch, model.config.block_size
     check_batch_fits(f"--max-batch {rows}", rows, lambda n: BatchEngine.bytes_needed(model, n),
                      f"the KV cache, activations and logits of {rows:,} rows of {context:,} tokens",
-                     "lower --max-batch", device)  # before the engine allocates its rows
-    engine = BatchEngine(model, tokenizer, options.max_batch)
-    return Served(name, model, tokenizer, task, worker, engine, api_key, options.max_batch)
+                     "lower --max-batch", next(model.parameters()).device)  # before the engine allocates its rows
+    engine = BatchEngine(model, loaded.tokenizer, options.max_batch)
+    return Served(name, loaded, worker, engine, api_key, options.max_batch)
 
 
 def model_id(path: Path) -> str:

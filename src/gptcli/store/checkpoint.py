@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from gptcli.atomic import staging_dir
 from gptcli.config import FinetuneRunConfig, config_from_dict
+from gptcli.data.labelled import TextReading
 from gptcli.data.tokenizer import Tokenizer, load_tokenizer
 from gptcli.errors import GptcliError, shorten
 from gptcli.model import DEFAULT_ARCH, Arch, Model, get_arch
@@ -44,6 +45,7 @@ TRAINER_JSON = "trainer.json"
 CONFIG_YAML = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS = "checkpoints"
+CLASSIFIER = "classifier"  # weights-metadata key: a classifier's pooling and reading of long texts
 LATEST, BEST = "latest", "best"
 _TIED = "lm_head.weight"  # with tied embeddings, the same tensor as wte.weight: stored once
 
@@ -79,10 +81,13 @@ def step_name(step: int) -> str:
 
 def save_checkpoint(target: str | Path, model: Model, tokenizer: Tokenizer, config_yaml: str,
                     trainer: TrainerState | None = None,
-                    weights: dict[str, torch.Tensor] | None = None, mark_as: str | None = None) -> Path:
+                    weights: dict[str, torch.Tensor] | None = None, mark_as: str | None = None,
+                    metadata: dict[str, str] | None = None) -> Path:
     """Write a checkpoint directory at `target` atomically (temp dir, fsync, rename).
     `weights` (full tensors, e.g. gathered from shards) replace `model.state_dict()`;
-    `mark_as` marks a checkpoint that is a command's whole output (see outputs.py)."""
+    `mark_as` marks a checkpoint that is a command's whole output (see outputs.py);
+    `metadata` adds entries to the weights' metadata (a classifier's reading, see
+    classifier_metadata)."""
     target = Path(target)
     for stale in target.parent.glob(f".tmp-{glob.escape(target.name)}-*"):  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
@@ -91,7 +96,7 @@ def save_checkpoint(target: str | Path, model: Model, tokenizer: Tokenizer, conf
         weights = {k: v.detach().contiguous() for k, v in (weights or model.state_dict()).items()
                    if k not in tied}
         labels = getattr(model, "labels", None)  # a classification head names its classes
-        metadata = {
+        extra, metadata = metadata, {
             "format": "gptcli/1",
             "arch": model.arch,
             "model_config": json.dumps(dataclasses.asdict(model.config)),
@@ -103,7 +108,7 @@ def save_checkpoint(target: str | Path, model: Model, tokenizer: Tokenizer, conf
             metadata["labels"] = json.dumps(labels)
         if model.lora_spec is not None:
             metadata["lora"] = json.dumps(dataclasses.asdict(model.lora_spec))
-        save_file(weights, tmp / WEIGHTS, metadata=metadata)
+        save_file(weights, tmp / WEIGHTS, metadata={**metadata, **(extra or {})})
         tokenizer.save(tmp / TOKENIZER_DIR)
         (tmp / CONFIG_YAML).write_text(config_yaml)
         if trainer is not None:
@@ -315,6 +320,32 @@ def training_config(path: Path) -> FinetuneRunConfig | None:
     return cfg
 
 
+def classifier_metadata(pooling: str, reading: TextReading) -> dict[str, str]:
+    """The weights-metadata entry of a classifier: how it pools a row's hidden states and
+    reads a text longer than its context, in the finetune config's own terms."""
+    settings = {"pooling": pooling, "long_text": reading.long_text, "truncate": f"keep_{reading.keep}",
+                "pool_stride": reading.stride}
+    return {CLASSIFIER: json.dumps(settings)}
+
+
+def classifier_reading(directory: str | Path) -> tuple[str, TextReading]:
+    """(pooling, reading) of a classifier checkpoint: from its weights' metadata; for one
+    saved before they were stored there, from the finetune config in its config.yaml; for
+    one with neither (an HF import), the last token of one window whose end is kept."""
+    stored = read_metadata(directory).get(CLASSIFIER)
+    if stored is not None:
+        try:
+            s = json.loads(stored)
+            return s["pooling"], TextReading(s["long_text"], s["truncate"].removeprefix("keep_"), s["pool_stride"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise GptcliError(f"{Path(directory) / WEIGHTS}: unreadable classifier settings "
+                              f"({shorten(stored)}); the checkpoint is damaged") from None
+    training = training_config(Path(directory))
+    if training is None:
+        return "last", TextReading()
+    return training.finetune.pooling, TextReading.from_config(training.finetune)
+
+
 def build_model(directory: str | Path) -> Model:
     """An untrained model of the checkpoint's family, shape, task head and LoRA adapters."""
     metadata = read_metadata(directory)
@@ -324,7 +355,8 @@ def build_model(directory: str | Path) -> Model:
                     fix=f"{directory} holds a model too large for this machine (or a damaged config)")
     model = arch.model(cfg)
     if metadata.get("task") == "classify":
-        model = GPTClassifier(model, json.loads(metadata["labels"]))
+        pooling, _ = classifier_reading(directory)
+        model = GPTClassifier(model, json.loads(metadata["labels"]), pooling=pooling)
     if "lora" in metadata:
         spec = json.loads(metadata["lora"])
         apply_lora(model, LoRASpec(**{**spec, "targets": tuple(spec["targets"])}))
@@ -345,10 +377,13 @@ def load_weights(model: Model, directory: str | Path, device: torch.device | str
                           f"unexpected {unexpected[:3]})")
 
 
-def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[Model, Tokenizer]:
-    """The model (in eval mode, fp32) and tokenizer of a checkpoint directory."""
+def load_model(directory: str | Path, device: torch.device | str = "cpu",
+               verified: bool = False) -> tuple[Model, Tokenizer]:
+    """The model (in eval mode, fp32) and tokenizer of a checkpoint directory, its files
+    checked against its manifest first (unless the caller has just done so: `verified`)."""
     directory = Path(directory)
-    verify_checkpoint(directory)
+    if not verified:
+        verify_checkpoint(directory)
     model = build_model(directory)
     tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
     if tokenizer.vocab_size != model.config.vocab_size:

@@ -2,9 +2,10 @@
 Studio) loads, written with the `gguf` package (`pip install 'gptcli[gguf]'`).
 
 The route is the one llama.cpp's own converter takes from a Hugging Face directory, without
-the directory: the checkpoint's tensors in HF names and layouts (the export-hf mappings,
-store/hf_gpt2.py and hf_llama.py) are renamed to GGUF's with gguf's own name map, so a
-checkpoint exports to GGUF exactly when export-hf can write it as
+the directory: the checkpoint's tensors in HF names and layouts (the export-hf mappings, the
+family's `hf` entry in gptcli/families/) are renamed to GGUF's with gguf's own name map, so a
+checkpoint exports to GGUF exactly when export-hf can write it and its family's `gguf` entry
+(the GGUF architecture, the settings it reads, the tensors' layout) accepts it:
   arch gpt2  -> GGUF `gpt2`   (GPT-2's Conv1D weights turned back to (out, in));
   arch llama -> GGUF `llama`, `qwen2` or `qwen3`, the class export-hf would pick (Mistral's
                 shape, n_embd not a multiple of n_head, is refused). llama.cpp's `llama`
@@ -38,16 +39,15 @@ from gptcli.config import ModelConfig
 from gptcli.data.bpe import GPT2_PATTERN
 from gptcli.data.tokenizer import TiktokenTokenizer, Tokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
+from gptcli.families import Family, get_family
 from gptcli.model.lora import merge_lora
 from gptcli.outputs import check_output_file, input_paths
-from gptcli.store import hf_gpt2, hf_llama
 from gptcli.store.checkpoint import checkpoint_task, load_model, run_of
 from gptcli.store.hf import export_state, tokenizer_files
 
 TYPES = ("f32", "f16", "q8_0")
 EXTRA = "pip install 'gptcli[gguf]'"
 GGUF_MAGIC = b"GGUF"
-_GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
 
 def _gguf():
@@ -74,7 +74,8 @@ def export_gguf(source: Path, out: str | Path, dtype: str = "f16", overwrite: bo
     if model.lora_spec is not None:
         merge_lora(model)
     cfg = model.config
-    arch = _gguf_arch(cfg, source)
+    family = get_family(cfg.arch)
+    arch = _gguf_arch(family, cfg, source)
     tokens, types, merges = _vocabulary(tokenizer, source)
     weights = export_state(model, classifier=False)
 
@@ -82,7 +83,7 @@ def export_gguf(source: Path, out: str | Path, dtype: str = "f16", overwrite: bo
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         writer = gguf.GGUFWriter(partial, arch)
-        _write_settings(writer, gguf, cfg, arch, dtype, source)
+        _write_settings(writer, gguf, family, cfg, arch, dtype, source)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("gpt-2")
         writer.add_token_list(tokens)
@@ -92,7 +93,7 @@ def export_gguf(source: Path, out: str | Path, dtype: str = "f16", overwrite: bo
         writer.add_eos_token_id(tokenizer.eot_id)
         writer.add_add_bos_token(False)  # gptcli prompts are the text's ids alone
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
-        for hf_name, value in _hf_tensors(weights, cfg, arch).items():
+        for hf_name, value in family.gguf.tensors(family.hf.weights(weights, cfg), cfg, arch).items():
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise GptcliError(f"{source}: gguf has no {arch} tensor for {hf_name}")
@@ -124,22 +125,18 @@ def _check_replaceable(target: Path, shown: Path, overwrite: bool) -> None:
         raise GptcliError(f"--out {shown} exists; pass --overwrite to replace it")
 
 
-def _gguf_arch(cfg: ModelConfig, source: Path) -> str:
-    """GGUF's architecture for `cfg`, or the reason there is none."""
-    family = hf_gpt2 if cfg.arch == "gpt2" else hf_llama
-    problems = family.export_problems(cfg)
+def _gguf_arch(family: Family, cfg: ModelConfig, source: Path) -> str:
+    """GGUF's architecture for `cfg` (its family's choice), or the reason there is none."""
+    if family.hf is None or family.gguf is None:
+        raise GptcliError(f"{source} cannot be exported: llama.cpp has no architecture for arch {family.name}")
+    problems = family.hf.export_problems(cfg)
     if problems:
-        raise GptcliError(f"{source} cannot be exported: llama.cpp's {family.NAME} models do not compute "
+        raise GptcliError(f"{source} cannot be exported: llama.cpp's {family.hf.name} models do not compute "
                           f"{'; '.join(problems)}")
-    if cfg.arch == "gpt2":
-        return "gpt2"
-    kind = hf_llama.model_type(cfg)
-    if kind == "mistral":
-        raise GptcliError(f"{source} cannot be exported: GGUF's llama needs n_embd ({cfg.n_embd}) to be a "
-                          f"multiple of n_head ({cfg.n_head})")
-    if kind == "llama" and cfg.bias:
-        raise GptcliError(f"{source} cannot be exported: llama.cpp's llama has no MLP biases (model.bias)")
-    return kind
+    try:
+        return family.gguf.arch(cfg)
+    except GptcliError as exc:
+        raise GptcliError(f"{source} cannot be exported: {exc}") from None
 
 
 def _vocabulary(tokenizer: Tokenizer, source: Path) -> tuple[list[str], list[int], list[str]]:
@@ -160,7 +157,8 @@ def _vocabulary(tokenizer: Tokenizer, source: Path) -> tuple[list[str], list[int
     return tokens, [int(t) for t in types], merges
 
 
-def _write_settings(writer, gguf, cfg: ModelConfig, arch: str, dtype: str, source: Path) -> None:
+def _write_settings(writer, gguf, family: Family, cfg: ModelConfig, arch: str, dtype: str,
+                    source: Path) -> None:
     writer.add_name(source.name)
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
@@ -169,40 +167,8 @@ def _write_settings(writer, gguf, cfg: ModelConfig, arch: str, dtype: str, sourc
     writer.add_head_count(cfg.n_head)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-    if arch == "gpt2":
-        writer.add_layer_norm_eps(cfg.norm_eps)
-        return
-    writer.add_head_count_kv(cfg.n_kv_head)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_vocab_size(cfg.vocab_size)
-
-
-def _hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
-    """The HF tensors of `state` as GGUF lays them out: weights (out, in), llama's q and k
-    rows paired for interleaved rotation."""
-    if arch == "gpt2":
-        weights = hf_gpt2.hf_weights(state, cfg)
-        return {name: value.t() if name.endswith(_GPT2_CONV1D) else value for name, value in weights.items()}
-    weights = hf_llama.hf_weights(state, cfg)
-    if arch == "llama":
-        for name in weights:
-            if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-                weights[name] = _pair_halves(weights[name], cfg.n_head)
-            elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-                weights[name] = _pair_halves(weights[name], cfg.n_kv_head)
-    return weights
-
-
-def _pair_halves(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reorder each head's rows (first half, second half) -> (h0[0], h1[0], h0[1], h1[1], ...):
-    rotating pairs of neighbours then rotates the pairs (i, i + d/2) of the original.
-    rows: (heads * d, ...) -> same shape."""
-    shape = rows.shape
-    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+    for method, value in family.gguf.settings(cfg, arch).items():  # what this architecture reads
+        getattr(writer, method)(value)
 
 
 def _add_tensor(writer, gguf, name: str, value: torch.Tensor, dtype: str) -> None:

@@ -1,11 +1,12 @@
 """Hugging Face interop: import a `save_pretrained` directory as a checkpoint, export one.
 
-Two families, each a module of mappings (config.json <-> ModelConfig, tensor names and
-layouts) that this one drives:
-- hf_gpt2.py: GPT-2 (GPT2LMHeadModel, GPT2ForSequenceClassification) <-> arch `gpt2`;
-- hf_llama.py: Llama, Qwen2, Qwen3 and Mistral (...ForCausalLM, and on export
+Each family of gptcli/families/ brings its mappings (config.json <-> ModelConfig, tensor
+names and layouts: its `hf` entry), which this module drives:
+- gpt2: GPT-2 (GPT2LMHeadModel, GPT2ForSequenceClassification) <-> arch `gpt2`;
+- llama: Llama, Qwen2, Qwen3 and Mistral (...ForCausalLM, and on export
   ...ForSequenceClassification) <-> arch `llama`.
-A directory's family is its config.json's model_type; a checkpoint's is its arch.
+A directory's family is the one that lists its config.json's model_type; a checkpoint's is
+its arch.
 
 Import reads `model.safetensors`, or the shards `model.safetensors.index.json` lists (never a
 pickle), and checks every tensor's name and shape against config.json from the file
@@ -34,7 +35,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -52,11 +52,17 @@ from gptcli.data.tokenizer import (
     tiktoken_from_ranks,
 )
 from gptcli.errors import GptcliError, shorten
-from gptcli.model.gpt import GPT, check_fits
+from gptcli.families import (
+    FAMILIES,
+    Family,
+    HuggingFace,
+    family_of_model_type,
+    get_family,
+)
+from gptcli.model import Model, get_arch
 from gptcli.model.lora import merge_lora
 from gptcli.outputs import check_output_dir, input_paths, mark
 from gptcli.paths import cache_root
-from gptcli.store import hf_gpt2, hf_llama
 from gptcli.store.checkpoint import (
     checkpoint_task,
     is_checkpoint,
@@ -72,8 +78,6 @@ from gptcli.store.hf_tokenizers import (  # tokenizer_files: also gguf_export's 
 
 HF_CONFIG, HF_WEIGHTS, HF_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
 HF_INDEX, HF_PICKLE_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
-FAMILIES = (hf_gpt2, hf_llama)  # each names its MODEL_TYPES; arch gpt2 -> hf_gpt2, llama -> hf_llama
-_BY_ARCH = {"gpt2": hf_gpt2, "llama": hf_llama}
 _VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # tensors with one row per token
 
 
@@ -113,7 +117,7 @@ class _Stored:
 class _Checked:
     """An HF directory whose config.json and weight headers agree; nothing loaded yet."""
 
-    family: ModuleType  # hf_gpt2 or hf_llama
+    family: Family  # the one whose hf.model_types hold config.json's model_type
     cfg: ModelConfig  # the shape config.json gives (vocab_size: the embedding's rows)
     plan: dict[str, list[tuple[str, tuple[int, ...]]]]  # the family's layout(cfg)
     stored: dict[str, _Stored]  # by the family's canonical name
@@ -149,7 +153,7 @@ def _shards(index: Path) -> list[Path]:
     return [index.parent / name for name in names]
 
 
-def _read_config(hf_dir: Path) -> tuple[ModuleType, dict]:
+def _read_config(hf_dir: Path) -> tuple[Family, dict]:
     """config.json, and the family its model_type belongs to."""
     path = hf_dir / HF_CONFIG
     try:
@@ -160,15 +164,18 @@ def _read_config(hf_dir: Path) -> tuple[ModuleType, dict]:
         raise GptcliError(f"{path} must hold a JSON object of settings, not a {type(config).__name__}; "
                           f"it is not a Hugging Face config")
     kind = config.get("model_type")
-    for family in FAMILIES:
-        if kind in family.MODEL_TYPES:
-            return family, config
-    types = ", ".join(t for family in FAMILIES for t in family.MODEL_TYPES)
-    raise GptcliError(f"{hf_dir} holds a '{shorten(str(kind))}' model; gptcli imports GPT-2 and the Llama "
-                      f"family (model_type {types})")
+    family = family_of_model_type(kind)
+    if family is not None:
+        return family, config
+    known = [f.hf for f in FAMILIES.values() if f.hf is not None]
+    names = [hf.name for hf in known]
+    names = " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))  # "A, B and C"
+    types = ", ".join(t for hf in known for t in hf.model_types)
+    raise GptcliError(f"{hf_dir} holds a '{shorten(str(kind))}' model; gptcli imports {names} models "
+                      f"(model_type {types})")
 
 
-def _stored_tensors(files: list[Path], family: ModuleType, cfg: ModelConfig) -> dict[str, _Stored]:
+def _stored_tensors(files: list[Path], hf: HuggingFace, cfg: ModelConfig) -> dict[str, _Stored]:
     """Every tensor's name and shape, from the files' headers alone, by canonical name
     (those the family skips left out)."""
     stored = {}
@@ -176,7 +183,7 @@ def _stored_tensors(files: list[Path], family: ModuleType, cfg: ModelConfig) -> 
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    key = family.canonical(name, cfg)
+                    key = hf.canonical(name, cfg)
                     if key is not None:
                         stored[key] = _Stored(name, tuple(f.get_slice(name).get_shape()), path)
         except (OSError, SafetensorError) as exc:
@@ -184,12 +191,12 @@ def _stored_tensors(files: list[Path], family: ModuleType, cfg: ModelConfig) -> 
     return stored
 
 
-def _check_block_count(source: Path, stored: dict[str, _Stored], family: ModuleType, n_layer: int) -> None:
+def _check_block_count(source: Path, stored: dict[str, _Stored], hf: HuggingFace, n_layer: int) -> None:
     """The weights must hold blocks 0 ... n_layer - 1, so a config.json claiming a million
     layers is refused before anything is built."""
-    blocks = {int(m.group(1)) for name in stored if (m := family.LAYER.match(name))}
+    blocks = {int(m.group(1)) for name in stored if (m := hf.layer.match(name))}
     if len(blocks) != n_layer or max(blocks, default=-1) != n_layer - 1:  # exactly 0 ... n_layer - 1
-        raise GptcliError(f"{source} holds {len(blocks)} blocks but {HF_CONFIG} says {family.LAYERS_KEY}="
+        raise GptcliError(f"{source} holds {len(blocks)} blocks but {HF_CONFIG} says {hf.layers_key}="
                           f"{shorten(str(n_layer), 20)}; the weights and {HF_CONFIG} do not belong together")
 
 
@@ -206,7 +213,7 @@ def _check_tensors(source: Path, checked: _Checked) -> None:
     missing = [name for name, _ in wanted if name not in checked.stored]
     unexpected = sorted(set(checked.stored) - {name for name, _ in wanted})
     if missing or unexpected:
-        raise GptcliError(f"{source}: not {checked.family.NAME} weights for its {HF_CONFIG} (missing "
+        raise GptcliError(f"{source}: not {checked.family.hf.name} weights for its {HF_CONFIG} (missing "
                           f"{shorten(str(missing[:3]), 200)}, unexpected {shorten(str(unexpected[:3]), 200)})")
 
 
@@ -215,12 +222,13 @@ def _check_import(hf_dir: Path) -> _Checked:
     gptcli does not compute, weights that do not fit config.json, or a model too large."""
     source, files = _weight_files(hf_dir)
     family, config = _read_config(hf_dir)
-    cfg = family.model_config(config, hf_dir / HF_CONFIG)
-    stored = _stored_tensors(files, family, cfg)
-    _check_block_count(source, stored, family, cfg.n_layer)  # before the layout: n_layer may be absurd
-    check_fits(cfg, torch.device("cpu"), training=False,
-               fix=f"{hf_dir} holds a model too large for this machine (or a damaged {HF_CONFIG})")
-    checked = _Checked(family, cfg, family.layout(cfg), stored)
+    cfg = ModelConfig(arch=family.name, **family.hf.settings(config, hf_dir / HF_CONFIG))
+    stored = _stored_tensors(files, family.hf, cfg)
+    _check_block_count(source, stored, family.hf, cfg.n_layer)  # before the layout: n_layer may be absurd
+    get_arch(family.name).check_fits(
+        cfg, torch.device("cpu"), training=False,
+        fix=f"{hf_dir} holds a model too large for this machine (or a damaged {HF_CONFIG})")
+    checked = _Checked(family, cfg, family.hf.layout(cfg), stored)
     _check_tensors(source, checked)
     return checked
 
@@ -242,14 +250,16 @@ class _WeightFiles(contextlib.ExitStack):
 
 
 @torch.no_grad()
-def _build(checked: _Checked, vocab_size: int) -> GPT:
+def _build(checked: _Checked, vocab_size: int) -> Model:
     """The model with `vocab_size` tokens (at most the embedding's rows), its tensors
     loaded one at a time from the checked files: never two copies of the whole model."""
-    model = GPT(dataclasses.replace(checked.cfg, vocab_size=vocab_size))
+    model = get_arch(checked.family.name).model(dataclasses.replace(checked.cfg, vocab_size=vocab_size))
     state = model.state_dict()  # the parameters themselves: copied into in place
+    to_gptcli = checked.family.hf.to_gptcli
     with _WeightFiles() as files:
         for key, parts in checked.plan.items():
-            value = checked.family.to_gptcli(key, [files.read(checked.stored[name]) for name, _ in parts])
+            pieces = [to_gptcli(key, files.read(checked.stored[name])) for name, _ in parts]
+            value = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # stacked by rows (q, k, v; gate, up)
             # Copying converts to the parameters' fp32 (from bfloat16, float16).
             if key in _VOCAB_ROWS:  # the tokens' rows; padding rows (and spare ones) zero
                 state[key].zero_()
@@ -259,20 +269,23 @@ def _build(checked: _Checked, vocab_size: int) -> GPT:
     return model.eval()
 
 
-def import_hf_model(hf_dir: str | Path, vocab_size: int | None = None) -> GPT:
-    """A gptcli GPT with the weights of an HF directory (fp32); `vocab_size`: keep only the
+def import_hf_model(hf_dir: str | Path, vocab_size: int | None = None) -> Model:
+    """A gptcli model with the weights of an HF directory (fp32); `vocab_size`: keep only the
     first that many token rows (default: all the embedding's)."""
     checked = _check_import(Path(hf_dir))
     return _build(checked, checked.cfg.vocab_size if vocab_size is None else vocab_size)
 
 
 def hf_tokenizer(hf_dir: Path, tokenizer_path: str | Path | None) -> Tokenizer:
-    """The tokenizer of an HF GPT-2 directory: a given .tiktoken file, its vocab.json, or
+    """The tokenizer of an HF GPT-2 directory: a given .tiktoken file, its vocab.json, its
+    tokenizer.json (export-hf writes one for a model trained on bytes or characters), or
     tiktoken's `gpt2` encoding (downloaded once by tiktoken)."""
     if tokenizer_path is not None:
         return tiktoken_from_file(tokenizer_path)
     if (hf_dir / "vocab.json").is_file():
         return _gpt2_vocab_tokenizer(hf_dir)
+    if (hf_dir / TOKENIZER_FILE).is_file():
+        return read_hf_tokenizer(hf_dir)
     return named_tiktoken("gpt2")
 
 
@@ -303,11 +316,15 @@ def _tokenizer_class(hf_dir: Path) -> str | None:
         return None
 
 
+# A family's `hf.tokenizer`: where its directories keep their tokenizer -> the reader.
+_TOKENIZER_READERS = {"vocab.json": hf_tokenizer, "tokenizer.json": llama_tokenizer}
+
+
 def _vocab_size(tokenizer: Tokenizer, checked: _Checked) -> int:
     """gptcli's vocabulary for the tokenizer and the checked embedding: the tokenizer's ids,
     which the embedding must cover (with rows to spare only in families that pad them)."""
     rows = checked.cfg.vocab_size
-    if tokenizer.vocab_size == rows or (checked.family.SPARE_ROWS and tokenizer.vocab_size < rows):
+    if tokenizer.vocab_size == rows or (checked.family.hf.spare_rows and tokenizer.vocab_size < rows):
         return tokenizer.vocab_size
     raise GptcliError(f"the tokenizer has {tokenizer.vocab_size} ids but the model {rows} embedding rows; "
                       f"import the model with its own tokenizer")
@@ -323,10 +340,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_path: str | Path | 
     target = check_output_dir(out, "checkpoint", replace=overwrite,
                               inputs=input_paths([hf_dir, tokenizer_path or ""]))
     checked = _check_import(hf_dir)  # the weights first: the tokenizer may need a download
-    read_tokenizer = hf_tokenizer if checked.family is hf_gpt2 else llama_tokenizer
-    tokenizer = read_tokenizer(hf_dir, tokenizer_path)
+    tokenizer = _TOKENIZER_READERS[checked.family.hf.tokenizer](hf_dir, tokenizer_path)
     model = _build(checked, _vocab_size(tokenizer, checked))
-    note = f"# imported from Hugging Face {checked.family.NAME} directory {hf_dir}\n"
+    note = f"# imported from Hugging Face {checked.family.hf.name} directory {hf_dir}\n"
     save_checkpoint(target, model, tokenizer, note, mark_as="checkpoint")
     return Path(out)
 
@@ -386,14 +402,16 @@ def export_hf_model(source: Path, out: str | Path, overwrite: bool = False) -> H
     if model.lora_spec is not None:
         merge_lora(model)
     cfg = model.config
-    family = _BY_ARCH[cfg.arch]
+    family = get_family(cfg.arch).hf
+    if family is None:
+        raise GptcliError(f"{source} cannot be exported: transformers has no class for arch {cfg.arch}")
     problems = family.export_problems(cfg)
     if problems:
-        raise GptcliError(f"{source} cannot be exported: no {family.NAME} class in transformers computes "
-                          f"{'; '.join(problems)}; {family.EXPORTABLE}")
-    weights = family.hf_weights(export_state(model, classifier), cfg)
+        raise GptcliError(f"{source} cannot be exported: no {family.name} class in transformers computes "
+                          f"{'; '.join(problems)}; {family.exportable}")
+    weights = family.weights(export_state(model, classifier), cfg)
     config = {
-        **family.hf_config(cfg), "architectures": [family.architecture(cfg, classifier)],
+        **family.config(cfg), "architectures": [family.architecture(cfg, classifier)],
         "vocab_size": cfg.vocab_size, "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
         "torch_dtype": "float32",
     }

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from gptcli.config import FinetuneModelConfig, FinetuneRunConfig, ModelConfig, RunConfig, dump_yaml
+from gptcli.config import (
+    FinetuneModelConfig,
+    FinetuneRunConfig,
+    ModelConfig,
+    RunConfig,
+    dump_yaml,
+)
+from gptcli.data.chat_format import CHAT_TOKENS, has_chat_template
 from gptcli.data.dataset import TokenDataset, prepare_dataset
 from gptcli.data.examples import STDLIB_PACKAGES, finetune_records, labelled_splits
 from gptcli.data.labelled import TextReading
@@ -20,15 +27,21 @@ from gptcli.data.tokenizer import Tokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
 from gptcli.model import Model, get_arch
-from gptcli.model.gpt import check_fits
 from gptcli.model.heads import GPTClassifier
 from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
 from gptcli.outputs import input_paths
 from gptcli.runtime import Distributed, seed_everything
-from gptcli.store.checkpoint import BEST, CHECKPOINTS, checkpoint_task, load_model, save_checkpoint
+from gptcli.store.checkpoint import (
+    BEST,
+    CHECKPOINTS,
+    checkpoint_task,
+    classifier_metadata,
+    load_model,
+    save_checkpoint,
+)
 from gptcli.store.rundir import find_latest_run, resolve_checkpoint, write_pointer
 from gptcli.tasks.classify import ClassifyData, check_labels
-from gptcli.tasks.instruct import CHAT_TOKENS, InstructData, conversations, has_chat_template
+from gptcli.tasks.instruct import InstructData, conversations
 from gptcli.tasks.pretrain import PretrainData
 from gptcli.tasks.run import Built, Job, RunResult, run_job
 
@@ -88,7 +101,7 @@ def _classify(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_c
         raise GptcliError(f"finetune.pool_stride: {f.pool_stride} is beyond the {model_cfg.block_size}-token "
                           f"context, so windows would skip text; set it to at most {model_cfg.block_size}")
     reading = TextReading.from_config(f)
-    model = GPTClassifier(get_arch(base.arch).model(model_cfg), names, f.aux_lm_weight, f.pooling, reading)
+    model = GPTClassifier(get_arch(base.arch).model(model_cfg), names, f.aux_lm_weight, f.pooling)
     model.load_state_dict(_trunk_state(base), strict=False)  # the head (`score`) starts fresh
     data = ClassifyData(tokenizer, names, splits.train, splits.val, model_cfg.block_size, cfg.train.batch_size,
                         reading, cfg.seed, device, cfg.train.grad_accum, dist)
@@ -183,7 +196,7 @@ def build_finetune(cfg: FinetuneRunConfig, init: Path, dist: Distributed, device
     model_cfg = _model_config(base.config, cfg.model)
     if model_cfg.block_size < base.config.block_size:
         base.crop_context(model_cfg.block_size)
-    check_fits(model_cfg, device, training=True, shards=dist.world_size if cfg.train.parallel == "fsdp" else 1,
+    get_arch(base.arch).check_fits(model_cfg, device, training=True, shards=dist.world_size if cfg.train.parallel == "fsdp" else 1,
                fix="use LoRA (finetune.lora.rank) or shard it over more GPUs (train.parallel=fsdp under torchrun)")
     seed_everything(cfg.seed)
     model, data, tokenizer = TASKS[f.task](cfg, base, tokenizer, model_cfg, device, dist, on_event)
@@ -192,7 +205,8 @@ def build_finetune(cfg: FinetuneRunConfig, init: Path, dist: Distributed, device
     model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = model.num_params()
-    return Built(model=model, data=data, tokenizer=tokenizer, config_yaml=dump_yaml(cfg),
+    metadata = classifier_metadata(f.pooling, TextReading.from_config(f)) if f.task == "classify" else {}
+    return Built(model=model, data=data, tokenizer=tokenizer, config_yaml=dump_yaml(cfg), metadata=metadata,
                  check_resume=lambda checkpoint, state: _check_resume_task(checkpoint, f.task),
                  facts={
                      "task": f.task,
@@ -216,5 +230,5 @@ def _save_merged(run_dir: Path, built: Built) -> None:
     model, _ = load_model(best)
     merge_lora(model)
     target = save_checkpoint(run_dir / CHECKPOINTS / f"{best.name}-{MERGED}", model, built.tokenizer,
-                             built.config_yaml)
+                             built.config_yaml, metadata=built.metadata)
     write_pointer(run_dir, MERGED, target)

@@ -1,18 +1,8 @@
-"""Instruction tuning: a chat template with its own special tokens, and the dataset.
-
-The template (special tokens are single ids added after the base vocabulary; role text is
-encoded as ordinary text, so a user can never type a special token):
-
-    <|system|>You are terse.<|end|>          (optional)
-    <|user|>What is 2 + 2?<|end|>
-    <|assistant|>4<|end|>
-    ... more turns ...
+"""Instruction tuning: conversations rendered in gptcli's chat format (data/chat_format.py)
+as training rows, and the dataset.
 
 Loss falls only on assistant content and its closing <|end|> (so the model learns to stop);
-everything else is masked with IGNORE_INDEX. `gptcli sample` on such a checkpoint wraps the
-prompt as one user turn plus `<|assistant|>` and stops at `<|end|>`. On an imported chat
-model (a tokenizer with a Hugging Face chat template) it renders that template instead and
-stops at the model's eos ids.
+everything else is masked with IGNORE_INDEX.
 
 A conversation longer than the context is dropped (reported in one Notice) or, with
 finetune.too_long=error, refused with its `file:line`; cutting it would teach half answers.
@@ -25,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gptcli.data.chat_template import render_chat
+from gptcli.data.chat_format import END, ROLES
 from gptcli.data.dataset import STREAMS, step_rows
 from gptcli.data.records import Record, where
 from gptcli.data.tokenizer import Tokenizer
@@ -34,22 +24,6 @@ from gptcli.evals.lm import validation_loss
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.model.gpt import IGNORE_INDEX
 from gptcli.runtime import Distributed, Precision
-
-ROLES = ("system", "user", "assistant")
-END = "<|end|>"
-CHAT_TOKENS = tuple(f"<|{role}|>" for role in ROLES) + (END,)
-
-
-def has_chat_template(tokenizer: Tokenizer) -> bool:
-    """Whether the tokenizer has gptcli's own chat tokens (an instruct checkpoint's): what
-    finetuning renders conversations with, adding the tokens when missing."""
-    return all(t in tokenizer.special_tokens for t in CHAT_TOKENS)
-
-
-def is_chat_model(tokenizer: Tokenizer) -> bool:
-    """Whether sampling wraps the prompt as a user turn: gptcli's chat tokens, or an
-    imported model's chat template."""
-    return has_chat_template(tokenizer) or tokenizer.chat_template is not None
 
 
 def messages_of(record: dict, where: str) -> list[dict]:
@@ -99,36 +73,6 @@ def render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[
         learn += [False] + [is_answer] * (len(content) + 1)
     targets = [nxt if ok else IGNORE_INDEX for nxt, ok in zip(ids[1:], learn[1:])]
     return ids[:-1], targets
-
-
-def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """One user turn followed by the assistant header: what `sample` continues from."""
-    return chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
-
-
-def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
-    """A conversation ([{"role", "content"}], roles system/user/assistant) followed by the
-    assistant header: what a chat reply continues from. gptcli's own template when the
-    tokenizer has its tokens, else the tokenizer's chat template (the rendered text holds
-    special tokens, encoded as such)."""
-    special = tokenizer.special_tokens
-    if has_chat_template(tokenizer):
-        ids = []
-        for turn in messages:
-            ids += [special[f"<|{turn['role']}|>"], *tokenizer.encode(turn["content"]), special[END]]
-        return ids + [special["<|assistant|>"]]
-    if tokenizer.chat_template is None:
-        raise ValueError("chat_prompt_ids needs a chat tokenizer (see is_chat_model)")
-    text = render_chat(tokenizer.chat_template, messages, add_generation_prompt=True,
-                       special=dict(tokenizer.template_tokens))
-    return tokenizer.encode_with_specials(text)
-
-
-def chat_stop_ids(tokenizer: Tokenizer) -> frozenset[int]:
-    """The ids that end a chat reply: gptcli's <|end|>, or an imported model's eos ids."""
-    if has_chat_template(tokenizer):
-        return frozenset({tokenizer.special_tokens[END]})
-    return frozenset(tokenizer.stop_ids)
 
 
 class InstructData:

@@ -26,8 +26,7 @@ from gptcli.errors import GptcliError
 from gptcli.evals.choice import ChoiceTasks
 from gptcli.evals.lm import mixture_validation, validation_loss
 from gptcli.events import EventSink, Notice, ignore
-from gptcli.model import DEFAULT_ARCH, Model, get_arch
-from gptcli.model.gpt import check_fits
+from gptcli.model import Model, get_arch
 from gptcli.outputs import input_paths
 from gptcli.runtime import Distributed, Precision, seed_everything
 from gptcli.store.checkpoint import CONFIG_YAML, read_metadata, read_model_config
@@ -125,8 +124,8 @@ def pretrain(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
 
 
 def build_pretrain(cfg: RunConfig, dist: Distributed, device: torch.device, on_event: EventSink) -> Built:
-    """The tokenized data (made once into the cache from raw text), and a fresh GPT sized by
-    the config with the tokenizer's vocabulary."""
+    """The tokenized data (made once into the cache from raw text), and a fresh model of the
+    family model.arch names, sized by the config with the tokenizer's vocabulary."""
     if cfg.data.is_mixture:
         dataset = Mixture.open(cfg.data, cfg.seed, on_event, dist)
     else:
@@ -139,11 +138,12 @@ def build_pretrain(cfg: RunConfig, dist: Distributed, device: torch.device, on_e
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     dataset.check_context(cfg.model.block_size)
     shards = dist.world_size if cfg.train.parallel == "fsdp" else 1
-    check_fits(cfg.model, device, training=True, shards=shards,
-               fix="shrink model.n_layer, model.n_embd or model.block_size (or shard it over more "
-                   "GPUs: train.parallel=fsdp under torchrun)")
+    arch = get_arch(cfg.model.arch)  # the family model.arch names (gptcli/families/)
+    arch.check_fits(cfg.model, device, training=True, shards=shards,
+                    fix="shrink model.n_layer, model.n_embd or model.block_size (or shard it over more "
+                        "GPUs: train.parallel=fsdp under torchrun)")
     seed_everything(cfg.seed)
-    model = get_arch(DEFAULT_ARCH).model(cfg.model).to(device)  # pretraining makes GPT-2s (for now)
+    model = arch.model(cfg.model).to(device)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size * cfg.model.block_size
     return Built(
         model=model, tokenizer=dataset.tokenizer,

@@ -19,10 +19,22 @@ from torch import nn
 from gptcli.config import FinetuneRunConfig, RunConfig
 from gptcli.data.tokenizer import Tokenizer
 from gptcli.events import EventSink, RunFinished, RunStarted
-from gptcli.runtime import Distributed, configure_matmul, init_distributed, resolve_device
+from gptcli.runtime import (
+    Distributed,
+    configure_matmul,
+    init_distributed,
+    resolve_device,
+)
 from gptcli.store.checkpoint import TrainerState, load_trainer_state, load_weights
 from gptcli.store.rundir import claim_run_dir
-from gptcli.train.loop import TrainData, check_global_batch, global_batch, prepare_loop, restore_rng_state, train_loop
+from gptcli.train.loop import (
+    TrainData,
+    check_global_batch,
+    global_batch,
+    prepare_loop,
+    restore_rng_state,
+    train_loop,
+)
 from gptcli.train.signals import terminate_as_interrupt
 
 
@@ -38,6 +50,7 @@ class Built:
     config_yaml: str
     check_resume: Callable[[Path, TrainerState], None] = lambda checkpoint, state: None
     val_sha256: str | None = None  # pretraining: lets `gptcli eval` repeat the run's validation
+    metadata: dict[str, str] = field(default_factory=dict)  # more weights metadata for its checkpoints
 
 
 @dataclass
@@ -83,6 +96,7 @@ def run_job(job: Job, resume: bool, overwrite: bool, on_event: EventSink) -> Run
             state = _trainer_state(job, built, claim.resume_from, dist, device)
             setup = prepare_loop(built.model, built.data, built.tokenizer, job.cfg.train, claim, device,
                                  state, config_yaml=built.config_yaml, dist=dist, on_event=on_event,
+                                 checkpoint_metadata=built.metadata,
                                  task=job.task, patience=job.patience, eval_at_start=job.eval_at_start,
                                  started_at=started_at)
             on_event(RunStarted(str(job.cfg.out_dir), {

@@ -91,7 +91,7 @@ class LoopSetup:
 def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: TrainConfig,
                  claim: RunClaim, device: torch.device, state: TrainerState, *, config_yaml: str,
                  dist: Distributed = Distributed(), on_event: EventSink = ignore,
-                 **options) -> LoopSetup:
+                 checkpoint_metadata: dict[str, str] | None = None, **options) -> LoopSetup:
     """What pretrain and finetune both do between building the model and training it: the
     optimizer (restored when resuming), the precision (a resumed run keeps its own), the
     run directory (an old run is moved aside only now, once every input has been
@@ -135,7 +135,8 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
     return LoopSetup(
         cfg=cfg, optimizer=optimizer, precision=precision, device=device, run_dir=run_dir,
         save=lambda s, weights: save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model,
-                                                tokenizer, config_yaml, s, weights=weights),
+                                                tokenizer, config_yaml, s, weights=weights,
+                                                metadata=checkpoint_metadata),
         point_to=point_to,
         flops_per_token=model.flops_per_token(), peak_flops=peak_flops(device, precision),
         compile=should_compile(cfg.compile, device), dist=dist, **options,

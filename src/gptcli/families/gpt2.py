@@ -1,7 +1,10 @@
-"""Hugging Face GPT-2 <-> gptcli's `gpt2` arch: the mappings that store/hf.py drives (no
-file access here).
+"""The `gpt2` family: GPT-2 (2019) exactly, and its names in Hugging Face and llama.cpp.
 
-Weight layout differences, and nothing else:
+Components: learned positions, pre-LayerNorm blocks, tanh-approximated GELU, biases, tied
+input/output embeddings (model/gpt.py builds them; gptcli's parameter names are GPT-2's).
+
+Hugging Face (GPT2LMHeadModel, GPT2ForSequenceClassification): weight layout differences,
+and nothing else:
 - HF GPT-2 stores linear layers as `Conv1D`, weight (in, out): transposed here.
 - Keys may carry a `transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model, as the hub's
   `gpt2` files); `lm_head.weight` is tied to `wte` and the `attn.bias`/`attn.masked_bias`
@@ -10,6 +13,8 @@ GPT-2 always has biases: a gptcli model without some (`bias: false`, or q/k/v bi
 exports with zeros in their place, which compute the same function. What GPT-2 has no
 place for (rotary positions, RMSNorm, another MLP, grouped or resized heads, q/k norms, an
 untied head, a logit soft-cap) is refused on export.
+
+GGUF: architecture `gpt2`, its weights (out, in) again (Conv1D's transpose undone).
 """
 
 from __future__ import annotations
@@ -17,28 +22,23 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from gptcli.config import ModelConfig
 from gptcli.errors import GptcliError, shorten
+from gptcli.families.spec import GGUF, Family, HuggingFace, Layout
 
-NAME = "GPT-2"
-MODEL_TYPES = ("gpt2",)
-LAYERS_KEY = "n_layer"  # config.json's block count
-LAYER = re.compile(r"h\.(\d+)\.")  # the block index in a (canonical) tensor name
-SPARE_ROWS = False  # GPT-2's embedding has exactly one row per token: the tokenizer must match it
-EXPORTABLE = "export-hf writes GPT-2 only for models with GPT-2's own components (the arch gpt2 defaults)"
+if TYPE_CHECKING:
+    from gptcli.config import ModelConfig
 
 _SIZES = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _MASK_BUFFERS = (["attn", "bias"], ["attn", "masked_bias"])  # h.N.attn.bias: a causal mask, not a weight
 
 
-# --- import ------------------------------------------------------------------------------
+# --- Hugging Face: config.json -> ModelConfig ----------------------------------------------
 
 
-def model_config(config: dict, path: Path) -> ModelConfig:
+def settings(config: dict, path: Path) -> dict[str, Any]:
     """The gptcli shape of a GPT-2 config.json (at `path`), refusing settings gptcli's GPT
     does not compute."""
     _check_sizes(path, config)
@@ -59,9 +59,9 @@ def model_config(config: dict, path: Path) -> ModelConfig:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise GptcliError(f"{path}: layer_norm_epsilon must be a number greater than 0, got "
                           f"{shorten(json.dumps(eps))}")
-    return ModelConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
-                       block_size=config["n_positions"], vocab_size=config["vocab_size"], bias=True,
-                       dropout=0.0, mlp_hidden=n_inner or 4 * config["n_embd"], norm_eps=float(eps))
+    return {"n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
+            "block_size": config["n_positions"], "vocab_size": config["vocab_size"], "bias": True,
+            "dropout": 0.0, "mlp_hidden": n_inner or 4 * config["n_embd"], "norm_eps": float(eps)}
 
 
 def _check_sizes(path: Path, config: dict) -> None:
@@ -79,6 +79,9 @@ def _check_sizes(path: Path, config: dict) -> None:
                           f"n_head={shorten(str(config['n_head']))}; the config is damaged")
 
 
+# --- Hugging Face: tensors -----------------------------------------------------------------
+
+
 def canonical(name: str, cfg: ModelConfig) -> str | None:
     """The name `layout` gives a stored tensor (gptcli's); None for those import skips
     (the tied lm_head and old files' causal-mask buffers)."""
@@ -88,7 +91,7 @@ def canonical(name: str, cfg: ModelConfig) -> str | None:
     return key
 
 
-def layout(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+def layout(cfg: ModelConfig) -> Layout:
     """For each gptcli tensor, in the model's order, the HF tensor it is (canonical name
     and HF shape: Conv1D weights are (in, out)). The lm_head is wte."""
     C, V = cfg.n_embd, cfg.vocab_size
@@ -109,13 +112,9 @@ def _block_shapes(C: int, H: int) -> dict[str, tuple[int, ...]]:
             "mlp.c_proj.weight": (H, C), "mlp.c_proj.bias": (C,)}
 
 
-def to_gptcli(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
+def to_gptcli(key: str, value):
     """gptcli's tensor `key` from its one HF tensor: Conv1D weights transposed to (out, in)."""
-    (value,) = parts
     return value.t() if key.endswith(_CONV1D) else value
-
-
-# --- export ------------------------------------------------------------------------------
 
 
 def export_problems(cfg: ModelConfig) -> list[str]:
@@ -160,7 +159,7 @@ def hf_config(cfg: ModelConfig) -> dict:
     }
 
 
-def hf_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def hf_weights(state: dict, cfg: ModelConfig) -> dict:
     """HF GPT-2 tensors from gptcli's `state` (unpadded vocabulary rows, no lm_head; plus
     `score.weight` for a classifier)."""
     weights = {}
@@ -172,5 +171,39 @@ def hf_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     for key, value in state.items():  # GPT-2 always has biases: zeros compute the same function
         layer = key.removesuffix(".weight")  # a linear layer or LayerNorm, unless an embedding or head
         if key.endswith(".weight") and layer not in ("wte", "wpe", "score"):
-            weights.setdefault(f"transformer.{layer}.bias", torch.zeros(value.shape[0]))  # (out,) or (C,)
+            # (out,) or (C,), fp32 as every exported tensor (load_model's weights are fp32)
+            weights.setdefault(f"transformer.{layer}.bias", value.new_zeros(value.shape[0]))
     return weights
+
+
+# --- GGUF ----------------------------------------------------------------------------------
+
+
+def gguf_arch(cfg: ModelConfig) -> str:
+    return "gpt2"  # whatever export-hf writes as GPT-2
+
+
+def gguf_settings(cfg: ModelConfig, arch: str) -> dict[str, Any]:
+    return {"add_layer_norm_eps": cfg.norm_eps}
+
+
+def gguf_tensors(weights: dict, cfg: ModelConfig, arch: str) -> dict:
+    """GPT-2's HF tensors as GGUF lays them out: Conv1D weights back to (out, in)."""
+    return {name: value.t() if name.endswith(_CONV1D) else value for name, value in weights.items()}
+
+
+FAMILY = Family(
+    name="gpt2",
+    summary="GPT-2's, 2019",
+    defaults={"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
+              "tie_embeddings": True, "zero_init": False},
+    hf=HuggingFace(
+        name="GPT-2", model_types=("gpt2",), layers_key="n_layer", layer=re.compile(r"h\.(\d+)\."),
+        spare_rows=False,  # GPT-2's embedding has exactly one row per token: the tokenizer must match it
+        tokenizer="vocab.json",
+        exportable="export-hf writes GPT-2 only for models with GPT-2's own components (the arch gpt2 defaults)",
+        settings=settings, canonical=canonical, layout=layout, to_gptcli=to_gptcli,
+        export_problems=export_problems, architecture=architecture, config=hf_config, weights=hf_weights,
+    ),
+    gguf=GGUF(archs=("gpt2",), arch=gguf_arch, settings=gguf_settings, tensors=gguf_tensors),
+)

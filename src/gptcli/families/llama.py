@@ -1,6 +1,13 @@
-"""Hugging Face Llama family <-> gptcli's `llama` arch: the mappings that store/hf.py drives
-(no file access here). Llama, Qwen2, Qwen3 and Mistral are one decoder (pre-RMSNorm blocks,
-rotary positions, a SwiGLU MLP, grouped-query attention) with a few switches apart:
+"""The `llama` family: Llama, Qwen2, Qwen3 and Mistral, and their names in Hugging Face and
+llama.cpp.
+
+Components: rotary positions, RMSNorm, a SwiGLU MLP, no biases, untied embeddings, output
+projections started at zero; a config may add grouped-query attention (n_kv_head), q/k
+RMSNorm (qk_norm), q/k/v biases (attn_bias), ReLU² or a logit soft-cap (model/gpt.py builds
+them, under GPT-2's parameter names).
+
+Hugging Face: Llama, Qwen2, Qwen3 and Mistral are one decoder (pre-RMSNorm blocks, rotary
+positions, a SwiGLU MLP, grouped-query attention) with a few switches apart:
 
     class    model_type  q/k/v biases                 q/k RMSNorm  sliding window
     Llama    llama       attention_bias (o_proj too)  -            -
@@ -20,6 +27,12 @@ so query and key rows need no permutation. Everything else is a rename.
 
 config.json is read as transformers 4.x writes it (`rope_theta` at the top, `rope_scaling`)
 and as 5.x does (`rope_parameters: {rope_type, rope_theta}`), and written with both.
+
+GGUF: `llama`, `qwen2` or `qwen3`, the class export-hf would pick (Mistral's shape, n_embd
+not a multiple of n_head, is refused, as is `llama` with biases: llama.cpp's has no MLP
+biases). llama.cpp's `llama` rotates query and key in interleaved pairs, where gptcli and HF
+rotate the two halves of each head: its export reorders the rows of q and k so that pairs
+(i, i + d/2) sit side by side (Qwen's GGUF classes rotate halves, as gptcli does).
 """
 
 from __future__ import annotations
@@ -27,19 +40,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from gptcli.config import ModelConfig
 from gptcli.errors import GptcliError, shorten
+from gptcli.families.spec import GGUF, Family, HuggingFace, Layout
 
-NAME = "Llama-family"
-MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-LAYERS_KEY = "num_hidden_layers"  # config.json's block count
-LAYER = re.compile(r"model\.layers\.(\d+)\.")  # the block index in a tensor name
-SPARE_ROWS = True  # embeddings often have rows no token uses (Qwen pads to a multiple of 128)
-EXPORTABLE = ("export-hf writes the Llama family for models with rope, rmsnorm and swiglu (the arch "
-              "llama defaults) and no logit soft-cap")
+if TYPE_CHECKING:
+    from gptcli.config import ModelConfig
 
 _CLASSES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -50,15 +57,13 @@ _DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6}  # every class's, wher
 _CLASS_DEFAULTS = {"qwen2": {"num_key_value_heads": 32}, "qwen3": {"num_key_value_heads": 32, "head_dim": 128},
                    "mistral": {"num_key_value_heads": 8}}
 
-Layout = dict[str, list[tuple[str, tuple[int, ...]]]]
+
+# --- Hugging Face: config.json -> ModelConfig ----------------------------------------------
 
 
-# --- config.json -> ModelConfig ------------------------------------------------------------
-
-
-def model_config(config: dict, path: Path) -> ModelConfig:
+def settings(config: dict, path: Path) -> dict[str, Any]:
     """The gptcli shape of a Llama-family config.json (at `path`, its model_type one of
-    MODEL_TYPES), refusing what gptcli's GPT does not compute."""
+    FAMILY.hf.model_types), refusing what gptcli's GPT does not compute."""
     _check_sizes(config, path)
     _refuse_activation(config, path)
     _refuse_sliding_window(config, path)
@@ -68,14 +73,14 @@ def model_config(config: dict, path: Path) -> ModelConfig:
         raise GptcliError(f"{path}: num_key_value_heads={kv_heads} does not divide num_attention_heads="
                           f"{heads}; the config is damaged")
     bias, attn_bias = _biases(config, path)
-    return ModelConfig(
-        arch="llama", n_layer=config["num_hidden_layers"], n_head=heads, n_embd=config["hidden_size"],
-        block_size=config["max_position_embeddings"], vocab_size=config["vocab_size"], dropout=0.0,
-        n_kv_head=kv_heads, head_dim=_head_dim(config, path), rope_theta=_rope_theta(config, path),
-        norm_eps=_positive(config.get("rms_norm_eps", _DEFAULTS["rms_norm_eps"]), "rms_norm_eps", path),
-        bias=bias, attn_bias=attn_bias, qk_norm=config["model_type"] == "qwen3",
-        mlp_hidden=config["intermediate_size"], tie_embeddings=_flag(config, "tie_word_embeddings", path),
-    )
+    return {
+        "n_layer": config["num_hidden_layers"], "n_head": heads, "n_embd": config["hidden_size"],
+        "block_size": config["max_position_embeddings"], "vocab_size": config["vocab_size"], "dropout": 0.0,
+        "n_kv_head": kv_heads, "head_dim": _head_dim(config, path), "rope_theta": _rope_theta(config, path),
+        "norm_eps": _positive(config.get("rms_norm_eps", _DEFAULTS["rms_norm_eps"]), "rms_norm_eps", path),
+        "bias": bias, "attn_bias": attn_bias, "qk_norm": config["model_type"] == "qwen3",
+        "mlp_hidden": config["intermediate_size"], "tie_embeddings": _flag(config, "tie_word_embeddings", path),
+    }
 
 
 def _check_sizes(config: dict, path: Path) -> None:
@@ -193,7 +198,7 @@ def _biases(config: dict, path: Path) -> tuple[bool, bool]:
                       f"every linear layer (bias) or q/k/v only (attn_bias)")
 
 
-# --- tensors -------------------------------------------------------------------------------
+# --- Hugging Face: tensors -----------------------------------------------------------------
 
 
 def canonical(name: str, cfg: ModelConfig) -> str | None:
@@ -244,12 +249,9 @@ def _block_layout(cfg: ModelConfig, i: int) -> Layout:
     return plan
 
 
-def to_gptcli(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    """gptcli's tensor `key` from its HF parts: stacked by rows (q, k, v; gate, up)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-# --- export --------------------------------------------------------------------------------
+def to_gptcli(key: str, value):
+    """An HF tensor in gptcli's orientation: the same (hf.py stacks q, k, v and gate, up by rows)."""
+    return value
 
 
 def export_problems(cfg: ModelConfig) -> list[str]:
@@ -314,7 +316,7 @@ def hf_config(cfg: ModelConfig) -> dict:
     return config
 
 
-def hf_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def hf_weights(state: dict, cfg: ModelConfig) -> dict:
     """HF tensors from gptcli's `state` (unpadded vocabulary rows, no lm_head when tied;
     plus `score.weight` for a classifier): fused projections split by rows, then renamed."""
     plan = layout(cfg)
@@ -327,3 +329,61 @@ def hf_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
         for (name, _), piece in zip(parts, value.split([shape[0] for _, shape in parts])):
             weights[name] = piece.contiguous()
     return weights
+
+
+# --- GGUF ----------------------------------------------------------------------------------
+
+
+def gguf_arch(cfg: ModelConfig) -> str:
+    """The GGUF architecture of the class export-hf writes, where llama.cpp computes it."""
+    kind = model_type(cfg)
+    if kind == "mistral":
+        raise GptcliError(f"GGUF's llama needs n_embd ({cfg.n_embd}) to be a multiple of n_head ({cfg.n_head})")
+    if kind == "llama" and cfg.bias:
+        raise GptcliError("llama.cpp's llama has no MLP biases (model.bias)")
+    return kind
+
+
+def gguf_settings(cfg: ModelConfig, arch: str) -> dict[str, Any]:
+    return {"add_head_count_kv": cfg.n_kv_head, "add_layer_norm_rms_eps": cfg.norm_eps,
+            "add_rope_freq_base": cfg.rope_theta, "add_rope_dimension_count": cfg.head_dim,
+            "add_key_length": cfg.head_dim, "add_value_length": cfg.head_dim, "add_vocab_size": cfg.vocab_size}
+
+
+def gguf_tensors(weights: dict, cfg: ModelConfig, arch: str) -> dict:
+    """The HF tensors as GGUF lays them out: llama's q and k rows paired for interleaved
+    rotation (qwen2 and qwen3 rotate halves, as HF does)."""
+    if arch == "llama":
+        for name in weights:
+            if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+                weights[name] = _pair_halves(weights[name], cfg.n_head)
+            elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+                weights[name] = _pair_halves(weights[name], cfg.n_kv_head)
+    return weights
+
+
+def _pair_halves(rows, heads: int):
+    """Reorder each head's rows (first half, second half) -> (h0[0], h1[0], h0[1], h1[1], ...):
+    rotating pairs of neighbours then rotates the pairs (i, i + d/2) of the original.
+    rows: (heads * d, ...) -> same shape."""
+    shape = rows.shape
+    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+FAMILY = Family(
+    name="llama",
+    summary="the Llama/Qwen family: rotary positions, RMSNorm, SwiGLU, no biases, untied embeddings",
+    defaults={"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
+              "tie_embeddings": False, "zero_init": True},
+    hf=HuggingFace(
+        name="Llama-family", model_types=tuple(_CLASSES), layers_key="num_hidden_layers",
+        layer=re.compile(r"model\.layers\.(\d+)\."),
+        spare_rows=True,  # embeddings often have rows no token uses (Qwen pads to a multiple of 128)
+        tokenizer="tokenizer.json",
+        exportable=("export-hf writes the Llama family for models with rope, rmsnorm and swiglu (the arch "
+                    "llama defaults) and no logit soft-cap"),
+        settings=settings, canonical=canonical, layout=layout, to_gptcli=to_gptcli,
+        export_problems=export_problems, architecture=architecture, config=hf_config, weights=hf_weights,
+    ),
+    gguf=GGUF(archs=("llama", "qwen2", "qwen3"), arch=gguf_arch, settings=gguf_settings, tensors=gguf_tensors),
+)
