@@ -1,4 +1,4 @@
-"""Benchmark gptcli.data.bpe.train_bpe on a >= 10 MB corpus.
+"""Benchmark gptcli.data.tokenizers.bpe.train_bpe on a >= 10 MB corpus.
 
 Usage (with gptcli installed, or PYTHONPATH=src):  python benchmarks/bench_bpe.py [--vocab-size 8192]
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tiktoken
 
-from gptcli.data.bpe import GPT2_PATTERN, train_bpe
+from gptcli.data.tokenizers.bpe import GPT2_PATTERN, train_bpe
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 PIECE_CHARS = 1 << 20  # feed the trainer 1 MiB pieces, as a streaming reader would

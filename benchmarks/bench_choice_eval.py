@@ -67,7 +67,7 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     from gptcli.config import ModelConfig
-    from gptcli.data.tokenizer import tiktoken_from_file
+    from gptcli.data.tokenizers.tokenizer import tiktoken_from_file
     from gptcli.evals.choice import read_items, score_items
     from gptcli.model.gpt import GPT
     from gptcli.store.checkpoint import load_model, save_checkpoint

@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     import transformers
 
-    from gptcli.data.tokenizer import tiktoken_from_file
+    from gptcli.data.tokenizers.tokenizer import tiktoken_from_file
     from gptcli.evals.lm import validation_loss
     from gptcli.runtime import Precision
     from gptcli.store.hf import import_hf_model

@@ -138,7 +138,7 @@ def quality_of_checkpoint(checkpoint: Path) -> dict:
     import numpy as np
 
     from gptcli.config import load_config
-    from gptcli.data.dataset import TokenDataset, prepare_dataset
+    from gptcli.data.training.dataset import TokenDataset, prepare_dataset
     from gptcli.evals.lm import eval_lm_checkpoint
     from gptcli.infer.cpu_layout import for_generation
     from gptcli.infer.sample import load_for_generation

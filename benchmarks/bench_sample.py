@@ -89,7 +89,7 @@ def llama_cpp_table(tokens: int, rounds: int) -> list[str]:
     """gptcli (fp32, bf16, int8) against llama.cpp (f16, q8_0), GPT-2 124M's shape."""
     import transformers
 
-    from gptcli.data.tokenizer import tiktoken_from_file
+    from gptcli.data.tokenizers.tokenizer import tiktoken_from_file
     from gptcli.infer.cpu_layout import for_generation
     from gptcli.infer.generate import SamplingSettings, generate_tokens
     from gptcli.store.checkpoint import save_checkpoint

@@ -130,7 +130,7 @@ def make_model(tmp: Path):
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from gptcli.data.tokenizer import CharTokenizer
+    from gptcli.data.tokenizers.tokenizer import CharTokenizer
     from gptcli.store.checkpoint import save_checkpoint
     from gptcli.store.hf import import_hf_model
 

@@ -94,7 +94,7 @@ def raw_tiktoken(folder: Path, workers: int, ranks_path: Path) -> None:
 
 
 def stdlib_texts() -> list[str]:
-    from gptcli.data.corpus import stdlib_files
+    from gptcli.data.text.corpus import stdlib_files
 
     return [path.read_text(encoding="utf-8") for path in stdlib_files()]
 

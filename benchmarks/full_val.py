@@ -23,7 +23,7 @@ def whole_split(run_dir) -> dict:
     """The run's checkpoint evaluated on every whole window of its validation split: the
     checkpoint, the windows and their length, val_loss and val_bpb."""
     from gptcli.config import load_config
-    from gptcli.data.dataset import TokenDataset, prepare_dataset
+    from gptcli.data.training.dataset import TokenDataset, prepare_dataset
     from gptcli.evals.lm import validation_loss
     from gptcli.runtime import Precision
     from gptcli.store.checkpoint import load_model

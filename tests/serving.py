@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from gptcli.config import ModelConfig
-from gptcli.data.chat_format import CHAT_TOKENS
-from gptcli.data.tokenizer import BytesTokenizer, WithAddedTokens
+from gptcli.data.tokenizers.chat_format import CHAT_TOKENS
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer, WithAddedTokens
 from gptcli.model.gpt import GPT
 from gptcli.store.checkpoint import save_checkpoint
 

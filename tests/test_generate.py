@@ -1,7 +1,7 @@
 import torch
 
 from gptcli.config import ModelConfig
-from gptcli.data.tokenizer import BytesTokenizer, CharTokenizer
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer, CharTokenizer
 from gptcli.infer.generate import (
     SampleText,
     SamplingSettings,

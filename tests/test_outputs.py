@@ -14,7 +14,7 @@ import yaml
 from conftest import run_cli, tiny_config
 
 from gptcli.config import config_from_dict
-from gptcli.data.shards import tokenize_corpus
+from gptcli.data.tokenized.shards import tokenize_corpus
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
 from gptcli.model.gpt import GPT

@@ -215,7 +215,7 @@ def make_hf_gpt2(folder: Path) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gptcli.data.tokenizer import tiktoken_from_file
+    from gptcli.data.tokenizers.tokenizer import tiktoken_from_file
     from gptcli.store.hf import tokenizer_files
 
     torch.manual_seed(0)

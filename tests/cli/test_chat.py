@@ -11,8 +11,8 @@ from conftest import run_cli
 from serving import CONTEXT, random_model
 
 from gptcli.cli.chat import Command, handle_line, parse_line
-from gptcli.data.chat_format import CHAT_TOKENS, chat_prompt_ids
-from gptcli.data.tokenizer import BytesTokenizer, WithAddedTokens
+from gptcli.data.tokenizers.chat_format import CHAT_TOKENS, chat_prompt_ids
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
 from gptcli.infer.conversation import fit_conversation, open_conversation
 from gptcli.infer.session import GenerationSettings

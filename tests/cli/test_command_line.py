@@ -65,7 +65,7 @@ def test_the_tokenize_resume_hint_is_shell_quoted(tmp_path, capsys, monkeypatch)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("gptcli.data.shards.tokenize_corpus", interrupted)
+    monkeypatch.setattr("gptcli.data.tokenized.shards.tokenize_corpus", interrupted)
     inputs = str(tmp_path / "my corpus" / "*.txt")
     code, _, err = run_cli(["tokenize", inputs, "--out", "data/a b", "--resume"], capsys)
     assert code == 130

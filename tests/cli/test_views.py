@@ -185,7 +185,7 @@ def test_info_on_pretrain_classify_lora_merged_and_imported(tmp_path, lm_run, ca
 @needs_gpt2_ranks
 def test_info_on_an_imported_hugging_face_model(tmp_path, capsys):
     from gptcli.config import ModelConfig
-    from gptcli.data.tokenizer import tiktoken_from_file
+    from gptcli.data.tokenizers.tokenizer import tiktoken_from_file
     from gptcli.model.gpt import GPT
     from gptcli.store.checkpoint import save_checkpoint
     from gptcli.store.hf import export_hf
@@ -268,7 +268,7 @@ def test_eval_on_text_scores_every_token_once(tmp_path, lm_run, capsys):
 
 def test_eval_on_a_tokenized_split(tmp_path, lm_run, capsys):
     from gptcli.config import load_config
-    from gptcli.data.dataset import TokenDataset, prepare_dataset
+    from gptcli.data.training.dataset import TokenDataset, prepare_dataset
 
     cfg = load_config(lm_run / "config.yaml")
     dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed))

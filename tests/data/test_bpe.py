@@ -1,4 +1,4 @@
-"""Tests for gptcli.data.bpe: byte-level BPE training and the .tiktoken writer."""
+"""Tests for gptcli.data.tokenizers.bpe: byte-level BPE training and the .tiktoken writer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tiktoken
 from conftest import SHAKESPEARE
 from tiktoken.load import load_tiktoken_bpe
 
-from gptcli.data.bpe import GPT2_PATTERN, train_bpe, write_tiktoken_file
+from gptcli.data.tokenizers.bpe import GPT2_PATTERN, train_bpe, write_tiktoken_file
 
 
 ENGLISH = (

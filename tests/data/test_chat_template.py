@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pytest
 
-from gptcli.data.chat_template import render_chat
+from gptcli.data.tokenizers.chat_template import render_chat
 from gptcli.errors import GptcliError
 
 USER = [{"role": "user", "content": "hi <b> & 'q' 日本"}]

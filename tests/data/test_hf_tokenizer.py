@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from conftest import GPT2_TIKTOKEN, SHAKESPEARE, needs_gpt2_ranks
 
-from gptcli.data.chat_format import (
+from gptcli.data.tokenizers.chat_format import (
     CHAT_TOKENS,
     chat_stop_ids,
     is_chat_model,
     prompt_ids,
 )
-from gptcli.data.hf_tokenizer import byte_alphabet, read_hf_tokenizer
-from gptcli.data.tokenizer import (
+from gptcli.data.tokenizers.hf_tokenizer import byte_alphabet, read_hf_tokenizer
+from gptcli.data.tokenizers.tokenizer import (
     WithAddedTokens,
     load_tokenizer,
     read_ranks,
@@ -317,7 +317,7 @@ def test_a_bos_template_processor_is_accepted_and_left_out(trained, tmp_path):
 
 
 def test_gptcli_own_chat_template_is_unchanged():
-    from gptcli.data.tokenizer import BytesTokenizer
+    from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 
     tok = WithAddedTokens(BytesTokenizer(), CHAT_TOKENS)
     user, assistant, end = (tok.special_tokens[t] for t in ("<|user|>", "<|assistant|>", "<|end|>"))

@@ -1,4 +1,4 @@
-"""Weighted data mixtures: `data.inputs` as `{path, weight, name}` sources (data/mixture.py)."""
+"""Weighted data mixtures: `data.inputs` as `{path, weight, name}` sources (data/training/mixture.py)."""
 
 import json
 from pathlib import Path
@@ -9,8 +9,8 @@ import torch
 from conftest import own_cache, pretrain_split_and_resumed, run_cli, tiny_config, write_corpus
 
 from gptcli.config import DataSource, FinetuneRunConfig, config_from_dict
-from gptcli.data.dataset import SplitTokens, TokenDataset
-from gptcli.data.mixture import Mixture, MixtureSampler, Weights, floor_sum, row_sources, rows_by_source
+from gptcli.data.training.dataset import SplitTokens, TokenDataset
+from gptcli.data.training.mixture import Mixture, MixtureSampler, Weights, floor_sum, row_sources, rows_by_source
 from gptcli.errors import GptcliError
 from gptcli.store.runlog import read_metrics
 from gptcli.tasks.pretrain import pretrain
@@ -107,7 +107,7 @@ def test_names_default_to_short_unique_names_from_the_paths():
 
 
 def test_sources_must_share_one_tokenizer(tmp_path):
-    from gptcli.data.shards import tokenize_corpus
+    from gptcli.data.tokenized.shards import tokenize_corpus
 
     corpus = write_corpus(tmp_path / "corpus")
     tokenize_corpus([str(corpus)], tmp_path / "bytes", tokenizer="bytes")

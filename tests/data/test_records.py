@@ -7,7 +7,7 @@ import pytest
 from conftest import PY_SNIPPETS, tiny_config
 
 from gptcli.config import FinetuneRunConfig, config_from_dict
-from gptcli.data.records import column, read_records
+from gptcli.data.text.records import column, read_records
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
 from gptcli.tasks.finetune import finetune
@@ -157,7 +157,7 @@ def test_instruct_too_long_refusals(tmp_path, base_run, policy, val_rows, messag
 
 
 def test_a_missing_column_error_stays_short_with_a_huge_header(tmp_path):
-    from gptcli.data.records import column
+    from gptcli.data.text.records import column
 
     path = tmp_path / "wide.csv"
     header = ",".join(f"column_{i}" for i in range(200_000))

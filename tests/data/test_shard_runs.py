@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from conftest import GPT2_TIKTOKEN, write_corpus
 
-from gptcli.data import shards
-from gptcli.data.dataset import TokenDataset
-from gptcli.data.merge import merge_parts
-from gptcli.data.shards import tokenize_corpus
-from gptcli.data.token_files import META_FILE, read_meta
+from gptcli.data.tokenized import shards
+from gptcli.data.training.dataset import TokenDataset
+from gptcli.data.tokenized.merge import merge_parts
+from gptcli.data.tokenized.shards import tokenize_corpus
+from gptcli.data.tokenized.token_files import META_FILE, read_meta
 from gptcli.errors import GptcliError
 
 SMALL_BATCH = 4096  # bytes of text per encoded batch: many batches from a small corpus
@@ -77,7 +77,7 @@ def test_default_workers_are_one_thread_for_a_small_corpus():
 
 KILLED_RUN = textwrap.dedent("""
     import sys, time
-    from gptcli.data import shards
+    from gptcli.data.tokenized import shards
     shards.BATCH_BYTES = {batch}
     slow = lambda event: time.sleep(0.05)  # time for the test to kill it between batches
     if __name__ == "__main__":

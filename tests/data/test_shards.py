@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from conftest import GPT2_TIKTOKEN, SHAKESPEARE, needs_gpt2_ranks, needs_shakespeare
 
-from gptcli.data import corpus as corpus
-from gptcli.data.dataset import TokenDataset
-from gptcli.data.shards import tokenize_corpus
-from gptcli.data.token_files import read_meta
-from gptcli.data.tokenizer import load_tokenizer
+from gptcli.data.text import corpus as corpus
+from gptcli.data.training.dataset import TokenDataset
+from gptcli.data.tokenized.shards import tokenize_corpus
+from gptcli.data.tokenized.token_files import read_meta
+from gptcli.data.tokenizers.tokenizer import load_tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
 
@@ -87,7 +87,7 @@ def test_jsonl_field_and_uint32(tmp_path):
     out = tmp_path / "tok"
     tokenize_corpus([str(path)], out, tokenizer="bytes", text_field="body", val_fraction=0.1)
     assert sorted(decode_split(out, "train") + decode_split(out, "val")) == sorted(r["body"] for r in records)
-    from gptcli.data.token_files import token_dtype
+    from gptcli.data.tokenized.token_files import token_dtype
 
     assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
 
@@ -199,7 +199,7 @@ def test_a_one_file_corpus_says_it_was_split_by_position(tmp_path, corpus_dir):
 def test_a_part_with_one_text_file_splits_it_as_one_run_does(tmp_path):
     """Only a whole corpus of one text file is split by position: in a corpus of two, split
     in two parts, each part's one file goes whole to train or val, as in one run."""
-    from gptcli.data.merge import merge_parts
+    from gptcli.data.tokenized.merge import merge_parts
 
     for name in "ab":
         (tmp_path / f"{name}.txt").write_text(f"{name} line\n" * 200)

@@ -5,7 +5,7 @@ import pytest
 import tiktoken
 from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks
 
-from gptcli.data.tokenizer import (
+from gptcli.data.tokenizers.tokenizer import (
     BytesTokenizer,
     CharTokenizer,
     load_tokenizer,

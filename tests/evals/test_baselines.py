@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli
 
 from gptcli.config import FinetuneRunConfig, ModelConfig, config_from_dict, dump_yaml
-from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.evals import baselines
 from gptcli.evals.baselines import NaiveBayes, words
 from gptcli.evals.classify import eval_classifier_checkpoint

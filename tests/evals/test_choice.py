@@ -13,7 +13,7 @@ from conftest import run_cli, tiny_config
 from serving import random_model
 
 from gptcli.config import config_from_dict
-from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError
 from gptcli.evals.choice import ChoiceItem, ChoiceResult, choice_tokens, read_items, score_items
 from gptcli.store.checkpoint import save_checkpoint

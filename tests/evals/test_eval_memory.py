@@ -11,7 +11,7 @@ from serving import random_model
 
 from gptcli import runtime
 from gptcli.config import ModelConfig
-from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError
 from gptcli.evals.choice import eval_choice_checkpoint
 from gptcli.evals.classify import eval_classifier_checkpoint

@@ -10,7 +10,7 @@ import torch
 from conftest import GPT2_TIKTOKEN, SHARED, needs_gpt2_ranks
 
 from gptcli.config import ModelConfig
-from gptcli.data.tokenizer import tiktoken_from_file
+from gptcli.data.tokenizers.tokenizer import tiktoken_from_file
 from gptcli.evals.choice import eval_choice_checkpoint, read_items, score_items
 from gptcli.model.gpt import GPT
 from gptcli.store.checkpoint import load_model, save_checkpoint

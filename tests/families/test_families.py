@@ -19,7 +19,7 @@ from gptcli.config import (
     config_from_dict,
     load_config,
 )
-from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError
 from gptcli.families import (
     COMPONENTS,

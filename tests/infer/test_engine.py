@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptcli.config import ModelConfig
-from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.infer.engine import BatchEngine, Job, Update
 from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
 from gptcli.model.gpt import GPT

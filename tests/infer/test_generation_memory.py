@@ -12,7 +12,7 @@ from serving import random_model
 
 from gptcli import runtime
 from gptcli.config import ModelConfig
-from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError
 from gptcli.infer.engine import BatchEngine
 from gptcli.infer.sample import SampleRequest, sample

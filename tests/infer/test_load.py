@@ -5,9 +5,9 @@ import torch
 from serving import random_model
 
 from gptcli.config import FinetuneRunConfig, ModelConfig, config_from_dict, dump_yaml
-from gptcli.data.chat_format import CHAT_TOKENS, END
-from gptcli.data.labelled import TextReading
-from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.data.tokenizers.chat_format import CHAT_TOKENS, END
+from gptcli.data.training.labelled import TextReading
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError
 from gptcli.infer.generate import SamplingSettings, generate_tokens
 from gptcli.infer.load import ChatModel, Classifier, LanguageModel, checkpoint_kind, load

@@ -11,7 +11,7 @@ from conftest import run_cli
 from serving import random_model, request, start_server
 from torch import nn
 
-from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.infer.cpu_layout import InferenceLinear, for_generation
 from gptcli.infer.generate import decode_one_token, prefill
 from gptcli.infer.load import load

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gptcli.config import ModelConfig
-from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError
 from gptcli.model import get_arch
 from gptcli.model.gpt import GPT

@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 
 
 from gptcli.config import FinetuneRunConfig, config_from_dict, dump_yaml  # noqa: E402
-from gptcli.data.tokenizer import BytesTokenizer  # noqa: E402
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer  # noqa: E402
 from gptcli.model.heads import GPTClassifier  # noqa: E402
 from gptcli.store.checkpoint import save_checkpoint  # noqa: E402
 

@@ -7,8 +7,8 @@ import torch
 from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks, run_cli
 
 from gptcli.config import ModelConfig
-from gptcli.data.hf_tokenizer import byte_alphabet
-from gptcli.data.tokenizer import BytesTokenizer, tiktoken_from_file
+from gptcli.data.tokenizers.hf_tokenizer import byte_alphabet
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer, tiktoken_from_file
 from gptcli.errors import GptcliError
 from gptcli.infer.generate import SamplingSettings, generate_tokens
 from gptcli.model.gpt import GPT
@@ -41,7 +41,7 @@ def hf_model(tmp_path, seed=0, **shape):
 def import_with_char_tokenizer(hf_dir, out, vocab_size):
     """Import weights; these random models' vocabularies are not GPT-2's, so pair them with
     a tokenizer of the same size for the checkpoint."""
-    from gptcli.data.tokenizer import CharTokenizer
+    from gptcli.data.tokenizers.tokenizer import CharTokenizer
     from gptcli.store.hf import import_hf_model
 
     tok = CharTokenizer("".join(chr(0x100 + i) for i in range(vocab_size - 1)))

@@ -11,7 +11,7 @@ from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks, run_cli
 from safetensors.torch import load_file, save_file
 
 from gptcli.config import ModelConfig
-from gptcli.data.tokenizer import BytesTokenizer, tiktoken_from_file
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer, tiktoken_from_file
 from gptcli.errors import GptcliError
 from gptcli.infer.generate import SamplingSettings, generate_tokens
 from gptcli.model.gpt import GPT
@@ -444,7 +444,7 @@ def chat_dir(tmp_path_factory) -> Path:
 
 
 def test_an_imported_chat_model_samples_with_its_template(tmp_path, capsys, chat_dir):
-    from gptcli.data.chat_format import chat_stop_ids, prompt_ids
+    from gptcli.data.tokenizers.chat_format import chat_stop_ids, prompt_ids
 
     code, _, err = run_cli(["import-hf", chat_dir, "--out", tmp_path / "ckpt"], capsys)
     assert code == 0, err

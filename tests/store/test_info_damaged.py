@@ -93,7 +93,7 @@ def test_unreadable_weights_without_a_run_config_still_describe_the_rest(tmp_pat
     """An imported checkpoint's config.yaml gives no shape: the model is unknown (None),
     and everything else is still described."""
     from gptcli.config import ModelConfig
-    from gptcli.data.tokenizer import BytesTokenizer
+    from gptcli.data.tokenizers.tokenizer import BytesTokenizer
     from gptcli.model.gpt import GPT
     from gptcli.store.checkpoint import save_checkpoint
 

@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 from gptcli.atomic import staging_dir
 from gptcli.config import ModelConfig, config_from_dict
-from gptcli.data.tokenizer import BytesTokenizer
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.model.gpt import GPT
 from gptcli.store.checkpoint import save_checkpoint
 from gptcli.tasks.pretrain import pretrain

@@ -15,8 +15,8 @@ import torch
 from conftest import nan_on_calls, own_cache, tiny_config, write_corpus
 
 from gptcli.config import config_from_dict
-from gptcli.data.dataset import TokenDataset
-from gptcli.data.shards import tokenize_corpus
+from gptcli.data.training.dataset import TokenDataset
+from gptcli.data.tokenized.shards import tokenize_corpus
 from gptcli.errors import GptcliError, Interrupted
 from gptcli.events import Notice
 from gptcli.model.gpt import GPT
@@ -38,7 +38,7 @@ SAVER = textwrap.dedent("""
     from gptcli.store.rundir import write_pointer
     from gptcli.config import ModelConfig
     from gptcli.model.gpt import GPT
-    from gptcli.data.tokenizer import BytesTokenizer
+    from gptcli.data.tokenizers.tokenizer import BytesTokenizer
     run = Path(sys.argv[1])
     model = GPT(ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=64, vocab_size=257))
     for step in range(1, 10_000):
@@ -237,7 +237,7 @@ def test_resume_refuses_other_tokenizer(tmp_path, corpus_dir):
 
 
 def test_nothing_left_half_written_after_a_failed_tokenize(tmp_path, corpus_dir, monkeypatch):
-    import gptcli.data.shards as shards
+    import gptcli.data.tokenized.shards as shards
 
     def explode(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -8,8 +8,8 @@ import torch
 from conftest import own_cache, tiny_config, write_corpus
 
 from gptcli.config import FinetuneRunConfig, ModelConfig, config_from_dict
-from gptcli.data.chat_format import CHAT_TOKENS, END
-from gptcli.data.tokenizer import BytesTokenizer, WithAddedTokens
+from gptcli.data.tokenizers.chat_format import CHAT_TOKENS, END
+from gptcli.data.tokenizers.tokenizer import BytesTokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
 from gptcli.evals.classify import classification_metrics
 from gptcli.events import StepLogged

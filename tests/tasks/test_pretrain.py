@@ -93,7 +93,7 @@ def test_resume_refuses_shape_change(tmp_path, corpus_dir):
 
 
 def test_tokenized_dir_input_and_cache_reuse(tmp_path, corpus_dir):
-    from gptcli.data.shards import tokenize_corpus
+    from gptcli.data.tokenized.shards import tokenize_corpus
 
     tokenize_corpus([str(corpus_dir)], tmp_path / "tok", tokenizer="char")
     cfg = tiny_config([str(tmp_path / "tok")], tmp_path / "run", max_steps=2)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from gptcli.atomic import staging_dir
-from gptcli.data.dataset import TokenDataset
-from gptcli.data.shards import SourceStats, SplitStats, TokenizeResult
-from gptcli.data.token_files import FORMAT, META_FILE, SPLITS, TOKENIZER_DIR, ShardWriter, read_meta
+from gptcli.data.training.dataset import TokenDataset
+from gptcli.data.tokenized.shards import SourceStats, SplitStats, TokenizeResult
+from gptcli.data.tokenized.token_files import FORMAT, META_FILE, SPLITS, TOKENIZER_DIR, ShardWriter, read_meta
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Progress, ignore
 from gptcli.outputs import check_output_dir, mark

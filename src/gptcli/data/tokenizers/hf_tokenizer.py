@@ -26,8 +26,8 @@ from pathlib import Path
 import regex
 import tiktoken
 
-from gptcli.data.bpe import GPT2_PATTERN
-from gptcli.data.tokenizer import EOT, HFTokenizer
+from gptcli.data.tokenizers.bpe import GPT2_PATTERN
+from gptcli.data.tokenizers.tokenizer import EOT, HFTokenizer
 from gptcli.errors import GptcliError, shorten
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from gptcli.config import DataConfig, DataSource
-from gptcli.data.dataset import STREAMS, TokenDataset, prepare_dataset
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.training.dataset import STREAMS, TokenDataset, prepare_dataset
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
 from gptcli.runtime import Distributed

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptcli.data import formats
+from gptcli.data.text import formats
 from gptcli.errors import GptcliError
 
 STDLIB = "stdlib"

@@ -8,7 +8,7 @@ the original corpus or an internet connection.
 Ids: `vocab_size` counts every id the tokenizer can emit, including `eot_id`, the
 end-of-text token that separates documents.
 
-A Hugging Face byte-level BPE (`gptcli.data.hf_tokenizer` reads one) runs on tiktoken too,
+A Hugging Face byte-level BPE (`gptcli.data.tokenizers.hf_tokenizer` reads one) runs on tiktoken too,
 as `HFTokenizer`, which keeps the model's own ids, chat template and stop ids.
 """
 
@@ -28,7 +28,7 @@ from types import MappingProxyType
 import numpy as np
 import regex
 
-from gptcli.data.bpe import GPT2_PATTERN, write_tiktoken_file
+from gptcli.data.tokenizers.bpe import GPT2_PATTERN, write_tiktoken_file
 from gptcli.errors import GptcliError
 
 EOT = "<|endoftext|>"
@@ -190,7 +190,7 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
         """Straight to numpy arrays: no Python int lists to build and convert. One thread:
-        `encode_to_numpy` holds the GIL (more cores take processes, data/encoders.py)."""
+        `encode_to_numpy` holds the GIL (more cores take processes, data/tokenized/encoders.py)."""
         return [self.encoding.encode_to_numpy(text, disallowed_special=()) for text in texts]
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

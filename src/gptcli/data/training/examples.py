@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from gptcli.config import FinetuneRunConfig
-from gptcli.data.corpus import stdlib_files
-from gptcli.data.records import Record, column, numbered, read_records
+from gptcli.data.text.corpus import stdlib_files
+from gptcli.data.text.records import Record, column, numbered, read_records
 from gptcli.errors import GptcliError
 
 STDLIB_PACKAGES = "stdlib-packages"

@@ -16,8 +16,8 @@ the model's eos ids.
 
 from __future__ import annotations
 
-from gptcli.data.chat_template import render_chat
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.tokenizers.chat_template import render_chat
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcli.data.tokenizer import Tokenizer, load_tokenizer
+from gptcli.data.tokenizers.tokenizer import Tokenizer, load_tokenizer
 from gptcli.errors import GptcliError
 
 

@@ -17,9 +17,9 @@ import torch
 
 from gptcli.atomic import write_text
 from gptcli.config import DataConfig
-from gptcli.data.corpus import expand_inputs
-from gptcli.data.shards import tokenize_corpus
-from gptcli.data.token_files import (
+from gptcli.data.text.corpus import expand_inputs
+from gptcli.data.tokenized.shards import tokenize_corpus
+from gptcli.data.tokenized.token_files import (
     META_FILE,
     SPLITS,
     TOKENIZER_DIR,
@@ -28,7 +28,7 @@ from gptcli.data.token_files import (
     split_digest,
     split_shards,
 )
-from gptcli.data.tokenizer import Tokenizer, load_tokenizer
+from gptcli.data.tokenizers.tokenizer import Tokenizer, load_tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
 from gptcli.paths import cache_root

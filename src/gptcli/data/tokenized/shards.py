@@ -43,10 +43,10 @@ from pathlib import Path
 import numpy as np
 
 from gptcli.atomic import fsync_tree, replace_dir, write_text
-from gptcli.data.bpe import GPT2_PATTERN
-from gptcli.data.corpus import Piece, Source, expand_inputs, iter_pieces, single_document_split
-from gptcli.data.encoders import Pending, WorkerLost, batch_encoder
-from gptcli.data.token_files import (
+from gptcli.data.tokenizers.bpe import GPT2_PATTERN
+from gptcli.data.text.corpus import Piece, Source, expand_inputs, iter_pieces, single_document_split
+from gptcli.data.tokenized.encoders import Pending, WorkerLost, batch_encoder
+from gptcli.data.tokenized.token_files import (
     FORMAT,
     META_FILE,
     SHARD_BYTES,
@@ -55,7 +55,7 @@ from gptcli.data.token_files import (
     ShardWriter,
     token_dtype,
 )
-from gptcli.data.tokenizer import (
+from gptcli.data.tokenizers.tokenizer import (
     Tokenizer,
     is_corpus_dependent,
     load_tokenizer,
@@ -155,7 +155,7 @@ def _build_tokenizer(spec: str | Tokenizer, sources: list[Source], text_field: s
                      seed: int, train_bpe: int | None, part: tuple[int, int], on_event: EventSink) -> Tokenizer:
     """The tokenizer for this corpus; BPE training and `char` vocabularies read it once first."""
     if train_bpe is not None:
-        from gptcli.data.bpe import train_bpe as learn
+        from gptcli.data.tokenizers.bpe import train_bpe as learn
 
         texts = (piece.text for split, piece, _ in _assigned(sources, text_field, val_fraction, seed, part=part)
                  if split == "train")

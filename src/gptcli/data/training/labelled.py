@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from gptcli.config import FinetuneConfig
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class TextReading:
