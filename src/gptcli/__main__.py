@@ -2,5 +2,5 @@
 
 from gptcli.cli.app import main
 
-if __name__ == "__main__":  # not when a worker process (data/encoders.py) imports this module again
+if __name__ == "__main__":  # not when a worker process (data/tokenized/encoders.py) imports this module again
     main()

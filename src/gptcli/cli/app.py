@@ -85,7 +85,7 @@ def tokenize(
     from rich.text import Text
 
     from gptcli.cli.display import ProgressDisplay, console
-    from gptcli.data.shards import parse_part, tokenize_corpus
+    from gptcli.data.tokenized.shards import parse_part, tokenize_corpus
 
     if text_field and jsonl_field and text_field != jsonl_field:
         raise GptcliError("--jsonl-field is the old name of --text-field; give only --text-field")
@@ -97,7 +97,7 @@ def tokenize(
     with ProgressDisplay() as display:
         try:
             if merge:
-                from gptcli.data.merge import (
+                from gptcli.data.tokenized.merge import (
                     merge_parts,  # imports torch (through the dataset reader)
                 )
 

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from gptcli.config import EvalTask
-from gptcli.data.records import Record, read_records, where
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.text.records import Record, read_records, where
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.evals.lm import load_lm_for_eval
 from gptcli.events import EventSink, Progress, ignore

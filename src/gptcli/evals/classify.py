@@ -13,9 +13,9 @@ import torch
 
 from gptcli.atomic import write_text
 from gptcli.config import FinetuneRunConfig
-from gptcli.data.examples import LabelledSplits, labelled_splits
-from gptcli.data.labelled import encode_windows, pad_windows
-from gptcli.data.records import column, read_records
+from gptcli.data.training.examples import LabelledSplits, labelled_splits
+from gptcli.data.training.labelled import encode_windows, pad_windows
+from gptcli.data.text.records import column, read_records
 from gptcli.errors import GptcliError
 from gptcli.evals.baselines import NaiveBayes
 from gptcli.infer.load import load
@@ -113,7 +113,7 @@ def _naive_bayes_metrics(training: FinetuneRunConfig | None, splits: LabelledSpl
 def predict_probs(model: GPTClassifier, texts: list[list[np.ndarray]], pad_id: int, batch_size: int,
                   precision: Precision, device: torch.device) -> np.ndarray:
     """Class probabilities (N, K) for texts given as their token rows (one, or a window
-    each: see data/labelled.py), `batch_size` texts at a time, of similar lengths."""
+    each: see data/training/labelled.py), `batch_size` texts at a time, of similar lengths."""
     was_training = model.training
     model.eval()
     order = np.argsort([sum(len(row) for row in rows) for rows in texts])  # similar lengths pad less

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from gptcli.config import RunConfig, load_config
-from gptcli.data.corpus import expand_inputs, iter_pieces
-from gptcli.data.dataset import BatchSampler, TokenDataset, prepare_dataset
-from gptcli.data.mixture import Mixture
-from gptcli.data.token_files import SPLITS, is_tokenized_dir
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.text.corpus import expand_inputs, iter_pieces
+from gptcli.data.training.dataset import BatchSampler, TokenDataset, prepare_dataset
+from gptcli.data.training.mixture import Mixture
+from gptcli.data.tokenized.token_files import SPLITS, is_tokenized_dir
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Progress, ignore
 from gptcli.infer.load import load

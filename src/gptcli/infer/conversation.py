@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from gptcli.data.chat_format import chat_prompt_ids
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.tokenizers.chat_format import chat_prompt_ids
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.infer.load import load
 from gptcli.infer.session import GenerationSession, GenerationSettings, Prompt

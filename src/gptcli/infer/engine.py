@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.infer.generate import (
     SPAN_STEP,
     SampleText,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.model import Model
 from gptcli.model.budget import (
     SAMPLING_BYTES_PER_LOGIT,

@@ -9,7 +9,7 @@ here, and nothing else decides what a checkpoint holds:
 `path` may be a run directory (its best checkpoint, else its latest), a checkpoint
 directory, a Hugging Face model folder (imported once into the cache) or None (the latest
 run under ./runs). A chat model is a language model whose tokenizer carries a chat format
-(gptcli's instruct tokens, or an imported model's chat template, data/chat_format.py); a
+(gptcli's instruct tokens, or an imported model's chat template, data/tokenizers/chat_format.py); a
 classifier keeps its labels in the weights' metadata and, since they are stored there too,
 how it pools and reads long texts (store/checkpoint.py: classifier_reading).
 """
@@ -23,9 +23,9 @@ from typing import Literal
 
 import torch
 
-from gptcli.data.chat_format import chat_stop_ids, is_chat_model
-from gptcli.data.labelled import TextReading, encode_windows, pad_windows
-from gptcli.data.tokenizer import Tokenizer, load_tokenizer
+from gptcli.data.tokenizers.chat_format import chat_stop_ids, is_chat_model
+from gptcli.data.training.labelled import TextReading, encode_windows, pad_windows
+from gptcli.data.tokenizers.tokenizer import Tokenizer, load_tokenizer
 from gptcli.errors import GptcliError
 from gptcli.infer.cpu_layout import for_generation
 from gptcli.infer.quantize import check_quantize, quantize_model

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptcli.data.chat_format import chat_prompt_ids, prompt_ids
+from gptcli.data.tokenizers.chat_format import chat_prompt_ids, prompt_ids
 from gptcli.errors import GptcliError
 from gptcli.infer.compiled import CompiledDecode
 from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from gptcli.atomic import staging_dir
 from gptcli.config import FinetuneRunConfig, config_from_dict
-from gptcli.data.labelled import TextReading
-from gptcli.data.tokenizer import Tokenizer, load_tokenizer
+from gptcli.data.training.labelled import TextReading
+from gptcli.data.tokenizers.tokenizer import Tokenizer, load_tokenizer
 from gptcli.errors import GptcliError, shorten
 from gptcli.model import DEFAULT_ARCH, Arch, Model, get_arch
 from gptcli.model.heads import GPTClassifier

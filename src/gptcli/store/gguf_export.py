@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from gptcli.config import ModelConfig
-from gptcli.data.bpe import GPT2_PATTERN
-from gptcli.data.tokenizer import TiktokenTokenizer, Tokenizer, WithAddedTokens
+from gptcli.data.tokenizers.bpe import GPT2_PATTERN
+from gptcli.data.tokenizers.tokenizer import TiktokenTokenizer, Tokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
 from gptcli.families import Family, get_family
 from gptcli.model.lora import merge_lora

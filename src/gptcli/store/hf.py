@@ -24,7 +24,7 @@ transformers can read it with gptcli's exact ids (bytes and char as `tokenizer.j
 with GPT-2's pattern as `vocab.json` and `merges.txt` derived from tiktoken's ranks), and
 the result says plainly when it wrote none. On import, ranks come from `vocab.json`, so no
 tokenizer download is needed either way. A Llama-family directory's `tokenizer.json`
-(byte-level BPE) is read by gptcli.data.hf_tokenizer.
+(byte-level BPE) is read by gptcli.data.tokenizers.hf_tokenizer.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from safetensors.torch import save_file
 
 from gptcli.atomic import staging_dir
 from gptcli.config import ModelConfig
-from gptcli.data.bpe import GPT2_PATTERN
-from gptcli.data.hf_tokenizer import TOKENIZER_FILE, byte_alphabet, read_hf_tokenizer
-from gptcli.data.tokenizer import (
+from gptcli.data.tokenizers.bpe import GPT2_PATTERN
+from gptcli.data.tokenizers.hf_tokenizer import TOKENIZER_FILE, byte_alphabet, read_hf_tokenizer
+from gptcli.data.tokenizers.tokenizer import (
     EOT,
     Tokenizer,
     named_tiktoken,

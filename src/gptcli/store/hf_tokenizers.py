@@ -27,9 +27,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptcli.data.bpe import GPT2_PATTERN
-from gptcli.data.hf_tokenizer import TOKENIZER_FILE, byte_alphabet
-from gptcli.data.tokenizer import (
+from gptcli.data.tokenizers.bpe import GPT2_PATTERN
+from gptcli.data.tokenizers.hf_tokenizer import TOKENIZER_FILE, byte_alphabet
+from gptcli.data.tokenizers.tokenizer import (
     EOT,
     BytesTokenizer,
     CharTokenizer,

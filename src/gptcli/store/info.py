@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from gptcli.config import RunConfig, load_config
-from gptcli.data.mixture import tokens_by_source
-from gptcli.data.tokenizer import load_tokenizer
+from gptcli.data.training.mixture import tokens_by_source
+from gptcli.data.tokenizers.tokenizer import load_tokenizer
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
 from gptcli.model import get_arch
@@ -185,7 +185,7 @@ def _training(checkpoint: Path) -> dict:
 
 def _tokens_by_source(checkpoint: Path, trainer: dict) -> dict[str, int] | None:
     """A mixture run's training tokens per source up to this checkpoint's step, re-derived
-    from its config (the draws are a function of seed and step; data/mixture.py)."""
+    from its config (the draws are a function of seed and step; data/training/mixture.py)."""
     try:
         cfg = load_config(checkpoint / CONFIG_YAML)
     except GptcliError:  # a finetune's or an import's config: no mixture

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gptcli.data.dataset import STREAMS, step_rows
-from gptcli.data.labelled import TextReading, encode_windows, pad_windows
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.training.dataset import STREAMS, step_rows
+from gptcli.data.training.labelled import TextReading, encode_windows, pad_windows
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.evals.baselines import NaiveBayes
 from gptcli.evals.classify import classification_metrics, predict_probs
@@ -19,7 +19,7 @@ from gptcli.runtime import Distributed, Precision
 
 class ClassifyData:
     """Labelled texts for the training loop: random train batches, full validation passes.
-    Each text is one or more rows, as `reading` says (data/labelled.py's TextReading); a
+    Each text is one or more rows, as `reading` says (data/training/labelled.py's TextReading); a
     batch holds `batch_size` texts with all their rows."""
 
     metric = "val_accuracy"

@@ -19,11 +19,11 @@ from gptcli.config import (
     RunConfig,
     dump_yaml,
 )
-from gptcli.data.chat_format import CHAT_TOKENS, has_chat_template
-from gptcli.data.dataset import TokenDataset, prepare_dataset
-from gptcli.data.examples import STDLIB_PACKAGES, finetune_records, labelled_splits
-from gptcli.data.labelled import TextReading
-from gptcli.data.tokenizer import Tokenizer, WithAddedTokens
+from gptcli.data.tokenizers.chat_format import CHAT_TOKENS, has_chat_template
+from gptcli.data.training.dataset import TokenDataset, prepare_dataset
+from gptcli.data.training.examples import STDLIB_PACKAGES, finetune_records, labelled_splits
+from gptcli.data.training.labelled import TextReading
+from gptcli.data.tokenizers.tokenizer import Tokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
 from gptcli.model import Model, get_arch

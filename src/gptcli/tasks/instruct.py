@@ -1,4 +1,4 @@
-"""Instruction tuning: conversations rendered in gptcli's chat format (data/chat_format.py)
+"""Instruction tuning: conversations rendered in gptcli's chat format (data/tokenizers/chat_format.py)
 as training rows, and the dataset.
 
 Loss falls only on assistant content and its closing <|end|> (so the model learns to stop);
@@ -15,10 +15,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gptcli.data.chat_format import END, ROLES
-from gptcli.data.dataset import STREAMS, step_rows
-from gptcli.data.records import Record, where
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.tokenizers.chat_format import END, ROLES
+from gptcli.data.training.dataset import STREAMS, step_rows
+from gptcli.data.text.records import Record, where
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.evals.lm import validation_loss
 from gptcli.events import EventSink, Notice, ignore

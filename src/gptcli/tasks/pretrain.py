@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from gptcli.config import RunConfig, dump_yaml, load_config
-from gptcli.data.dataset import BatchSampler, TokenDataset, prepare_dataset
-from gptcli.data.mixture import Mixture, MixtureSampler, Weights
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.training.dataset import BatchSampler, TokenDataset, prepare_dataset
+from gptcli.data.training.mixture import Mixture, MixtureSampler, Weights
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.evals.choice import ChoiceTasks
 from gptcli.evals.lm import mixture_validation, validation_loss
@@ -63,7 +63,7 @@ class PretrainData:
 
 
 class MixtureData:
-    """A weighted mixture's training windows (data/mixture.py: each row's source and start a
+    """A weighted mixture's training windows (data/training/mixture.py: each row's source and start a
     pure function of seed and step); validation on every source's val split, combined by
     the weights. Reports the training tokens each source has contributed."""
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from gptcli.config import FinetuneRunConfig, RunConfig
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.events import EventSink, RunFinished, RunStarted
 from gptcli.runtime import (
     Distributed,

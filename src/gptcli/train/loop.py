@@ -23,7 +23,7 @@ from torch import nn
 
 from gptcli import atomic
 from gptcli.config import TrainConfig
-from gptcli.data.tokenizer import Tokenizer
+from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError, Interrupted
 from gptcli.events import CheckpointSaved, EvalDone, EventSink, Notice, StepLogged, ignore
 from gptcli.model.gpt import IGNORE_INDEX
