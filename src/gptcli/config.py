@@ -4,8 +4,10 @@ Precedence is defaults < YAML < `--set key=value`. Loading is strict: unknown ke
 wrong types and out-of-range values are all collected and reported together, each
 named by its dotted path (`train.lr: expected a number, got 'abc'`).
 
-Every field carries a `help` string in its metadata; the README's config reference
-is written from the same text. This module does not import torch.
+Every field carries a `help` string in its metadata, and a number field the range it
+accepts (`_field(..., at_least=1)`), checked in every section by `field_problems`; the
+README's config reference is written from the same help text. This module does not
+import torch.
 """
 
 from __future__ import annotations
@@ -28,13 +30,92 @@ from gptcli.errors import GptcliError, shorten
 from gptcli.families import DEFAULT_FAMILY, FAMILIES
 
 
-def _field(default: Any, help: str, path: bool = False) -> Any:
+def _show(number: int | float) -> str:
+    """A number as an error message quotes it: a whole number can be thousands of digits."""
+    return shorten(str(number))
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a field accepts, declared on the field itself (`_field(..., at_least=1)`)
+    and checked by `field_problems` alike in every section. `low`/`high` are None where
+    there is no bound, and exclusive where `*_open`; `says` words the rule for an error
+    where the bounds alone do not tell what they mean ("0 (off) or more")."""
+
+    low: float | None = None  # an int bound stays an int: errors show `1`, not `1.0`
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+    says: str = ""
+
+    def allows(self, value: float) -> bool:
+        above_low = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below_high = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above_low and below_high
+
+    def __str__(self) -> str:
+        """What a value must be: "at least 1", "0 or more", "greater than 0", "in [0, 1)"."""
+        if self.says:
+            return self.says
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{_show(self.low)}, "
+                    f"{_show(self.high)}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            if self.low_open:
+                return f"greater than {_show(self.low)}"
+            return "0 or more" if self.low == 0 else f"at least {_show(self.low)}"
+        return f"less than {_show(self.high)}" if self.high_open else f"at most {_show(self.high)}"
+
+
+def _field(default: Any, help: str, path: bool = False, *, at_least: float | None = None,
+           above: float | None = None, at_most: float | None = None, below: float | None = None,
+           says: str = "") -> Any:
     """A dataclass field whose `help` documents it (and whose list default is copied);
-    `path`: its value names files, so a leading `~` is expanded on loading."""
-    metadata = {"help": help, "path": path}
+    `path`: its value names files, so a leading `~` is expanded on loading.
+
+    A number field states the values it accepts here, and nowhere else: at most one lower
+    bound (`at_least` inclusive, `above` exclusive) and one upper (`at_most` inclusive,
+    `below` exclusive); `at_least=0, below=1` is [0, 1). `says` words the rule in errors
+    where the bounds need explaining. `field_problems` checks every such field."""
+    if at_least is not None and above is not None or at_most is not None and below is not None:
+        raise TypeError("a field has at most one lower bound and one upper bound")
+    metadata: dict[str, Any] = {"help": help, "path": path}
+    if {at_least, above, at_most, below} != {None}:
+        metadata["rule"] = Bounds(low=above if at_least is None else at_least, low_open=above is not None,
+                                  high=below if at_most is None else at_most, high_open=below is not None,
+                                  says=says)
+    elif says:
+        raise TypeError("`says` words a bound; give the bound too")
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def field_problems(cfg: Any, path: str = "") -> list[str]:
+    """Every field of the config section `cfg`, of its sections and of the sections in its
+    lists (train.eval_tasks, data.inputs), whose value breaks the rule declared on it
+    (`_field`'s bounds), each named by its dotted path. Empty (None) fields are skipped."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value, rule = getattr(cfg, f.name), f.metadata.get("rule")
+        dotted = f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(value):
+            problems += field_problems(value, dotted)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    problems += field_problems(item, f"{dotted}[{i}]")
+        elif rule and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and not rule.allows(value):
+            problems.append(f"{dotted}: must be {rule}, got {_show(value)}")
+    return problems
+
+
+# torch.manual_seed takes [-2**63, 2**64 - 1] and numpy's default_rng no negative seed:
+# every seed both accept.
+SEED_RANGE = (0, 2**64 - 1)
+_SEED_RULE = {"at_least": SEED_RANGE[0], "at_most": SEED_RANGE[1],
+              "says": "in [0, 2**64 - 1] (what both torch and numpy accept)"}
 
 
 @dataclass
@@ -43,7 +124,8 @@ class DataSource:
 
     path: str = _field("", "What a plain `data.inputs` entry can be: file, folder, glob, `stdlib`, "
                            "or a directory written by `gptcli tokenize`.", path=True)
-    weight: float | None = _field(None, "Share of the training windows, relative to the other sources.")
+    weight: float | None = _field(None, "Share of the training windows, relative to the other sources.",
+                                  above=0)
     name: str = _field("", "Short name in metrics (`val_loss/NAME`); empty: from the path.")
 
 
@@ -63,7 +145,8 @@ class DataConfig:
         "`.tiktoken` file, `bytes` or `char`. Ignored for a tokenized directory (it records its own).",
         path=True,
     )
-    val_fraction: float = _field(0.1, "Share of documents held out for validation, in (0, 1).")
+    val_fraction: float = _field(0.1, "Share of documents held out for validation, in (0, 1).",
+                                 above=0, below=1)
     text_field: str = _field(
         "text", "Field (column) holding the text in `.jsonl`, `.parquet` and Hugging Face "
         "`save_to_disk` inputs. `jsonl_field` is its old name, still accepted."
@@ -134,28 +217,29 @@ def _arch_help() -> str:
 @dataclass
 class ModelConfig:
     arch: Literal[tuple(FAMILIES)] = _field(DEFAULT_FAMILY, _arch_help())
-    n_layer: int = _field(12, "Transformer blocks.")
-    n_head: int = _field(12, "Attention (query) heads per block; must divide n_embd unless head_dim is set.")
-    n_embd: int = _field(768, "Width of the residual stream.")
-    block_size: int = _field(1024, "Context length in tokens.")
-    dropout: float = _field(0.0, "Dropout probability in [0, 1) for training.")
+    n_layer: int = _field(12, "Transformer blocks.", at_least=1)
+    n_head: int = _field(12, "Attention (query) heads per block; must divide n_embd unless head_dim is set.",
+                          at_least=1)
+    n_embd: int = _field(768, "Width of the residual stream.", at_least=1)
+    block_size: int = _field(1024, "Context length in tokens.", at_least=1)
+    dropout: float = _field(0.0, "Dropout probability in [0, 1) for training.", at_least=0, below=1)
     vocab_size: int | None = _field(
-        None, "Tokenizer vocabulary size; filled in from the tokenizer when left empty."
+        None, "Tokenizer vocabulary size; filled in from the tokenizer when left empty.", at_least=1
     )
     n_kv_head: int | None = _field(
         None, "Key/value heads (grouped-query attention: each serves n_head / n_kv_head query "
-        "heads; a smaller KV cache); must divide n_head. Empty: n_head."
+        "heads; a smaller KV cache); must divide n_head. Empty: n_head.", at_least=1
     )
-    head_dim: int | None = _field(None, "Width of each attention head. Empty: n_embd / n_head.")
+    head_dim: int | None = _field(None, "Width of each attention head. Empty: n_embd / n_head.", at_least=1)
     position: Literal["learned", "rope"] | None = _field(
         None, "Position encoding: `learned` embeddings added to the input (gpt2) or `rope`, "
         "rotary embeddings of queries and keys (llama)."
     )
-    rope_theta: float = _field(10000.0, "RoPE base: the longest wavelength, in positions.")
+    rope_theta: float = _field(10000.0, "RoPE base: the longest wavelength, in positions.", above=0)
     norm: Literal["layernorm", "rmsnorm"] | None = _field(
         None, "Normalisation: `layernorm` (gpt2) or `rmsnorm` (llama)."
     )
-    norm_eps: float = _field(1e-5, "Epsilon of every norm.")
+    norm_eps: float = _field(1e-5, "Epsilon of every norm.", above=0)
     bias: bool | None = _field(
         None, "Biases in every linear layer and LayerNorm (gpt2: true, llama: false)."
     )
@@ -171,14 +255,14 @@ class ModelConfig:
     )
     mlp_hidden: int | None = _field(
         None, "MLP hidden width. Empty: 4 x n_embd, or for swiglu 8/3 x n_embd rounded up to "
-        "a multiple of 64 (about the parameters of 4 x n_embd ungated)."
+        "a multiple of 64 (about the parameters of 4 x n_embd ungated).", at_least=1
     )
     tie_embeddings: bool | None = _field(
         None, "Share one matrix between input embeddings and output head (gpt2: true, llama: false)."
     )
     logit_softcap: float = _field(
         0.0, "Squash logits smoothly into (-cap, cap) with cap * tanh(logits / cap) (nanochat "
-        "uses 15); 0 disables it."
+        "uses 15); 0 disables it.", at_least=0, says="0 (off) or more"
     )
     zero_init: bool | None = _field(
         None, "Start each block's output projections (and an untied output head) at zero, so "
@@ -215,7 +299,7 @@ class EvalTask:
     task: Literal["hellaswag", "choice"] = _field(
         "choice", "`hellaswag` (its official JSONL) or `choice` (JSONL of context, choices, label).")
     data: str = _field("", "The items' file.", path=True)
-    limit: int | None = _field(None, "Score only the first N items (each evaluation).")
+    limit: int | None = _field(None, "Score only the first N items (each evaluation).", at_least=1)
     name: str = _field("", "Short name in metrics (`NAME/acc_norm`); empty: the task's name.")
 
     @property
@@ -225,12 +309,12 @@ class EvalTask:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = _field(12, "Sequences per micro-batch (per device).")
-    grad_accum: int = _field(1, "Micro-batches accumulated into one optimizer step.")
-    max_steps: int = _field(2000, "Optimizer steps to train for.")
-    lr: float = _field(6.0e-4, "Peak learning rate, reached after warmup.")
+    batch_size: int = _field(12, "Sequences per micro-batch (per device).", at_least=1)
+    grad_accum: int = _field(1, "Micro-batches accumulated into one optimizer step.", at_least=1)
+    max_steps: int = _field(2000, "Optimizer steps to train for.", at_least=1)
+    lr: float = _field(6.0e-4, "Peak learning rate, reached after warmup.", above=0)
     min_lr: float = _field(6.0e-5, "Learning rate at the end of the cosine decay.")
-    warmup_steps: int = _field(100, "Steps of linear warmup from 0 to lr.")
+    warmup_steps: int = _field(100, "Steps of linear warmup from 0 to lr.", at_least=0)
     lr_decay_steps: int | None = _field(
         None, "Step at which the cosine decay reaches min_lr (empty: max_steps). Fix it to "
         "lengthen a run later without changing the schedule of the steps already taken."
@@ -240,28 +324,30 @@ class TrainConfig:
         "torch.optim.Muon) for the 2-D weights inside the blocks, AdamW at train.lr for the rest "
         "(LoRA's adapters included)."
     )
-    muon_lr: float = _field(0.02, "Muon's peak learning rate (same warmup and decay as train.lr).")
-    muon_momentum: float = _field(0.95, "Muon's (Nesterov) momentum.")
-    weight_decay: float = _field(0.1, "Weight decay (decoupled), applied to matrices only.")
-    beta1: float = _field(0.9, "AdamW beta1.")
-    beta2: float = _field(0.95, "AdamW beta2.")
-    grad_clip: float = _field(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
-    eval_every: int = _field(250, "Evaluate on the validation split every this many steps.")
-    eval_batches: int = _field(20, "Micro-batches averaged for one validation loss.")
+    muon_lr: float = _field(0.02, "Muon's peak learning rate (same warmup and decay as train.lr).", above=0)
+    muon_momentum: float = _field(0.95, "Muon's (Nesterov) momentum.", at_least=0, below=1)
+    weight_decay: float = _field(0.1, "Weight decay (decoupled), applied to matrices only.", at_least=0)
+    beta1: float = _field(0.9, "AdamW beta1.", at_least=0, below=1)
+    beta2: float = _field(0.95, "AdamW beta2.", at_least=0, below=1)
+    grad_clip: float = _field(1.0, "Clip the global gradient norm to this; 0 disables clipping.", at_least=0)
+    eval_every: int = _field(250, "Evaluate on the validation split every this many steps.", at_least=1)
+    eval_batches: int = _field(20, "Micro-batches averaged for one validation loss.", at_least=1)
     eval_tasks: list[EvalTask] = _field(
         [], "Pretraining: multiple-choice tasks scored at every evaluation, a list of "
         "`{task, data, limit, name}` (`task`: `hellaswag` or `choice`; `limit`: the first N items; `name`: in "
         "metrics, default the task); acc and acc_norm go to metrics.jsonl as `NAME/acc`, `NAME/acc_norm`.",
         path=True,
     )
-    save_every: int = _field(250, "Save a checkpoint every this many steps (and at the end).")
+    save_every: int = _field(250, "Save a checkpoint every this many steps (and at the end).", at_least=1)
     keep_last: int = _field(
-        0, "Keep only the newest N step checkpoints (the best and latest are always kept); 0 keeps all."
+        0, "Keep only the newest N step checkpoints (the best and latest are always kept); 0 keeps all.",
+        at_least=0,
     )
     max_bad_steps: int = _field(
-        3, "Stop after this many consecutive steps with a non-finite loss (their updates are skipped)."
+        3, "Stop after this many consecutive steps with a non-finite loss (their updates are skipped).",
+        at_least=1,
     )
-    log_every: int = _field(10, "Record training metrics every this many steps.")
+    log_every: int = _field(10, "Record training metrics every this many steps.", at_least=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
         "auto", "`auto` picks bf16 on GPUs that support it, fp16 with loss scaling on older "
         "GPUs, and on CPU whichever of fp32 and bf16 runs this model faster."
@@ -289,7 +375,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     out_dir: str = _field("runs/gpt", "Run directory: config, metrics and checkpoints go here.", path=True)
-    seed: int = _field(1337, "Seed for initialisation, data order and dropout.")
+    seed: int = _field(1337, "Seed for initialisation, data order and dropout.", **_SEED_RULE)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -298,14 +384,14 @@ class RunConfig:
 @dataclass
 class FreezeConfig:
     embeddings: bool = _field(False, "Freeze the input embeddings: wte and wpe (a tied lm_head with them; an untied one trains).")
-    blocks: int = _field(0, "Freeze the first N transformer blocks.")
+    blocks: int = _field(0, "Freeze the first N transformer blocks.", at_least=0)
 
 
 @dataclass
 class LoRAConfig:
-    rank: int = _field(0, "Adapter rank; 0 trains all weights instead (full finetuning).")
+    rank: int = _field(0, "Adapter rank; 0 trains all weights instead (full finetuning).", at_least=0)
     alpha: float = _field(16.0, "Adapter scale numerator: updates are scaled by alpha / rank.")
-    dropout: float = _field(0.05, "Dropout on the adapter input, in [0, 1).")
+    dropout: float = _field(0.05, "Dropout on the adapter input, in [0, 1).", at_least=0, below=1)
     targets: list[str] = _field(
         ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
         "Linear layers that get adapters, by module-name suffix.",
@@ -326,7 +412,8 @@ class FinetuneConfig:
         "`stdlib-docstrings` are the built-in examples. lm: use data.inputs instead.", path=True
     )
     val_file: str = _field("", "Validation data; empty: hold out val_fraction of train_file.", path=True)
-    val_fraction: float = _field(0.1, "Share of train_file held out when there is no val_file.")
+    val_fraction: float = _field(0.1, "Share of train_file held out when there is no val_file.",
+                                 above=0, below=1)
     text_column: str = _field("text", "classify: column (or JSONL field) with the text.")
     label_column: str = _field("label", "classify: column (or JSONL field) with the label.")
     truncate: Literal["keep_end", "keep_start"] = _field(
@@ -339,7 +426,7 @@ class FinetuneConfig:
     )
     pool_stride: int = _field(
         0, "classify, long_text pool: tokens between the starts of consecutive windows, at most the "
-        "context; 0: half the context."
+        "context; 0: half the context.", at_least=0, says="0 (half the context) or more"
     )
     pooling: Literal["last", "mean"] = _field(
         "mean", "classify: the classifier reads the `mean` of the hidden states of all real (non-padding) "
@@ -348,7 +435,8 @@ class FinetuneConfig:
         "the checkpoint."
     )
     aux_lm_weight: float = _field(
-        0.0, "classify: weight of an auxiliary language-modelling loss (0.5 in the GPT paper)."
+        0.0, "classify: weight of an auxiliary language-modelling loss (0.5 in the GPT paper).",
+        at_least=0,
     )
     pack: bool = _field(False, "instruct: pack short conversations into full rows.")
     too_long: Literal["drop", "error"] = _field(
@@ -357,7 +445,8 @@ class FinetuneConfig:
         "file:line. Never cut: that would teach half answers."
     )
     patience: int = _field(
-        5, "Stop after this many evaluations without improving the validation metric; 0 never stops."
+        5, "Stop after this many evaluations without improving the validation metric; 0 never stops.",
+        at_least=0,
     )
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -366,44 +455,45 @@ class FinetuneConfig:
     )
 
 
+# A finetune config's `model` section: ModelConfig's settings, each optional. The model keys
+# a finetune may change from the checkpoint's (tasks/finetune.py), with what they mean there;
+# every other key must agree with the checkpoint.
+FINETUNE_MAY_CHANGE = {
+    "dropout": "Dropout for finetuning (empty: the checkpoint's).",
+    "block_size": "A shorter context than the checkpoint's (its first positions are kept); empty: the same.",
+}
 SAME = "Must equal the checkpoint's (or stay empty)."
 
 
-@dataclass
-class FinetuneModelConfig:
-    """A finetune config's `model` section: the model comes from the checkpoint, so every
-    key is optional and must agree with it (so a pretraining config's section can be copied
-    in), except the two a finetune may change."""
+def _finetune_model_config() -> type:
+    """FinetuneModelConfig, derived from ModelConfig rather than copied: the same settings
+    with the same types (made optional) and rules, every default None (the checkpoint's
+    value); the keys a finetune may change come first, as the config reference lists them."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    order = [*FINETUNE_MAY_CHANGE, *(name for name in fields if name not in FINETUNE_MAY_CHANGE)]
+    # The types stay text (`from __future__ import annotations`), read when a config is
+    # loaded: `arch`'s choices are the family table's names at that moment.
+    cls = dataclasses.make_dataclass("FinetuneModelConfig", [
+        (name, f"{fields[name].type} | None",
+         field(default=None, metadata={**fields[name].metadata, "help": FINETUNE_MAY_CHANGE.get(name, SAME)}))
+        for name in order
+    ])
+    cls.__module__ = __name__  # where typing.get_type_hints reads the types' names
+    cls.__doc__ = ("A finetune config's `model` section: the model comes from the checkpoint, so every "
+                   "key is optional (None: the checkpoint's value) and must agree with it (so a "
+                   "pretraining config's section can be copied in), except the two a finetune may "
+                   "change (FINETUNE_MAY_CHANGE).")
+    return cls
 
-    dropout: float | None = _field(None, "Dropout for finetuning (empty: the checkpoint's).")
-    block_size: int | None = _field(
-        None, "A shorter context than the checkpoint's (its first positions are kept); empty: the same.")
-    arch: Literal[tuple(FAMILIES)] | None = _field(None, SAME)
-    n_layer: int | None = _field(None, SAME)
-    n_head: int | None = _field(None, SAME)
-    n_embd: int | None = _field(None, SAME)
-    vocab_size: int | None = _field(None, SAME)
-    n_kv_head: int | None = _field(None, SAME)
-    head_dim: int | None = _field(None, SAME)
-    position: Literal["learned", "rope"] | None = _field(None, SAME)
-    rope_theta: float | None = _field(None, SAME)
-    norm: Literal["layernorm", "rmsnorm"] | None = _field(None, SAME)
-    norm_eps: float | None = _field(None, SAME)
-    bias: bool | None = _field(None, SAME)
-    attn_bias: bool | None = _field(None, SAME)
-    qk_norm: bool | None = _field(None, SAME)
-    mlp: Literal["gelu", "relu2", "swiglu"] | None = _field(None, SAME)
-    mlp_hidden: int | None = _field(None, SAME)
-    tie_embeddings: bool | None = _field(None, SAME)
-    logit_softcap: float | None = _field(None, SAME)
-    zero_init: bool | None = _field(None, SAME)
+
+FinetuneModelConfig = _finetune_model_config()
 
 
 @dataclass
 class FinetuneRunConfig:
     out_dir: str = _field("runs/finetune", "Run directory: config, metrics and checkpoints go here.",
                           path=True)
-    seed: int = _field(1337, "Seed for the head, adapters, data order and dropout.")
+    seed: int = _field(1337, "Seed for the head, adapters, data order and dropout.", **_SEED_RULE)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
@@ -414,32 +504,23 @@ class FinetuneRunConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# Validation of values that types alone cannot express. Each returns a list of problems.
-
-
-# torch.manual_seed takes [-2**63, 2**64 - 1] and numpy's default_rng no negative seed:
-# every seed both accept.
-SEED_RANGE = (0, 2**64 - 1)
-
-
-def _show(number: int | float) -> str:
-    """A number as an error message quotes it: a whole number can be thousands of digits."""
-    return shorten(str(number))
+# Validation of values that types alone cannot express. A field's own range is declared on
+# the field (`_field`) and checked by `field_problems`; what follows are the rules across
+# fields. Each returns a list of problems.
 
 
 def model_config_problems(m: ModelConfig) -> list[str]:
     """Problems with a model's shape: of a run config, or one stored in a checkpoint.
     Sizes too large for memory are left to the memory check made before building."""
+    return field_problems(m, "model") + _model_shape_problems(m)
+
+
+def _model_shape_problems(m: ModelConfig) -> list[str]:
+    """The model's rules across fields (each field's own range is declared on it)."""
     problems = []
-    for name in ("n_layer", "n_head", "n_embd", "block_size"):
-        if getattr(m, name) < 1:
-            problems.append(f"model.{name}: must be at least 1, got {_show(getattr(m, name))}")
     if m.head_dim is None and m.n_head >= 1 and m.n_embd >= 1 and m.n_embd % m.n_head:
         problems.append(f"model.n_embd: {_show(m.n_embd)} is not divisible by "
                         f"model.n_head={_show(m.n_head)}; change one, or set model.head_dim")
-    for name in ("n_kv_head", "head_dim", "mlp_hidden"):
-        if getattr(m, name) is not None and getattr(m, name) < 1:
-            problems.append(f"model.{name}: must be at least 1, got {_show(getattr(m, name))}")
     if m.n_kv_head is not None and m.n_kv_head >= 1 and m.n_head >= 1 and m.n_head % m.n_kv_head:
         problems.append(f"model.n_kv_head: {_show(m.n_kv_head)} does not divide "
                         f"model.n_head={_show(m.n_head)}")
@@ -447,62 +528,42 @@ def model_config_problems(m: ModelConfig) -> list[str]:
     if resolved.position == "rope" and resolved.head_dim % 2:
         problems.append(f"model.head_dim: rotary embeddings rotate pairs, so the head width "
                         f"must be even, got {_show(resolved.head_dim)}")
-    for name in ("rope_theta", "norm_eps"):
-        if not getattr(m, name) > 0:
-            problems.append(f"model.{name}: must be greater than 0, got {getattr(m, name)}")
-    if m.logit_softcap < 0:
-        problems.append(f"model.logit_softcap: must be 0 (off) or more, got {m.logit_softcap}")
-    if not 0.0 <= m.dropout < 1.0:
-        problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if m.vocab_size is not None and m.vocab_size < 1:
-        problems.append(f"model.vocab_size: must be at least 1, got {_show(m.vocab_size)}")
     return problems
 
 
-def _range_problems(cfg: RunConfig) -> list[str]:
-    problems = model_config_problems(cfg.model)
+def _run_problems(cfg: RunConfig) -> list[str]:
+    """Every field's rule, in field order, then the rules across fields."""
+    return (field_problems(cfg) + _model_shape_problems(cfg.model)
+            + _train_and_data_problems(cfg.train, cfg.data))
+
+
+def _train_and_data_problems(t: TrainConfig, d: DataConfig) -> list[str]:
+    """The rules across fields of the sections pretraining and finetuning share."""
+    problems = []
 
     def need(condition: bool, message: str) -> None:
         if not condition:
             problems.append(message)
 
-    t, d = cfg.train, cfg.data
-    low, high = SEED_RANGE
-    need(low <= cfg.seed <= high, f"seed: must be in [0, 2**64 - 1] (what both torch and numpy "
-                                  f"accept), got {_show(cfg.seed)}")
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
-                 "save_every", "log_every", "max_bad_steps"):
-        need(getattr(t, name) >= 1, f"train.{name}: must be at least 1, got {_show(getattr(t, name))}")
-    need(t.warmup_steps >= 0, f"train.warmup_steps: must be 0 or more, got {_show(t.warmup_steps)}")
-    need(t.keep_last >= 0, f"train.keep_last: must be 0 or more, got {_show(t.keep_last)}")
     if t.lr_decay_steps is not None:
         need(t.lr_decay_steps > t.warmup_steps, f"train.lr_decay_steps: must be greater than "
                                                 f"train.warmup_steps, got {_show(t.lr_decay_steps)}")
-    need(t.lr > 0, f"train.lr: must be greater than 0, got {t.lr}")
     need(0 <= t.min_lr <= t.lr, f"train.min_lr: must be in [0, train.lr={t.lr}], got {t.min_lr}")
-    need(t.muon_lr > 0, f"train.muon_lr: must be greater than 0, got {t.muon_lr}")
-    need(0 <= t.muon_momentum < 1, f"train.muon_momentum: must be in [0, 1), got {t.muon_momentum}")
-    need(t.weight_decay >= 0, f"train.weight_decay: must be 0 or more, got {t.weight_decay}")
-    need(0 <= t.beta1 < 1, f"train.beta1: must be in [0, 1), got {t.beta1}")
-    need(0 <= t.beta2 < 1, f"train.beta2: must be in [0, 1), got {t.beta2}")
-    need(t.grad_clip >= 0, f"train.grad_clip: must be 0 or more, got {t.grad_clip}")
     problems += mixture_problems(d)
     names = [task.metric_name for task in t.eval_tasks]
     for i, task in enumerate(t.eval_tasks):
         need(bool(task.data), f"train.eval_tasks[{i}].data: missing; name the task's JSONL file")
-        need(task.limit is None or task.limit >= 1, f"train.eval_tasks[{i}].limit: must be at least 1, "
-                                                    f"got {_show(task.limit)}")
         need(names.count(task.metric_name) == 1, f"train.eval_tasks[{i}]: another task is also named "
                                                  f"'{task.metric_name}'; give each a unique name")
         need(not task.name or bool(SOURCE_NAME.fullmatch(task.name)),
              f"train.eval_tasks[{i}].name: use letters, digits, '_', '-' and '.' only, got {_describe(task.name)}")
-    need(0 < d.val_fraction < 1, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     need(bool(d.text_field), "data.text_field: must not be empty")
     return problems
 
 
 def mixture_problems(d: DataConfig) -> list[str]:
-    """Problems with a weighted mixture in `data.inputs` (none for plain paths)."""
+    """Problems with a weighted mixture in `data.inputs` (none for plain paths) beyond each
+    source's own field rules (a weight greater than 0)."""
     if not d.is_mixture:
         return []
     problems, names = [], {}
@@ -517,8 +578,6 @@ def mixture_problems(d: DataConfig) -> list[str]:
                             f"tokenized directory")
         if entry.weight is None:
             problems.append(f"{where}.weight: missing; give each source a weight greater than 0")
-        elif not entry.weight > 0:
-            problems.append(f"{where}.weight: must be greater than 0, got {entry.weight}")
         if entry.name and not SOURCE_NAME.fullmatch(entry.name):
             problems.append(f"{where}.name: use letters, digits, '_', '-' and '.' only, got "
                             f"{_describe(entry.name)}")
@@ -531,35 +590,16 @@ def mixture_problems(d: DataConfig) -> list[str]:
 
 
 def _finetune_problems(cfg: FinetuneRunConfig) -> list[str]:
-    problems = []
-    f = cfg.finetune
+    """Field rules (the model section's included: those of ModelConfig), the rules of the
+    sections shared with pretraining, and finetuning's own. The model's shape comes from
+    the checkpoint: tasks/finetune.py checks the section against it."""
+    problems = field_problems(cfg)
     if cfg.data.is_mixture:
         problems.append("data.inputs: a weighted mixture of sources is for pretraining; for "
                         "finetuning (--task lm) list plain paths")
-    if f.lora.rank < 0:
-        problems.append(f"finetune.lora.rank: must be 0 or more, got {_show(f.lora.rank)}")
-    if not 0 <= f.lora.dropout < 1:
-        problems.append(f"finetune.lora.dropout: must be in [0, 1), got {f.lora.dropout}")
-    if f.lora.rank and not f.lora.targets:
+    if cfg.finetune.lora.rank and not cfg.finetune.lora.targets:
         problems.append("finetune.lora.targets: name at least one layer")
-    if f.freeze.blocks < 0:
-        problems.append(f"finetune.freeze.blocks: must be 0 or more, got {_show(f.freeze.blocks)}")
-    if f.patience < 0:
-        problems.append(f"finetune.patience: must be 0 or more, got {_show(f.patience)}")
-    if f.aux_lm_weight < 0:
-        problems.append(f"finetune.aux_lm_weight: must be 0 or more, got {f.aux_lm_weight}")
-    if f.pool_stride < 0:
-        problems.append(f"finetune.pool_stride: must be 0 (half the context) or more, got {_show(f.pool_stride)}")
-    if not 0 < f.val_fraction < 1:
-        problems.append(f"finetune.val_fraction: must be in (0, 1), got {f.val_fraction}")
-    m = cfg.model
-    if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
-        problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if m.block_size is not None and m.block_size < 1:
-        problems.append(f"model.block_size: must be at least 1, got {m.block_size}")
-    # The shared sections follow pretrain's rules (a RunConfig view of them).
-    shared = RunConfig(out_dir=cfg.out_dir, seed=cfg.seed, data=cfg.data, train=cfg.train)
-    return problems + [p for p in _range_problems(shared) if not p.startswith("model.")]
+    return problems + _train_and_data_problems(cfg.train, cfg.data)
 
 
 # ---------------------------------------------------------------------------------------
@@ -823,14 +863,15 @@ def config_from_dict(data: dict, cls: type = RunConfig) -> Any:
 
 
 def _value_problems(cfg: Any) -> list[str]:
-    """What the types cannot say about a built config: ranges and cross-field rules."""
+    """What the types cannot say about a built config: each field's range and the rules
+    across fields. A model section alone is named as in a run config (`model.n_head`)."""
     if isinstance(cfg, RunConfig):
-        return _range_problems(cfg)
+        return _run_problems(cfg)
     if isinstance(cfg, ModelConfig):
         return model_config_problems(cfg)
     if isinstance(cfg, FinetuneRunConfig):
         return _finetune_problems(cfg)
-    return []
+    return field_problems(cfg, "model" if isinstance(cfg, FinetuneModelConfig) else "")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from gptcli.config import (
+    FINETUNE_MAY_CHANGE,
     FinetuneModelConfig,
     FinetuneRunConfig,
     ModelConfig,
@@ -46,7 +47,7 @@ from gptcli.tasks.pretrain import PretrainData
 from gptcli.tasks.run import Built, Job, RunResult, run_job
 
 MERGED = "merged"
-_MAY_CHANGE = {"dropout", "block_size"}  # model keys a finetune config may set differently
+_MAY_CHANGE = set(FINETUNE_MAY_CHANGE)  # what a finetune may set unlike its checkpoint
 
 
 def builtin_example(task: str | None) -> list[str]:
