@@ -96,6 +96,7 @@ def test_demo_config_trains(demo_run):
     assert resolve_checkpoint(demo_run).is_dir()
 
 
+@pytest.mark.slow  # every shipped config a few steps: about 10 s
 @pytest.mark.parametrize("name", [pytest.param(name, marks=NEEDS.get(name, []))
                                   for name in sorted(SHIPPED) if name != DEMO])
 def test_shipped_config_runs(name, repo, capsys):

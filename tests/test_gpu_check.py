@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import needs_shakespeare
+
+pytestmark = pytest.mark.slow  # the whole check on CPU: about 25 s
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 

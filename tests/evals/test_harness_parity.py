@@ -17,6 +17,7 @@ from gptcli.store.checkpoint import load_model, save_checkpoint
 from gptcli.store.hf import export_hf
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'lm-eval[hf]')")
+pytestmark = pytest.mark.slow  # the harness loads the exported models: about 20 s
 
 TASK = """task: gptcli_parity
 dataset_path: json

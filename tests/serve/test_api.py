@@ -411,6 +411,7 @@ def test_a_lost_non_streamed_request_frees_its_row(serve_process, long_checkpoin
     assert health["finished"] == {"cancelled": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_lets_a_short_stream_finish_and_exits_0(serve_process, lm_checkpoint, sig):
     server = serve_process(lm_checkpoint)
@@ -421,6 +422,7 @@ def test_a_signal_lets_a_short_stream_finish_and_exits_0(serve_process, lm_check
     assert server.process.wait(30) == 0
 
 
+@pytest.mark.slow
 def test_sigterm_cuts_long_streams_after_the_timeout_and_exits_0(serve_process, long_checkpoint):
     server = serve_process(long_checkpoint, "--shutdown-timeout", "0.5")
     connection, response = open_stream(server, {"prompt": "a", "max_tokens": 8000})
@@ -436,6 +438,7 @@ def test_sigterm_cuts_long_streams_after_the_timeout_and_exits_0(serve_process, 
     assert b"[DONE]" not in rest
 
 
+@pytest.mark.slow
 def test_requests_still_going_after_the_shutdown_timeout_get_503_or_an_error_event(serve_process,
                                                                                   long_checkpoint):
     server = serve_process(long_checkpoint, "--shutdown-timeout", "1")

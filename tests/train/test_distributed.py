@@ -14,8 +14,9 @@ from gptcli.tasks.pretrain import pretrain
 
 # Started as `python -m torch.distributed.run`, so no torchrun script is needed: only a torch
 # built with distributed support and its CPU backend.
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with the gloo backend")
+pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="needs torch.distributed with the gloo backend"),
+              pytest.mark.slow]  # several processes each: about 75 s in all
 
 
 def torchrun(args, cwd, nproc=2):

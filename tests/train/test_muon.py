@@ -285,6 +285,7 @@ def _single_process(tmp_path, cfg):
     return tmp_path / "one"
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_ddp_with_muon_keeps_the_ranks_identical(tmp_path, llama_base):
     llama_base["train"].update(optimizer="muon", parallel="ddp")
@@ -314,6 +315,7 @@ def test_ddp_with_muon_keeps_the_ranks_identical(tmp_path, llama_base):
     assert max((reference[n] - saved[n]).abs().max().item() for n in saved) < 2e-2
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_fsdp_with_muon_is_refused(tmp_path, llama_base):
     llama_base["train"].update(optimizer="muon", parallel="fsdp")
@@ -328,6 +330,7 @@ def test_fsdp_with_muon_is_refused(tmp_path, llama_base):
     assert not (tmp_path / "two" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_fsdp_with_adamw_trains_llama_as_one_process_does(tmp_path, llama_base):
     llama_base["train"]["parallel"] = "fsdp"
