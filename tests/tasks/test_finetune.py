@@ -297,7 +297,7 @@ def test_resume_refuses_other_task_head(tmp_path, base_run):
     finetune(config_from_dict(cfg, FinetuneRunConfig))
     cfg["finetune"]["task"] = "lm"
     cfg["data"] = {"inputs": [str(data)]}
-    with pytest.raises(GptcliError, match="holds a classify model, not one for --task lm"):
+    with pytest.raises(GptcliError, match="holds a classifier model, not one for --task lm"):
         finetune(config_from_dict(cfg, FinetuneRunConfig), resume=True)
 
 

@@ -18,12 +18,12 @@ from gptcli.data.training.labelled import encode_windows, pad_windows
 from gptcli.data.text.records import column, read_records
 from gptcli.errors import GptcliError
 from gptcli.evals.baselines import NaiveBayes
-from gptcli.infer.load import load
+from gptcli.infer.load import checkpoint_kind, load
 from gptcli.model.budget import FP32, Sizes, check_batch_fits, pass_bytes
 from gptcli.model.heads import GPTClassifier
 from gptcli.outputs import check_output_file, input_paths
 from gptcli.runtime import Precision
-from gptcli.store.checkpoint import checkpoint_task, training_config
+from gptcli.store.checkpoint import training_config
 from gptcli.store.rundir import resolve_checkpoint
 
 
@@ -48,7 +48,7 @@ def eval_classifier_checkpoint(checkpoint: str | Path | None, data_file: str | P
     if predictions is not None:
         inputs = [path] if data_file is None else [data_file, path]
         predictions = check_output_file(predictions, input_paths(inputs), "--predictions")
-    if checkpoint_task(path) != "classify":
+    if checkpoint_kind(path) != "classifier":
         raise GptcliError(f"{path} is not a classifier checkpoint; `gptcli eval --data TEXT` "
                           f"evaluates language models")
     splits = None  # the training run's splits, rebuilt once for both the data and naive Bayes

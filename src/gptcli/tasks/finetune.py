@@ -27,6 +27,7 @@ from gptcli.data.training.labelled import TextReading
 from gptcli.data.tokenizers.tokenizer import Tokenizer, WithAddedTokens
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
+from gptcli.infer.load import checkpoint_kind
 from gptcli.model import Model, get_arch
 from gptcli.model.heads import GPTClassifier
 from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
@@ -35,7 +36,6 @@ from gptcli.runtime import Distributed, seed_everything
 from gptcli.store.checkpoint import (
     BEST,
     CHECKPOINTS,
-    checkpoint_task,
     classifier_metadata,
     load_model,
     save_checkpoint,
@@ -220,8 +220,9 @@ def build_finetune(cfg: FinetuneRunConfig, init: Path, dist: Distributed, device
 
 def _check_resume_task(checkpoint: Path, task: str) -> None:
     """A run resumes only as the task it trains: a classifier is not continued as an LM."""
-    if checkpoint_task(checkpoint) != ("classify" if task == "classify" else "lm"):
-        raise GptcliError(f"--resume: {checkpoint} holds a {checkpoint_task(checkpoint)} model, "
+    held = "classifier" if checkpoint_kind(checkpoint) == "classifier" else "lm"
+    if held != ("classifier" if task == "classify" else "lm"):
+        raise GptcliError(f"--resume: {checkpoint} holds a {held} model, "
                           f"not one for --task {task}")
 
 
