@@ -18,7 +18,7 @@ from gptcli.data.training.labelled import encode_windows, pad_windows
 from gptcli.data.text.records import column, read_records
 from gptcli.errors import GptcliError
 from gptcli.evals.baselines import NaiveBayes
-from gptcli.infer.load import checkpoint_kind, load
+from gptcli.infer.load import is_classifier, load
 from gptcli.model.budget import FP32, Sizes, check_batch_fits, pass_bytes
 from gptcli.model.heads import GPTClassifier
 from gptcli.outputs import check_output_file, input_paths
@@ -48,7 +48,7 @@ def eval_classifier_checkpoint(checkpoint: str | Path | None, data_file: str | P
     if predictions is not None:
         inputs = [path] if data_file is None else [data_file, path]
         predictions = check_output_file(predictions, input_paths(inputs), "--predictions")
-    if checkpoint_kind(path) != "classifier":
+    if not is_classifier(path):
         raise GptcliError(f"{path} is not a classifier checkpoint; `gptcli eval --data TEXT` "
                           f"evaluates language models")
     splits = None  # the training run's splits, rebuilt once for both the data and naive Bayes

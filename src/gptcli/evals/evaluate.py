@@ -10,7 +10,7 @@ from typing import Literal
 
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
-from gptcli.infer.load import checkpoint_kind
+from gptcli.infer.load import is_classifier
 from gptcli.infer.quantize import check_quantize
 from gptcli.store.rundir import resolve_checkpoint
 
@@ -51,7 +51,7 @@ def evaluate(checkpoint: str | Path | None, request: EvalRequest, on_event: Even
                                                request.batch_size, request.precision, request.device,
                                                on_event=on_event, quantize=request.quantize)
         return Evaluation("choice", path, metrics)
-    if checkpoint_kind(path) == "classifier":
+    if is_classifier(path):
         from gptcli.evals.classify import eval_classifier_checkpoint
 
         if request.quantize != "none":

@@ -99,10 +99,8 @@ def open_conversation(checkpoint: str | Path | None, settings: GenerationSetting
     problems = settings.problems()
     if problems:  # option errors first, before any checkpoint is looked at
         raise GptcliError("; ".join(problems))
-    loaded = load(checkpoint, device, precision, quantize, expect=("chat",))
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(settings.seed)
-    conversation = Conversation(GenerationSession(loaded), settings, generator)
+    session = GenerationSession(load(checkpoint, device, precision, quantize, expect=("chat",)))
+    generator = None if settings.seed is None else session.seeded_generator(settings.seed)
+    conversation = Conversation(session, settings, generator)
     conversation.set_system(system)
     return conversation

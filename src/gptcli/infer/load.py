@@ -24,8 +24,8 @@ from typing import Literal
 import torch
 
 from gptcli.data.tokenizers.chat_format import chat_stop_ids, is_chat_model
-from gptcli.data.training.labelled import TextReading, encode_windows, pad_windows
 from gptcli.data.tokenizers.tokenizer import Tokenizer, load_tokenizer
+from gptcli.data.training.labelled import TextReading, encode_windows, pad_windows
 from gptcli.errors import GptcliError
 from gptcli.infer.cpu_layout import for_generation
 from gptcli.infer.quantize import check_quantize, quantize_model
@@ -108,9 +108,20 @@ Loaded = LanguageModel | ChatModel | Classifier
 def checkpoint_kind(path: Path) -> Kind:
     """What the resolved checkpoint directory `path` holds, read from its metadata and
     tokenizer alone (no weights loaded)."""
-    if checkpoint_task(path) == "classify":
+    if is_classifier(path):
         return "classifier"
-    return "chat" if is_chat_model(load_tokenizer(path / TOKENIZER_DIR)) else "lm"
+    return _language_kind(load_tokenizer(path / TOKENIZER_DIR))
+
+
+def is_classifier(path: Path) -> bool:
+    """Whether `path` holds a classifier: checkpoint_kind's first question, from the weights'
+    metadata alone (for callers that need no more, without reading the tokenizer)."""
+    return checkpoint_task(path) == "classify"
+
+
+def _language_kind(tokenizer: Tokenizer) -> Kind:
+    """A language model's kind, by its tokenizer: a chat format makes it a chat model."""
+    return "chat" if is_chat_model(tokenizer) else "lm"
 
 
 def load(checkpoint: str | Path | None, device: str | torch.device = "auto", precision: str = "auto",
@@ -129,17 +140,18 @@ def load(checkpoint: str | Path | None, device: str | torch.device = "auto", pre
         raise GptcliError(f"--precision must be auto, {', '.join(DTYPES)}, got {precision}")
     path = resolve_checkpoint(checkpoint)
     verify_checkpoint(path)  # a damaged file is named as such, before anything reads it
-    kind = checkpoint_kind(path)
+    # checkpoint_kind's answer, with the tokenizer kept for the model (read once)
+    tokenizer = None if is_classifier(path) else load_tokenizer(path / TOKENIZER_DIR)
+    kind = "classifier" if tokenizer is None else _language_kind(tokenizer)
     if kind not in expect:
         raise GptcliError(_wrong_kind(path, kind, expect))
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if quantize != "none" and kind == "classifier":
+        raise GptcliError(f"--quantize is for language models; {path} is a classifier")
+    model, tokenizer = load_model(path, dev, verified=True, tokenizer=tokenizer)
     if kind == "classifier":
-        if quantize != "none":
-            raise GptcliError(f"--quantize is for language models; {path} is a classifier")
-        model, tokenizer = load_model(path, dev, verified=True)
         _pooling, reading = classifier_reading(path)  # the pooling is the model's own (build_model)
         return Classifier(path, model, tokenizer, reading)
-    model, tokenizer = load_model(path, dev, verified=True)
     if not generate:
         quantize_model(model, quantize)
     else:

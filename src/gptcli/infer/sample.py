@@ -11,9 +11,9 @@ from typing import BinaryIO
 
 import torch
 
+from gptcli.config import COMPILE_CHOICES
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
-from gptcli.config import COMPILE_CHOICES
 from gptcli.infer.compiled import CompiledDecode, wants_compiled_decode
 from gptcli.infer.generate import cache_slots, generation_bytes, sample_text_bytes
 from gptcli.infer.load import Classifier, LanguageModel, load

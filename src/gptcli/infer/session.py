@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from gptcli.config import SEED_RANGE
 from gptcli.data.tokenizers.chat_format import chat_prompt_ids, prompt_ids
 from gptcli.errors import GptcliError
 from gptcli.infer.compiled import CompiledDecode
 from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
 from gptcli.infer.load import ChatModel, LanguageModel
 
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and folds negatives onto it)
+MAX_SEED = SEED_RANGE[1]  # the config's seed range: what torch and numpy both take
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,7 @@ class GenerationSession:
         """Refuse text that cannot be sent as it reads: not UTF-8 (bytes that are not UTF-8
         arrive as lone surrogates, from a command line or JSON's \\ud800 escapes), or holding
         a special token's spelling (read as plain text, it would not mean what it shows)."""
-        bad = not_utf8_at(text)
-        if bad is not None:
-            raise GptcliError(f"{what} is not valid UTF-8 text (character {bad} is {ascii(text[bad])}); "
-                              f"send UTF-8 text")
+        check_utf8(text, what)
         for special in self.tokenizer.special_tokens:
             if special in text:
                 raise GptcliError(f"{what} contains the special token {special} as text; it is read as "
@@ -128,6 +126,10 @@ class GenerationSession:
         cropped = max(len(ids) - self.context, 0)
         return Prompt(ids[cropped:], stop_ids, cropped)
 
+    def seeded_generator(self, seed: int) -> torch.Generator:
+        """A random generator on the model's device, seeded with `seed`."""
+        return torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed)
+
     def text_of(self, prompt: Prompt, stops: tuple[str, ...] = ()) -> SampleText:
         """A stream decoder for one sample of `prompt`: tokens in, finished text out."""
         return SampleText(self.tokenizer, list(stops), prompt.stop_ids)
@@ -141,7 +143,7 @@ class GenerationSession:
         string or end-of-text) or after `settings.max_new_tokens`. Draws from `generator`
         when given (a conversation's, seeded once), else from one seeded by `settings.seed`."""
         if generator is None and settings.seed is not None:
-            generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(settings.seed)
+            generator = self.seeded_generator(settings.seed)
         texts = [self.text_of(prompt, settings.stops) for _ in range(n)]
         for tokens in generate_tokens(self.model, prompt.ids, settings.max_new_tokens, settings.sampling,
                                       n, generator, compiled):
@@ -156,6 +158,14 @@ class GenerationSession:
             if delta:
                 on_text(row, delta)
         return [Sample(t.text, t.tokens) for t in texts]
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Refuse text UTF-8 cannot encode (lone surrogates), naming `what` and where."""
+    bad = not_utf8_at(text)
+    if bad is not None:
+        raise GptcliError(f"{what} is not valid UTF-8 text (character {bad} is {ascii(text[bad])}); "
+                          f"send UTF-8 text")
 
 
 def not_utf8_at(text: str) -> int | None:

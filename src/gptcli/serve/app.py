@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -34,7 +35,7 @@ from gptcli.errors import GptcliError, shorten
 from gptcli.infer.engine import BatchEngine, Job, Update
 from gptcli.infer.generate import SamplingSettings
 from gptcli.infer.load import Classifier, Loaded
-from gptcli.infer.session import GenerationSession, Prompt, not_utf8_at
+from gptcli.infer.session import GenerationSession, Prompt, check_utf8
 from gptcli.serve.protocol import (
     ApiError,
     ChatRequest,
@@ -67,8 +68,9 @@ class Served:
     def context(self) -> int:
         return self.loaded.model.config.block_size
 
-    @property
+    @cached_property
     def session(self) -> GenerationSession:
+        """The language model's generation session (not for a classifier)."""
         return GenerationSession(self.loaded)
 
 
@@ -138,11 +140,11 @@ def build_app(served: Served) -> FastAPI:
         if served.task != "classify":
             raise ApiError(400, f"{served.model_id} is not a classifier; use /v1/completions")
         body.check()
-        for i, text in enumerate(body.texts()):
-            bad = not_utf8_at(text)
-            if bad is not None:
-                raise ApiError(400, f"input[{i}] is not valid UTF-8 text (character {bad} is {ascii(text[bad])}); "
-                                    f"send UTF-8 text")
+        try:
+            for i, text in enumerate(body.texts()):
+                check_utf8(text, f"input[{i}]")
+        except GptcliError as exc:
+            raise ApiError(400, str(exc)) from None
         loop = asyncio.get_running_loop()
         results = [await loop.run_in_executor(served.worker, served.loaded.probabilities, text)
                    for text in body.texts()]

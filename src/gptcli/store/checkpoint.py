@@ -377,15 +377,17 @@ def load_weights(model: Model, directory: str | Path, device: torch.device | str
                           f"unexpected {unexpected[:3]})")
 
 
-def load_model(directory: str | Path, device: torch.device | str = "cpu",
-               verified: bool = False) -> tuple[Model, Tokenizer]:
+def load_model(directory: str | Path, device: torch.device | str = "cpu", verified: bool = False,
+               tokenizer: Tokenizer | None = None) -> tuple[Model, Tokenizer]:
     """The model (in eval mode, fp32) and tokenizer of a checkpoint directory, its files
-    checked against its manifest first (unless the caller has just done so: `verified`)."""
+    checked against its manifest first (unless the caller has just done so: `verified`).
+    `tokenizer`: the checkpoint's own, when the caller has already read it."""
     directory = Path(directory)
     if not verified:
         verify_checkpoint(directory)
     model = build_model(directory)
-    tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise GptcliError(f"{directory}: tokenizer has {tokenizer.vocab_size} ids but the model "
                           f"expects {model.config.vocab_size}")
