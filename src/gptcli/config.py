@@ -293,14 +293,20 @@ class ModelConfig:
 
 @dataclass
 class EvalTask:
-    """A multiple-choice task scored at every evaluation of a pretraining run (an entry of
-    `train.eval_tasks`), as `gptcli eval --task` scores it."""
+    """A task scored at every evaluation of a run (an entry of `train.eval_tasks`), as
+    `gptcli eval --task` scores it: multiple choice, or generation (greedy)."""
 
-    task: Literal["hellaswag", "choice"] = _field(
-        "choice", "`hellaswag` (its official JSONL) or `choice` (JSONL of context, choices, label).")
+    task: Literal["hellaswag", "choice", "generate"] = _field(
+        "choice", "`hellaswag` (its official JSONL), `choice` (JSONL of context, choices, label) or `generate` "
+        "(JSONL of prompt or messages, and reference or references).")
     data: str = _field("", "The items' file.", path=True)
     limit: int | None = _field(None, "Score only the first N items (each evaluation).", at_least=1)
     name: str = _field("", "Short name in metrics (`NAME/acc_norm`); empty: the task's name.")
+    metrics: list[str] = _field(["exact_match"], "generate: the metrics logged as `NAME/METRIC` (exact_match, f1, "
+                                "rouge1, rouge2, rougeL, bleu, chrf).")
+    max_new_tokens: int = _field(64, "generate: the most tokens of an answer.", at_least=1)
+    stop: list[str] = _field([], "generate: texts that end an answer (left out of it).")
+    raw: bool = _field(False, "generate: continue the prompt as plain text even on a chat model.")
 
     @property
     def metric_name(self) -> str:
@@ -333,9 +339,10 @@ class TrainConfig:
     eval_every: int = _field(250, "Evaluate on the validation split every this many steps.", at_least=1)
     eval_batches: int = _field(20, "Micro-batches averaged for one validation loss.", at_least=1)
     eval_tasks: list[EvalTask] = _field(
-        [], "Pretraining: multiple-choice tasks scored at every evaluation, a list of "
-        "`{task, data, limit, name}` (`task`: `hellaswag` or `choice`; `limit`: the first N items; `name`: in "
-        "metrics, default the task); acc and acc_norm go to metrics.jsonl as `NAME/acc`, `NAME/acc_norm`.",
+        [], "Language models: tasks scored at every evaluation, a list of `{task, data, limit, name, ...}` "
+        "(`task`: `hellaswag`, `choice` or `generate`; `limit`: the first N items; `name`: in metrics, default "
+        "the task). Multiple choice logs `NAME/acc`, `NAME/acc_norm`; generate answers greedily and logs "
+        "`NAME/METRIC` for each of its `metrics`, with its `max_new_tokens`, `stop` and `raw`.",
         path=True,
     )
     save_every: int = _field(250, "Save a checkpoint every this many steps (and at the end).", at_least=1)
@@ -557,6 +564,13 @@ def _train_and_data_problems(t: TrainConfig, d: DataConfig) -> list[str]:
                                                  f"'{task.metric_name}'; give each a unique name")
         need(not task.name or bool(SOURCE_NAME.fullmatch(task.name)),
              f"train.eval_tasks[{i}].name: use letters, digits, '_', '-' and '.' only, got {_describe(task.name)}")
+        need(task.task == "generate" or (task.metrics, task.stop) == (["exact_match"], []),
+             f"train.eval_tasks[{i}]: metrics and stop are for generate tasks; {task.task} logs acc and acc_norm")
+        need(task.task != "generate" or bool(task.metrics),
+             f"train.eval_tasks[{i}].metrics: name at least one metric to log")
+        need(task.task != "generate" or t.parallel != "fsdp",
+             f"train.eval_tasks[{i}]: generate tasks do not run under train.parallel=fsdp (each decoding step "
+             f"would gather every shard); use ddp, or score the checkpoints with gptcli eval --task generate")
     need(bool(d.text_field), "data.text_field: must not be empty")
     return problems
 
@@ -599,6 +613,9 @@ def _finetune_problems(cfg: FinetuneRunConfig) -> list[str]:
                         "finetuning (--task lm) list plain paths")
     if cfg.finetune.lora.rank and not cfg.finetune.lora.targets:
         problems.append("finetune.lora.targets: name at least one layer")
+    if cfg.finetune.task == "classify" and cfg.train.eval_tasks:
+        problems.append("train.eval_tasks: tasks are scored by language models; a classifier logs its accuracy "
+                        "(use --task lm or instruct, or leave them out)")
     return problems + _train_and_data_problems(cfg.train, cfg.data)
 
 

@@ -216,16 +216,38 @@ def eval_command(
              ".parquet and saved Hugging Face dataset --data for a language model.")] = "text",
     label_column: Annotated[str, typer.Option(help="Classifier: column with the true label.")] = "label",
     predictions: Annotated[Optional[Path], typer.Option(
-        help="Classifier: write per-row predictions to this CSV.")] = None,
+        help="Classifier: write per-row predictions to this CSV. --task generate: one JSON line per item "
+             "(prompt, prediction, references, its scores).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
     device: Device = "auto",
     quantize: LMQuantize = "none",
     task: Annotated[Optional[str], typer.Option(
-        help="Language model: score a multiple-choice file instead: hellaswag (its official JSONL) or choice "
-             "(JSONL of context, choices, label).")] = None,
+        help="Language model: score a task instead of the loss: hellaswag (its official JSONL), choice (JSONL of "
+             "context, choices, label), or generate (JSONL of prompt or messages, and reference or references: "
+             "answers generated and scored).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="With --task: the first N items only.")] = None,
+    metrics: Annotated[Optional[list[str]], typer.Option(
+        help="--task generate: exact_match, f1, rouge1, rouge2, rougeL, bleu, chrf, pass@K (repeatable or "
+             "comma-separated; default exact_match,f1; ROUGE, BLEU and chrF need gptcli[eval]).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help="--task generate: the most tokens of an answer (default 256, or half the context if less).")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        help="--task generate: end an answer at this string (repeatable; escapes as in gptcli sample).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help="--task generate: softmax temperature (default 0: greedy).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="--task generate: sample from the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="--task generate: nucleus sampling threshold.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="--task generate: seed of every item's samples (each item draws as gptcli sample --seed does).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(
+        help="--task generate: samples per item, for pass@K (the other metrics score the first).")] = None,
+    reward: Annotated[Optional[str], typer.Option(
+        help="--task generate: what makes a sample correct for pass@K: exact_match (default), f1, contains, or "
+             "FILE.py:FUNCTION, a function (prediction, references) -> number in [0, 1].")] = None,
+    raw: Annotated[bool, typer.Option(
+        help="--task generate: continue each prompt as plain text even on a chat model.")] = False,
 ) -> None:
-    """Loss, perplexity and bits per byte of a language model; acc and acc_norm on a multiple-choice task; accuracy, F1 and confusion of a classifier.
+    """Loss, perplexity and bits per byte of a language model; acc and acc_norm on a multiple-choice task; generated answers scored against references; accuracy, F1 and confusion of a classifier.
 
     Examples:
 
@@ -236,12 +258,21 @@ def eval_command(
       gptcli eval -c runs/classify-stdlib --data test.csv --predictions preds.csv
 
       gptcli eval -c runs/gpt2 --task hellaswag --data hellaswag_val.jsonl --limit 1000
+
+      gptcli eval -c runs/qa --task generate --data qa.jsonl --metrics exact_match,f1 --stop '\\n'
     """
     from gptcli.cli.display import ProgressDisplay, render_evaluation, show_checkpoint
     from gptcli.evals.evaluate import EvalRequest, evaluate
+    from gptcli.infer.sample import decode_escapes
+    from gptcli.infer.session import GenerationSettings
 
+    settings = None
+    if (stop, temperature, top_k, top_p, seed) != (None,) * 5:
+        settings = GenerationSettings(temperature=0.0 if temperature is None else temperature, top_k=top_k,
+                                      top_p=top_p, stops=tuple(decode_escapes(s) for s in stop or ()), seed=seed)
+    names = None if metrics is None else tuple(n.strip() for m in metrics for n in m.split(",") if n.strip())
     request = EvalRequest(data, split, batch_size, precision, device, quantize, text_column, label_column,
-                          predictions, task, limit)
+                          predictions, task, limit, names, settings, max_new_tokens, raw, num_samples, reward)
     with ProgressDisplay() as display:
         result = evaluate(checkpoint, request, on_event=display)
     if not json_output:

@@ -102,6 +102,8 @@ class ProgressDisplay:
                     f"{event.tokens / elapsed / 1e6:6.2f}M tok/s")
         elif event.phase == "evaluating":
             rate = f"{event.tokens / elapsed:,.0f} tok/s"
+        elif event.phase == "generating":
+            rate = f"{event.done / elapsed:,.2f} items/s"
         self.progress.update(self.tasks[event.phase], completed=event.done, total=event.total,
                              rate=rate)
 
@@ -352,6 +354,22 @@ def render_choice_metrics(m: dict) -> None:
     console.print(table)
 
 
+def render_generate_metrics(m: dict) -> None:
+    """Each metric of a generation task with its standard error, beside the no-model baseline's."""
+    table = Table(box=None)
+    for header in ("metric", "model", "± stderr", "baseline"):
+        table.add_column(header, justify="left" if header == "metric" else "right")
+    names = [k for k in m if f"{k}_stderr" in m and not k.startswith("baseline_")]
+    for name in names:
+        base = m.get(f"baseline_{name}")
+        table.add_row(name, f"{m[name]:.4f}", f"{m[f'{name}_stderr']:.4f}", "-" if base is None else f"{base:.4f}")
+    console.print(f"task: generate ({m['data']}), {m['items']:,} items, {m['samples_per_item']} sample(s) each "
+                  f"at temperature {m['temperature']:g}, {m['generated_tokens']:,} tokens generated, "
+                  f"{m['items_per_second']:.2f} items/s", highlight=False, markup=False)
+    console.print(table)
+    console.print(f"baseline: {m['baseline']} (no model)", highlight=False, markup=False)
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -453,6 +471,8 @@ def render_evaluation(kind: str, metrics: dict) -> None:
     """`gptcli eval`'s tables, by what was evaluated (evals/evaluate.py's Evaluation.kind)."""
     if kind == "choice":
         render_choice_metrics(metrics)
+    elif kind == "generate":
+        render_generate_metrics(metrics)
     elif kind == "classifier":
         console.print(f"data: {metrics['data']}", highlight=False, markup=False)
         render_classify_metrics({f"val_{k}" if k in ("accuracy", "macro_f1", "majority_baseline",

@@ -69,7 +69,7 @@ class ChoiceItem:
 def read_items(task: str, path: str | Path, limit: int | None = None) -> list[ChoiceItem]:
     """The items of a `task` file (see the module docstring), the first `limit` of them."""
     if task not in TASKS:
-        raise GptcliError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+        raise GptcliError(f"--task must be one of {', '.join(TASKS)} or generate, got {task!r}")
     if limit is not None and limit < 1:
         raise GptcliError(f"--limit must be at least 1, got {limit}")
     records = read_records(path)[:limit]
@@ -267,8 +267,8 @@ def eval_choice_checkpoint(checkpoint: str | Path | None, task: str, data: str |
 
 
 class ChoiceTasks:
-    """`train.eval_tasks`: multiple-choice tasks scored at every evaluation of a pretraining
-    run. The files are read when the run starts, so a bad one stops it before training."""
+    """Multiple-choice tasks of `train.eval_tasks`, scored at every evaluation of a run. The
+    files are read when the run starts, so a bad one stops it before training."""
 
     def __init__(self, tasks: list[EvalTask], tokenizer: Tokenizer):
         self.tokenizer = tokenizer

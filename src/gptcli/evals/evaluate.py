@@ -1,6 +1,6 @@
 """`gptcli eval`: one entry for every kind of evaluation, chosen by what the checkpoint is
 (infer/load.py) and what was asked: a classifier's accuracy (classify.py), a multiple-choice
-task (choice.py) or a language model's loss (lm.py)."""
+task (choice.py), a generation task (generation.py) or a language model's loss (lm.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Literal
 
 from gptcli.errors import GptcliError
+from gptcli.evals.generation import GREEDY, GenerateRequest
 from gptcli.events import EventSink, ignore
 from gptcli.infer.load import is_classifier
 from gptcli.infer.quantize import check_quantize
+from gptcli.infer.session import GenerationSettings
 from gptcli.store.rundir import resolve_checkpoint
 
 
@@ -25,14 +27,29 @@ class EvalRequest:
     quantize: str = "none"  # language models only
     text_column: str = "text"
     label_column: str = "label"  # classifier
-    predictions: Path | None = None  # classifier: per-row CSV
-    task: str | None = None  # a multiple-choice task (hellaswag, choice) instead of the loss
+    predictions: Path | None = None  # classifier: per-row CSV; generate: per-item JSONL
+    task: str | None = None  # a multiple-choice task (hellaswag, choice) or generate, instead of the loss
     limit: int | None = None  # with `task`: the first N items
+    # --task generate only (None: not given):
+    metrics: tuple[str, ...] | None = None
+    settings: GenerationSettings | None = None  # all but max_new_tokens
+    max_new_tokens: int | None = None
+    raw: bool = False
+    num_samples: int | None = None
+    reward: str | None = None
+
+    def generate_options(self) -> list[str]:
+        """The options given that only --task generate takes."""
+        given = {"--metrics": self.metrics is not None, "--max-new-tokens": self.max_new_tokens is not None,
+                 "--stop/--temperature/--top-k/--top-p/--seed": self.settings is not None, "--raw": self.raw,
+                 "--num-samples": self.num_samples is not None,
+                 "--reward": self.reward is not None}
+        return [option for option, there in given.items() if there]
 
 
 @dataclass
 class Evaluation:
-    kind: Literal["lm", "choice", "classifier"]
+    kind: Literal["lm", "choice", "generate", "classifier"]
     path: Path  # the checkpoint evaluated
     metrics: dict
 
@@ -41,7 +58,22 @@ def evaluate(checkpoint: str | Path | None, request: EvalRequest, on_event: Even
     check_quantize(request.quantize)
     if request.limit is not None and request.task is None:
         raise GptcliError("--limit counts multiple-choice items; it goes with --task")
+    if request.task != "generate" and request.generate_options():
+        raise GptcliError(f"{', '.join(request.generate_options())}: for --task generate")
     path = resolve_checkpoint(checkpoint)
+    if request.task == "generate":
+        from gptcli.evals.generation import eval_generate_checkpoint
+
+        if request.data and len(request.data) != 1:
+            raise GptcliError("--task generate: give the items as one --data file (JSONL, CSV or Parquet), or "
+                              "none for an instruct finetune's own validation split")
+        wanted = GenerateRequest(
+            request.data[0] if request.data else None, request.metrics or GenerateRequest.metrics,
+            request.settings or GREEDY, request.max_new_tokens, request.raw, request.num_samples or 1, request.reward or "exact_match",
+            request.limit, request.batch_size, request.predictions)
+        path, metrics = eval_generate_checkpoint(path, wanted, request.device, request.precision,
+                                                 request.quantize, on_event)
+        return Evaluation("generate", path, metrics)
     if request.task is not None:
         from gptcli.evals.choice import eval_choice_checkpoint
 

@@ -63,6 +63,7 @@ class Update:
     text: str
     finish: str | None = None
     tokens: int = 0  # tokens this choice generated, on its last update
+    ids: tuple[int, ...] = ()  # on its last update: the ids of its text (stop ids left out)
 
 
 @dataclass(eq=False)
@@ -126,7 +127,7 @@ class _Running:
     def _finish(self, choice: int, text: str, reason: str) -> None:
         self.finished[choice] = True
         self.tally[reason] += 1
-        self.job.emit(Update(choice, text, reason, self.counts[choice]))
+        self.job.emit(Update(choice, text, reason, self.counts[choice], tuple(self.texts[choice].tokens)))
 
 
 class BatchEngine:
@@ -187,6 +188,26 @@ class BatchEngine:
                 raise RuntimeError("the engine is stopped")
             self._waiting.append(job)
             self._wake.notify()
+
+    def run(self, jobs: list[Job]) -> None:
+        """Decode `jobs` to their end on the calling thread, then return: for evaluation and
+        rollouts, where one caller brings all the work (a server `start`s the thread instead).
+        A failing step raises, after ending every job it had with "error"."""
+        if self._done is not None:
+            raise RuntimeError("the engine runs on its own thread; submit jobs to it instead")
+        for job in jobs:
+            self.check(job)
+        self._waiting.extend(jobs)
+        with torch.inference_mode():
+            while self._rows or self._waiting:
+                with self._wake:
+                    admitted = self._admissible()
+                try:
+                    self._advance(admitted)
+                except BaseException:
+                    self._end_all(admitted + [*self._waiting], "error")
+                    self._waiting.clear()
+                    raise
 
     def stop(self) -> None:
         """Cancel every waiting and running job (each gets its "cancelled" updates) and end

@@ -161,6 +161,12 @@ def load(checkpoint: str | Path | None, device: str | torch.device = "auto", pre
     return (ChatModel if kind == "chat" else LanguageModel)(path, model, tokenizer)
 
 
+def language_model(path: Path, model: Model, tokenizer: Tokenizer) -> LanguageModel:
+    """A model in memory (one being trained, say) as the loader would give it: a ChatModel
+    when its tokenizer has a chat format."""
+    return (ChatModel if _language_kind(tokenizer) == "chat" else LanguageModel)(path, model, tokenizer)
+
+
 _DESCRIBED = {"lm": "a base language model", "chat": "a chat model", "classifier": "a classifier"}
 
 

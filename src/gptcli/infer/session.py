@@ -26,6 +26,7 @@ from gptcli.config import SEED_RANGE
 from gptcli.data.tokenizers.chat_format import chat_prompt_ids, prompt_ids
 from gptcli.errors import GptcliError
 from gptcli.infer.compiled import CompiledDecode
+from gptcli.infer.engine import BatchEngine, Job, Update
 from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
 from gptcli.infer.load import ChatModel, LanguageModel
 
@@ -122,6 +123,17 @@ class GenerationSession:
             self.check_text(turn["content"], f"messages[{i}].content")
         return Prompt(chat_prompt_ids(self.tokenizer, messages), self.loaded.stop_ids)
 
+    def fit(self, prompt: Prompt, max_new_tokens: int) -> Prompt:
+        """`prompt` with room for `max_new_tokens` in the context: its last
+        context - max_new_tokens tokens (lm-evaluation-harness's rule for generation tasks),
+        what `generate_many` needs."""
+        room = self.context - max_new_tokens
+        if room < 1:
+            raise GptcliError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
+                              f"{self.context}-token context; use fewer than {self.context}")
+        cut = max(len(prompt.ids) - room, 0)
+        return Prompt(prompt.ids[cut:], prompt.stop_ids, prompt.cropped + cut)
+
     def _fitted(self, ids: list[int], stop_ids: frozenset[int]) -> Prompt:
         cropped = max(len(ids) - self.context, 0)
         return Prompt(ids[cropped:], stop_ids, cropped)
@@ -158,6 +170,33 @@ class GenerationSession:
             if delta:
                 on_text(row, delta)
         return [Sample(t.text, t.tokens) for t in texts]
+
+    def generate_many(self, prompts: list[Prompt], settings: GenerationSettings, n: int = 1,
+                      max_batch: int = 16, on_done: Callable[[int], None] = lambda index: None
+                      ) -> list[list[Sample]]:
+        """`n` samples of every prompt, decoded together by continuous batching (engine.py):
+        up to `max_batch` rows at once, a prompt starting as soon as rows free up. Each
+        prompt's samples are drawn as `generate` draws them alone (a generator of their own
+        seeded with `settings.seed`), so `gptcli sample` on one of these prompts gives its
+        samples; greedy ones too, up to rounding (a row's logits can differ in the last bits
+        with the batch around it). Every prompt must leave room for the new tokens (`fit`).
+        `on_done(i)` is called once prompt i has all its samples."""
+        engine = BatchEngine(self.model, self.tokenizer, max(n, min(max_batch, n * len(prompts))))
+        texts = [[""] * n for _ in prompts]
+        samples: list[list[Sample | None]] = [[None] * n for _ in prompts]
+
+        def emitter(index: int) -> Callable[[Update], None]:
+            def emit(update: Update) -> None:
+                texts[index][update.choice] += update.text
+                if update.finish is not None:
+                    samples[index][update.choice] = Sample(texts[index][update.choice], list(update.ids))
+                    if all(s is not None for s in samples[index]):
+                        on_done(index)
+            return emit
+
+        engine.run([Job(p.ids, settings.max_new_tokens, settings.sampling, emitter(i), n, settings.seed,
+                        list(settings.stops), p.stop_ids) for i, p in enumerate(prompts)])
+        return samples
 
 
 def check_utf8(text: str, what: str) -> None:

@@ -141,7 +141,7 @@ def _instruct(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_c
     model.resize_vocab(tokenizer.vocab_size)
     data = InstructData(tokenizer, train_conversations, val_conversations, model_cfg.block_size,
                         cfg.train.batch_size, f.pack, cfg.seed, device, cfg.train.grad_accum, dist,
-                        too_long=f.too_long, on_event=on_event)
+                        too_long=f.too_long, on_event=on_event, eval_tasks=cfg.train.eval_tasks)
     return model, data, tokenizer
 
 

@@ -20,7 +20,9 @@ from gptcli.data.training.dataset import STREAMS, step_rows
 from gptcli.data.text.records import Record, where
 from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
+from gptcli.config import EvalTask
 from gptcli.evals.lm import validation_loss
+from gptcli.evals.run_tasks import EvalTasks
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.model.gpt import IGNORE_INDEX
 from gptcli.runtime import Distributed, Precision
@@ -84,8 +86,9 @@ class InstructData:
     def __init__(self, tokenizer: Tokenizer, train: list[Conversation], val: list[Conversation],
                  block_size: int, batch_size: int, pack: bool, seed: int, device: torch.device,
                  grad_accum: int = 1, dist: Distributed = Distributed(), too_long: str = "drop",
-                 on_event: EventSink = ignore):
+                 on_event: EventSink = ignore, eval_tasks: list[EvalTask] = ()):
         self.pad_id = tokenizer.eot_id
+        self.tasks = EvalTasks(list(eval_tasks), tokenizer)
         train_rows = _fitting_rows(tokenizer, train, block_size, too_long, "training")
         val_rows = _fitting_rows(tokenizer, val, block_size, too_long, "validation")
         dropped = len(train) - len(train_rows), len(val) - len(val_rows)
@@ -121,8 +124,9 @@ class InstructData:
             yield self._batch(self.val_rows[start:start + self.batch_size])
 
     def validate(self, model: torch.nn.Module, precision: Precision) -> dict[str, float]:
-        """Mean loss per response token over every validation conversation."""
-        return validation_loss(model, self.val_batches(), precision)
+        """Mean loss per response token over every validation conversation, and the scores
+        of train.eval_tasks."""
+        return {**validation_loss(model, self.val_batches(), precision), **self.tasks.scores(model, precision)}
 
 
 def _fitting_rows(tokenizer: Tokenizer, candidates: list[Conversation], block_size: int,

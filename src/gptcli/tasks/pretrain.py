@@ -23,7 +23,7 @@ from gptcli.data.training.dataset import BatchSampler, TokenDataset, prepare_dat
 from gptcli.data.training.mixture import Mixture, MixtureSampler, Weights
 from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
-from gptcli.evals.choice import ChoiceTasks
+from gptcli.evals.run_tasks import EvalTasks
 from gptcli.evals.lm import mixture_validation, validation_loss
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.model import Model, get_arch
@@ -45,7 +45,7 @@ class PretrainData:
                  dist: Distributed = Distributed()):
         t, block = cfg.train, cfg.model.block_size
         self.rank = dist.rank
-        self.tasks = ChoiceTasks(t.eval_tasks, dataset.tokenizer)
+        self.tasks = EvalTasks(t.eval_tasks, dataset.tokenizer)
         self.train = BatchSampler(dataset.splits["train"], t.batch_size, block, cfg.seed, "train",
                                   device, t.grad_accum, dist.world_size)
         self.val = BatchSampler(dataset.splits["val"], t.batch_size, block, cfg.seed, "val", device)
@@ -74,7 +74,7 @@ class MixtureData:
                  dist: Distributed = Distributed()):
         t = cfg.train
         self.rank, self.mixture, self.cfg, self.device = dist.rank, mixture, cfg, device
-        self.tasks = ChoiceTasks(t.eval_tasks, mixture.tokenizer)
+        self.tasks = EvalTasks(t.eval_tasks, mixture.tokenizer)
         self.train = MixtureSampler(mixture, t.batch_size, cfg.model.block_size, cfg.seed, device,
                                     t.grad_accum, dist.world_size)
 
