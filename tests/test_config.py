@@ -282,6 +282,21 @@ def test_rules_in_lists_of_sections_are_checked():
         config_from_dict({"data": {"inputs": [{"path": "a", "weight": 1}, {"path": "b", "weight": -2}]}})
 
 
+def test_generate_eval_tasks_rules():
+    generate = {"task": "generate", "data": "qa.jsonl", "metrics": ["f1", "rougeL"], "stop": ["\n"]}
+    task = config_from_dict({"train": {"eval_tasks": [generate]}}).train.eval_tasks[0]
+    assert (task.metrics, task.stop, task.max_new_tokens, task.metric_name) == (["f1", "rougeL"], ["\n"], 64, "generate")
+    for train, message in (
+            ({"eval_tasks": [{"task": "choice", "data": "c.jsonl", "metrics": ["f1"]}]},
+             "metrics and stop are for generate tasks"),
+            ({"eval_tasks": [{**generate, "metrics": []}]}, r"eval_tasks\[0\]\.metrics: name at least one metric"),
+            ({"eval_tasks": [generate], "parallel": "fsdp"}, "generate tasks do not run under train.parallel=fsdp")):
+        with pytest.raises(GptcliError, match=message):
+            config_from_dict({"train": train})
+    with pytest.raises(GptcliError, match="train.eval_tasks: tasks are scored by language models"):
+        config_from_dict({"finetune": {"task": "classify"}, "train": {"eval_tasks": [generate]}}, FinetuneRunConfig)
+
+
 def test_field_and_cross_field_problems_are_reported_together_in_one_line():
     with pytest.raises(GptcliError) as info:
         config_from_dict({"seed": -1, "data": {"val_fraction": 0}, "model": {"n_embd": 100, "dropout": 1},

@@ -71,6 +71,40 @@ def test_jobs_batched_together_give_what_each_gives_alone(arch):
     assert engine.load == (0, 0)
 
 
+class WithIds(Collected):
+    """Also the ids each choice's last update carries."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.ids = [()] * n
+
+    def __call__(self, update: Update) -> None:
+        super().__call__(update)
+        if update.finish:
+            self.ids[update.choice] = update.ids
+
+
+def test_run_drains_jobs_on_the_callers_thread_as_the_thread_would():
+    """`run` (evaluation, rollouts): 9 rows through 3, each job's text what it gives alone,
+    its ids those of its text; a failing step raises after ending every job with "error"."""
+    model = fp64_model("llama")
+    engine = BatchEngine(model, TOKENIZER, max_batch=3)
+    jobs = [Job(list(range(2 + i, 6 + i)), 6 + i, SamplingSettings(0.0 if i % 2 else 1.0), WithIds(1 + i % 3),
+                n=1 + i % 3, seed=i) for i in range(5)]
+    engine.run(jobs)
+    for job in jobs:
+        assert job.emit.done.is_set() and job.emit.texts == alone(model, job)
+        assert [TOKENIZER.decode(list(ids)) for ids in job.emit.ids] == job.emit.texts
+    assert engine.load == (0, 0)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(model, "logits", lambda hidden: (_ for _ in ()).throw(RuntimeError("injected")))
+    failed = Collected(2)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.run([Job([1, 2], 5, SamplingSettings(0), failed, n=2), Job([3], 5, SamplingSettings(0), Collected(1))])
+    monkeypatch.undo()
+    assert failed.finish == ["error", "error"] and engine.load == (0, 0)
+
+
 def test_a_cancelled_job_ends_and_frees_its_rows():
     model = fp64_model("gpt2")
     engine = BatchEngine(model, TOKENIZER, max_batch=1)

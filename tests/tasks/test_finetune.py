@@ -161,6 +161,36 @@ def test_instruct_trains_and_sample_stops_at_end_of_turn(tmp_path, base_run, cap
     assert code == 0 and out.startswith("hello") and len(out) < 40  # stopped at <|end|>
 
 
+def test_instruct_logs_generate_tasks_at_every_evaluation_and_plot_draws_them(tmp_path, base_run, capsys):
+    """train.eval_tasks' generate tasks answer through the model in training (its chat
+    format, greedy): NAME/METRIC at every evaluation; eval --task generate without --data
+    scores the run's own validation split; plot gives each metric a panel."""
+    rows = [{"prompt": f"add {a} {b}", "response": str(a + b)} for a in range(10) for b in range(6)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": r["prompt"], "reference": r["response"]}) + "\n" for r in rows[:8]))
+    cfg = ft_config(tmp_path, base_run, "instruct", train_file=str(data), pack=True)
+    cfg["train"]["eval_tasks"] = [{"task": "generate", "data": str(qa), "name": "sums", "max_new_tokens": 6,
+                                   "metrics": ["exact_match", "f1"]}]
+    result = finetune(config_from_dict(cfg, FinetuneRunConfig))
+    evals = [r for r in metrics(result.run_dir) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert all(0 <= r["sums/exact_match"] <= 1 and 0 <= r["sums/f1"] <= 1 for r in evals)
+    from conftest import run_cli
+
+    code, out, err = run_cli(["eval", "-c", result.run_dir, "--task", "generate", "--max-new-tokens", "6",
+                              "--json"], capsys)
+    own = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and own["items"] == 6 and "(validation split)" in own["data"], err  # 10% of 60
+    pytest.importorskip("matplotlib")
+    code, _, err = run_cli(["plot", result.run_dir, "--out", tmp_path / "p.png"], capsys)
+    assert code == 0, err
+    from PIL import Image
+
+    assert Image.open(tmp_path / "p.png").size == (3 * 660, 462)  # loss, sums exact_match, sums f1
+
+
 def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, base_run):
     data = write_classify_csv(tmp_path / "cls.csv")
     cfg = ft_config(tmp_path, base_run, "classify", train_file=str(data),

@@ -4,7 +4,8 @@ Panels, each shared by all runs (one colour per run):
 - loss: training loss (solid) and validation loss (dashed, dots at evaluations);
 - val bpb: bits per byte, when any run is a language model;
 - val accuracy: when any run is a classifier;
-- one panel per multiple-choice task of `train.eval_tasks`: its acc_norm.
+- one panel per multiple-choice task of `train.eval_tasks`: its acc_norm;
+- one panel per metric of each generation task of `train.eval_tasks` (`NAME/rougeL`, ...).
 The x axis is the optimizer step or the tokens seen.
 """
 
@@ -15,12 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from gptcli.errors import GptcliError
+from gptcli.evals.text_metrics import CORPUS, PER_ITEM, ROUGE
 from gptcli.outputs import check_output_file, input_paths
 from gptcli.store.runlog import METRICS_FILE, RUN_FILE, read_metrics
 
 LOSS_PNG = "loss.png"
 X_AXES = {"step": "step", "tokens": "tokens seen"}
-TASK_METRIC = "/acc_norm"  # a train.eval_tasks task's key in metrics.jsonl: NAME/acc_norm
+# train.eval_tasks' keys in metrics.jsonl are NAME/METRIC: the panels show these metrics.
+TASK_METRICS = {"acc_norm": "acc_norm (multiple choice)", **{m: m for m in (*PER_ITEM, *ROUGE, *CORPUS)}}
 
 
 def _pyplot():
@@ -72,8 +75,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
         panels.append(("val_bpb", "val bits per byte"))
     if any("val_accuracy" in r for records in runs.values() for r in records):
         panels.append(("val_accuracy", "val accuracy"))
-    tasks = sorted({key for records in runs.values() for r in records for key in r if key.endswith(TASK_METRIC)})
-    panels += [(key, f"{key.removesuffix(TASK_METRIC)} acc_norm (multiple choice)") for key in tasks]
+    tasks = sorted({key for records in runs.values() for r in records for key in r
+                    if "/" in key and key.rpartition("/")[2] in TASK_METRICS})
+    panels += [(key, f"{key.rpartition('/')[0]} {TASK_METRICS[key.rpartition('/')[2]]}") for key in tasks]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     names = _short_names(list(runs))
