@@ -112,6 +112,13 @@ COMMANDS: dict[str, Row] = {
     "gptcli eval -c checkpoints/gpt2 --task hellaswag --data hellaswag_val.jsonl --limit 1000 --json":
         Row(needs=(IMPORT,), data=(needs_gpt2_ranks,)),
     "gptcli eval -c runs/demo --task choice --data my_tests.jsonl": Row(needs=(DEMO,)),
+    "gptcli eval -c runs/demo --task generate --data qa.jsonl --metrics exact_match,f1 --stop '\\n'": Row(needs=(DEMO,)),
+    "gptcli eval -c runs/demo --task generate --data summaries.jsonl --metrics rouge1,rouge2,rougeL --max-new-tokens 48":
+        Row(needs=(DEMO,)),
+    "gptcli eval -c runs/demo --task generate --data translations.jsonl --metrics bleu,chrf --predictions out.jsonl "
+    "--json": Row(needs=(DEMO,)),
+    "gptcli eval -c runs/demo --task generate --data qa.jsonl --num-samples 8 --temperature 0.8 --seed 0 --metrics "
+    "pass@1,pass@8 --reward checks.py:is_right": Row(needs=(DEMO,), extra=("--max-new-tokens", "8")),
     "gptcli export-hf runs/gpt2-classify --out hf/gpt2-classify":
         Row(needs=(IMPORT, GPT2_CLASSIFY), data=(needs_gpt2_ranks,)),
     'gptcli sample -c runs/shakespeare-char -p "ROMEO:" -n 500 --top-k 200 --temperature 0.8':
@@ -171,6 +178,20 @@ def test_every_readme_command_has_a_row():
 # --- the folder the README assumes -------------------------------------------------------
 
 
+def write_generate_items(repo: Path) -> None:
+    """The generation tasks' files of `eval --task generate`'s examples, and a reward function."""
+    def jsonl(name, rows):
+        (repo / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    jsonl("qa.jsonl", [{"prompt": "import os\nprint(os.", "reference": "path"},
+                       {"prompt": "def add(a, b):\n    return", "references": ["a + b", "b + a"]}])
+    jsonl("summaries.jsonl", [{"prompt": "def read_config(path):", "reference": "Read the configuration file."}] * 2)
+    jsonl("translations.jsonl", [{"prompt": "le chat noir", "reference": "the black cat"},
+                                 {"prompt": "la maison", "references": ["the house", "the home"]}])
+    (repo / "checks.py").write_text("def is_right(prediction, references):\n"
+                                    "    return prediction.strip() in references\n")
+
+
 def lay_out(root: Path) -> None:
     """configs/, ../shared beside it, and the inputs the README's examples name."""
     repo = root / "repo"
@@ -201,6 +222,7 @@ def lay_out(root: Path) -> None:
     (repo / "hellaswag_val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in hellaswag))
     (repo / "my_tests.jsonl").write_text("".join(json.dumps({"context": f"import {m}", "choices": ["os", "!!"],
                                                              "label": 0}) + "\n" for m in ("os", "sys")))
+    write_generate_items(repo)
     instruct = (REPO / "configs" / "finetune-instruct.yaml").read_text()
     (repo / "my.yaml").write_text(instruct.replace("runs/instruct-docstrings", "runs/my"))
     rows = ["asyncio.run(main())", "msg = email.message_from_string(s)", "root = tkinter.Tk()",
