@@ -406,8 +406,20 @@ class LoRAConfig:
 
 
 @dataclass
+class DPOConfig:
+    loss: Literal["sigmoid", "ipo", "simpo"] = _field(
+        "sigmoid", "`sigmoid` (DPO), `ipo`, or `simpo` (reference-free: log-probabilities averaged over each "
+        "answer's tokens, a target margin gamma).")
+    beta: float = _field(0.1, "How far the policy may move from the reference (DPO's and IPO's beta; SimPO's scale).",
+                         above=0)
+    label_smoothing: float = _field(0.0, "sigmoid, simpo: the assumed chance that a pair's labels are flipped "
+                                         "(conservative DPO).", at_least=0, below=0.5)
+    gamma: float = _field(0.5, "simpo: the target reward margin.", at_least=0)
+
+
+@dataclass
 class FinetuneConfig:
-    task: Literal["classify", "lm", "instruct"] = _field(
+    task: Literal["classify", "lm", "instruct", "dpo"] = _field(
         "classify", "What to adapt the model to (`--task` on the command line overrides it)."
     )
     init_from: str = _field(
@@ -415,8 +427,9 @@ class FinetuneConfig:
         path=True,
     )
     train_file: str = _field(
-        "", "classify/instruct: CSV, TSV, JSONL (maybe .gz or .zst) or Parquet training data; `stdlib-packages` and "
-        "`stdlib-docstrings` are the built-in examples. lm: use data.inputs instead.", path=True
+        "", "classify/instruct/dpo: CSV, TSV, JSONL (maybe .gz or .zst) or Parquet training data; `stdlib-packages`, "
+        "`stdlib-docstrings` and `stdlib-preferences` are the built-in examples. lm: use data.inputs instead.",
+        path=True
     )
     val_file: str = _field("", "Validation data; empty: hold out val_fraction of train_file.", path=True)
     val_fraction: float = _field(0.1, "Share of train_file held out when there is no val_file.",
@@ -447,10 +460,11 @@ class FinetuneConfig:
     )
     pack: bool = _field(False, "instruct: pack short conversations into full rows.")
     too_long: Literal["drop", "error"] = _field(
-        "drop", "instruct: a conversation longer than the context is `drop`ped (the count is "
-        "reported; none left in training or validation is an error) or an `error` naming its "
-        "file:line. Never cut: that would teach half answers."
+        "drop", "instruct, dpo: a conversation (a prompt with its longer answer) longer than the context is "
+        "`drop`ped (the count is reported; none left in training or validation is an error) or an `error` "
+        "naming its file:line. Never cut: that would teach half answers."
     )
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     patience: int = _field(
         5, "Stop after this many evaluations without improving the validation metric; 0 never stops.",
         at_least=0,

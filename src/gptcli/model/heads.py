@@ -7,7 +7,7 @@ Sequences are right-padded per batch; with causal attention the padding never re
 real tokens, and mean pooling leaves it out. A text read as several windows (rows) has the
 mean of its rows' class logits (`owners` says which rows are whose).
 
-The head holds its model as `trunk`, but its state dict gives the trunk's tensors the
+A head holds its model as `trunk` (TrunkHead), but its state dict gives the trunk's tensors the
 trunk's own names (`wte.weight`, `h.0.attn.c_attn.weight`, ..., no `trunk.` prefix) next to
 `score.weight`, and loads them by those names. So a classifier checkpoint is its trunk's
 checkpoint plus one tensor: the layout checkpoints had when the classifier was a GPT
@@ -36,8 +36,10 @@ def _flatten_trunk_keys(module: nn.Module, state_dict: dict, prefix: str, local_
 
 
 def _nest_trunk_keys(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
-    """load_state_dict pre-hook, the inverse: every key of this head but `score.` is the trunk's."""
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "score.")]:
+    """load_state_dict pre-hook, the inverse: every key of this head but its own layers'
+    (`module.OWN`, `score.` for a classifier) is the trunk's."""
+    own = tuple(prefix + name for name in module.OWN)
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(own)]:
         state_dict[prefix + _TRUNK + key[len(prefix):]] = state_dict.pop(key)
 
 
@@ -48,17 +50,18 @@ def _flatten_reported_keys(module: nn.Module, incompatible) -> None:
         keys[:] = [k.removeprefix(_TRUNK) for k in keys]
 
 
-class GPTClassifier(nn.Module):
-    def __init__(self, trunk: Model, labels: list[str], aux_lm_weight: float = 0.0, pooling: str = "last"):
+class TrunkHead(nn.Module):
+    """A model held as `trunk` with something of the task's own on top: what every head
+    shares. It reads as its trunk (arch, config, blocks, hidden states, logits, loss, FLOPs)
+    and its state dict holds the trunk's tensors under the trunk's own names beside the
+    head's layers (named by OWN, prefixes of their keys)."""
+
+    OWN: tuple[str, ...] = ()
+
+    def __init__(self, trunk: Model):
         super().__init__()
         self.trunk = trunk  # registered first: its parameters come first, as optimizer states expect
-        self.labels = list(labels)
-        self.n_classes = len(labels)
-        self.aux_lm_weight = aux_lm_weight
-        self.pooling = pooling  # "last" or "mean" (finetune.pooling)
         self.lora_spec = None  # set by lora.apply_lora (the adapters go into the trunk's layers)
-        self.score = nn.Linear(trunk.config.n_embd, self.n_classes, bias=False)
-        nn.init.normal_(self.score.weight, std=0.02)
         self.register_state_dict_post_hook(_flatten_trunk_keys)
         self.register_load_state_dict_pre_hook(_nest_trunk_keys)
         self.register_load_state_dict_post_hook(_flatten_reported_keys)
@@ -97,8 +100,22 @@ class GPTClassifier(nn.Module):
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors counted once
 
     def flops_per_token(self) -> float:
-        """The trunk's, plus 6 per `score` weight (forward + backward)."""
-        return self.trunk.flops_per_token() + 6 * self.score.weight.numel()
+        """The trunk's, plus 6 per weight of the head's own (forward + backward)."""
+        own = sum(p.numel() for name, p in self.named_parameters() if name.startswith(self.OWN))
+        return self.trunk.flops_per_token() + 6 * own
+
+
+class GPTClassifier(TrunkHead):
+    OWN = ("score.",)
+
+    def __init__(self, trunk: Model, labels: list[str], aux_lm_weight: float = 0.0, pooling: str = "last"):
+        super().__init__(trunk)
+        self.labels = list(labels)
+        self.n_classes = len(labels)
+        self.aux_lm_weight = aux_lm_weight
+        self.pooling = pooling  # "last" or "mean" (finetune.pooling)
+        self.score = nn.Linear(trunk.config.n_embd, self.n_classes, bias=False)
+        nn.init.normal_(self.score.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None, owners: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""`gptcli finetune`: adapt a checkpoint to a task (classify, lm, instruct), full or LoRA.
+"""`gptcli finetune`: adapt a checkpoint to a task (classify, lm, instruct, dpo), full or LoRA.
 
 Each task (TASKS) turns the base model into its model (the trunk, or the trunk under a
-classification head) and its `TrainData`; tasks/run.py does everything else (precision,
+classification head, or a preference head) and its `TrainData`; tasks/run.py does everything else (precision,
 accumulation, evaluation, early stopping, checkpoints, resume) as for pretraining.
 """
 
@@ -42,6 +42,7 @@ from gptcli.store.checkpoint import (
 )
 from gptcli.store.rundir import find_latest_run, resolve_checkpoint, write_pointer
 from gptcli.tasks.classify import ClassifyData, check_labels
+from gptcli.tasks.dpo import PreferenceData, PreferenceModel, read_pairs, settings_of
 from gptcli.tasks.instruct import InstructData, conversations
 from gptcli.tasks.pretrain import PretrainData
 from gptcli.tasks.run import Built, Job, RunResult, run_job
@@ -145,8 +146,22 @@ def _instruct(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_c
     return model, data, tokenizer
 
 
+def _dpo(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: ModelConfig,
+         device: torch.device, dist: Distributed, on_event: EventSink
+         ) -> tuple[PreferenceModel, PreferenceData, Tokenizer]:
+    f = cfg.finetune
+    train, val, source = finetune_records(cfg)
+    trunk = get_arch(base.arch).model(model_cfg)
+    trunk.load_state_dict(_trunk_state(base), strict=False)
+    settings = settings_of(f.dpo)
+    data = PreferenceData(tokenizer, read_pairs(train, source, tokenizer), read_pairs(val, f.val_file or source, tokenizer),
+                          trunk, settings, model_cfg.block_size, cfg.train.batch_size, cfg.seed, device,
+                          cfg.train.grad_accum, dist, too_long=f.too_long, on_event=on_event)
+    return PreferenceModel(trunk, settings), data, tokenizer
+
+
 # Each task turns the base model into its own model and data: (model, data, tokenizer).
-TASKS = {"classify": _classify, "lm": _lm, "instruct": _instruct}
+TASKS = {"classify": _classify, "lm": _lm, "instruct": _instruct, "dpo": _dpo}
 
 
 def freeze(model: Model, embeddings: bool, blocks: int) -> None:
@@ -181,7 +196,7 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
     job = Job(task=f.task, cfg=cfg, inputs=input_paths([init, f.train_file, f.val_file, *cfg.data.inputs]),
               build=lambda dist, device, resume_from, on_event: build_finetune(cfg, init, dist, device,
                                                                                on_event),
-              patience=f.patience, eval_at_start=f.task == "lm",
+              patience=f.patience, eval_at_start=f.task in ("lm", "dpo"),
               finish=lambda run_dir, built: _save_merged(run_dir, built) if f.lora.rank and f.merge else None)
     return run_job(job, resume, overwrite, on_event)
 

@@ -333,6 +333,7 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
                     "lr": lr,
                     "tokens_seen": state.tokens_seen,
                     **_by_source(data, done),
+                    **_step_metrics(model, dist),
                     "tokens_per_sec": interval_tokens / elapsed,
                     "mfu": achieved / peak,
                 }
@@ -481,6 +482,13 @@ def _save(model: nn.Module, state: TrainerState, done: int, setup: LoopSetup,
                           f"({problem}); free disk space or make the directory writable, {then}")
     on_event(CheckpointSaved(str(path), done, best=new_best))
     return path
+
+
+def _step_metrics(model: nn.Module, dist: Distributed) -> dict[str, float]:
+    """What a task's model measured over the steps since the last log (DPO's rewards), if
+    it measures anything."""
+    step_metrics = getattr(model, "step_metrics", None)
+    return step_metrics(dist) if step_metrics is not None else {}
 
 
 def _forward_backward(model: nn.Module, batches: list[Batch], precision: Precision,

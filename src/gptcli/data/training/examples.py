@@ -22,6 +22,7 @@ from gptcli.errors import GptcliError
 
 STDLIB_PACKAGES = "stdlib-packages"
 STDLIB_DOCSTRINGS = "stdlib-docstrings"
+STDLIB_PREFERENCES = "stdlib-preferences"
 # Four packages with distinct vocabularies and thousands of lines each on CPython 3.11.
 PACKAGES = ("asyncio", "email", "tkinter", "xml")
 
@@ -75,19 +76,37 @@ def stdlib_docstring_pairs(limit: int = 3000, seed: int = 0) -> list[Record]:
     return numbered(records[:limit])
 
 
+def stdlib_preference_pairs(limit: int = 3000, seed: int = 0) -> list[Record]:
+    """Records {"prompt": "def name(args):", "chosen": the first line of its docstring,
+    "rejected": the first line of another function's}: stdlib_docstring_pairs' functions, each
+    rejected answer drawn from a function a random distance along the list (never the same
+    text), so preferring the chosen one means reading the signature."""
+    pairs = stdlib_docstring_pairs(limit, seed)
+    rng = random.Random(seed + 1)
+    records = []
+    for i, pair in enumerate(pairs):
+        other = pair["response"]
+        while other == pair["response"]:
+            other = pairs[(i + rng.randrange(1, len(pairs))) % len(pairs)]["response"]
+        records.append({"prompt": pair["prompt"], "chosen": pair["response"], "rejected": other})
+    return numbered(records)
+
+
+_EXAMPLES = {STDLIB_PACKAGES: stdlib_package_snippets, STDLIB_DOCSTRINGS: stdlib_docstring_pairs,
+             STDLIB_PREFERENCES: stdlib_preference_pairs}
+_TASK_EXAMPLE = {"classify": STDLIB_PACKAGES, "instruct": STDLIB_DOCSTRINGS, "dpo": STDLIB_PREFERENCES}
+
+
 def finetune_records(cfg: FinetuneRunConfig) -> tuple[list[Record], list[Record], str]:
     """Training and validation records of a finetune, and what messages call the training
     data: `val_file`, or `val_fraction` of `train_file` held out after a shuffle seeded by
     `cfg.seed` (so `gptcli eval` can rebuild the split a classifier trained on)."""
     f = cfg.finetune
     if not f.train_file:
-        example = STDLIB_PACKAGES if f.task == "classify" else STDLIB_DOCSTRINGS
         raise GptcliError(f"finetune.train_file: required for --task {f.task} (CSV, TSV, JSONL or Parquet; "
-                          f"or {example} for the built-in example)")
-    if f.train_file == STDLIB_PACKAGES:
-        train, source = stdlib_package_snippets(seed=cfg.seed), source_name(f.train_file)
-    elif f.train_file == STDLIB_DOCSTRINGS:
-        train, source = stdlib_docstring_pairs(seed=cfg.seed), source_name(f.train_file)
+                          f"or {_TASK_EXAMPLE.get(f.task, STDLIB_DOCSTRINGS)} for the built-in example)")
+    if f.train_file in _EXAMPLES:
+        train, source = _EXAMPLES[f.train_file](seed=cfg.seed), source_name(f.train_file)
     else:
         train, source = read_records(f.train_file), f.train_file
     if f.val_file:
