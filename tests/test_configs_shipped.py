@@ -45,6 +45,7 @@ SHIPPED = {
                                            "train.grad_accum=1", f"data.inputs=[{SHAKESPEARE}]",
                                            f"data.tokenizer={GPT2_TIKTOKEN}"]),
     "finetune-classify.yaml": ("finetune", []),
+    "finetune-dpo.yaml": ("finetune", ["finetune.init_from=runs/demo"]),  # instruct's run is not made here
     "finetune-instruct.yaml": ("finetune", []),
     "finetune-lm.yaml": ("finetune", []),
 }

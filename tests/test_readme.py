@@ -100,6 +100,9 @@ COMMANDS: dict[str, Row] = {
     "gptcli eval -c runs/classify-stdlib": Row(needs=(DEMO, CLASSIFY)),
     'gptcli sample -c runs/instruct-docstrings -p "def read_config(path):"':
         Row(needs=(DEMO, INSTRUCT), extra=("-n", "8")),
+    "gptcli eval -c runs/instruct-docstrings --task generate --metrics rougeL,rouge1,f1":
+        Row(needs=(DEMO, INSTRUCT), extra=("--limit", "4", "--max-new-tokens", "8")),
+    "gptcli finetune configs/finetune-dpo.yaml": Row(needs=(DEMO, INSTRUCT)),
     IMPORT: Row(data=(needs_gpt2_ranks,)),
     "gptcli import-hf hf/gpt2 --out checkpoints/gpt2 --tokenizer ../shared/data/gpt2.tiktoken":
         Row(data=(needs_gpt2_ranks,)),

@@ -144,6 +144,13 @@ def test_dpo_learns_the_preference_and_logs_trls_metrics(tmp_path, base_run):
     best = max(evals[1:], key=lambda r: r["val_rewards/accuracies"])
     assert resolve_checkpoint(result.run_dir).name == f"step-{best['step']:06d}"
     assert checkpoint_kind(resolve_checkpoint(result.run_dir)) == "lm"
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from gptcli.cli.plot import plot_runs
+
+    plot_runs([result.run_dir], tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").size == (3 * 660, 462)  # loss, reward accuracy, reward margin
 
 
 @pytest.mark.parametrize("loss", ["ipo", "simpo"])

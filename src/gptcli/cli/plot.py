@@ -5,7 +5,8 @@ Panels, each shared by all runs (one colour per run):
 - val bpb: bits per byte, when any run is a language model;
 - val accuracy: when any run is a classifier;
 - one panel per multiple-choice task of `train.eval_tasks`: its acc_norm;
-- one panel per metric of each generation task of `train.eval_tasks` (`NAME/rougeL`, ...).
+- one panel per metric of each generation task of `train.eval_tasks` (`NAME/rougeL`, ...);
+- preference tuning: reward accuracy and reward margin, training (solid) and validation (dashed).
 The x axis is the optimizer step or the tokens seen.
 """
 
@@ -22,6 +23,9 @@ from gptcli.store.runlog import METRICS_FILE, RUN_FILE, read_metrics
 
 LOSS_PNG = "loss.png"
 X_AXES = {"step": "step", "tokens": "tokens seen"}
+# Preference tuning's panels: each key's training curve and its `val_` curve.
+PREFERENCE_PANELS = {"rewards/accuracies": "reward accuracy (chosen > rejected)",
+                     "rewards/margins": "reward margin (chosen - rejected)"}
 # train.eval_tasks' keys in metrics.jsonl are NAME/METRIC: the panels show these metrics.
 TASK_METRICS = {"acc_norm": "acc_norm (multiple choice)", **{m: m for m in (*PER_ITEM, *ROUGE, *CORPUS)}}
 
@@ -75,6 +79,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
         panels.append(("val_bpb", "val bits per byte"))
     if any("val_accuracy" in r for records in runs.values() for r in records):
         panels.append(("val_accuracy", "val accuracy"))
+    if any("val_rewards/accuracies" in r for records in runs.values() for r in records):
+        panels += [(key, title) for key, title in PREFERENCE_PANELS.items()]
     tasks = sorted({key for records in runs.values() for r in records for key in r
                     if "/" in key and key.rpartition("/")[2] in TASK_METRICS})
     panels += [(key, f"{key.rpartition('/')[0]} {TASK_METRICS[key.rpartition('/')[2]]}") for key in tasks]
@@ -85,9 +91,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
         tokens_at = _tokens_at(records)
         name = names[run_dir]
         for ax, (key, _) in zip(axes[0], panels):
-            if key == "loss":
-                ax.plot(*_series(records, "loss", x_axis, tokens_at), color=color, lw=1.2, label=f"{name} train")
-                ax.plot(*_series(records, "val_loss", x_axis, tokens_at), color=color, lw=1.2, ls="--",
+            if key == "loss" or key in PREFERENCE_PANELS:
+                ax.plot(*_series(records, key, x_axis, tokens_at), color=color, lw=1.2, label=f"{name} train")
+                ax.plot(*_series(records, f"val_{key}", x_axis, tokens_at), color=color, lw=1.2, ls="--",
                         marker="o", ms=3, label=f"{name} val")
             else:
                 ax.plot(*_series(records, key, x_axis, tokens_at), color=color, lw=1.2, marker="o", ms=3,
