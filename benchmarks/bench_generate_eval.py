@@ -2,22 +2,26 @@
 `generate_until` (its `hf` model, the Python API) on the same exported model and the same items.
 
     python benchmarks/bench_generate_eval.py [--items 64] [--arch gpt2|llama] [--shape mid] [--batch-size 16]
-                                             [--max-new-tokens 32] [--stop none|blank-line] [--cli] [--write]
+                                             [--max-new-tokens 32] [--stop none|blank-line] [--cli]
+                                             [--rounds 1] [--write]
 
 The model: a recipe (`--arch`) of the shape (bench_choice_eval.py's shapes; mid: 6 layers,
 6 heads, 384 wide, a 256-token context) with GPT-2's tokenizer (../shared/data/gpt2.tiktoken),
 trained a few steps on tiny Shakespeare (enough for its answers to be the play's commonest
-tokens rather than random ones), saved as a gptcli checkpoint and exported with export-hf for
-the harness. The items: two lines of the play and a newline as the prompt, the line after
-them as the reference. Both sides decode greedily, at most --max-new-tokens tokens, ending at
-end-of-text and (with --stop blank-line) at a blank line; fp32.
+tokens, newlines and commas, rather than random ones), saved as a gptcli checkpoint and
+exported with export-hf for the harness. The items: two lines of the play and a newline as
+the prompt, the line after them as the reference. Both sides decode greedily, at most
+--max-new-tokens tokens, ending at end-of-text and (with --stop blank-line) at a blank line,
+which ends most of this model's answers at once: without it every answer is a whole
+--max-new-tokens long on both sides, the same work. fp32.
 
 Timed: gptcli's `eval_generate_checkpoint` call, continuous batching of --batch-size rows,
 loading the checkpoint included (with --cli, also the `gptcli eval` command, Python's start
 included); the harness's `simple_evaluate` on an already loaded model (loading excluded, its
 task loading included: part of every harness run), once one request at a time (batch 1: its
-default) and once in left-padded batches of --batch-size. Reported: items per second, how
-many items' answers equal gptcli's, and gptcli's items per second over the harness's.
+default) and once in left-padded batches of --batch-size. Each implementation runs once per
+round, the rounds interleaved; reported: the median seconds and items per second, how many
+items' answers equal gptcli's, and gptcli's items per second over each one's.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,13 +129,11 @@ def run_cli(checkpoint: Path, data: Path, predictions: Path, args) -> tuple[floa
     return seconds, [json.loads(line)["prediction"] for line in predictions.read_text().splitlines()]
 
 
-def run_harness(hf_dir: Path, tasks: Path, batch_size: int, args) -> tuple[float, list[str]]:
-    """Seconds of simple_evaluate on a loaded `hf` model at `batch_size`, and each item's answer."""
+def run_harness(model, tasks: Path) -> tuple[float, list[str]]:
+    """Seconds of simple_evaluate on a loaded `hf` model (an HFLM), and each item's answer."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    model = HFLM(pretrained=str(hf_dir), dtype="float32", device=args.device, batch_size=batch_size)
     start = time.perf_counter()
     out = simple_evaluate(model=model, tasks=["bench_generate"], log_samples=True,
                           task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
@@ -149,12 +152,16 @@ def main() -> None:
     parser.add_argument("--stop", default="none", choices=sorted(STOPS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cli", action="store_true", help="also time the `gptcli eval` command end to end")
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    from lm_eval.models.huggingface import HFLM
+
     from gptcli.store.hf import export_hf
 
-    rows = []  # (implementation, seconds, answers)
+    seconds: dict[str, list[float]] = {}  # each implementation's, one per round
+    answers: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["HF_DATASETS_CACHE"] = str(tmp / "datasets-cache")
@@ -166,29 +173,38 @@ def main() -> None:
         (tmp / "tasks" / "bench_generate.yaml").write_text(TASK.format(
             data=data, until=json.dumps(list(STOPS[args.stop])), max_new_tokens=args.max_new_tokens))
 
-        rows.append((f"gptcli (`eval --task generate`, batch {args.batch_size})",
-                     *run_gptcli(checkpoint, data, tmp / "predictions.jsonl", args)))
+        runs = {f"gptcli (`eval --task generate`, batch {args.batch_size})":
+                lambda: run_gptcli(checkpoint, data, tmp / "predictions.jsonl", args)}
         if args.cli:
-            rows.append((f"gptcli CLI, end to end (batch {args.batch_size})",
-                         *run_cli(checkpoint, data, tmp / "cli-predictions.jsonl", args)))
+            runs[f"gptcli CLI, end to end (batch {args.batch_size})"] = \
+                lambda: run_cli(checkpoint, data, tmp / "cli-predictions.jsonl", args)
         for batch_size in (1, args.batch_size):
-            rows.append((f"lm-evaluation-harness (`hf`, batch {batch_size})",
-                         *run_harness(hf_dir, tmp / "tasks", batch_size, args)))
+            model = HFLM(pretrained=str(hf_dir), dtype="float32", device=args.device, batch_size=batch_size)
+            runs[f"lm-evaluation-harness (`hf`, batch {batch_size})"] = \
+                lambda model=model: run_harness(model, tmp / "tasks")
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                taken, answers[name] = run()
+                seconds.setdefault(name, []).append(taken)
 
-    gptcli_seconds, ours = rows[0][1], rows[0][2]
+    median = {name: statistics.median(taken) for name, taken in seconds.items()}
+    ours = next(iter(answers.values()))
+    gptcli_seconds = next(iter(median.values()))
     stop = {"none": "no stop string", "blank-line": "stop at a blank line"}[args.stop]
     lines = [f"### Generation-task evaluation speed ({time.strftime('%Y-%m-%d')})", "",
              f"{describe_machine()}; {torch.get_num_threads()} torch threads", "",
-             f"`python benchmarks/bench_generate_eval.py --items {args.items} --arch {args.arch} --shape {args.shape} "
-             f"--batch-size {args.batch_size} --max-new-tokens {args.max_new_tokens} --stop {args.stop}"
-             f"{' --cli' if args.cli else ''}`: a {args.arch} {args.shape} trained {TRAIN_STEPS} steps (GPT-2's "
-             f"tokenizer), {args.items} tiny-Shakespeare prompts, greedy, at most {args.max_new_tokens} new tokens, "
-             f"{stop}, fp32 on {args.device}; gptcli's checkpoint loading included, the harness's excluded.", "",
-             "| implementation | seconds | items/s | answers equal to gptcli's | gptcli / it |", "|---|---|---|---|---|"]
-    for name, seconds, answers in rows:
-        same = sum(a == b for a, b in zip(answers, ours))
-        lines.append(f"| {name} | {seconds:.1f} | {args.items / seconds:.2f} | {same}/{args.items} | "
-                     f"{seconds / gptcli_seconds:.2f}× |")
+             (f"`python benchmarks/bench_generate_eval.py --items {args.items} --arch {args.arch} --shape {args.shape} "
+              f"--batch-size {args.batch_size} --max-new-tokens {args.max_new_tokens} --stop {args.stop}"
+              f"{' --cli' if args.cli else ''} --rounds {args.rounds}`: a {args.arch} {args.shape} trained "
+              f"{TRAIN_STEPS} steps (GPT-2's tokenizer), {args.items} tiny-Shakespeare prompts, greedy, at most "
+              f"{args.max_new_tokens} new tokens, {stop}, fp32 on {args.device}; gptcli's checkpoint loading "
+              f"included, the harness's excluded; the median of {args.rounds} interleaved round(s)."), "",
+             "| implementation | seconds | items/s | answers equal to gptcli's | gptcli's items/s over its |",
+             "|---|---|---|---|---|"]
+    for name, taken in median.items():
+        same = sum(a == b for a, b in zip(answers[name], ours))
+        lines.append(f"| {name} | {taken:.1f} | {args.items / taken:.2f} | {same}/{args.items} | "
+                     f"{taken / gptcli_seconds:.2f}× |")
     publish("\n".join(lines) + "\n", args.write)
 
 

@@ -1,14 +1,16 @@
 """Parity with EleutherAI's lm-evaluation-harness on generation: a small trained checkpoint
-of each recipe, exported with export-hf, answers a local `generate_until` task (greedy, stop
-at a newline, 16 new tokens) through the harness's `hf` model and through `gptcli eval
---task generate` on the same items: every item's generated text is the same, and so is
-exact_match, the harness's metric configured to normalise answers as SQuAD does.
+of each recipe, exported with export-hf, answers a local `generate_until` task (greedy, at
+most 16 new tokens, stopping at a newline or at "that") through the harness's `hf` model and
+through `gptcli eval --task generate` on the same items: every item's generated text is the
+same, and so is exact_match, the harness's metric configured to normalise answers as SQuAD
+does.
 
 The checkpoints read bytes, not GPT-2's tokens: a model of GPT-2's 50k-token vocabulary
 trained for seconds answers every line with the same commas or an empty line, while one of
-bytes writes words ("The the thoun th"), so the answers differ between items and hold
-articles, capitals and spaces for the metric to normalise. GPT-2's tokenizer on both sides
-is test_harness_parity.py's."""
+bytes writes words ("That that the th"), so the answers differ between items, hold articles,
+capitals and spaces for the metric to normalise, and meet "that", a stop string several
+tokens long, at different places. GPT-2's tokenizer through both is test_harness_parity.py's
+to check."""
 
 import json
 import re
@@ -28,9 +30,10 @@ from gptcli.store.checkpoint import save_checkpoint
 from gptcli.store.hf import export_hf
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'lm-eval[hf]')")
-pytestmark = pytest.mark.slow  # the harness loads the exported models and generates: about 30 s
+pytestmark = pytest.mark.slow  # a training of seconds and a harness run per recipe: about a minute
 
 MAX_NEW_TOKENS = 16
+STOPS = ("\n", "that")
 CONTEXT = 128  # the checkpoints' block_size: a prompt keeps its last CONTEXT - MAX_NEW_TOKENS tokens
 
 # The harness's exact_match (lm_eval.api.metrics.exact_match_hf_evaluate) deletes each of
@@ -38,8 +41,8 @@ CONTEXT = 128  # the checkpoints' block_size: a prompt keeps its last CONTEXT - 
 # lower-cases, drops punctuation, then the articles, then collapses whitespace. So here:
 # punctuation first (before the articles, as gptcli: "a-b" is the word "ab", not "a" "b"),
 # the articles in any case (the text is not lower-cased yet), then every space (a deletion
-# cannot collapse runs to one space; the two differ only where spaces fall between the same
-# letters, which no item here has).
+# cannot collapse runs to one space; so the two differ on texts of the same letters spaced
+# differently, which no two texts here are).
 SQUAD_REGEXES = ["[" + re.escape(string.punctuation) + "]", r"(?i)\b(a|an|the)\b", r"\s+"]
 
 TASK = """task: gptcli_generate_parity
@@ -52,7 +55,7 @@ output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{reference}}}}"
 generation_kwargs:
-  until: ["\\n"]
+  until: {stops}
   do_sample: false
   max_gen_toks: {max_new_tokens}
 metric_list:
@@ -107,7 +110,7 @@ def write_items(path, prompts: list[str], references: list[str]) -> None:
 def gptcli_generate(ckpt, data, predictions) -> tuple[list[str], dict]:
     """Each item's prediction (read back from the predictions file) and the metrics."""
     request = GenerateRequest(str(data), metrics=("exact_match",),
-                              settings=GenerationSettings(temperature=0.0, stops=("\n",)),
+                              settings=GenerationSettings(temperature=0.0, stops=STOPS),
                               max_new_tokens=MAX_NEW_TOKENS, predictions=predictions)
     _, metrics = eval_generate_checkpoint(ckpt, request, device="cpu")
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
@@ -126,7 +129,8 @@ def harness_generate(hf_dir, data, tmp_path, monkeypatch) -> tuple[list[str], li
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "gptcli_generate_parity.yaml").write_text(
-        TASK.format(data=data, max_new_tokens=MAX_NEW_TOKENS, regexes=json.dumps(SQUAD_REGEXES)))
+        TASK.format(data=data, stops=json.dumps(STOPS), max_new_tokens=MAX_NEW_TOKENS,
+                    regexes=json.dumps(SQUAD_REGEXES)))
     out = simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32,max_length={CONTEXT}",
                           tasks=["gptcli_generate_parity"],
                           task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
@@ -153,6 +157,7 @@ def test_harness_and_gptcli_generate_the_same_answers(tmp_path, monkeypatch, arc
     ours, our_metrics = gptcli_generate(ckpt, data, tmp_path / "predictions.jsonl")
     assert ours == first
     assert sum(bool(p) for p in ours) >= 3 and len(set(ours)) >= 4  # answers, and not all one
+    assert our_metrics["generated_tokens"] < MAX_NEW_TOKENS * len(asked)  # some stopped early
 
     raw, filtered, theirs = harness_generate(hf_dir, data, tmp_path, monkeypatch)
     assert raw == ours and filtered == ours

@@ -76,20 +76,20 @@ def stdlib_docstring_pairs(limit: int = 3000, seed: int = 0) -> list[Record]:
     return numbered(records[:limit])
 
 
-def stdlib_preference_pairs(limit: int = 3000, seed: int = 0) -> list[Record]:
+def stdlib_preference_pairs(limit: int = 2500, seed: int = 0) -> list[Record]:
     """Records {"prompt": "def name(args):", "chosen": the first line of its docstring,
-    "rejected": the first line of another function's}: stdlib_docstring_pairs' functions, each
-    rejected answer drawn from a function a random distance along the list (never the same
-    text), so preferring the chosen one means reading the signature."""
-    pairs = stdlib_docstring_pairs(limit, seed)
+    "rejected": the first line of an unrelated function's}: the standard library's
+    documented functions (stdlib_docstring_pairs) shuffled, the first `limit` giving the
+    prompts and chosen answers, the others the rejected ones. No text is chosen in one pair
+    and rejected in another (the validation split's chosen answers would otherwise be
+    trained as rejected), so preferring the chosen one means reading the signature."""
+    functions = stdlib_docstring_pairs(limit=1_000_000, seed=seed)
+    pairs, others = functions[:limit], functions[limit:]
+    chosen = {pair["response"] for pair in pairs}
+    pool = [other["response"] for other in others if other["response"] not in chosen]
     rng = random.Random(seed + 1)
-    records = []
-    for i, pair in enumerate(pairs):
-        other = pair["response"]
-        while other == pair["response"]:
-            other = pairs[(i + rng.randrange(1, len(pairs))) % len(pairs)]["response"]
-        records.append({"prompt": pair["prompt"], "chosen": pair["response"], "rejected": other})
-    return numbered(records)
+    return numbered([{"prompt": pair["prompt"], "chosen": pair["response"], "rejected": rng.choice(pool)}
+                     for pair in pairs])
 
 
 _EXAMPLES = {STDLIB_PACKAGES: stdlib_package_snippets, STDLIB_DOCSTRINGS: stdlib_docstring_pairs,
