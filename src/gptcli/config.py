@@ -418,8 +418,43 @@ class DPOConfig:
 
 
 @dataclass
+class RewardConfig:
+    """One reward a GRPO completion is scored by (an entry of `finetune.grpo.rewards`)."""
+
+    name: str = _field(
+        "exact", "`exact` (the final answer, the last number or \\boxed{}, equals the record's answer), "
+        "`contains`, `exact_match`, `f1` (SQuAD's, against the answer), `regex` (1 when `pattern` matches the "
+        "completion), `length` (minus the completion's share of max_new_tokens: a length penalty), or a "
+        "function of yours `FILE.py:FUNCTION` or `module:function` taking (prompt, completion, answer) and "
+        "returning a number.")
+    weight: float = _field(1.0, "What this reward counts in the sum a completion is scored by.")
+    pattern: str = _field("", "regex: the pattern (Python's re.search) a completion must contain.")
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = _field(8, "Completions sampled per prompt (G): each is scored against its group.",
+                             at_least=2)
+    max_new_tokens: int = _field(64, "The most tokens of a completion.", at_least=1)
+    temperature: float = _field(1.0, "Sampling temperature of the rollouts.", above=0)
+    top_p: float = _field(1.0, "Nucleus sampling of the rollouts (1: off).", above=0, at_most=1)
+    loss: Literal["dapo", "grpo"] = _field(
+        "dapo", "`dapo`: every token of the step weighs the same (token-level, DAPO); `grpo`: each completion's "
+        "tokens are averaged first (DeepSeekMath).")
+    clip_low: float = _field(0.2, "The ratio's floor is 1 - clip_low (reuse > 1).", at_least=0, below=1)
+    clip_high: float = _field(0.28, "The ratio's ceiling is 1 + clip_high (DAPO's clip-higher; reuse > 1).",
+                              at_least=0)
+    beta: float = _field(0.0, "Weight of the KL to the starting model (0: none, and no reference kept; above 0: "
+                              "LoRA runs switch their adapters off, full runs keep a frozen copy).", at_least=0)
+    scale_rewards: bool = _field(True, "Divide each group's centred rewards by their std (false: Dr. GRPO).")
+    reuse: int = _field(1, "Optimizer steps each batch of rollouts trains (more than 1 brings in the clipped "
+                           "ratio); rollouts are drawn afresh every `reuse` steps.", at_least=1)
+    rewards: list[RewardConfig] = _field([RewardConfig()], "The rewards a completion's score sums, weighted.")
+
+
+@dataclass
 class FinetuneConfig:
-    task: Literal["classify", "lm", "instruct", "dpo"] = _field(
+    task: Literal["classify", "lm", "instruct", "dpo", "grpo"] = _field(
         "classify", "What to adapt the model to (`--task` on the command line overrides it)."
     )
     init_from: str = _field(
@@ -427,8 +462,9 @@ class FinetuneConfig:
         path=True,
     )
     train_file: str = _field(
-        "", "classify/instruct/dpo: CSV, TSV, JSONL (maybe .gz or .zst) or Parquet training data; `stdlib-packages`, "
-        "`stdlib-docstrings` and `stdlib-preferences` are the built-in examples. lm: use data.inputs instead.",
+        "", "classify/instruct/dpo/grpo: CSV, TSV, JSONL (maybe .gz or .zst) or Parquet training data; "
+        "`stdlib-packages`, `stdlib-docstrings`, `stdlib-preferences` and `larger-number` are the built-in examples. "
+        "lm: use data.inputs instead.",
         path=True
     )
     val_file: str = _field("", "Validation data; empty: hold out val_fraction of train_file.", path=True)
@@ -460,11 +496,13 @@ class FinetuneConfig:
     )
     pack: bool = _field(False, "instruct: pack short conversations into full rows.")
     too_long: Literal["drop", "error"] = _field(
-        "drop", "instruct, dpo: a conversation (a prompt with its longer answer) longer than the context is "
+        "drop", "instruct, dpo, grpo: a conversation (a prompt with its longer answer; grpo: a prompt with "
+        "max_new_tokens) longer than the context is "
         "`drop`ped (the count is reported; none left in training or validation is an error) or an `error` "
         "naming its file:line. Never cut: that would teach half answers."
     )
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     patience: int = _field(
         5, "Stop after this many evaluations without improving the validation metric; 0 never stops.",
         at_least=0,
@@ -627,6 +665,8 @@ def _finetune_problems(cfg: FinetuneRunConfig) -> list[str]:
                         "finetuning (--task lm) list plain paths")
     if cfg.finetune.lora.rank and not cfg.finetune.lora.targets:
         problems.append("finetune.lora.targets: name at least one layer")
+    if cfg.finetune.task == "grpo" and cfg.train.parallel == "fsdp":
+        problems.append("train.parallel: grpo generates its rollouts with whole weights on every process; use ddp")
     if cfg.finetune.task == "classify" and cfg.train.eval_tasks:
         problems.append("train.eval_tasks: tasks are scored by language models; a classifier logs its accuracy "
                         "(use --task lm or instruct, or leave them out)")

@@ -10,14 +10,19 @@ Built in, each after SQuAD's answer normalisation (`normalize_answer`: lower cas
 punctuation dropped, the articles a/an/the dropped, whitespace collapsed):
 - exact_match: the answer equals one of the references;
 - f1: SQuAD's token F1 (the overlap of the two bags of words) against the best reference;
-- contains: one of the references appears in the answer as a run of whole words.
+- contains: one of the references appears in the answer as a run of whole words;
+- exact: the answer's final answer (`final_answer`: the last `\\boxed{...}`, else the last
+  number) equals a reference's, as numbers where both are numbers (math answers).
 
-A user's own: `FILE.py:FUNCTION`, a function `(prediction: str, references: list[str])`
-returning a number in [0, 1] (a bool counts as 0 or 1).
+A user's own: `FILE.py:FUNCTION` (or an importable `module:function`), a function
+`(prediction: str, references: list[str])` returning a number in [0, 1] (a bool counts as
+0 or 1). Reinforcement learning (tasks/grpo.py) weighs several such scores, and takes its
+users' functions as `(prompt, completion, answer) -> float` through `load_function`.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import re
@@ -25,6 +30,7 @@ import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 from gptcli.errors import GptcliError
 
@@ -67,30 +73,79 @@ def contains(prediction: str, references: Sequence[str]) -> float:
     return float(any(ref and f" {ref} " in answer for ref in map(normalize_answer, references)))
 
 
-BUILT_IN: dict[str, Reward] = {"exact_match": exact_match, "f1": token_f1, "contains": contains}
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_BOXED = "\\boxed{"
+
+
+def final_answer(text: str) -> str:
+    """The answer a worked solution ends on: the contents of its last `\\boxed{...}`
+    (braces balanced), else its last number (thousands commas dropped), else the text."""
+    start = text.rfind(_BOXED)
+    if start >= 0:
+        depth, begin = 1, start + len(_BOXED)
+        for end in range(begin, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if depth == 0:
+                return text[begin:end].strip()
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else text.strip()
+
+
+def exact(prediction: str, references: Sequence[str]) -> float:
+    """1 when the final answers agree: as numbers when both are (`2.50` is `2.5`), else as
+    normalised text."""
+    answer = final_answer(prediction)
+    return float(any(_same_answer(answer, final_answer(ref)) for ref in references))
+
+
+def _same_answer(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return normalize_answer(a) == normalize_answer(b)
+
+
+BUILT_IN: dict[str, Reward] = {"exact_match": exact_match, "f1": token_f1, "contains": contains, "exact": exact}
 
 
 def get_reward(name: str, option: str = "--reward") -> Reward:
-    """A built-in reward by name, or `FILE.py:FUNCTION` loaded from a user's file; every
-    result it returns is checked to be a number in [0, 1]."""
+    """A built-in reward by name, or a user's function (`load_function`); every result it
+    returns is checked to be a number in [0, 1]."""
     if name in BUILT_IN:
         return BUILT_IN[name]
-    path, _, function = name.rpartition(":")
-    if not path.endswith(".py") or not function:
+    if not is_function_name(name):
         raise GptcliError(f"{option}: unknown reward {name!r}; use one of {', '.join(BUILT_IN)} or "
                           f"FILE.py:FUNCTION")
-    if not Path(path).is_file():
+    return _checked(load_function(name, option), name, option)
+
+
+def is_function_name(name: str) -> bool:
+    """Whether `name` names a user's function: `FILE.py:FUNCTION` or `module:function`."""
+    path, _, function = name.rpartition(":")
+    return bool(path) and function.isidentifier()
+
+
+def load_function(name: str, option: str) -> Callable:
+    """The function `FILE.py:FUNCTION` (a file, loaded as a module of its own) or
+    `module:function` (importable from the current environment) names."""
+    path, _, function = name.rpartition(":")
+    if path.endswith(".py") and not Path(path).is_file():
         raise GptcliError(f"{option}: {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"gptcli_reward_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        module = _module_from_file(Path(path)) if path.endswith(".py") else importlib.import_module(path)
     except Exception as exc:  # the user's code: any failure is theirs to fix
         raise GptcliError(f"{option}: {path} failed to load: {type(exc).__name__}: {exc}") from None
     found = getattr(module, function, None)
     if not callable(found):
         raise GptcliError(f"{option}: {path} has no function {function!r}")
-    return _checked(found, name, option)
+    return found
+
+
+def _module_from_file(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"gptcli_reward_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _checked(reward: Callable, name: str, option: str) -> Reward:

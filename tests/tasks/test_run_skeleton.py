@@ -81,7 +81,7 @@ def test_trainer_state_fields_round_trip_and_old_checkpoints_still_read(tmp_path
 
 
 def test_random_streams_are_named_and_distinct():
-    assert set(STREAMS) == {"train", "val", "classify", "instruct", "dpo"}
+    assert set(STREAMS) == {"train", "val", "classify", "instruct", "dpo", "grpo"}
     assert len(set(STREAMS.values())) == len(STREAMS)
 
 

@@ -191,9 +191,11 @@ def finetune(
     if display.last_eval and "per_class" in display.last_eval:  # a classifier's evaluation
         console.print(display.final_eval_heading(), markup=False, highlight=False)
         render_classify_metrics(display.last_eval)
-    if result.before:
+    if result.before and "val_loss" in result.before:
         console.print(f"before: val loss {result.before['val_loss']:.4f}"
                       + (f", bpb {result.before['val_bpb']:.4f}" if "val_bpb" in result.before else ""))
+    elif result.before:  # grpo: no loss to validate, its metric
+        console.print(f"before: {result.metric} {result.before[result.metric]:.4f}", markup=False)
     console.print(f"done: {result.task}, {result.steps} steps in {result.seconds:.0f}s, best "
                   f"{result.metric} {_best(result, display)}; use it with: gptcli sample --checkpoint "
                   f"{shlex.quote(str(result.run_dir))} -p '...'", markup=False)

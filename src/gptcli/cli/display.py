@@ -38,7 +38,9 @@ from gptcli.events import (
 from gptcli.events import Progress as ProgressEvent
 from gptcli.events import RunFinished, RunStarted, StepLogged
 
-_EVAL_KEYS = ("val_loss", "val_bpb", "val_accuracy", "val_macro_f1")  # scalar metrics shown per eval
+# Scalar metrics shown per eval, besides the one that picks the best checkpoint (DPO's
+# val_rewards/accuracies, GRPO's val_pass@1).
+_EVAL_KEYS = ("val_loss", "val_bpb", "val_accuracy", "val_macro_f1", "val_reward")
 # Long messages stay one line for grep; emoji codes are text too (`:cat:` in a path stays).
 console = Console(stderr=True, soft_wrap=True, emoji=False)
 
@@ -208,7 +210,7 @@ class TrainDisplay:
                 self.best_step = m["step"]
             star = " [green]best[/]" if m["best"] else ""
             shown = "  ".join(f"{key.removeprefix('val_').replace('_', ' ')} {m[key]:.4f}"
-                              for key in _EVAL_KEYS if key in m)
+                              for key in dict.fromkeys((*_EVAL_KEYS, m["metric"])) if key in m)
             self._print(f"step {m['step']:>6}  val {shown}{star}")
         elif isinstance(event, CheckpointSaved):
             if event.best:

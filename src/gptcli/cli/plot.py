@@ -26,6 +26,9 @@ X_AXES = {"step": "step", "tokens": "tokens seen"}
 # Preference tuning's panels: each key's training curve and its `val_` curve.
 PREFERENCE_PANELS = {"rewards/accuracies": "reward accuracy (chosen > rejected)",
                      "rewards/margins": "reward margin (chosen - rejected)"}
+# Reinforcement learning's: the reward (sampled rollouts; `val_`: greedy answers), and pass@1.
+POLICY_PANELS = {"reward": "reward (train: sampled, val: greedy)"}
+PASS_AT_1 = "val_pass@1"
 # train.eval_tasks' keys in metrics.jsonl are NAME/METRIC: the panels show these metrics.
 TASK_METRICS = {"acc_norm": "acc_norm (multiple choice)", **{m: m for m in (*PER_ITEM, *ROUGE, *CORPUS)}}
 
@@ -81,6 +84,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
         panels.append(("val_accuracy", "val accuracy"))
     if any("val_rewards/accuracies" in r for records in runs.values() for r in records):
         panels += [(key, title) for key, title in PREFERENCE_PANELS.items()]
+    if any(PASS_AT_1 in r for records in runs.values() for r in records):
+        panels += [*POLICY_PANELS.items(), (PASS_AT_1, "val pass@1 (greedy, the first reward)")]
     tasks = sorted({key for records in runs.values() for r in records for key in r
                     if "/" in key and key.rpartition("/")[2] in TASK_METRICS})
     panels += [(key, f"{key.rpartition('/')[0]} {TASK_METRICS[key.rpartition('/')[2]]}") for key in tasks]
@@ -91,7 +96,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x_axis: str = "step",
         tokens_at = _tokens_at(records)
         name = names[run_dir]
         for ax, (key, _) in zip(axes[0], panels):
-            if key == "loss" or key in PREFERENCE_PANELS:
+            if key == "loss" or key in PREFERENCE_PANELS or key in POLICY_PANELS:
                 ax.plot(*_series(records, key, x_axis, tokens_at), color=color, lw=1.2, label=f"{name} train")
                 ax.plot(*_series(records, f"val_{key}", x_axis, tokens_at), color=color, lw=1.2, ls="--",
                         marker="o", ms=3, label=f"{name} val")

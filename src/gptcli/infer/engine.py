@@ -64,6 +64,7 @@ class Update:
     finish: str | None = None
     tokens: int = 0  # tokens this choice generated, on its last update
     ids: tuple[int, ...] = ()  # on its last update: the ids of its text (stop ids left out)
+    stop_id: int | None = None  # on its last update: the stop id that ended it, if one did
 
 
 @dataclass(eq=False)
@@ -127,7 +128,8 @@ class _Running:
     def _finish(self, choice: int, text: str, reason: str) -> None:
         self.finished[choice] = True
         self.tally[reason] += 1
-        self.job.emit(Update(choice, text, reason, self.counts[choice], tuple(self.texts[choice].tokens)))
+        sample = self.texts[choice]
+        self.job.emit(Update(choice, text, reason, self.counts[choice], tuple(sample.tokens), sample.stop_id))
 
 
 class BatchEngine:

@@ -184,12 +184,14 @@ class SampleText:
         self.tokens: list[int] = []
         self.released = 0
         self.stopped = False
+        self.stop_id: int | None = None  # the stop id that ended it, if one did
 
     def add(self, token: int) -> str:
         """Take one generated token; return the text that may now be shown."""
         if self.stopped:
             return ""
         if token in self.stop_ids:
+            self.stop_id = token
             return self.finish()
         self.tokens.append(token)
         self.text += self._decoder.decode(self.tokenizer.decode_bytes([token]))

@@ -80,7 +80,8 @@ class Prompt:
 @dataclass
 class Sample:
     text: str
-    tokens: list[int]
+    tokens: list[int]  # the ids of `text` (a stop id left out)
+    stop_id: int | None = None  # the stop id that ended it (end-of-text, end of turn), if one did
 
 
 class GenerationSession:
@@ -172,15 +173,16 @@ class GenerationSession:
         return [Sample(t.text, t.tokens) for t in texts]
 
     def generate_many(self, prompts: list[Prompt], settings: GenerationSettings, n: int = 1,
-                      max_batch: int = 16, on_done: Callable[[int], None] = lambda index: None
-                      ) -> list[list[Sample]]:
+                      max_batch: int = 16, on_done: Callable[[int], None] = lambda index: None,
+                      seeds: list[int] | None = None) -> list[list[Sample]]:
         """`n` samples of every prompt, decoded together by continuous batching (engine.py):
         up to `max_batch` rows at once, a prompt starting as soon as rows free up. Each
         prompt's samples are drawn as `generate` draws them alone (a generator of their own
         seeded with `settings.seed`), so `gptcli sample` on one of these prompts gives its
         samples; greedy ones too, up to rounding (a row's logits can differ in the last bits
         with the batch around it). Every prompt must leave room for the new tokens (`fit`).
-        `on_done(i)` is called once prompt i has all its samples."""
+        `on_done(i)` is called once prompt i has all its samples. `seeds` gives each prompt
+        its own seed instead (RL rollouts: no two prompts share their random draws)."""
         engine = BatchEngine(self.model, self.tokenizer, max(n, min(max_batch, n * len(prompts))))
         texts = [[""] * n for _ in prompts]
         samples: list[list[Sample | None]] = [[None] * n for _ in prompts]
@@ -189,12 +191,14 @@ class GenerationSession:
             def emit(update: Update) -> None:
                 texts[index][update.choice] += update.text
                 if update.finish is not None:
-                    samples[index][update.choice] = Sample(texts[index][update.choice], list(update.ids))
+                    samples[index][update.choice] = Sample(texts[index][update.choice], list(update.ids),
+                                                           update.stop_id)
                     if all(s is not None for s in samples[index]):
                         on_done(index)
             return emit
 
-        engine.run([Job(p.ids, settings.max_new_tokens, settings.sampling, emitter(i), n, settings.seed,
+        seeds = seeds or [settings.seed] * len(prompts)
+        engine.run([Job(p.ids, settings.max_new_tokens, settings.sampling, emitter(i), n, seeds[i],
                         list(settings.stops), p.stop_ids) for i, p in enumerate(prompts)])
         return samples
 

@@ -50,6 +50,18 @@ def _flatten_reported_keys(module: nn.Module, incompatible) -> None:
         keys[:] = [k.removeprefix(_TRUNK) for k in keys]
 
 
+def labelled_logprobs(model: Model, idx: torch.Tensor, labels: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The log-probability `model` gives each labelled token of `idx` (N, T): (K,) for the K
+    positions where `labels` is not IGNORE_INDEX, with their rows and columns (K,) each.
+    Only those positions go through the head (K, V), in fp32: what preference and policy
+    losses are computed from."""
+    hidden = model.hidden_states(idx)  # (N, T, C)
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (K,) each
+    logprobs = torch.log_softmax(model.logits(hidden[rows, cols]).float(), dim=-1)  # (K, V)
+    return logprobs.gather(-1, labels[rows, cols, None])[:, 0], rows, cols
+
+
 class TrunkHead(nn.Module):
     """A model held as `trunk` with something of the task's own on top: what every head
     shares. It reads as its trunk (arch, config, blocks, hidden states, logits, loss, FLOPs)

@@ -10,6 +10,8 @@ back into plain `nn.Linear`, so sampling and export need no LoRA code.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,3 +83,18 @@ def merge_lora(model: nn.Module) -> None:
         _replace(model, name, model.get_submodule(name).merged())
     model.lora_spec = None
 
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Inside: `model` computes as its base weights alone (each adapter's scale set to 0), the
+    reference a LoRA run compares its policy with, without a second copy of the model."""
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    scales = [m.scale for m in adapters]
+    for m in adapters:
+        m.scale = 0.0
+    try:
+        yield
+    finally:
+        for m, scale in zip(adapters, scales):
+            m.scale = scale

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from gptcli.config import DPOConfig
@@ -34,12 +33,12 @@ from gptcli.data.tokenizers.chat_format import (
     prompt_ids,
 )
 from gptcli.data.tokenizers.tokenizer import Tokenizer
+from gptcli.tasks.answers import answer_rows
 from gptcli.data.training.dataset import STREAMS, step_rows
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.model import Model
-from gptcli.model.gpt import IGNORE_INDEX
-from gptcli.model.heads import TrunkHead
+from gptcli.model.heads import TrunkHead, labelled_logprobs
 from gptcli.runtime import Distributed, Precision
 from gptcli.train.preference import PairLosses, PreferenceSettings, pair_losses
 
@@ -128,17 +127,9 @@ def fitting(pairs: list[Pair], block_size: int, too_long: str, split: str) -> li
 
 
 def pair_rows(pairs: list[Pair], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx, labels), each (2P, T): the chosen sequences then the rejected, right-padded;
-    labels are the next token where it belongs to the answer, else IGNORE_INDEX."""
-    sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    width = max(len(prompt) + len(answer) - 1 for prompt, answer in sequences)
-    idx = np.full((len(sequences), width), pad_id, dtype=np.int64)
-    labels = np.full((len(sequences), width), IGNORE_INDEX, dtype=np.int64)
-    for row, (prompt, answer) in enumerate(sequences):
-        whole = prompt + answer
-        idx[row, :len(whole) - 1] = whole[:-1]
-        labels[row, len(prompt) - 1:len(whole) - 1] = answer  # position t predicts token t + 1
-    return torch.from_numpy(idx).to(device), torch.from_numpy(labels).to(device)
+    """(idx, labels), each (2P, T): the chosen sequences then the rejected (`answer_rows`)."""
+    return answer_rows([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], pad_id,
+                       device)
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -182,11 +173,8 @@ class PreferenceModel(TrunkHead):
 
     def sequence_logps(self, idx: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of `idx` (N, T): the summed log-probability of its labelled tokens, and
-        their count. Only the K labelled positions go through the head (K, V), in fp32."""
-        hidden = self.trunk.hidden_states(idx)  # (N, T, C)
-        rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (K,) each
-        logprobs = torch.log_softmax(self.trunk.logits(hidden[rows, cols]).float(), dim=-1)  # (K, V)
-        picked = logprobs.gather(-1, labels[rows, cols, None])[:, 0]  # (K,)
+        their count."""
+        picked, rows, _ = labelled_logprobs(self.trunk, idx, labels)  # (K,) each
         sums = torch.zeros(idx.size(0), device=idx.device).index_add(0, rows, picked)
         return sums, torch.bincount(rows, minlength=idx.size(0)).float()
 

@@ -1,7 +1,7 @@
-"""`gptcli finetune`: adapt a checkpoint to a task (classify, lm, instruct, dpo), full or LoRA.
+"""`gptcli finetune`: adapt a checkpoint to a task (classify, lm, instruct, dpo, grpo), full or LoRA.
 
 Each task (TASKS) turns the base model into its model (the trunk, or the trunk under a
-classification head, or a preference head) and its `TrainData`; tasks/run.py does everything else (precision,
+classification head, or a preference or policy-gradient loss) and its `TrainData`; tasks/run.py does everything else (precision,
 accumulation, evaluation, early stopping, checkpoints, resume) as for pretraining.
 """
 
@@ -43,6 +43,7 @@ from gptcli.store.checkpoint import (
 from gptcli.store.rundir import find_latest_run, resolve_checkpoint, write_pointer
 from gptcli.tasks.classify import ClassifyData, check_labels
 from gptcli.tasks.dpo import PreferenceData, PreferenceModel, read_pairs, settings_of
+from gptcli.tasks.grpo import PolicyModel, RolloutData, RolloutStats, Scorer, policy_settings
 from gptcli.tasks.instruct import InstructData, conversations
 from gptcli.tasks.pretrain import PretrainData
 from gptcli.tasks.run import Built, Job, RunResult, run_job
@@ -160,8 +161,23 @@ def _dpo(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: M
     return PreferenceModel(trunk, settings), data, tokenizer
 
 
+def _grpo(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: ModelConfig,
+          device: torch.device, dist: Distributed, on_event: EventSink
+          ) -> tuple[PolicyModel, RolloutData, Tokenizer]:
+    f = cfg.finetune
+    train, val, source = finetune_records(cfg)
+    trunk = get_arch(base.arch).model(model_cfg)
+    trunk.load_state_dict(_trunk_state(base), strict=False)
+    scorer = Scorer(f.grpo.rewards, f.grpo.max_new_tokens)
+    stats = RolloutStats(tuple(term.label for term in scorer.terms))
+    data = RolloutData(trunk, tokenizer, train, val, source, f.val_file or source, f.grpo, scorer, stats,
+                       cfg.train.batch_size, cfg.seed, device, cfg.train.grad_accum, dist, too_long=f.too_long,
+                       lora=f.lora.rank > 0, on_event=on_event)
+    return PolicyModel(trunk, policy_settings(f.grpo), stats), data, tokenizer
+
+
 # Each task turns the base model into its own model and data: (model, data, tokenizer).
-TASKS = {"classify": _classify, "lm": _lm, "instruct": _instruct, "dpo": _dpo}
+TASKS = {"classify": _classify, "lm": _lm, "instruct": _instruct, "dpo": _dpo, "grpo": _grpo}
 
 
 def freeze(model: Model, embeddings: bool, blocks: int) -> None:
@@ -196,7 +212,7 @@ def finetune(cfg: FinetuneRunConfig, resume: bool = False, overwrite: bool = Fal
     job = Job(task=f.task, cfg=cfg, inputs=input_paths([init, f.train_file, f.val_file, *cfg.data.inputs]),
               build=lambda dist, device, resume_from, on_event: build_finetune(cfg, init, dist, device,
                                                                                on_event),
-              patience=f.patience, eval_at_start=f.task in ("lm", "dpo"),
+              patience=f.patience, eval_at_start=f.task in ("lm", "dpo", "grpo"),
               finish=lambda run_dir, built: _save_merged(run_dir, built) if f.lora.rank and f.merge else None)
     return run_job(job, resume, overwrite, on_event)
 

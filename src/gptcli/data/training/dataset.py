@@ -36,7 +36,7 @@ from gptcli.runtime import Distributed
 
 # The seeded random streams batches are drawn from, one per kind of data: every draw is
 # a function of (seed, stream, step), so no two kinds ever share random numbers.
-STREAMS = {"train": 0, "val": 1, "classify": 2, "instruct": 3, "dpo": 4}
+STREAMS = {"train": 0, "val": 1, "classify": 2, "instruct": 3, "dpo": 4, "grpo": 5}
 
 
 def _cache_key(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> str:

@@ -1,5 +1,5 @@
-"""Built-in example datasets made from the running Python's standard library, so every
-finetune task can be demonstrated on any machine with no download.
+"""Built-in example datasets made from the running Python's standard library (and one of
+numbers), so every finetune task can be demonstrated on any machine with no download.
 They have no file: their records are numbered 1, 2, ... in the order returned (fixed by
 the seed), and `source_name` names them for messages. `finetune_records` gives a finetune
 its training and validation records, from a file or a built-in example; `labelled_splits`
@@ -23,6 +23,7 @@ from gptcli.errors import GptcliError
 STDLIB_PACKAGES = "stdlib-packages"
 STDLIB_DOCSTRINGS = "stdlib-docstrings"
 STDLIB_PREFERENCES = "stdlib-preferences"
+LARGER_NUMBER = "larger-number"
 # Four packages with distinct vocabularies and thousands of lines each on CPython 3.11.
 PACKAGES = ("asyncio", "email", "tkinter", "xml")
 
@@ -92,9 +93,21 @@ def stdlib_preference_pairs(limit: int = 2500, seed: int = 0) -> list[Record]:
                      for pair in pairs])
 
 
+def larger_number_questions(limit: int = 3000, seed: int = 0) -> list[Record]:
+    """Records {"prompt": "Which is larger, 37 or 52?", "answer": "52", "response": "52"} over
+    distinct two-digit numbers: a task with a checkable answer for reinforcement learning
+    (`answer`), which a short supervised finetune (`response`) teaches the form of."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if a != b]
+    rng.shuffle(pairs)
+    return numbered([{"prompt": f"Which is larger, {a} or {b}?", "answer": str(max(a, b)), "response": str(max(a, b))}
+                     for a, b in pairs[:limit]])
+
+
 _EXAMPLES = {STDLIB_PACKAGES: stdlib_package_snippets, STDLIB_DOCSTRINGS: stdlib_docstring_pairs,
-             STDLIB_PREFERENCES: stdlib_preference_pairs}
-_TASK_EXAMPLE = {"classify": STDLIB_PACKAGES, "instruct": STDLIB_DOCSTRINGS, "dpo": STDLIB_PREFERENCES}
+             STDLIB_PREFERENCES: stdlib_preference_pairs, LARGER_NUMBER: larger_number_questions}
+_TASK_EXAMPLE = {"classify": STDLIB_PACKAGES, "instruct": STDLIB_DOCSTRINGS, "dpo": STDLIB_PREFERENCES,
+                 "grpo": LARGER_NUMBER}
 
 
 def finetune_records(cfg: FinetuneRunConfig) -> tuple[list[Record], list[Record], str]:
