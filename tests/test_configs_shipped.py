@@ -46,8 +46,10 @@ SHIPPED = {
                                            f"data.tokenizer={GPT2_TIKTOKEN}"]),
     "finetune-classify.yaml": ("finetune", []),
     "finetune-dpo.yaml": ("finetune", ["finetune.init_from=runs/demo"]),  # instruct's run is not made here
+    "finetune-grpo.yaml": ("finetune", ["finetune.init_from=runs/demo"]),  # nor the SFT's
     "finetune-instruct.yaml": ("finetune", []),
     "finetune-lm.yaml": ("finetune", []),
+    "finetune-sft-letters.yaml": ("finetune", []),
 }
 NEEDS = {  # shared data files the configs read
     "shakespeare-char.yaml": [needs_shakespeare],

@@ -421,12 +421,7 @@ class DPOConfig:
 class RewardConfig:
     """One reward a GRPO completion is scored by (an entry of `finetune.grpo.rewards`)."""
 
-    name: str = _field(
-        "exact", "`exact` (the final answer, the last number or \\boxed{}, equals the record's answer), "
-        "`contains`, `exact_match`, `f1` (SQuAD's, against the answer), `regex` (1 when `pattern` matches the "
-        "completion), `length` (minus the completion's share of max_new_tokens: a length penalty), or a "
-        "function of yours `FILE.py:FUNCTION` or `module:function` taking (prompt, completion, answer) and "
-        "returning a number.")
+    name: str = _field("exact", "A built-in reward or a function of yours (GRPOConfig.rewards).")
     weight: float = _field(1.0, "What this reward counts in the sum a completion is scored by.")
     pattern: str = _field("", "regex: the pattern (Python's re.search) a completion must contain.")
 
@@ -447,9 +442,19 @@ class GRPOConfig:
     beta: float = _field(0.0, "Weight of the KL to the starting model (0: none, and no reference kept; above 0: "
                               "LoRA runs switch their adapters off, full runs keep a frozen copy).", at_least=0)
     scale_rewards: bool = _field(True, "Divide each group's centred rewards by their std (false: Dr. GRPO).")
+    dynamic_sampling: bool = _field(
+        False, "DAPO's dynamic sampling: a micro-batch keeps only groups whose rewards differ (a group of equal "
+        "rewards teaches nothing but still counts in the average), drawing more prompts, up to 4 draws in all, to "
+        "fill batch_size; costs generation, not training.")
     reuse: int = _field(1, "Optimizer steps each batch of rollouts trains (more than 1 brings in the clipped "
                            "ratio); rollouts are drawn afresh every `reuse` steps.", at_least=1)
-    rewards: list[RewardConfig] = _field([RewardConfig()], "The rewards a completion's score sums, weighted.")
+    rewards: list[RewardConfig] = _field(
+        [RewardConfig()], "The rewards a completion's score sums, a list of `{name, weight, pattern}`; the first is the "
+        "verifier `val_pass@1` counts (full marks: 1). `name`: `exact` (the final answer, the last number or "
+        "\\boxed{}, equals the record's answer), `contains`, `exact_match`, `f1` (SQuAD's, against the answer), "
+        "`regex` (1 when `pattern` matches the completion), `length` (minus the completion's share of "
+        "max_new_tokens: a length penalty), or your function `FILE.py:FUNCTION` or `module:function`, called with "
+        "(prompt, completion, answer) and returning a number.")
 
 
 @dataclass
@@ -463,7 +468,7 @@ class FinetuneConfig:
     )
     train_file: str = _field(
         "", "classify/instruct/dpo/grpo: CSV, TSV, JSONL (maybe .gz or .zst) or Parquet training data; "
-        "`stdlib-packages`, `stdlib-docstrings`, `stdlib-preferences` and `larger-number` are the built-in examples. "
+        "`stdlib-packages`, `stdlib-docstrings`, `stdlib-preferences` and `later-letter` are the built-in examples. "
         "lm: use data.inputs instead.",
         path=True
     )
@@ -961,6 +966,10 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+def _is_section_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(dataclasses.is_dataclass(v) for v in value)
+
+
 def field_docs(cls: type = RunConfig, prefix: str = "", instance: Any = None) -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every field, recursing into sections: the config reference."""
     rows = []
@@ -970,5 +979,6 @@ def field_docs(cls: type = RunConfig, prefix: str = "", instance: Any = None) ->
         if dataclasses.is_dataclass(value):
             rows += field_docs(type(value), f"{prefix}{f.name}.", value)
         else:
-            rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
+            shown = [dataclasses.asdict(v) for v in value] if _is_section_list(value) else value
+            rows.append((f"{prefix}{f.name}", repr(shown), f.metadata.get("help", "")))
     return rows

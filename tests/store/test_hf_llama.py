@@ -11,6 +11,7 @@ from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks, run_cli
 from safetensors.torch import load_file, save_file
 
 from gptcli.config import ModelConfig
+from gptcli.data.text.records import numbered
 from gptcli.data.tokenizers.tokenizer import BytesTokenizer, tiktoken_from_file
 from gptcli.errors import GptcliError
 from gptcli.infer.generate import SamplingSettings, generate_tokens
@@ -490,3 +491,42 @@ def test_finetune_an_imported_directory_with_no_other_file(tmp_path, capsys, cha
     assert tuned.arch == "llama" and tuned.config.attn_bias  # Qwen2's q/k/v biases came through
     assert tokenizer.encode("def add") == tokenizers.Tokenizer.from_file(
         str(chat_dir / "tokenizer.json")).encode("def add", add_special_tokens=False).ids
+
+
+def test_post_training_an_imported_chat_model_uses_its_template(tmp_path, capsys, chat_dir):
+    """instruct, dpo and grpo on an imported ChatML model: its template and end of turn, not
+    gptcli's <|user|> tokens, and the loss covers exactly each reply's tokens and <|im_end|>."""
+    from gptcli.data.tokenizers.chat_format import conversation_ids
+    from gptcli.tasks.dpo import read_pairs
+
+    code, _, err = run_cli(["import-hf", chat_dir, "--out", tmp_path / "ckpt"], capsys)
+    assert code == 0, err
+    _, tokenizer = load_model(tmp_path / "ckpt")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(chat_dir)
+    im_end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    messages = [{"role": "user", "content": "def add(a, b):"}, {"role": "assistant", "content": "return a + b"},
+                {"role": "user", "content": "and sub?"}, {"role": "assistant", "content": "return a - b"}]
+    ids, learn = conversation_ids(tokenizer, messages)
+    rendered = hf_tokenizer.apply_chat_template(messages, tokenize=True)
+    assert ids == list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    learned = [token for token, wanted in zip(ids, learn) if wanted]
+    replies = [hf_tokenizer.encode(m["content"], add_special_tokens=False) + [im_end] for m in messages[1::2]]
+    assert learned == replies[0] + replies[1]
+    (pair,) = read_pairs(numbered([{"prompt": "def add(a, b):", "chosen": "return a + b", "rejected": "pass"}]),
+                         "p.jsonl", tokenizer)
+    assert pair.chosen == replies[0] and pair.rejected == hf_tokenizer.encode("pass", add_special_tokens=False) + [im_end]
+
+    rows = [{"prompt": f"add {a} {b}", "response": str(a + b), "answer": str(a + b),
+             "chosen": str(a + b), "rejected": str(a - b - 1)} for a in range(6) for b in range(6)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for task in ("instruct", "dpo", "grpo"):
+        cfg = {"out_dir": str(tmp_path / task), "model": {"block_size": 64},
+               "finetune": {"init_from": str(tmp_path / "ckpt"), "patience": 0, "train_file": str(tmp_path / "data.jsonl"),
+                            "grpo": {"group_size": 2, "max_new_tokens": 4}},
+               "train": {"max_steps": 2, "eval_every": 2, "batch_size": 2, "device": "cpu", "precision": "fp32"}}
+        (tmp_path / f"{task}.yaml").write_text(json.dumps(cfg))
+        code, _, err = run_cli(["finetune", tmp_path / f"{task}.yaml", "--task", task], capsys)
+        assert code == 0, err
+        tuned, tuned_tokenizer = load_model(tmp_path / task / "checkpoints" / "step-000002")
+        assert tuned_tokenizer.chat_template == tokenizer.chat_template and "<|user|>" not in tuned_tokenizer.special_tokens
+        assert tuned.config.vocab_size == load_model(tmp_path / "ckpt")[0].config.vocab_size

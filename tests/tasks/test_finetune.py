@@ -389,7 +389,7 @@ def test_finetune_without_a_config_takes_its_data_from_set(tmp_path, base_run, t
 
 
 @pytest.mark.parametrize(("task", "message"), [
-    ("bogus", "error: finetune.task: expected one of classify, lm, instruct, dpo; got 'bogus'"),
+    ("bogus", "error: finetune.task: expected one of classify, lm, instruct, dpo, grpo; got 'bogus'"),
     ("instruct", "error: finetune.train_file: required for --task instruct"),
     ("lm", "error: data.inputs: name the new-domain text for --task lm"),
 ])

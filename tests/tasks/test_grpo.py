@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import own_cache, run_cli, tiny_config, write_corpus
 
-from gptcli.config import FinetuneRunConfig, RewardConfig, config_from_dict
+from gptcli.config import FinetuneRunConfig, GRPOConfig, RewardConfig, config_from_dict
 from gptcli.data.text.records import numbered
 from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError
@@ -23,7 +23,7 @@ from gptcli.model.gpt import GPT
 from gptcli.config import ModelConfig
 from gptcli.store.rundir import resolve_checkpoint
 from gptcli.tasks.finetune import finetune
-from gptcli.tasks.grpo import Question, Scorer, _completion, fitting, read_questions
+from gptcli.tasks.grpo import Question, RolloutData, RolloutStats, Scorer, _completion, fitting, read_questions
 from gptcli.tasks.pretrain import pretrain
 
 BYTES = BytesTokenizer()
@@ -222,3 +222,25 @@ def test_samples_say_which_stop_id_ended_them(favoured):
             assert (sample.tokens, sample.stop_id, _completion(sample)) == ([], BYTES.eot_id, [BYTES.eot_id])
         else:
             assert (sample.tokens, sample.stop_id, _completion(sample)) == ([token] * 5, None, [token] * 5)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ(dynamic):
+    """A random model writes a digit in about one completion of nine: many groups of four
+    are all wrong. Dynamic sampling draws more prompts and keeps only mixed groups."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=BYTES.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=32))
+    records = numbered([{"prompt": f"x{i} = ", "answer": "0"} for i in range(40)])
+    cfg = GRPOConfig(group_size=4, max_new_tokens=3, dynamic_sampling=dynamic,
+                     rewards=[RewardConfig("regex", pattern="[0-9]")])
+    stats = RolloutStats(("regex",))
+    data = RolloutData(model, BYTES, records, records[:4], "q.jsonl", "q.jsonl", cfg, Scorer(cfg.rewards, 3), stats,
+                       batch_size=4, seed=0, device=torch.device("cpu"))
+    batch = data.train_batch(0, 0)
+    teaching = batch["advantages"].view(-1, 4).abs().sum(dim=1) > 0  # per group
+    assert len(teaching) == 4
+    if dynamic:
+        assert teaching.all() and len(stats.totals) > 1  # more than one draw was needed
+    else:
+        assert not teaching.all() and len(stats.totals) == 1
+    assert data.train_batch(0, 0) is batch  # drawn once per step and micro-batch

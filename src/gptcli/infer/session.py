@@ -170,7 +170,7 @@ class GenerationSession:
             delta = text.finish()
             if delta:
                 on_text(row, delta)
-        return [Sample(t.text, t.tokens) for t in texts]
+        return [Sample(t.text, t.tokens, t.stop_id) for t in texts]
 
     def generate_many(self, prompts: list[Prompt], settings: GenerationSettings, n: int = 1,
                       max_batch: int = 16, on_done: Callable[[int], None] = lambda index: None,

@@ -24,22 +24,15 @@ import torch
 
 from gptcli.config import DPOConfig
 from gptcli.data.text.records import Record, where
-from gptcli.data.tokenizers.chat_format import (
-    END,
-    ROLES,
-    chat_prompt_ids,
-    has_chat_template,
-    is_chat_model,
-    prompt_ids,
-)
+from gptcli.data.tokenizers.chat_format import ROLES, chat_prompt_ids, is_chat_model, prompt_ids, reply_ids
 from gptcli.data.tokenizers.tokenizer import Tokenizer
-from gptcli.tasks.answers import answer_rows
 from gptcli.data.training.dataset import STREAMS, step_rows
 from gptcli.errors import GptcliError
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.model import Model
 from gptcli.model.heads import TrunkHead, labelled_logprobs
 from gptcli.runtime import Distributed, Precision
+from gptcli.tasks.answers import answer_rows
 from gptcli.train.preference import PairLosses, PreferenceSettings, pair_losses
 
 STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -84,9 +77,11 @@ def _pair(record: Record, place: str, tokenizer: Tokenizer) -> Pair:
         ids = prompt_ids(tokenizer, prompt) if chat else tokenizer.encode(prompt)
     else:
         raise GptcliError(f"{place}: 'prompt' must be a text or a list of messages")
-    end = [tokenizer.special_tokens[END]] if has_chat_template(tokenizer) else \
-        [min(tokenizer.stop_ids)] if chat else [tokenizer.eot_id]
-    return Pair(place, ids or [tokenizer.eot_id], tokenizer.encode(chosen) + end, tokenizer.encode(rejected) + end)
+    if chat:  # each answer as the format renders a reply to the prompt, its end of turn included
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return Pair(place, ids, reply_ids(tokenizer, messages, chosen), reply_ids(tokenizer, messages, rejected))
+    return Pair(place, ids or [tokenizer.eot_id], tokenizer.encode(chosen) + [tokenizer.eot_id],
+                tokenizer.encode(rejected) + [tokenizer.eot_id])
 
 
 def _answer(value: object, place: str, name: str) -> str:

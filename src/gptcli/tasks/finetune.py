@@ -20,7 +20,7 @@ from gptcli.config import (
     RunConfig,
     dump_yaml,
 )
-from gptcli.data.tokenizers.chat_format import CHAT_TOKENS, has_chat_template
+from gptcli.data.tokenizers.chat_format import CHAT_TOKENS, is_chat_model
 from gptcli.data.training.dataset import TokenDataset, prepare_dataset
 from gptcli.data.training.examples import STDLIB_PACKAGES, finetune_records, labelled_splits
 from gptcli.data.training.labelled import TextReading
@@ -136,7 +136,7 @@ def _instruct(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_c
     train, val, source = finetune_records(cfg)
     train_conversations = conversations(train, source)
     val_conversations = conversations(val, f.val_file or source)
-    if not has_chat_template(tokenizer):
+    if not is_chat_model(tokenizer):  # a base model learns gptcli's chat tokens; a chat model keeps its own
         tokenizer = WithAddedTokens(tokenizer, CHAT_TOKENS)
     model = get_arch(base.arch).model(model_cfg)
     model.load_state_dict(_trunk_state(base), strict=False)

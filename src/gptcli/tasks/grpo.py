@@ -53,6 +53,7 @@ from gptcli.tasks.answers import answer_rows
 from gptcli.train.policy import PolicySettings, group_advantages, token_losses
 
 VERIFIER_PASS = 1.0  # the first reward's full marks: what pass@1 counts
+MAX_DRAWS = 4  # dynamic sampling draws at most this many times a micro-batch's prompts
 
 
 class Question(NamedTuple):
@@ -332,9 +333,18 @@ class RolloutData:
             self.rollouts[rollout, micro] = self._rollout(rollout, micro)
         return self.rollouts[rollout, micro]
 
-    def _seeds(self, rollout: int, micro: int, count: int) -> list[int]:
-        """One sampling seed per prompt of this micro-batch: a named stream of its own."""
-        sequence = np.random.SeedSequence([self.seed, STREAMS["grpo"], rollout, micro, self.dist.rank])
+    def _picks(self, rollout: int, micro: int, draw: int) -> list[int]:
+        """The prompts of a micro-batch: its slice of the step's stream (draw 0); under dynamic
+        sampling, further draws each from a named stream of their own."""
+        if draw == 0:
+            return list(step_rows(self.seed, STREAMS["grpo"], rollout, micro, self.dist.rank, self.batch_size,
+                                  self.per_step, self.dist.world_size, len(self.train)))
+        rng = np.random.default_rng([self.seed, STREAMS["grpo"], rollout, micro, self.dist.rank, draw])
+        return list(rng.integers(0, len(self.train), self.batch_size))
+
+    def _seeds(self, rollout: int, micro: int, draw: int, count: int) -> list[int]:
+        """One sampling seed per prompt of a draw: a named stream of its own."""
+        sequence = np.random.SeedSequence([self.seed, STREAMS["grpo"], rollout, micro, self.dist.rank, draw])
         return [int(s) for s in sequence.generate_state(count, np.uint64)]
 
     def _generate(self, questions: list[Question], settings: GenerationSettings, n: int,
@@ -347,22 +357,31 @@ class RolloutData:
         finally:
             self.policy.train(was_training)
 
-    def _rollout(self, rollout: int, micro: int) -> dict[str, torch.Tensor]:
-        picks = step_rows(self.seed, STREAMS["grpo"], rollout, micro, self.dist.rank, self.batch_size,
-                          self.per_step, self.dist.world_size, len(self.train))
-        questions = [self.train[i] for i in picks]
-        G = self.cfg.group_size
+    def _groups(self, rollout: int, micro: int, draw: int) -> list[tuple[Question, list[Sample], torch.Tensor]]:
+        """One draw of prompts, each with its group of completions and their rewards (G, F)."""
+        questions = [self.train[i] for i in self._picks(rollout, micro, draw)]
         settings = GenerationSettings(self.cfg.max_new_tokens, self.cfg.temperature,
                                       top_p=self.cfg.top_p if self.cfg.top_p < 1 else None)
         started = time.perf_counter()
-        samples = self._generate(questions, settings, G, self._seeds(rollout, micro, len(questions)))
+        samples = self._generate(questions, settings, self.cfg.group_size,
+                                 self._seeds(rollout, micro, draw, len(questions)))
         self.stats.seconds += time.perf_counter() - started
         values = torch.tensor([[self.scorer.score(q, s.text, len(s.tokens)) for s in group]
                                for q, group in zip(questions, samples)])  # (P, G, F)
-        totals = values @ self.scorer.weights  # (P, G)
-        completions = [[_completion(s) for s in group] for group in samples]
-        self._count(values, totals, completions, samples)
-        idx, labels = answer_rows([(q.prompt.ids, ids) for q, group in zip(questions, completions) for ids in group],
+        self._count(values, values @ self.scorer.weights, samples)
+        return list(zip(questions, samples, values))
+
+    def _rollout(self, rollout: int, micro: int) -> dict[str, torch.Tensor]:
+        groups = self._groups(rollout, micro, 0)
+        if self.cfg.dynamic_sampling:  # keep the groups that teach something, drawing more to fill the batch
+            informative = [g for g in groups if _differ(g[2] @ self.scorer.weights)]
+            for draw in range(1, MAX_DRAWS):
+                if len(informative) >= self.batch_size:
+                    break
+                informative += [g for g in self._groups(rollout, micro, draw) if _differ(g[2] @ self.scorer.weights)]
+            groups = informative[:self.batch_size] or groups  # none at all: the flat groups, which change nothing
+        totals = torch.stack([values @ self.scorer.weights for _, _, values in groups])  # (P, G)
+        idx, labels = answer_rows([(q.prompt.ids, _completion(s)) for q, group, _ in groups for s in group],
                                   self.pad_id, self.device)
         batch = {"idx": idx, "labels": labels,
                  "targets": labels if self.cfg.loss == "dapo" else torch.zeros(len(idx), dtype=torch.long,
@@ -376,11 +395,11 @@ class RolloutData:
                                              nullcontext() if self.frozen is not None else adapters_off(self.policy))
         return batch
 
-    def _count(self, values: torch.Tensor, totals: torch.Tensor, completions: list[list[list[int]]],
-               samples: list[list[Sample]]) -> None:
+    def _count(self, values: torch.Tensor, totals: torch.Tensor, samples: list[list[Sample]]) -> None:
+        """Every drawn completion into the step's statistics (kept for training or not)."""
         self.stats.values.append(values)
         self.stats.totals.append(totals)
-        lengths = [len(ids) for group in completions for ids in group]
+        lengths = [len(_completion(s)) for group in samples for s in group]
         self.stats.lengths += lengths
         self.stats.tokens += sum(lengths)
         self.stats.truncated += sum(s.stop_id is None for group in samples for s in group)
@@ -410,6 +429,11 @@ class RolloutData:
                       for i, t in enumerate(self.scorer.terms)},
                    "val_completions/mean_length": float(np.mean([len(_completion(g[0])) for g in samples]))}
         return metrics
+
+
+def _differ(rewards: torch.Tensor) -> bool:
+    """Whether a group's rewards (G,) are not all equal: only then do its advantages teach."""
+    return bool((rewards != rewards[0]).any())
 
 
 def _completion(sample: Sample) -> list[int]:

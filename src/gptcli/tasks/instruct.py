@@ -1,8 +1,9 @@
-"""Instruction tuning: conversations rendered in gptcli's chat format (data/tokenizers/chat_format.py)
-as training rows, and the dataset.
+"""Instruction tuning: conversations rendered in the model's chat format (gptcli's own tokens,
+or an imported model's template: data/tokenizers/chat_format.py) as training rows, and the
+dataset.
 
-Loss falls only on assistant content and its closing <|end|> (so the model learns to stop);
-everything else is masked with IGNORE_INDEX.
+Loss falls only on assistant content and its end of turn (<|end|>, or the template's: so the
+model learns to stop); everything else is masked with IGNORE_INDEX.
 
 A conversation longer than the context is dropped (reported in one Notice) or, with
 finetune.too_long=error, refused with its `file:line`; cutting it would teach half answers.
@@ -15,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gptcli.data.tokenizers.chat_format import END, ROLES
+from gptcli.data.tokenizers.chat_format import ROLES, conversation_ids
 from gptcli.data.training.dataset import STREAMS, step_rows
 from gptcli.data.text.records import Record, where
 from gptcli.data.tokenizers.tokenizer import Tokenizer
@@ -63,16 +64,10 @@ def conversations(records: list[Record], path: str) -> list[Conversation]:
 
 
 def render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and their targets for next-token training: targets[i]
-    is ids[i + 1] where that token is assistant content or its <|end|>, else IGNORE_INDEX."""
-    special = tokenizer.special_tokens
-    ids: list[int] = []
-    learn: list[bool] = []  # whether ids[i] is a token the model should learn to produce
-    for turn in messages:
-        content = tokenizer.encode(turn["content"])
-        is_answer = turn["role"] == "assistant"
-        ids += [special[f"<|{turn['role']}|>"], *content, special[END]]
-        learn += [False] + [is_answer] * (len(content) + 1)
+    """Token ids of a conversation in the model's chat format and their targets for
+    next-token training: targets[i] is ids[i + 1] where that token is a reply's (assistant
+    content or its end of turn), else IGNORE_INDEX."""
+    ids, learn = conversation_ids(tokenizer, messages)
     targets = [nxt if ok else IGNORE_INDEX for nxt, ok in zip(ids[1:], learn[1:])]
     return ids[:-1], targets
 

@@ -1,5 +1,5 @@
 """Built-in example datasets made from the running Python's standard library (and one of
-numbers), so every finetune task can be demonstrated on any machine with no download.
+letters), so every finetune task can be demonstrated on any machine with no download.
 They have no file: their records are numbered 1, 2, ... in the order returned (fixed by
 the seed), and `source_name` names them for messages. `finetune_records` gives a finetune
 its training and validation records, from a file or a built-in example; `labelled_splits`
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import random
+import string
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from gptcli.errors import GptcliError
 STDLIB_PACKAGES = "stdlib-packages"
 STDLIB_DOCSTRINGS = "stdlib-docstrings"
 STDLIB_PREFERENCES = "stdlib-preferences"
-LARGER_NUMBER = "larger-number"
+LATER_LETTER = "later-letter"
 # Four packages with distinct vocabularies and thousands of lines each on CPython 3.11.
 PACKAGES = ("asyncio", "email", "tkinter", "xml")
 
@@ -93,21 +94,23 @@ def stdlib_preference_pairs(limit: int = 2500, seed: int = 0) -> list[Record]:
                      for pair in pairs])
 
 
-def larger_number_questions(limit: int = 3000, seed: int = 0) -> list[Record]:
-    """Records {"prompt": "Which is larger, 37 or 52?", "answer": "52", "response": "52"} over
-    distinct two-digit numbers: a task with a checkable answer for reinforcement learning
-    (`answer`), which a short supervised finetune (`response`) teaches the form of."""
+def later_letter_questions(seed: int = 0) -> list[Record]:
+    """Records {"prompt": "Which letter comes later in the alphabet, q or f?", "answer": "q",
+    "response": "q"} for the 650 ordered pairs of distinct lowercase letters, shuffled: a task
+    with a checkable answer for reinforcement learning (`answer`), whose form a short
+    supervised finetune (`response`) teaches and whose rule (the alphabet's order) it leaves
+    half learned."""
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if a != b]
+    pairs = [(a, b) for a in string.ascii_lowercase for b in string.ascii_lowercase if a != b]
     rng.shuffle(pairs)
-    return numbered([{"prompt": f"Which is larger, {a} or {b}?", "answer": str(max(a, b)), "response": str(max(a, b))}
-                     for a, b in pairs[:limit]])
+    return numbered([{"prompt": f"Which letter comes later in the alphabet, {a} or {b}?", "answer": max(a, b),
+                      "response": max(a, b)} for a, b in pairs])
 
 
 _EXAMPLES = {STDLIB_PACKAGES: stdlib_package_snippets, STDLIB_DOCSTRINGS: stdlib_docstring_pairs,
-             STDLIB_PREFERENCES: stdlib_preference_pairs, LARGER_NUMBER: larger_number_questions}
+             STDLIB_PREFERENCES: stdlib_preference_pairs, LATER_LETTER: later_letter_questions}
 _TASK_EXAMPLE = {"classify": STDLIB_PACKAGES, "instruct": STDLIB_DOCSTRINGS, "dpo": STDLIB_PREFERENCES,
-                 "grpo": LARGER_NUMBER}
+                 "grpo": LATER_LETTER}
 
 
 def finetune_records(cfg: FinetuneRunConfig) -> tuple[list[Record], list[Record], str]:
