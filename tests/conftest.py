@@ -71,6 +71,19 @@ def tiny_config(inputs: list[str], out_dir: Path, **train) -> dict:
     }
 
 
+def pretrained_base(root: Path, steps: int) -> Path:
+    """A tiny byte-level model with a 64-token context pretrained `steps` steps on the test
+    corpus, in `root/base`: the base run the post-training tests start from."""
+    cfg = tiny_config([str(write_corpus(root / "corpus"))], root / "base", max_steps=steps)
+    cfg["model"].update(block_size=64)
+    with own_cache(root):
+        from gptcli.config import config_from_dict
+        from gptcli.tasks.pretrain import pretrain
+
+        pretrain(config_from_dict(cfg))
+    return root / "base"
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run `gptcli ARGS` in this process; return (exit code, stdout, stderr)."""
     from gptcli.cli.app import main

@@ -51,6 +51,10 @@ GPT2_CLASSIFY = ("gptcli finetune configs/finetune-classify.yaml --set finetune.
 
 
 SERVER = "a server runs until stopped; tests/serve/ start it and check what it answers"
+HUB_MODEL = ("needs a chat model downloaded from the Hub; tests/store/test_hf_llama.py post-trains a small one "
+             "made in the test")
+SFT_LETTERS = "gptcli finetune configs/finetune-sft-letters.yaml"
+GRPO = "gptcli finetune configs/finetune-grpo.yaml"
 
 # A README command; any command and what to append to it; or a function of the repo folder.
 Step = str | tuple[str, tuple[str, ...]] | Callable[[Path], None]
@@ -103,6 +107,14 @@ COMMANDS: dict[str, Row] = {
     "gptcli eval -c runs/instruct-docstrings --task generate --metrics rougeL,rouge1,f1":
         Row(needs=(DEMO, INSTRUCT), extra=("--limit", "4", "--max-new-tokens", "8")),
     "gptcli finetune configs/finetune-dpo.yaml": Row(needs=(DEMO, INSTRUCT)),
+    SFT_LETTERS: Row(needs=(DEMO,)),
+    GRPO: Row(needs=(DEMO, SFT_LETTERS)),
+    'gptcli sample -c runs/grpo-letters -p "Which letter comes later in the alphabet, k or w?"':
+        Row(needs=(DEMO, SFT_LETTERS, GRPO), extra=("-n", "4")),
+    "gptcli serve -c runs/grpo-letters": Row(skip=SERVER),
+    "gptcli import-hf Qwen2.5-0.5B-Instruct --out checkpoints/qwen": Row(skip=HUB_MODEL),
+    "gptcli finetune configs/finetune-grpo.yaml --set finetune.init_from=checkpoints/qwen --set finetune.lora.rank=16 "
+    "--set out_dir=runs/qwen-grpo": Row(skip=HUB_MODEL),
     IMPORT: Row(data=(needs_gpt2_ranks,)),
     "gptcli import-hf hf/gpt2 --out checkpoints/gpt2 --tokenizer ../shared/data/gpt2.tiktoken":
         Row(data=(needs_gpt2_ranks,)),

@@ -415,6 +415,9 @@ class DPOConfig:
     label_smoothing: float = _field(0.0, "sigmoid, simpo: the assumed chance that a pair's labels are flipped "
                                          "(conservative DPO).", at_least=0, below=0.5)
     gamma: float = _field(0.5, "simpo: the target reward margin.", at_least=0)
+    rpo_alpha: float = _field(
+        0.0, "Weight of the chosen answer's negative log-likelihood per token, added to the loss (RPO; TRL's "
+        "rpo_alpha): keeps chosen answers likely while the margin grows; 0: off.", at_least=0)
 
 
 @dataclass

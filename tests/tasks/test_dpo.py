@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import own_cache, tiny_config, write_corpus
+from conftest import pretrained_base
 
 from gptcli.config import FinetuneRunConfig, config_from_dict
 from gptcli.data.text.records import numbered
@@ -24,7 +24,6 @@ from gptcli.config import ModelConfig
 from gptcli.store.rundir import resolve_checkpoint
 from gptcli.tasks.dpo import STATS, PreferenceModel, fitting, pair_rows, read_pairs
 from gptcli.tasks.finetune import finetune
-from gptcli.tasks.pretrain import pretrain
 from gptcli.train.preference import PreferenceSettings, pair_losses
 
 BYTES = BytesTokenizer()
@@ -104,12 +103,7 @@ def test_sequence_logps_equal_a_full_log_softmax():
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpo-base")
-    cfg = tiny_config([str(write_corpus(root / "corpus"))], root / "base", max_steps=20)
-    cfg["model"].update(block_size=64)
-    with own_cache(root):
-        pretrain(config_from_dict(cfg))
-    return root / "base"
+    return pretrained_base(tmp_path_factory.mktemp("dpo-base"), steps=20)
 
 
 def preference_file(path):
@@ -176,3 +170,14 @@ def test_lora_dpo_trains_only_adapters_and_resumes_bit_identically(tmp_path, bas
     assert [e.metrics["step"] for e in events if isinstance(e, StepLogged)] == list(range(7, 13))
     logged = lambda d: {r["step"]: (r["loss"], r["rewards/margins"]) for r in metrics(d) if "loss" in r}
     assert logged(tmp_path / "split") == logged(tmp_path / "straight")
+
+
+def test_rpo_adds_the_chosen_answers_nll_per_token():
+    pc, pr = torch.tensor([-5.0, -9.0]), torch.tensor([-7.0, -4.0])
+    rc, rr = torch.tensor([-6.0, -8.0]), torch.tensor([-6.5, -5.0])
+    nc, nr = torch.tensor([4.0, 6.0]), torch.tensor([5.0, 2.0])
+    for loss in ("sigmoid", "ipo", "simpo"):
+        plain = pair_losses(pc, pr, nc, nr, PreferenceSettings(loss, 0.2), rc, rr)
+        rpo = pair_losses(pc, pr, nc, nr, PreferenceSettings(loss, 0.2, rpo_alpha=0.5), rc, rr)
+        assert torch.allclose(rpo.losses, plain.losses + 0.5 * torch.tensor([5 / 4, 9 / 6]))
+        assert torch.equal(rpo.chosen_rewards, plain.chosen_rewards)

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import own_cache, run_cli, tiny_config, write_corpus
+from conftest import pretrained_base, run_cli
 
 from gptcli.config import FinetuneRunConfig, GRPOConfig, RewardConfig, config_from_dict
 from gptcli.data.text.records import numbered
@@ -24,7 +24,6 @@ from gptcli.config import ModelConfig
 from gptcli.store.rundir import resolve_checkpoint
 from gptcli.tasks.finetune import finetune
 from gptcli.tasks.grpo import Question, RolloutData, RolloutStats, Scorer, _completion, fitting, read_questions
-from gptcli.tasks.pretrain import pretrain
 
 BYTES = BytesTokenizer()
 
@@ -109,12 +108,7 @@ def test_a_failing_user_reward_names_itself_and_the_prompt(tmp_path, body, messa
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo-base")
-    cfg = tiny_config([str(write_corpus(root / "corpus"))], root / "base", max_steps=30)
-    cfg["model"].update(block_size=64)
-    with own_cache(root):
-        pretrain(config_from_dict(cfg))
-    return root / "base"
+    return pretrained_base(tmp_path_factory.mktemp("grpo-base"), steps=30)
 
 
 def prompts_file(path):
@@ -226,15 +220,15 @@ def test_samples_say_which_stop_id_ended_them(favoured):
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ(dynamic):
-    """A random model writes a digit in about one completion of nine: many groups of four
+    """A random model writes a digit in about one completion of five: many groups of four
     are all wrong. Dynamic sampling draws more prompts and keeps only mixed groups."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=BYTES.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=32))
     records = numbered([{"prompt": f"x{i} = ", "answer": "0"} for i in range(40)])
-    cfg = GRPOConfig(group_size=4, max_new_tokens=3, dynamic_sampling=dynamic,
+    cfg = GRPOConfig(group_size=4, max_new_tokens=6, dynamic_sampling=dynamic,
                      rewards=[RewardConfig("regex", pattern="[0-9]")])
     stats = RolloutStats(("regex",))
-    data = RolloutData(model, BYTES, records, records[:4], "q.jsonl", "q.jsonl", cfg, Scorer(cfg.rewards, 3), stats,
+    data = RolloutData(model, BYTES, records, records[:4], "q.jsonl", "q.jsonl", cfg, Scorer(cfg.rewards, 6), stats,
                        batch_size=4, seed=0, device=torch.device("cpu"))
     batch = data.train_batch(0, 0)
     teaching = batch["advantages"].view(-1, 4).abs().sum(dim=1) > 0  # per group

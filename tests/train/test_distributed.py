@@ -158,3 +158,34 @@ def test_eval_tasks_under_torchrun_score_as_one_process(tmp_path, base, parallel
 
     assert [step for step, *_ in scores(tmp_path / "ddp")] == [3, 6]
     assert scores(tmp_path / "ddp") == scores(tmp_path / "single")
+
+
+@pytest.mark.parametrize("task", ["dpo", "grpo"])
+def test_post_training_under_torchrun_matches_single_process(tmp_path, base, task):
+    """DPO pairs and GRPO rollouts split over 2 processes as over one process's batch: the
+    same prompts, the same sampling seeds per prompt, the same losses and rewards."""
+    from gptcli.config import FinetuneRunConfig
+    from gptcli.tasks.finetune import finetune
+
+    pretrain(config_from_dict({**base, "out_dir": str(tmp_path / "base")}))
+    rows = [{"prompt": f"x{i} = ", "answer": "0", "chosen": f" {i}", "rejected": f" {'ab' * (i % 3 + 1)}"}
+            for i in range(40)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"out_dir": str(tmp_path / "two"), "seed": 5,
+           "finetune": {"task": task, "init_from": str(tmp_path / "base"), "train_file": str(tmp_path / "data.jsonl"),
+                        "patience": 0, "grpo": {"group_size": 4, "max_new_tokens": 4,
+                                                "rewards": [{"name": "regex", "pattern": "[0-9]"}]}},
+           "train": {"batch_size": 2, "grad_accum": 1, "max_steps": 4, "log_every": 1, "eval_every": 4,
+                     "save_every": 4, "lr": 1e-3, "precision": "fp32", "device": "cpu"}}
+    done = torchrun(["finetune", write_config(tmp_path / "ft.yaml", cfg)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    single = json.loads(json.dumps(cfg))
+    single["out_dir"] = str(tmp_path / "one")
+    single["train"]["batch_size"] = 4
+    finetune(config_from_dict(single, FinetuneRunConfig))
+    key = "reward" if task == "grpo" else "rewards/margins"
+    logged = lambda run: {r["step"]: (r["loss"], r[key]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl")
+                                                                         .read_text().splitlines()) if "loss" in r}
+    two, one = logged("two"), logged("one")
+    assert sorted(two) == [1, 2, 3, 4]
+    assert all(abs(two[s][0] - one[s][0]) < 1e-5 and abs(two[s][1] - one[s][1]) < 1e-5 for s in two), (two, one)

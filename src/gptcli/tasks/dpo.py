@@ -47,7 +47,7 @@ class Pair(NamedTuple):
 
 
 def settings_of(cfg: DPOConfig) -> PreferenceSettings:
-    return PreferenceSettings(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.gamma)
+    return PreferenceSettings(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.rpo_alpha)
 
 
 # --- records into pairs of token ids -------------------------------------------------------------

@@ -116,6 +116,13 @@ def _trunk_state(model: Model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("score.")}
 
 
+def _trunk(base: Model, model_cfg: ModelConfig) -> Model:
+    """A language model of `model_cfg` holding the base's trunk weights."""
+    model = get_arch(base.arch).model(model_cfg)
+    model.load_state_dict(_trunk_state(base), strict=False)
+    return model
+
+
 def _lm(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: ModelConfig,
         device: torch.device, dist: Distributed, on_event: EventSink
         ) -> tuple[Model, PretrainData, Tokenizer]:
@@ -123,8 +130,7 @@ def _lm(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: Mo
         raise GptcliError("data.inputs: name the new-domain text for --task lm")
     dataset = TokenDataset.open(prepare_dataset(cfg.data, cfg.seed, on_event, tokenizer=tokenizer, dist=dist))
     dataset.check_context(model_cfg.block_size)
-    model = get_arch(base.arch).model(model_cfg)
-    model.load_state_dict(_trunk_state(base), strict=False)
+    model = _trunk(base, model_cfg)
     view = RunConfig(seed=cfg.seed, data=cfg.data, train=cfg.train, model=model_cfg)
     return model, PretrainData(dataset, view, device, dist), tokenizer
 
@@ -138,8 +144,7 @@ def _instruct(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_c
     val_conversations = conversations(val, f.val_file or source)
     if not is_chat_model(tokenizer):  # a base model learns gptcli's chat tokens; a chat model keeps its own
         tokenizer = WithAddedTokens(tokenizer, CHAT_TOKENS)
-    model = get_arch(base.arch).model(model_cfg)
-    model.load_state_dict(_trunk_state(base), strict=False)
+    model = _trunk(base, model_cfg)
     model.resize_vocab(tokenizer.vocab_size)
     data = InstructData(tokenizer, train_conversations, val_conversations, model_cfg.block_size,
                         cfg.train.batch_size, f.pack, cfg.seed, device, cfg.train.grad_accum, dist,
@@ -152,8 +157,7 @@ def _dpo(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: M
          ) -> tuple[PreferenceModel, PreferenceData, Tokenizer]:
     f = cfg.finetune
     train, val, source = finetune_records(cfg)
-    trunk = get_arch(base.arch).model(model_cfg)
-    trunk.load_state_dict(_trunk_state(base), strict=False)
+    trunk = _trunk(base, model_cfg)
     settings = settings_of(f.dpo)
     data = PreferenceData(tokenizer, read_pairs(train, source, tokenizer), read_pairs(val, f.val_file or source, tokenizer),
                           trunk, settings, model_cfg.block_size, cfg.train.batch_size, cfg.seed, device,
@@ -166,8 +170,7 @@ def _grpo(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: 
           ) -> tuple[PolicyModel, RolloutData, Tokenizer]:
     f = cfg.finetune
     train, val, source = finetune_records(cfg)
-    trunk = get_arch(base.arch).model(model_cfg)
-    trunk.load_state_dict(_trunk_state(base), strict=False)
+    trunk = _trunk(base, model_cfg)
     scorer = Scorer(f.grpo.rewards, f.grpo.max_new_tokens)
     stats = RolloutStats(tuple(term.label for term in scorer.terms))
     data = RolloutData(trunk, tokenizer, train, val, source, f.val_file or source, f.grpo, scorer, stats,

@@ -10,11 +10,14 @@ end-of-text), which it learns to produce, or at `max_new_tokens`.
 Each micro-batch of an optimizer step: P prompts (train.batch_size), drawn by the step's
 named random stream; G completions each (grpo.group_size), sampled by the batching engine
 (infer/engine.py: KV cache, continuous batching) from the very weights being trained, each
-prompt's draws from its own seed derived from (seed, rollout, micro-batch, rank) — so a
-resumed run draws what the uninterrupted one drew; every completion scored by the weighted
+prompt's draws from its own seed derived from (seed, rollout, its place in the step's global
+batch): a resumed run draws what the uninterrupted one drew, and any split of the batch over
+micro-batches and processes the same; every completion scored by the weighted
 rewards (Scorer) and given its group-normalised advantage. The batch is the P·G rows
 prompt + completion, right-padded, with the completion's tokens as targets, their advantage
-and (grpo.reuse > 1) the log-probabilities the sampling policy gave them. With reuse > 1 the
+and (grpo.reuse > 1) the log-probabilities the sampling policy gave them. With
+grpo.dynamic_sampling (DAPO's), a group whose rewards are all equal is left out and more
+prompts are drawn, up to MAX_DRAWS draws, to fill the batch with groups that teach. With reuse > 1 the
 rollouts of step s train steps s .. s + reuse - 1 (a run resumed inside such a group draws
 its rollouts afresh, from the resumed weights: that resume is not bit-identical).
 
@@ -335,17 +338,18 @@ class RolloutData:
 
     def _picks(self, rollout: int, micro: int, draw: int) -> list[int]:
         """The prompts of a micro-batch: its slice of the step's stream (draw 0); under dynamic
-        sampling, further draws each from a named stream of their own."""
-        if draw == 0:
-            return list(step_rows(self.seed, STREAMS["grpo"], rollout, micro, self.dist.rank, self.batch_size,
-                                  self.per_step, self.dist.world_size, len(self.train)))
-        rng = np.random.default_rng([self.seed, STREAMS["grpo"], rollout, micro, self.dist.rank, draw])
-        return list(rng.integers(0, len(self.train), self.batch_size))
+        sampling, each further draw's slice of a stream of its own."""
+        stream = (STREAMS["grpo"], draw) if draw else STREAMS["grpo"]
+        return list(step_rows(self.seed, stream, rollout, micro, self.dist.rank, self.batch_size, self.per_step,
+                              self.dist.world_size, len(self.train)))
 
-    def _seeds(self, rollout: int, micro: int, draw: int, count: int) -> list[int]:
-        """One sampling seed per prompt of a draw: a named stream of its own."""
-        sequence = np.random.SeedSequence([self.seed, STREAMS["grpo"], rollout, micro, self.dist.rank, draw])
-        return [int(s) for s in sequence.generate_state(count, np.uint64)]
+    def _seeds(self, rollout: int, micro: int, draw: int) -> list[int]:
+        """One sampling seed per prompt of a draw, named by the prompt's place in the step's
+        global batch: however the batch is split over micro-batches and processes, a prompt
+        gets the same seed, so 2 processes draw what 1 process with twice the batch draws."""
+        first = (micro * self.dist.world_size + self.dist.rank) * self.batch_size
+        return [int(np.random.SeedSequence([self.seed, STREAMS["grpo"], rollout, draw, first + i])
+                    .generate_state(1, np.uint64)[0]) for i in range(self.batch_size)]
 
     def _generate(self, questions: list[Question], settings: GenerationSettings, n: int,
                   seeds: list[int] | None = None) -> list[list[Sample]]:
@@ -364,7 +368,7 @@ class RolloutData:
                                       top_p=self.cfg.top_p if self.cfg.top_p < 1 else None)
         started = time.perf_counter()
         samples = self._generate(questions, settings, self.cfg.group_size,
-                                 self._seeds(rollout, micro, draw, len(questions)))
+                                 self._seeds(rollout, micro, draw))
         self.stats.seconds += time.perf_counter() - started
         values = torch.tensor([[self.scorer.score(q, s.text, len(s.tokens)) for s in group]
                                for q, group in zip(questions, samples)])  # (P, G, F)

@@ -8,6 +8,10 @@ pure functions of the sequences' log-probabilities (the sums over each answer's 
 - simpo (Meng et al. 2024), reference-free: -log σ(β·(π̄_c - π̄_r) - γ) with π̄ the
   log-probability averaged over the answer's tokens, and the same label smoothing.
 
+Any of them may add RPO's term (Pang et al. 2024; TRL's `rpo_alpha`): α times the chosen
+answer's negative log-likelihood per token, which keeps the chosen answers likely while
+the margin grows (DPO alone lowers both, the rejected faster).
+
 Rewards are what the loss compares, named as TRL logs them: `rewards/chosen` is β·(π_c -
 ref_c) (simpo: β·π̄_c), `rewards/margins` chosen minus rejected, `rewards/accuracies` the
 share of pairs whose chosen reward is the larger.
@@ -29,6 +33,7 @@ class PreferenceSettings:
     beta: float = 0.1
     label_smoothing: float = 0.0  # sigmoid and simpo: the chance a pair's labels are flipped
     gamma: float = 0.5  # simpo: the target reward margin
+    rpo_alpha: float = 0.0  # weight of the chosen answer's NLL per token (RPO); 0: off
 
     @property
     def needs_reference(self) -> bool:
@@ -42,16 +47,6 @@ class PairLosses:
     rejected_rewards: torch.Tensor  # (P,)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the sum of log p(label) over the positions whose label is not `ignore_index`,
-    and how many there are. `logits` (N, T, V) predict `labels` (N, T) at the same position;
-    the log-softmax is taken in fp32."""
-    mask = labels != ignore_index
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N, T)
-    return (picked * mask).sum(-1), mask.sum(-1)
-
-
 def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
                 rejected_tokens: torch.Tensor, settings: PreferenceSettings,
                 ref_chosen: torch.Tensor | None = None, ref_rejected: torch.Tensor | None = None) -> PairLosses:
@@ -62,7 +57,8 @@ def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: tor
         chosen_avg, rejected_avg = chosen / chosen_tokens, rejected / rejected_tokens
         x = beta * (chosen_avg - rejected_avg) - settings.gamma
         losses = -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
-        return PairLosses(losses, beta * chosen_avg.detach(), beta * rejected_avg.detach())
+        return PairLosses(losses + _nll(chosen, chosen_tokens, settings), beta * chosen_avg.detach(),
+                          beta * rejected_avg.detach())
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     if settings.loss == "ipo":
         margin = chosen_ratio / chosen_tokens - rejected_ratio / rejected_tokens
@@ -70,4 +66,10 @@ def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: tor
     else:
         x = beta * (chosen_ratio - rejected_ratio)
         losses = -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
-    return PairLosses(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+    return PairLosses(losses + _nll(chosen, chosen_tokens, settings), beta * chosen_ratio.detach(),
+                      beta * rejected_ratio.detach())
+
+
+def _nll(chosen: torch.Tensor, chosen_tokens: torch.Tensor, settings: PreferenceSettings) -> torch.Tensor | float:
+    """RPO's term: rpo_alpha times the chosen answer's negative log-likelihood per token (P,)."""
+    return -settings.rpo_alpha * chosen / chosen_tokens if settings.rpo_alpha else 0.0

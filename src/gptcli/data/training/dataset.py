@@ -209,15 +209,16 @@ class TokenDataset:
                 )
 
 
-def step_rows(seed: int, stream: int, step: int, micro: int, rank: int, batch_size: int,
+def step_rows(seed: int, stream: int | tuple[int, ...], step: int, micro: int, rank: int, batch_size: int,
               per_step: int, world_size: int, high: int) -> np.ndarray:
     """The `batch_size` random indices in [0, high) for one (step, micro-step, rank).
 
     The step's whole global batch (`per_step` = batch_size x grad_accum x world_size
     indices) comes from one stream seeded by (seed, stream, step); each micro-step of each
     rank takes its slice. Any split of the same global batch therefore sees the same rows.
+    `stream` is a number of STREAMS, or a tuple of numbers naming a sub-stream.
     """
-    rng = np.random.default_rng([seed, stream, step])
+    rng = np.random.default_rng([seed, *np.atleast_1d(stream), step])
     rows = rng.integers(0, high, size=per_step)
     first = (micro * world_size + rank) * batch_size
     return rows[first:first + batch_size]
