@@ -415,6 +415,9 @@ class DPOConfig:
     label_smoothing: float = _field(0.0, "sigmoid, simpo: the assumed chance that a pair's labels are flipped "
                                          "(conservative DPO).", at_least=0, below=0.5)
     gamma: float = _field(0.5, "simpo: the target reward margin.", at_least=0)
+    reference: Literal["precompute", "live"] = _field(
+        "precompute", "The reference's log-probabilities: `precompute`d once before training (no second model in "
+        "memory), or computed `live` with each batch (LoRA: the adapters switched off; full: a frozen copy).")
     rpo_alpha: float = _field(
         0.0, "Weight of the chosen answer's negative log-likelihood per token, added to the loss (RPO; TRL's "
         "rpo_alpha): keeps chosen answers likely while the margin grows; 0: off.", at_least=0)

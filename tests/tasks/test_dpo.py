@@ -149,8 +149,13 @@ def test_dpo_learns_the_preference_and_logs_trls_metrics(tmp_path, base_run):
 
 @pytest.mark.parametrize("loss", ["ipo", "simpo"])
 def test_the_other_losses_train(tmp_path, base_run, loss):
-    result = finetune(config_from_dict(dpo_config(tmp_path, base_run, loss=loss, beta=0.5), FinetuneRunConfig))
+    cfg = dpo_config(tmp_path, base_run, loss=loss, beta=0.5)
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"prompt": "say a:", "reference": "AAA"}) + "\n")
+    cfg["train"]["eval_tasks"] = [{"task": "generate", "data": str(tmp_path / "qa.jsonl"), "name": "qa",
+                                   "max_new_tokens": 4}]
+    result = finetune(config_from_dict(cfg, FinetuneRunConfig))
     evals = [r for r in metrics(result.run_dir) if "val_loss" in r]
+    assert all("qa/exact_match" in r for r in evals)  # train.eval_tasks beside the preference metrics
     assert evals[-1]["val_rewards/margins"] > evals[0]["val_rewards/margins"]
 
 
@@ -181,3 +186,21 @@ def test_rpo_adds_the_chosen_answers_nll_per_token():
         rpo = pair_losses(pc, pr, nc, nr, PreferenceSettings(loss, 0.2, rpo_alpha=0.5), rc, rr)
         assert torch.allclose(rpo.losses, plain.losses + 0.5 * torch.tensor([5 / 4, 9 / 6]))
         assert torch.equal(rpo.chosen_rewards, plain.chosen_rewards)
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_a_live_reference_trains_as_the_precomputed_one(tmp_path, base_run, lora):
+    """The reference computed with each batch (adapters off, or a frozen copy) gives the
+    precomputed reference's numbers: the same losses step for step."""
+    runs = {}
+    for reference in ("precompute", "live"):
+        cfg = dpo_config(tmp_path, base_run, reference, reference=reference)
+        cfg["finetune"]["lora"] = {"rank": lora, "alpha": 8, "dropout": 0.0}
+        cfg["train"].update(max_steps=6, log_every=1, eval_every=3)
+        result = finetune(config_from_dict(cfg, FinetuneRunConfig))
+        runs[reference] = {r["step"]: (r.get("loss"), r.get("val_loss")) for r in metrics(result.run_dir)}
+    assert runs["live"].keys() == runs["precompute"].keys()
+    for step, (loss, val_loss) in runs["live"].items():
+        other = runs["precompute"][step]
+        assert (loss is None or loss == pytest.approx(other[0], abs=1e-5)) and \
+               (val_loss is None or val_loss == pytest.approx(other[1], abs=1e-5)), (step, runs)

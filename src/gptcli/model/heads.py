@@ -17,12 +17,15 @@ subclass, and for GPT-2 the names HF's GPT2ForSequenceClassification uses (less 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gptcli.model import Model
 from gptcli.model.gpt import IGNORE_INDEX
+from gptcli.model.lora import adapters_off
 
 _TRUNK = "trunk."
 
@@ -60,6 +63,30 @@ def labelled_logprobs(model: Model, idx: torch.Tensor, labels: torch.Tensor
     rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (K,) each
     logprobs = torch.log_softmax(model.logits(hidden[rows, cols]).float(), dim=-1)  # (K, V)
     return logprobs.gather(-1, labels[rows, cols, None])[:, 0], rows, cols
+
+
+class Reference:
+    """The starting model, to compare a policy with as it trains (DPO's reference, GRPO's KL):
+    a frozen copy of the trunk's weights as they are now, or, where the trunk will train
+    LoRA adapters (`lora`), the trunk itself with its adapters switched off: no second copy.
+    A plain object, not a module: the copy stays out of the state dict and the optimizer."""
+
+    def __init__(self, trunk: Model, lora: bool):
+        self.trunk = trunk
+        self.frozen = None if lora else copy.deepcopy(trunk).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def logprobs(self, idx: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`labelled_logprobs` under the starting weights (eval mode: no dropout)."""
+        if self.frozen is not None:
+            return labelled_logprobs(self.frozen.to(idx.device), idx, labels)
+        was_training = self.trunk.training
+        self.trunk.eval()
+        try:
+            with adapters_off(self.trunk):
+                return labelled_logprobs(self.trunk, idx, labels)
+        finally:
+            self.trunk.train(was_training)
 
 
 class TrunkHead(nn.Module):

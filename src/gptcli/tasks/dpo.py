@@ -8,9 +8,12 @@ prompt becomes its chat prompt (a text: one user turn) and each answer is its te
 format's end of turn; on a base model, the prompt's text and the answer's with end-of-text.
 Log-probabilities are summed over the answer's tokens only.
 
-The reference is the starting model: its log-probabilities of every pair are computed once,
-in fp32, before training (no second copy of the model in memory, LoRA or not), as TRL's
-`precompute_ref_log_probs`; a resumed run computes them again from the same checkpoint.
+The reference is the starting model. By default its log-probabilities of every pair are
+computed once, in fp32, before training (no second copy of the model in memory, LoRA or not),
+as TRL's `precompute_ref_log_probs`; a resumed run computes them again from the same
+checkpoint. With finetune.dpo.reference=live they are computed with each batch instead, as
+TRL does by default: by the trunk with its LoRA adapters switched off, or by a frozen copy of
+the starting weights in a full finetune (model/heads.py, Reference).
 
 Rows: a batch of P pairs is 2P right-padded rows, the P chosen then the P rejected, with
 `targets` one entry per pair (the loop averages the summed loss over them).
@@ -22,15 +25,16 @@ from typing import NamedTuple
 
 import torch
 
-from gptcli.config import DPOConfig
+from gptcli.config import DPOConfig, EvalTask
 from gptcli.data.text.records import Record, where
 from gptcli.data.tokenizers.chat_format import ROLES, chat_prompt_ids, is_chat_model, prompt_ids, reply_ids
 from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.data.training.dataset import STREAMS, step_rows
 from gptcli.errors import GptcliError
+from gptcli.evals.run_tasks import EvalTasks
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.model import Model
-from gptcli.model.heads import TrunkHead, labelled_logprobs
+from gptcli.model.heads import Reference, TrunkHead, labelled_logprobs
 from gptcli.runtime import Distributed, Precision
 from gptcli.tasks.answers import answer_rows
 from gptcli.train.preference import PairLosses, PreferenceSettings, pair_losses
@@ -161,9 +165,10 @@ class PreferenceModel(TrunkHead):
     batch, and it keeps the batch statistics TRL logs (STATS) until `step_metrics` reads them.
     Its state dict is its trunk's: a DPO checkpoint is a language model's."""
 
-    def __init__(self, trunk: Model, settings: PreferenceSettings):
+    def __init__(self, trunk: Model, settings: PreferenceSettings, live: Reference | None = None):
         super().__init__(trunk)
         self.settings = settings
+        self.live = live  # the reference computed with each batch (finetune.dpo.reference=live)
         self.tally = Tally()  # training batches since the last step_metrics
 
     def sequence_logps(self, idx: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +182,9 @@ class PreferenceModel(TrunkHead):
                     ) -> tuple[PairLosses, torch.Tensor]:
         """Each pair's loss and rewards, and the rows' summed log-probabilities (2P,)."""
         logps, counts = self.sequence_logps(idx, labels)  # chosen rows, then rejected
+        if reference is None and self.live is not None and self.settings.needs_reference:
+            picked, rows, _ = self.live.logprobs(idx, labels)
+            reference = torch.zeros(idx.size(0), device=idx.device).index_add(0, rows, picked)
         P = idx.size(0) // 2
         ref = (None, None) if reference is None else (reference[:P], reference[P:])
         return pair_losses(logps[:P], logps[P:], counts[:P], counts[P:], self.settings, *ref), logps
@@ -208,8 +216,10 @@ class PreferenceData:
     def __init__(self, tokenizer: Tokenizer, train: list[Pair], val: list[Pair], reference: Model,
                  settings: PreferenceSettings, block_size: int, batch_size: int, seed: int,
                  device: torch.device, grad_accum: int = 1, dist: Distributed = Distributed(),
-                 too_long: str = "drop", on_event: EventSink = ignore):
+                 too_long: str = "drop", on_event: EventSink = ignore, eval_tasks: list[EvalTask] = (),
+                 precompute: bool = True):
         self.pad_id = tokenizer.eot_id
+        self.tasks = EvalTasks(list(eval_tasks), tokenizer)
         self.train = fitting(train, block_size, too_long, "training")
         self.val = fitting(val, block_size, too_long, "validation")
         dropped = len(train) - len(self.train), len(val) - len(self.val)
@@ -218,8 +228,9 @@ class PreferenceData:
                             f"validation pairs longer than the {block_size}-token context (finetune.too_long=drop)"))
         self.settings, self.batch_size, self.seed, self.device, self.dist = settings, batch_size, seed, device, dist
         self.per_step = batch_size * grad_accum * dist.world_size
-        self.train_reference = self._reference(reference, self.train)
-        self.val_reference = self._reference(reference, self.val)
+        # Without `precompute`, the model computes its reference with each batch (PreferenceModel.live).
+        self.train_reference = self._reference(reference, self.train) if precompute else None
+        self.val_reference = self._reference(reference, self.val) if precompute else None
 
     @torch.no_grad()
     def _reference(self, model: Model, pairs: list[Pair]) -> torch.Tensor | None:
@@ -251,7 +262,8 @@ class PreferenceData:
 
     @torch.no_grad()
     def validate(self, model: PreferenceModel, precision: Precision) -> dict[str, float]:
-        """The mean loss and TRL's statistics over every validation pair (`val_` + name)."""
+        """The mean loss and TRL's statistics over every validation pair (`val_` + name), and
+        the scores of train.eval_tasks."""
         was_training = model.training
         model.eval()
         tally, loss = Tally(), 0.0
@@ -262,4 +274,5 @@ class PreferenceData:
             tally.add(result, logps)
             loss += float(result.losses.sum())
         model.train(was_training)
-        return {"val_loss": loss / len(self.val), **{f"val_{name}": value for name, value in tally.means().items()}}
+        return {"val_loss": loss / len(self.val), **{f"val_{name}": value for name, value in tally.means().items()},
+                **self.tasks.scores(getattr(model, "_orig_mod", model).trunk, precision)}

@@ -29,7 +29,7 @@ from gptcli.errors import GptcliError
 from gptcli.events import EventSink, ignore
 from gptcli.infer.load import checkpoint_kind
 from gptcli.model import Model, get_arch
-from gptcli.model.heads import GPTClassifier
+from gptcli.model.heads import GPTClassifier, Reference
 from gptcli.model.lora import LoRASpec, apply_lora, merge_lora
 from gptcli.outputs import input_paths
 from gptcli.runtime import Distributed, seed_everything
@@ -159,10 +159,13 @@ def _dpo(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: M
     train, val, source = finetune_records(cfg)
     trunk = _trunk(base, model_cfg)
     settings = settings_of(f.dpo)
+    live = f.dpo.reference == "live"
     data = PreferenceData(tokenizer, read_pairs(train, source, tokenizer), read_pairs(val, f.val_file or source, tokenizer),
                           trunk, settings, model_cfg.block_size, cfg.train.batch_size, cfg.seed, device,
-                          cfg.train.grad_accum, dist, too_long=f.too_long, on_event=on_event)
-    return PreferenceModel(trunk, settings), data, tokenizer
+                          cfg.train.grad_accum, dist, too_long=f.too_long, on_event=on_event,
+                          eval_tasks=cfg.train.eval_tasks, precompute=not live)
+    reference = Reference(trunk, lora=f.lora.rank > 0) if live and settings.needs_reference else None
+    return PreferenceModel(trunk, settings, reference), data, tokenizer
 
 
 def _grpo(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: ModelConfig,
@@ -175,7 +178,7 @@ def _grpo(cfg: FinetuneRunConfig, base: Model, tokenizer: Tokenizer, model_cfg: 
     stats = RolloutStats(tuple(term.label for term in scorer.terms))
     data = RolloutData(trunk, tokenizer, train, val, source, f.val_file or source, f.grpo, scorer, stats,
                        cfg.train.batch_size, cfg.seed, device, cfg.train.grad_accum, dist, too_long=f.too_long,
-                       lora=f.lora.rank > 0, on_event=on_event)
+                       lora=f.lora.rank > 0, on_event=on_event, eval_tasks=cfg.train.eval_tasks)
     return PolicyModel(trunk, policy_settings(f.grpo), stats), data, tokenizer
 
 

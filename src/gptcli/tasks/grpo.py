@@ -27,11 +27,9 @@ earns full marks from the first reward (the verifier), and picks the best checkp
 
 from __future__ import annotations
 
-import copy
 import re
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -39,17 +37,17 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gptcli.config import GRPOConfig, RewardConfig
+from gptcli.config import EvalTask, GRPOConfig, RewardConfig
 from gptcli.data.text.records import Record, where
 from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.data.training.dataset import STREAMS, step_rows
 from gptcli.errors import GptcliError
+from gptcli.evals.run_tasks import EvalTasks
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.infer.load import language_model
 from gptcli.infer.session import GenerationSession, GenerationSettings, Prompt, Sample
 from gptcli.model import Model
-from gptcli.model.heads import TrunkHead, labelled_logprobs
-from gptcli.model.lora import adapters_off
+from gptcli.model.heads import Reference, TrunkHead, labelled_logprobs
 from gptcli.rewards import BUILT_IN, is_function_name, load_function
 from gptcli.runtime import Distributed, Precision
 from gptcli.tasks.answers import answer_rows
@@ -57,6 +55,7 @@ from gptcli.train.policy import PolicySettings, group_advantages, token_losses
 
 VERIFIER_PASS = 1.0  # the first reward's full marks: what pass@1 counts
 MAX_DRAWS = 4  # dynamic sampling draws at most this many times a micro-batch's prompts
+MAX_ROWS = 256  # the most sequences generated at once (each a KV cache row of the whole context)
 
 
 class Question(NamedTuple):
@@ -215,7 +214,7 @@ class RolloutStats:
     tokens: int = 0  # generated
     trained_tokens: int = 0
     clipped: float = 0.0
-    kl: float = 0.0
+    kl: float | None = None  # summed over the trained tokens, where the loss has a KL term
     since: float = field(default_factory=time.perf_counter)
     paused: float = 0.0  # spent validating: not part of any step
 
@@ -223,15 +222,17 @@ class RolloutStats:
         """Start the next interval: every sum back to zero, the clock from now."""
         self.__dict__.update(RolloutStats(self.labels).__dict__)
 
-    def means(self, dist: Distributed) -> dict[str, float]:
+    def means(self, dist: Distributed, device: torch.device) -> dict[str, float]:
+        """Each metric over the interval and every process (`device`: where the process group
+        reduces, a GPU under nccl)."""
         if not self.totals:
             return {}
         values, totals = torch.cat(self.values).flatten(0, 1), torch.cat(self.totals)  # (N, F), (P, G)
         elapsed = time.perf_counter() - self.since - self.paused
         local = torch.tensor([totals.sum(), (totals ** 2).sum(), totals.numel(), sum(self.lengths),
                               self.truncated, float((totals.std(dim=1) < 1e-6).sum()), len(totals),
-                              self.clipped, self.kl, self.trained_tokens, self.tokens, self.seconds, elapsed,
-                              *values.sum(0), *(values ** 2).sum(0)], dtype=torch.float64)
+                              self.clipped, self.kl or 0.0, self.trained_tokens, self.tokens, self.seconds, elapsed,
+                              *values.sum(0), *(values ** 2).sum(0)], dtype=torch.float64, device=device)
         (total, squares, n, length, truncated, flat, groups, clipped, kl, trained, tokens, seconds,
          elapsed, *per_term) = dist.all_reduce(local).tolist()
         F = len(self.labels)
@@ -243,7 +244,7 @@ class RolloutStats:
                    "frac_reward_zero_std": flat / groups, "clip_ratio/region_mean": clipped / max(trained, 1),
                    "rollout_tokens_per_sec": tokens / max(seconds, 1e-9),
                    "generation_share": seconds / max(elapsed, 1e-9)}
-        if kl:
+        if self.kl is not None:
             metrics["kl"] = kl / max(trained, 1)
         return metrics
 
@@ -279,7 +280,7 @@ class PolicyModel(TrunkHead):
         self.stats.trained_tokens += len(logps)
         self.stats.clipped += float(result.clipped.sum())
         if result.kl is not None:
-            self.stats.kl += float(result.kl.detach().sum())
+            self.stats.kl = (self.stats.kl or 0.0) + float(result.kl.detach().sum())
         if self.settings.loss == "grpo":
             sums = torch.zeros(idx.size(0), device=idx.device).index_add(0, rows, result.losses)
             return (sums / torch.bincount(rows, minlength=idx.size(0)).clamp(min=1)).sum()
@@ -287,7 +288,7 @@ class PolicyModel(TrunkHead):
 
     def step_metrics(self, dist: Distributed = Distributed()) -> dict[str, float]:
         """The rollouts' and training's statistics since the last call (RolloutStats)."""
-        means = self.stats.means(dist)
+        means = self.stats.means(dist, next(self.parameters()).device)
         self.stats.reset()
         return means
 
@@ -305,8 +306,10 @@ class RolloutData:
     def __init__(self, policy: Model, tokenizer: Tokenizer, train: list[Record], val: list[Record], source: str,
                  val_source: str, cfg: GRPOConfig, scorer: Scorer, stats: RolloutStats, batch_size: int, seed: int,
                  device: torch.device, grad_accum: int = 1, dist: Distributed = Distributed(),
-                 too_long: str = "drop", lora: bool = False, on_event: EventSink = ignore):
+                 too_long: str = "drop", lora: bool = False, on_event: EventSink = ignore,
+                 eval_tasks: list[EvalTask] = ()):
         self.policy, self.cfg, self.scorer, self.stats = policy, cfg, scorer, stats
+        self.tasks = EvalTasks(list(eval_tasks), tokenizer)
         self.session = GenerationSession(language_model(Path("policy"), policy, tokenizer))
         block = policy.config.block_size
         self.train = fitting(read_questions(train, source, self.session), block, cfg.max_new_tokens, too_long,
@@ -321,8 +324,7 @@ class RolloutData:
         self.pad_id = tokenizer.eot_id
         self.batch_size, self.seed, self.device, self.dist = batch_size, seed, device, dist
         self.per_step = batch_size * grad_accum * dist.world_size
-        # The reference of the KL term: LoRA switches its adapters off; else a frozen copy.
-        self.frozen = copy.deepcopy(policy).requires_grad_(False).eval() if cfg.beta > 0 and not lora else None
+        self.reference = Reference(policy, lora) if cfg.beta > 0 else None  # the KL term's
         self.rollouts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (rollout, micro) -> batch
         self.on_event = on_event
 
@@ -357,7 +359,7 @@ class RolloutData:
         self.policy.eval()
         try:
             return self.session.generate_many([q.prompt for q in questions], settings, n,
-                                              max_batch=len(questions) * n, seeds=seeds)
+                                              max_batch=max(n, min(len(questions) * n, MAX_ROWS)), seeds=seeds)
         finally:
             self.policy.train(was_training)
 
@@ -391,12 +393,10 @@ class RolloutData:
                  "targets": labels if self.cfg.loss == "dapo" else torch.zeros(len(idx), dtype=torch.long,
                                                                                device=self.device),
                  "advantages": group_advantages(totals, self.cfg.scale_rewards).flatten().to(self.device)}
-        if self.cfg.reuse > 1:
-            batch["old_logps"] = self._logps(self.policy, idx, labels, nullcontext())
-        if self.cfg.beta > 0:
-            reference = self.frozen.to(self.device) if self.frozen is not None else self.policy
-            batch["ref_logps"] = self._logps(reference, idx, labels,
-                                             nullcontext() if self.frozen is not None else adapters_off(self.policy))
+        if self.cfg.reuse > 1:  # what the sampling policy gave each token, for the ratio
+            batch["old_logps"] = _per_token(labels, *self._policy_logprobs(idx, labels))
+        if self.reference is not None:
+            batch["ref_logps"] = _per_token(labels, *self.reference.logprobs(idx, labels))
         return batch
 
     def _count(self, values: torch.Tensor, totals: torch.Tensor, samples: list[list[Sample]]) -> None:
@@ -409,30 +409,37 @@ class RolloutData:
         self.stats.truncated += sum(s.stop_id is None for group in samples for s in group)
 
     @torch.no_grad()
-    def _logps(self, model: Model, idx: torch.Tensor, labels: torch.Tensor, context) -> torch.Tensor:
-        """(N, T) the log-probability `model` gives each completion token (0 elsewhere)."""
-        was_training = model.training
-        model.eval()
-        with context:
-            logps, rows, cols = labelled_logprobs(model, idx, labels)
-        model.train(was_training)
-        return torch.zeros(labels.shape, device=idx.device).index_put_((rows, cols), logps)
+    def _policy_logprobs(self, idx: torch.Tensor, labels: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            return labelled_logprobs(self.policy, idx, labels)
+        finally:
+            self.policy.train(was_training)
 
     @torch.no_grad()
     def validate(self, model: torch.nn.Module, precision: Precision) -> dict[str, float]:
         """Greedy answers to every validation prompt: pass@1 (full marks from the first
-        reward), the mean weighted reward and each reward's mean, the mean length."""
+        reward), the mean weighted reward and each reward's mean, the mean length; and the
+        scores of train.eval_tasks."""
         started = time.perf_counter()
         samples = self._generate(self.val, GenerationSettings(self.cfg.max_new_tokens, temperature=0.0), 1)
         values = torch.tensor([self.scorer.score(q, group[0].text, len(group[0].tokens))
                                for q, group in zip(self.val, samples)])  # (N, F)
-        self.stats.paused += time.perf_counter() - started
         metrics = {"val_pass@1": float((values[:, 0] >= VERIFIER_PASS).float().mean()),
                    "val_reward": float((values @ self.scorer.weights).mean()),
                    **{f"val_rewards/{t.label}/mean": float(values[:, i].mean())
                       for i, t in enumerate(self.scorer.terms)},
-                   "val_completions/mean_length": float(np.mean([len(_completion(g[0])) for g in samples]))}
+                   "val_completions/mean_length": float(np.mean([len(_completion(g[0])) for g in samples])),
+                   **self.tasks.scores(self.policy, precision)}
+        self.stats.paused += time.perf_counter() - started
         return metrics
+
+
+def _per_token(labels: torch.Tensor, logps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(N, T) the K labelled tokens' log-probabilities in their places, 0 elsewhere."""
+    return torch.zeros(labels.shape, device=labels.device).index_put_((rows, cols), logps)
 
 
 def _differ(rewards: torch.Tensor) -> bool:
