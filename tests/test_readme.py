@@ -54,6 +54,10 @@ SERVER = "a server runs until stopped; tests/serve/ start it and check what it a
 HUB_MODEL = ("needs a chat model downloaded from the Hub; tests/store/test_hf_llama.py post-trains a small one "
              "made in the test")
 SFT_LETTERS = "gptcli finetune configs/finetune-sft-letters.yaml"
+DEMO_3000 = ("gptcli pretrain configs/demo.yaml --set train.max_steps=3000 --set train.warmup_steps=150 "
+             "--set out_dir=runs/demo-3000")
+INSTRUCT_3000 = ("gptcli finetune configs/finetune-instruct.yaml --set finetune.init_from=runs/demo-3000 "
+                 "--set train.max_steps=800 --set finetune.patience=0 --set out_dir=runs/instruct-3000")
 GRPO = "gptcli finetune configs/finetune-grpo.yaml"
 
 # A README command; any command and what to append to it; or a function of the repo folder.
@@ -107,6 +111,12 @@ COMMANDS: dict[str, Row] = {
     "gptcli eval -c runs/instruct-docstrings --task generate --metrics rougeL,rouge1,f1":
         Row(needs=(DEMO, INSTRUCT), extra=("--limit", "4", "--max-new-tokens", "8")),
     "gptcli finetune configs/finetune-dpo.yaml": Row(needs=(DEMO, INSTRUCT)),
+    DEMO_3000: Row(),
+    INSTRUCT_3000: Row(needs=(DEMO_3000,)),
+    "gptcli eval -c runs/instruct-3000 --task generate --metrics rougeL,rouge1,f1":
+        Row(needs=(DEMO_3000, INSTRUCT_3000), extra=("--limit", "4", "--max-new-tokens", "8")),
+    "gptcli finetune configs/finetune-dpo.yaml --set finetune.init_from=runs/instruct-3000 --set out_dir=runs/dpo-3000":
+        Row(needs=(DEMO_3000, INSTRUCT_3000)),
     SFT_LETTERS: Row(needs=(DEMO,)),
     GRPO: Row(needs=(DEMO, SFT_LETTERS)),
     'gptcli sample -c runs/grpo-letters -p "Which letter comes later in the alphabet, k or w?"':

@@ -150,6 +150,13 @@ def test_grpo_raises_the_reward_and_logs_trls_metrics(tmp_path, base_run):
     best = max(evals[1:], key=lambda r: r["val_pass@1"])
     assert resolve_checkpoint(result.run_dir).name == f"step-{best['step']:06d}"
     assert checkpoint_kind(resolve_checkpoint(result.run_dir)) == "lm"
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from gptcli.cli.plot import plot_runs
+
+    plot_runs([result.run_dir], tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").size == (3 * 660, 462)  # loss, reward, pass@1
 
 
 def test_sequence_mean_loss_and_reused_rollouts_train(tmp_path, base_run):
