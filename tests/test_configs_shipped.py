@@ -33,6 +33,7 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"]
 # must be added here too (test_every_shipped_config_is_run_here).
 SHIPPED = {
     DEMO: ("pretrain", TINY),
+    "demo-draft.yaml": ("pretrain", TINY),
     "shakespeare-char.yaml": ("pretrain", TINY),
     "shakespeare-char-gpu.yaml": ("pretrain", [*TINY, "model.block_size=64", "train.batch_size=8"]),
     # data/openwebtext is the user's to make; tiktoken's own gpt2 files need a download, the

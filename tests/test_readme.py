@@ -54,6 +54,7 @@ SERVER = "a server runs until stopped; tests/serve/ start it and check what it a
 HUB_MODEL = ("needs a chat model downloaded from the Hub; tests/store/test_hf_llama.py post-trains a small one "
              "made in the test")
 SFT_LETTERS = "gptcli finetune configs/finetune-sft-letters.yaml"
+DRAFT = "gptcli pretrain configs/demo-draft.yaml"
 DEMO_3000 = ("gptcli pretrain configs/demo.yaml --set train.max_steps=3000 --set train.warmup_steps=150 "
              "--set out_dir=runs/demo-3000")
 INSTRUCT_3000 = ("gptcli finetune configs/finetune-instruct.yaml --set finetune.init_from=runs/demo-3000 "
@@ -154,6 +155,11 @@ COMMANDS: dict[str, Row] = {
             extra=("-n", "8")),  # the name the full demo's last checkpoint has
     'gptcli sample -p "import " --greedy --json': Row(needs=(DEMO,), extra=("-n", "8")),
     "gptcli serve -c runs/demo": Row(skip=SERVER),
+    DRAFT: Row(),
+    'gptcli sample -c runs/demo -p "def " --temperature 0 --draft runs/demo-draft':
+        Row(needs=(DEMO, DRAFT), extra=("-n", "8")),
+    'gptcli sample -c runs/instruct-docstrings -p "def read_config(path):" --draft ngram':
+        Row(needs=(DEMO, INSTRUCT), extra=("-n", "8")),
     "gptcli serve -c runs/instruct-docstrings --host 0.0.0.0 --port 8080 --api-key s3cret --max-batch 32":
         Row(skip=SERVER),
     "gptcli plot runs/demo --out demo.png": Row(needs=(DEMO,)),

@@ -384,6 +384,11 @@ def sample(
         "--compile", help="Compile the decode step: auto (on with CUDA, as CUDA graphs; off on CPU), on, off "
                           "(train.compile's words).")
     ] = "auto",
+    draft: Annotated[Optional[str], typer.Option(
+        help="Speculative decoding: a smaller model's checkpoint with the same tokenizer proposes tokens, or "
+             "`ngram` copies them from the prompt and the text so far; the model keeps only what it would "
+             "have generated itself.")] = None,
+    draft_tokens: Annotated[int, typer.Option(help="Tokens proposed per verification with --draft (1-16).")] = 4,
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout.
 
@@ -403,7 +408,8 @@ def sample(
     request = SampleRequest(prompt=prompt, max_new_tokens=max_new_tokens,
                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
                             num_samples=num_samples, seed=seed, stops=[decode_escapes(s) for s in stop or []],
-                            device=device, precision=precision, raw=raw, quantize=quantize, compile=compile_)
+                            device=device, precision=precision, raw=raw, quantize=quantize, compile=compile_,
+                            draft=draft, draft_tokens=draft_tokens)
 
     def stream(row: int, text: str) -> None:
         """Sample 0 streams live (after its prompt); the others print when all are done."""
@@ -425,9 +431,11 @@ def sample(
         show_checkpoint(result.path)
         return
     path, samples = result.path, result.samples
+    speculation = {"speculation": result.speculation.as_dict()} if result.speculation is not None else {}
     if json_output:
         for s in samples:
-            print(json.dumps({"prompt": prompt, "text": s.text, "tokens": s.tokens}, ensure_ascii=False))
+            print(json.dumps({"prompt": prompt, "text": s.text, "tokens": s.tokens, **speculation},
+                             ensure_ascii=False))
     else:
         if not stream.started:
             sys.stdout.write(prompt)
@@ -435,6 +443,10 @@ def sample(
         for s in samples[1:]:
             sys.stdout.write(f"---\n{prompt}{s.text}\n")
     sys.stdout.flush()
+    if result.speculation is not None:
+        stats = result.speculation
+        notice(f"speculation: {stats.acceptance_rate:.0%} of {stats.proposed} proposed tokens accepted, "
+               f"{stats.tokens_per_verification:.2f} tokens per verification")
     show_checkpoint(path)
 
 

@@ -18,6 +18,7 @@ from gptcli.infer.compiled import CompiledDecode, wants_compiled_decode
 from gptcli.infer.generate import cache_slots, generation_bytes, sample_text_bytes
 from gptcli.infer.load import Classifier, LanguageModel, load
 from gptcli.infer.quantize import QUANTIZE_CHOICES
+from gptcli.infer.speculative import MAX_DRAFT_TOKENS, Speculation, SpeculationStats, proposer_for
 from gptcli.infer.session import (
     GenerationSession,
     GenerationSettings,
@@ -100,6 +101,8 @@ class SampleRequest:
     raw: bool = False  # continue the prompt as text even where the checkpoint has a chat template
     quantize: str = "none"  # none | int8: linear weights stored as int8 (infer/quantize.py)
     compile: str = "auto"  # auto | on | off: the decode step compiled (infer/compiled.py)
+    draft: str | None = None  # a draft checkpoint, or "ngram" (prompt lookup): speculative decoding
+    draft_tokens: int = 4  # guesses per verification
 
     @property
     def settings(self) -> GenerationSettings:
@@ -118,6 +121,13 @@ class SampleRequest:
             problems.append(f"--precision must be auto, {', '.join(DTYPES)}, got {self.precision}")
         if self.compile not in COMPILE_CHOICES:
             problems.append(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile}")
+        if self.draft is not None and not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+            problems.append(f"--draft-tokens must be 1..{MAX_DRAFT_TOKENS}, got {self.draft_tokens}")
+        if self.draft is not None and self.num_samples > 1:
+            problems.append("--draft speeds up one sample at a time; use --num-samples 1 (or leave --draft out)")
+        if self.draft is not None and self.compile == "on":
+            problems.append("--draft and --compile on do not go together (the verification pass has its own "
+                            "shape); use --compile off or auto")
         if self.quantize not in QUANTIZE_CHOICES:
             problems.append(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize}")
         if problems:
@@ -136,6 +146,7 @@ class Classified:
 class Sampled:
     path: Path
     samples: list[Sample]
+    speculation: SpeculationStats | None = None  # how the guesses fared, with --draft
 
 
 def sample_or_classify(checkpoint: str | Path | None, request: SampleRequest,
@@ -147,7 +158,7 @@ def sample_or_classify(checkpoint: str | Path | None, request: SampleRequest,
     loaded = load(checkpoint, request.device, request.precision, request.quantize)
     if isinstance(loaded, Classifier):
         return Classified(loaded.path, loaded.probabilities(request.prompt))
-    return Sampled(loaded.path, _generate(loaded, request, on_text, on_event))
+    return Sampled(loaded.path, *_generate(loaded, request, on_text, on_event))
 
 
 def sample(checkpoint: str | Path | None, request: SampleRequest,
@@ -160,24 +171,28 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
     """
     request.check()
     loaded = load(checkpoint, request.device, request.precision, request.quantize, expect=("lm", "chat"))
-    return loaded.path, _generate(loaded, request, on_text, on_event)
+    return loaded.path, _generate(loaded, request, on_text, on_event)[0]
 
 
 def _generate(loaded: LanguageModel, request: SampleRequest, on_text: Callable[[int, str], None],
-              on_event: EventSink) -> list[Sample]:
-    session = GenerationSession(loaded)
+              on_event: EventSink) -> tuple[list[Sample], SpeculationStats | None]:
+    device = next(loaded.model.parameters()).device
+    speculation = None
+    if request.draft is not None:
+        speculation = Speculation(proposer_for(request.draft, loaded, device, request.precision, request.quantize),
+                                  request.draft_tokens)
+    session = GenerationSession(loaded, speculation)
     prompt = session.prompt(request.prompt, raw=request.raw)
     if prompt.cropped:
         on_event(Notice(f"prompt is {len(prompt.ids) + prompt.cropped} tokens, longer than the "
                         f"{session.context}-token context: keeping its last {session.context}"))
-    device = next(loaded.model.parameters()).device
-    wants_compiled = wants_compiled_decode(request.compile, device)
+    wants_compiled = wants_compiled_decode(request.compile, device) and speculation is None
     check_samples_fit(loaded.model, request, len(prompt.ids), wants_compiled, device)  # before any per-sample allocation
     compiled = CompiledDecode(device.type == "cuda") if wants_compiled else None
     samples = session.generate(prompt, request.settings, request.num_samples, on_text, compiled)
     if compiled is not None and compiled.fallback:
         on_event(Notice(f"the compiled decode step failed ({compiled.fallback}); decoded eagerly"))
-    return samples
+    return samples, (speculation.stats if speculation is not None else None)
 
 
 def check_samples_fit(model: Model, request: SampleRequest, prompt_tokens: int, compiled: bool,

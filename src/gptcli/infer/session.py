@@ -29,6 +29,7 @@ from gptcli.infer.compiled import CompiledDecode
 from gptcli.infer.engine import BatchEngine, Job, Update
 from gptcli.infer.generate import SampleText, SamplingSettings, generate_tokens
 from gptcli.infer.load import ChatModel, LanguageModel
+from gptcli.infer.speculative import Speculation, speculative_tokens
 
 MAX_SEED = SEED_RANGE[1]  # the config's seed range: what torch and numpy both take
 
@@ -85,11 +86,12 @@ class Sample:
 
 
 class GenerationSession:
-    def __init__(self, loaded: LanguageModel):
+    def __init__(self, loaded: LanguageModel, speculation: Speculation | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.context = loaded.context
+        self.speculation = speculation  # one sample at a time, proposed and verified (speculative.py)
 
     @property
     def is_chat(self) -> bool:
@@ -154,12 +156,20 @@ class GenerationSession:
         """`n` samples of `prompt` as one batch; `on_text(row, delta)` gets each sample's
         text as it becomes final. Stops when every sample has stopped (its stop id, a stop
         string or end-of-text) or after `settings.max_new_tokens`. Draws from `generator`
-        when given (a conversation's, seeded once), else from one seeded by `settings.seed`."""
+        when given (a conversation's, seeded once), else from one seeded by `settings.seed`.
+        With `speculation`, one sample (n=1, not compiled) is proposed and verified: greedy
+        the same tokens, sampled the same distribution."""
         if generator is None and settings.seed is not None:
             generator = self.seeded_generator(settings.seed)
         texts = [self.text_of(prompt, settings.stops) for _ in range(n)]
-        for tokens in generate_tokens(self.model, prompt.ids, settings.max_new_tokens, settings.sampling,
-                                      n, generator, compiled):
+        spec = self.speculation
+        if spec is not None and n == 1 and compiled is None:
+            steps = speculative_tokens(self.model, prompt.ids, settings.max_new_tokens, settings.sampling,
+                                       spec.proposer, spec.k, generator, spec.stats)
+        else:
+            steps = generate_tokens(self.model, prompt.ids, settings.max_new_tokens, settings.sampling, n,
+                                    generator, compiled)
+        for tokens in steps:
             for row, token in enumerate(tokens.tolist()):
                 delta = texts[row].add(token)
                 if delta:
