@@ -149,3 +149,18 @@ def test_checkpoints_that_are_no_chat_model_are_refused(tmp_path, capsys, monkey
         code, out, err = chat(["-c", ckpt, *extra], b"hi\n", capsys, monkeypatch)
         lines = err.strip().splitlines()
         assert code == 2 and out == "" and len(lines) == 1 and message in lines[0], err
+
+
+def test_replies_with_a_draft_are_the_models_own(chat_ckpt, capsys, monkeypatch):
+    """Speculative replies (prompt lookup, and the model as its own draft) equal plain ones,
+    with the guesses' footer after each; a bad --draft-tokens is refused in one line."""
+    code, plain, err = chat(["-c", chat_ckpt, "-n", N, "--greedy"], b"hi hi hi\nhi\n", capsys, monkeypatch)
+    assert code == 0, err
+    for draft in ("ngram", str(chat_ckpt)):
+        code, out, err = chat(["-c", chat_ckpt, "-n", N, "--greedy", "--draft", draft, "--draft-tokens", "3"],
+                              b"hi hi hi\nhi\n", capsys, monkeypatch)
+        assert code == 0, err
+        assert out == plain
+    assert "tokens per verification" in err  # the model as its own draft: every guess kept
+    code, out, err = chat(["-c", chat_ckpt, "--draft", "ngram", "--draft-tokens", "17"], b"hi\n", capsys, monkeypatch)
+    assert code == 2 and "--draft-tokens must be 1..16, got 17" in err and err.count("\n") == 1

@@ -1,4 +1,4 @@
-"""Speculative decoding: greedy tokens equal plain decoding's (both recipes, fp32 and bf16,
+"""Speculative decoding: greedy tokens equal plain decoding's (both recipes, fp32, bf16 and int8,
 a draft model or prompt lookup, past the context), sampled tokens follow the model's own
 distribution (a chi-square test against the exact probabilities), the CLI's options and
 their refusals."""
@@ -13,6 +13,7 @@ from conftest import run_cli
 
 from gptcli.config import ModelConfig
 from gptcli.data.tokenizers.tokenizer import BytesTokenizer, CharTokenizer
+from gptcli.infer.cpu_layout import for_generation
 from gptcli.infer.generate import SamplingSettings, generate_tokens
 from gptcli.infer.speculative import ModelDraft, PromptLookup, SpeculationStats, speculative_tokens
 from gptcli.model.gpt import GPT
@@ -22,26 +23,35 @@ from gptcli.store.checkpoint import save_checkpoint
 BYTES = BytesTokenizer()
 
 
-def model(arch="gpt2", seed=0, vocab=BYTES.vocab_size, block=64, layers=2, width=32, dtype=torch.float32):
+def model(arch="gpt2", seed=0, vocab=BYTES.vocab_size, block=64, layers=2, width=32):
     torch.manual_seed(seed)
     cfg = ModelConfig(arch=arch, vocab_size=vocab, n_layer=layers, n_head=2, n_embd=width, block_size=block,
                       dropout=0.0)
-    return GPT(cfg.resolved()).eval().to(dtype)
+    return GPT(cfg.resolved()).eval()
 
 
 def greedy(tokens) -> list[int]:
     return [int(t) for t in tokens]
 
 
+LAYOUTS = {"fp32": (torch.float32, "none"), "bf16": (torch.bfloat16, "none"), "int8": (torch.float32, "int8")}
+
+
+def for_sampling(net, layout):
+    """`net` as `gptcli sample` loads it: cast and laid out for CPU decoding, or int8."""
+    dtype, quantize = LAYOUTS[layout]
+    return for_generation(net, dtype, quantize)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("proposer", ["draft", "itself", "ngram"])
-def test_greedy_tokens_are_plain_decodings(arch, dtype, proposer):
+def test_greedy_tokens_are_plain_decodings(arch, layout, proposer):
     """Past the context too (64 tokens, 100 generated)."""
-    target = model(arch, dtype=dtype)
+    target = for_sampling(model(arch), layout)
     prompt = BYTES.encode("def add(a, b):\n    return a + b\n\ndef add(")
     plain = greedy(generate_tokens(target, prompt, 100, SamplingSettings(temperature=0)))
-    drafts = {"draft": lambda: ModelDraft(model(arch, seed=1, layers=1, width=16, dtype=dtype)),
+    drafts = {"draft": lambda: ModelDraft(for_sampling(model(arch, seed=1, layers=1, width=16), layout)),
               "itself": lambda: ModelDraft(target), "ngram": PromptLookup}
     stats = SpeculationStats()
     got = greedy(speculative_tokens(target, prompt, 100, SamplingSettings(temperature=0), drafts[proposer](), 4,

@@ -465,6 +465,10 @@ def chat(
     device: Device = "auto",
     precision: Precision = "auto",
     quantize: Quantize = "none",
+    draft: Annotated[Optional[str], typer.Option(
+        help="Speculative decoding: a smaller chat model with the same tokenizer, or `ngram` (prompt lookup); "
+             "the replies are the model's own.")] = None,
+    draft_tokens: Annotated[int, typer.Option(help="Tokens proposed per verification with --draft (1-16).")] = 4,
 ) -> None:
     """Talk with an instruct checkpoint or an imported chat model, replies streamed to stdout.
 
@@ -475,7 +479,7 @@ def chat(
     from gptcli.infer.session import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens, 0.0 if greedy else temperature, top_k, top_p, seed=seed)
-    run_chat(checkpoint, settings, system or "", device, precision, quantize)
+    run_chat(checkpoint, settings, system or "", device, precision, quantize, draft, draft_tokens)
 
 
 @app.command()

@@ -54,9 +54,19 @@ def handle_line(conversation: Conversation, line: str) -> bool:
         if item.strip():
             conversation.respond(item, on_text=_write, on_note=notice)
             _write("\n")
+            _speculation_footer(conversation)
     except GptcliError as exc:  # a refused turn: say why, and keep talking
         _refuse(str(exc))
     return True
+
+
+def _speculation_footer(conversation: Conversation) -> None:
+    """With --draft, how the guesses have fared so far, dim, after each reply."""
+    spec = conversation.session.speculation
+    if spec is not None and spec.stats.proposed:
+        console.print(f"speculation: {spec.stats.acceptance_rate:.0%} of proposed tokens accepted, "
+                      f"{spec.stats.tokens_per_verification:.2f} tokens per verification", style="dim",
+                      highlight=False)
 
 
 def run_command(conversation: Conversation, command: Command) -> bool:
@@ -111,9 +121,10 @@ def chat_loop(conversation: Conversation, read: Callable[[], str | None]) -> Non
 
 
 def run_chat(checkpoint: str | Path | None, settings: GenerationSettings, system: str = "",
-             device: str = "auto", precision: str = "auto", quantize: str = "none") -> None:
+             device: str = "auto", precision: str = "auto", quantize: str = "none", draft: str | None = None,
+             draft_tokens: int = 4) -> None:
     """Talk with a chat checkpoint until /quit, the end of input or Ctrl-C."""
-    conversation = open_conversation(checkpoint, settings, system, device, precision, quantize)
+    conversation = open_conversation(checkpoint, settings, system, device, precision, quantize, draft, draft_tokens)
     show_checkpoint(conversation.session.loaded.path)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -17,6 +17,7 @@ from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.infer.load import load
 from gptcli.infer.session import GenerationSession, GenerationSettings, Prompt
+from gptcli.infer.speculative import MAX_DRAFT_TOKENS, Speculation, proposer_for
 
 
 class Fit(NamedTuple):
@@ -92,14 +93,20 @@ class Conversation:
 
 
 def open_conversation(checkpoint: str | Path | None, settings: GenerationSettings, system: str = "",
-                      device: str = "auto", precision: str = "auto", quantize: str = "none"
-                      ) -> Conversation:
+                      device: str = "auto", precision: str = "auto", quantize: str = "none",
+                      draft: str | None = None, draft_tokens: int = 4) -> Conversation:
     """A new conversation with the chat model `checkpoint` names (a classifier or a base
-    language model is refused before its weights are read)."""
+    language model is refused before its weights are read); with `draft`, replies are
+    decoded speculatively (speculative.py)."""
     problems = settings.problems()
+    if draft is not None and not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        problems.append(f"--draft-tokens must be 1..{MAX_DRAFT_TOKENS}, got {draft_tokens}")
     if problems:  # option errors first, before any checkpoint is looked at
         raise GptcliError("; ".join(problems))
-    session = GenerationSession(load(checkpoint, device, precision, quantize, expect=("chat",)))
+    loaded = load(checkpoint, device, precision, quantize, expect=("chat",))
+    speculation = None if draft is None else Speculation(
+        proposer_for(draft, loaded, next(loaded.model.parameters()).device, precision, quantize), draft_tokens)
+    session = GenerationSession(loaded, speculation)
     generator = None if settings.seed is None else session.seeded_generator(settings.seed)
     conversation = Conversation(session, settings, generator)
     conversation.set_system(system)
