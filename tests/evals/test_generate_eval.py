@@ -226,3 +226,23 @@ def test_metrics_of_a_generation_are_consistent_with_its_predictions(lm_checkpoi
     assert metrics["exact_match"] == pytest.approx(0.5)
     assert metrics["exact_match_stderr"] == pytest.approx(np.std([0, 1] * 3, ddof=1) / math.sqrt(6))
     assert metrics["generated_tokens"] > 0 and metrics["items_per_second"] > 0
+
+
+def test_a_draft_gives_the_same_greedy_answers(lm_checkpoint, tmp_path, capsys):
+    """--draft decodes the items one at a time, speculatively: the same answers and scores,
+    with how the guesses fared; refused with --num-samples above 1 and without --task."""
+    data = write_jsonl(tmp_path / "g.jsonl", [{"prompt": p, "reference": "x"} for p in PROMPTS])
+    args = ["eval", "-c", lm_checkpoint, "--task", "generate", "--data", data, "--max-new-tokens", "12", "--json"]
+    code, plain, err = run_cli([*args, "--predictions", tmp_path / "plain.jsonl"], capsys)
+    assert code == 0, err
+    for draft in ("ngram", str(lm_checkpoint)):
+        code, stdout, err = run_cli([*args, "--predictions", tmp_path / "spec.jsonl", "--draft", draft], capsys)
+        assert code == 0, err
+        assert (tmp_path / "spec.jsonl").read_text() == (tmp_path / "plain.jsonl").read_text()
+        metrics = json.loads(stdout.strip().splitlines()[-1])
+        assert metrics["exact_match"] == json.loads(plain.strip().splitlines()[-1])["exact_match"]
+        assert metrics["speculation"]["verifications"] > 0
+    code, _, err = run_cli([*args, "--draft", "ngram", "--num-samples", "2"], capsys)
+    assert code == 2 and "--draft speeds up one sample at a time" in err
+    code, _, err = run_cli(["eval", "-c", lm_checkpoint, "--draft", "ngram"], capsys)
+    assert code == 2 and "--draft/--draft-tokens: for --task generate" in err

@@ -248,6 +248,11 @@ def eval_command(
              "FILE.py:FUNCTION, a function (prediction, references) -> number in [0, 1].")] = None,
     raw: Annotated[bool, typer.Option(
         help="--task generate: continue each prompt as plain text even on a chat model.")] = False,
+    draft: Annotated[Optional[str], typer.Option(
+        help="--task generate: speculative decoding, one item at a time: a smaller model's checkpoint with the "
+             "same tokenizer, or `ngram` (prompt lookup); the same answers greedily.")] = None,
+    draft_tokens: Annotated[Optional[int], typer.Option(
+        help="--task generate: tokens proposed per verification with --draft (1-16; default 4).")] = None,
 ) -> None:
     """Loss, perplexity and bits per byte of a language model; acc and acc_norm on a multiple-choice task; generated answers scored against references; accuracy, F1 and confusion of a classifier.
 
@@ -274,7 +279,8 @@ def eval_command(
                                       top_p=top_p, stops=tuple(decode_escapes(s) for s in stop or ()), seed=seed)
     names = None if metrics is None else tuple(n.strip() for m in metrics for n in m.split(",") if n.strip())
     request = EvalRequest(data, split, batch_size, precision, device, quantize, text_column, label_column,
-                          predictions, task, limit, names, settings, max_new_tokens, raw, num_samples, reward)
+                          predictions, task, limit, names, settings, max_new_tokens, raw, num_samples, reward,
+                          draft, draft_tokens)
     with ProgressDisplay() as display:
         result = evaluate(checkpoint, request, on_event=display)
     if not json_output:

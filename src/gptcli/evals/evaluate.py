@@ -37,13 +37,16 @@ class EvalRequest:
     raw: bool = False
     num_samples: int | None = None
     reward: str | None = None
+    draft: str | None = None  # speculative decoding: a draft checkpoint or "ngram"
+    draft_tokens: int | None = None
 
     def generate_options(self) -> list[str]:
         """The options given that only --task generate takes."""
         given = {"--metrics": self.metrics is not None, "--max-new-tokens": self.max_new_tokens is not None,
                  "--stop/--temperature/--top-k/--top-p/--seed": self.settings is not None, "--raw": self.raw,
                  "--num-samples": self.num_samples is not None,
-                 "--reward": self.reward is not None}
+                 "--reward": self.reward is not None, "--draft/--draft-tokens": self.draft is not None
+                 or self.draft_tokens is not None}
         return [option for option, there in given.items() if there]
 
 
@@ -70,7 +73,8 @@ def evaluate(checkpoint: str | Path | None, request: EvalRequest, on_event: Even
         wanted = GenerateRequest(
             request.data[0] if request.data else None, request.metrics or GenerateRequest.metrics,
             request.settings or GREEDY, request.max_new_tokens, request.raw, request.num_samples or 1, request.reward or "exact_match",
-            request.limit, request.batch_size, request.predictions)
+            request.limit, request.batch_size, request.predictions, request.draft,
+            GenerateRequest.draft_tokens if request.draft_tokens is None else request.draft_tokens)
         path, metrics = eval_generate_checkpoint(path, wanted, request.device, request.precision,
                                                  request.quantize, on_event)
         return Evaluation("generate", path, metrics)

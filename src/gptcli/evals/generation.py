@@ -37,6 +37,7 @@ from gptcli.evals.text_metrics import DEFAULT, check_metrics, score
 from gptcli.events import EventSink, Progress, ignore
 from gptcli.infer.engine import BatchEngine
 from gptcli.infer.load import language_model, load
+from gptcli.infer.speculative import MAX_DRAFT_TOKENS, Speculation, proposer_for
 from gptcli.infer.session import GenerationSession, GenerationSettings, Prompt, Sample
 from gptcli.model import Model
 from gptcli.model.budget import check_batch_fits
@@ -152,7 +153,8 @@ def item_prompt(session: GenerationSession, item: GenerateItem, raw: bool, max_n
 def generate_answers(session: GenerationSession, items: list[GenerateItem], settings: GenerationSettings,
                      raw: bool = False, samples: int = 1, batch_size: int = 16,
                      on_event: EventSink = ignore) -> list[list[Sample]]:
-    """`samples` answers to every item, `batch_size` rows decoding at once."""
+    """`samples` answers to every item, `batch_size` rows decoding at once; with the session's
+    speculation, one item at a time (the same answers greedily)."""
     if batch_size < samples:
         raise GptcliError(f"--batch-size {batch_size} must be at least --num-samples {samples} (an item's "
                           f"samples decode together)")
@@ -170,6 +172,12 @@ def generate_answers(session: GenerationSession, items: list[GenerateItem], sett
         on_event(Progress("generating", done, len(items)))
 
     on_event(Progress("generating", 0, len(items)))
+    if session.speculation is not None:  # speculation is one sequence at a time: the items in turn
+        answers = []
+        for index, prompt in enumerate(prompts):
+            answers.append(session.generate(prompt, settings))
+            finished(index)
+        return answers
     return session.generate_many(prompts, settings, samples, batch_size, on_done=finished)
 
 
@@ -202,6 +210,8 @@ class GenerateRequest:
     limit: int | None = None
     batch_size: int = 16  # rows decoding at once
     predictions: Path | None = None  # JSONL, one line per item
+    draft: str | None = None  # speculative decoding, one item at a time: a draft checkpoint or "ngram"
+    draft_tokens: int = 4
 
 
 def eval_generate_checkpoint(checkpoint: Path, request: GenerateRequest, device: str = "auto",
@@ -216,6 +226,10 @@ def eval_generate_checkpoint(checkpoint: Path, request: GenerateRequest, device:
         raise GptcliError(problems[0])
     if request.samples < 1:
         raise GptcliError(f"--num-samples must be at least 1, got {request.samples}")
+    if request.draft is not None and request.samples > 1:
+        raise GptcliError("--draft speeds up one sample at a time; use --num-samples 1 (or leave --draft out)")
+    if request.draft is not None and not 1 <= request.draft_tokens <= MAX_DRAFT_TOKENS:
+        raise GptcliError(f"--draft-tokens must be 1..{MAX_DRAFT_TOKENS}, got {request.draft_tokens}")
     reward = get_reward(request.reward)
     if request.data is not None:
         items, source = read_generate_items(request.data, request.limit), request.data
@@ -226,7 +240,11 @@ def eval_generate_checkpoint(checkpoint: Path, request: GenerateRequest, device:
     if request.predictions is not None:
         inputs = [checkpoint] + ([Path(request.data)] if request.data else [])
         predictions = check_output_file(request.predictions, input_paths(inputs), "--predictions")
-    session = GenerationSession(load(checkpoint, device, precision, quantize, expect=("lm", "chat")))
+    loaded = load(checkpoint, device, precision, quantize, expect=("lm", "chat"))
+    speculation = None if request.draft is None else Speculation(
+        proposer_for(request.draft, loaded, next(loaded.model.parameters()).device, precision, quantize),
+        request.draft_tokens)
+    session = GenerationSession(loaded, speculation)
     budget = min(DEFAULT_MAX_NEW_TOKENS, session.context // 2) if given is None else given
     settings = dataclasses.replace(request.settings, max_new_tokens=budget)
     started = time.perf_counter()
@@ -245,6 +263,7 @@ def eval_generate_checkpoint(checkpoint: Path, request: GenerateRequest, device:
         "samples_per_item": request.samples, "temperature": settings.temperature, "max_new_tokens": budget,
         "generated_tokens": sum(len(s.tokens) for row in answers for s in row),
         "seconds": seconds, "items_per_second": len(items) / seconds,
+        **({"speculation": speculation.stats.as_dict()} if speculation is not None else {}),
     }
 
 
