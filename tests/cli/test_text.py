@@ -139,7 +139,7 @@ def test_stop_escapes_reach_the_sampler_and_are_documented(lm_checkpoint, capsys
 
     def fake_generate(loaded, request, on_text, on_event):
         requests.append(request)
-        return [Sample("", [])]
+        return [Sample("", [])], None  # the samples, and no speculation
 
     monkeypatch.setattr(gptcli.infer.sample, "_generate", fake_generate)
     code, _, err = run_cli(["sample", "-c", lm_checkpoint, "--stop", "\\n\\n", "--stop", "é\\t"], capsys)
