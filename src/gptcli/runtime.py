@@ -133,6 +133,18 @@ def _probe_matmul_seconds(device: torch.device, repeats: int = 7) -> tuple[float
     return best[torch.float32], best[torch.bfloat16]
 
 
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Inside: `module` in eval mode (no dropout); after, back in the mode it was in, even
+    when the block raises. For evaluations and rollouts in the middle of training."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def should_compile(setting: str, device: torch.device) -> bool:
     """`train.compile`: on, off, or auto (on CUDA only)."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")

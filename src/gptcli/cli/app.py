@@ -450,9 +450,7 @@ def sample(
             sys.stdout.write(f"---\n{prompt}{s.text}\n")
     sys.stdout.flush()
     if result.speculation is not None:
-        stats = result.speculation
-        notice(f"speculation: {stats.acceptance_rate:.0%} of {stats.proposed} proposed tokens accepted, "
-               f"{stats.tokens_per_verification:.2f} tokens per verification")
+        notice(result.speculation.summary())
     show_checkpoint(path)
 
 

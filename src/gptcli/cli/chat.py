@@ -64,9 +64,7 @@ def _speculation_footer(conversation: Conversation) -> None:
     """With --draft, how the guesses have fared so far, dim, after each reply."""
     spec = conversation.session.speculation
     if spec is not None and spec.stats.proposed:
-        console.print(f"speculation: {spec.stats.acceptance_rate:.0%} of proposed tokens accepted, "
-                      f"{spec.stats.tokens_per_verification:.2f} tokens per verification", style="dim",
-                      highlight=False)
+        console.print(spec.stats.summary(), style="dim", highlight=False)
 
 
 def run_command(conversation: Conversation, command: Command) -> bool:

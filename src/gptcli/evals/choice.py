@@ -53,7 +53,7 @@ from gptcli.model.budget import (
     pass_bytes,
     scoring_bytes_per_logit,
 )
-from gptcli.runtime import Precision, resolve_precision
+from gptcli.runtime import Precision, eval_mode, resolve_precision
 
 TASKS = ("hellaswag", "choice")
 DELIMITER = " "  # between context and choice, as the harness's default target_delimiter
@@ -170,20 +170,19 @@ def score_items(model: Model, tokenizer: Tokenizer, items: list[ChoiceItem], bat
     `batch_size` items per forward pass."""
     if batch_size < 1:
         raise GptcliError(f"--batch-size must be at least 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     window = model.config.block_size
     scores: list[list[float]] = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        per_item = [[_sequence(tokenizer, item.context, choice, window) for choice in item.choices] for item in batch]
-        _check_batch_fits(model, batch_size, per_item, device)
-        sequences = [sequence for choices in per_item for sequence in choices]
-        flat = iter(_loglikelihoods(model, sequences, device))
-        scores += [[next(flat) for _ in item.choices] for item in batch]
-        on_event(Progress("scoring", start + len(batch), len(items)))
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            per_item = [[_sequence(tokenizer, item.context, choice, window) for choice in item.choices]
+                        for item in batch]
+            _check_batch_fits(model, batch_size, per_item, device)
+            sequences = [sequence for choices in per_item for sequence in choices]
+            flat = iter(_loglikelihoods(model, sequences, device))
+            scores += [[next(flat) for _ in item.choices] for item in batch]
+            on_event(Progress("scoring", start + len(batch), len(items)))
     return ChoiceResult(scores, items)
 
 

@@ -22,7 +22,7 @@ from gptcli.infer.load import is_classifier, load
 from gptcli.model.budget import FP32, Sizes, check_batch_fits, pass_bytes
 from gptcli.model.heads import GPTClassifier
 from gptcli.outputs import check_output_file, input_paths
-from gptcli.runtime import Precision
+from gptcli.runtime import Precision, eval_mode
 from gptcli.store.checkpoint import training_config
 from gptcli.store.rundir import resolve_checkpoint
 
@@ -114,18 +114,16 @@ def predict_probs(model: GPTClassifier, texts: list[list[np.ndarray]], pad_id: i
                   precision: Precision, device: torch.device) -> np.ndarray:
     """Class probabilities (N, K) for texts given as their token rows (one, or a window
     each: see data/training/labelled.py), `batch_size` texts at a time, of similar lengths."""
-    was_training = model.training
-    model.eval()
     order = np.argsort([sum(len(row) for row in rows) for rows in texts])  # similar lengths pad less
     probs = np.zeros((len(texts), model.n_classes), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        _check_batch_fits(model, batch_size, [texts[t] for t in batch], device)
-        idx, lengths, owners = pad_windows([texts[t] for t in batch], pad_id, device)
-        with precision.autocast():
-            logits = model(idx, lengths=lengths, owners=owners)
-        probs[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            _check_batch_fits(model, batch_size, [texts[t] for t in batch], device)
+            idx, lengths, owners = pad_windows([texts[t] for t in batch], pad_id, device)
+            with precision.autocast():
+                logits = model(idx, lengths=lengths, owners=owners)
+            probs[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     return probs
 
 

@@ -37,13 +37,13 @@ from gptcli.evals.text_metrics import DEFAULT, check_metrics, score
 from gptcli.events import EventSink, Progress, ignore
 from gptcli.infer.engine import BatchEngine
 from gptcli.infer.load import language_model, load
-from gptcli.infer.speculative import MAX_DRAFT_TOKENS, Speculation, proposer_for
+from gptcli.infer.speculative import draft_problems, speculation_for
 from gptcli.infer.session import GenerationSession, GenerationSettings, Prompt, Sample
 from gptcli.model import Model
 from gptcli.model.budget import check_batch_fits
 from gptcli.outputs import check_output_file, input_paths
 from gptcli.rewards import get_reward
-from gptcli.runtime import Precision
+from gptcli.runtime import Precision, eval_mode
 from gptcli.store.checkpoint import training_config
 
 GREEDY = GenerationSettings(temperature=0.0)
@@ -226,10 +226,9 @@ def eval_generate_checkpoint(checkpoint: Path, request: GenerateRequest, device:
         raise GptcliError(problems[0])
     if request.samples < 1:
         raise GptcliError(f"--num-samples must be at least 1, got {request.samples}")
-    if request.draft is not None and request.samples > 1:
-        raise GptcliError("--draft speeds up one sample at a time; use --num-samples 1 (or leave --draft out)")
-    if request.draft is not None and not 1 <= request.draft_tokens <= MAX_DRAFT_TOKENS:
-        raise GptcliError(f"--draft-tokens must be 1..{MAX_DRAFT_TOKENS}, got {request.draft_tokens}")
+    problems = draft_problems(request.draft, request.draft_tokens, request.samples)
+    if problems:
+        raise GptcliError("; ".join(problems))
     reward = get_reward(request.reward)
     if request.data is not None:
         items, source = read_generate_items(request.data, request.limit), request.data
@@ -241,9 +240,7 @@ def eval_generate_checkpoint(checkpoint: Path, request: GenerateRequest, device:
         inputs = [checkpoint] + ([Path(request.data)] if request.data else [])
         predictions = check_output_file(request.predictions, input_paths(inputs), "--predictions")
     loaded = load(checkpoint, device, precision, quantize, expect=("lm", "chat"))
-    speculation = None if request.draft is None else Speculation(
-        proposer_for(request.draft, loaded, next(loaded.model.parameters()).device, precision, quantize),
-        request.draft_tokens)
+    speculation = speculation_for(request.draft, request.draft_tokens, loaded, precision, quantize)
     session = GenerationSession(loaded, speculation)
     budget = min(DEFAULT_MAX_NEW_TOKENS, session.context // 2) if given is None else given
     settings = dataclasses.replace(request.settings, max_new_tokens=budget)
@@ -298,11 +295,9 @@ class GenerateTasks:
         if not self.tasks:
             return {}
         model = getattr(model, "_orig_mod", model)  # a compiled model's own module: generation is not compiled
-        was_training = model.training
-        model.eval()
         session = GenerationSession(language_model(Path("(the model in training)"), model, self.tokenizer))
         found = {}
-        try:
+        with eval_mode(model):
             for task, items in self.tasks:
                 settings = GenerationSettings(task.max_new_tokens, temperature=0.0, stops=tuple(task.stop))
                 with precision.autocast():
@@ -310,7 +305,5 @@ class GenerateTasks:
                 result = score([[s.text for s in row] for row in answers], [i.references for i in items],
                                task.metrics)
                 found.update({f"{task.metric_name}/{name}": result.metrics[name] for name in task.metrics})
-        finally:
-            model.train(was_training)
         return found
 

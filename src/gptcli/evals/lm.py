@@ -35,7 +35,7 @@ from gptcli.infer.load import load
 from gptcli.model import Model
 from gptcli.model.budget import Sizes, check_batch_fits, loss_bytes, pass_bytes
 from gptcli.model.gpt import IGNORE_INDEX
-from gptcli.runtime import Precision, resolve_precision
+from gptcli.runtime import Precision, eval_mode, resolve_precision
 from gptcli.store.checkpoint import CONFIG_YAML, read_trainer_json
 
 SPLIT_CHOICES = ("all", *SPLITS)
@@ -241,15 +241,13 @@ def _counting(batches, total: int, on_event: EventSink):
 def validation_loss(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], precision: Precision,
                 bytes_per_token: float | None = None) -> dict[str, float]:
     """Mean loss per target token over `batches`; bits per byte when bytes per token is known."""
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64)
     count = 0
-    for batch in batches:
-        with precision.autocast():
-            total += model(**batch).double().cpu()
-        count += int((batch["targets"] != IGNORE_INDEX).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in batches:
+            with precision.autocast():
+                total += model(**batch).double().cpu()
+            count += int((batch["targets"] != IGNORE_INDEX).sum())
     metrics = {"val_loss": total.item() / max(count, 1)}
     if bytes_per_token:
         metrics["val_bpb"] = metrics["val_loss"] / math.log(2) / bytes_per_token

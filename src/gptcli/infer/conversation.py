@@ -17,7 +17,7 @@ from gptcli.data.tokenizers.tokenizer import Tokenizer
 from gptcli.errors import GptcliError
 from gptcli.infer.load import load
 from gptcli.infer.session import GenerationSession, GenerationSettings, Prompt
-from gptcli.infer.speculative import MAX_DRAFT_TOKENS, Speculation, proposer_for
+from gptcli.infer.speculative import draft_problems, speculation_for
 
 
 class Fit(NamedTuple):
@@ -98,15 +98,11 @@ def open_conversation(checkpoint: str | Path | None, settings: GenerationSetting
     """A new conversation with the chat model `checkpoint` names (a classifier or a base
     language model is refused before its weights are read); with `draft`, replies are
     decoded speculatively (speculative.py)."""
-    problems = settings.problems()
-    if draft is not None and not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
-        problems.append(f"--draft-tokens must be 1..{MAX_DRAFT_TOKENS}, got {draft_tokens}")
+    problems = settings.problems() + draft_problems(draft, draft_tokens)
     if problems:  # option errors first, before any checkpoint is looked at
         raise GptcliError("; ".join(problems))
     loaded = load(checkpoint, device, precision, quantize, expect=("chat",))
-    speculation = None if draft is None else Speculation(
-        proposer_for(draft, loaded, next(loaded.model.parameters()).device, precision, quantize), draft_tokens)
-    session = GenerationSession(loaded, speculation)
+    session = GenerationSession(loaded, speculation_for(draft, draft_tokens, loaded, precision, quantize))
     generator = None if settings.seed is None else session.seeded_generator(settings.seed)
     conversation = Conversation(session, settings, generator)
     conversation.set_system(system)

@@ -18,7 +18,7 @@ from gptcli.infer.compiled import CompiledDecode, wants_compiled_decode
 from gptcli.infer.generate import cache_slots, generation_bytes, sample_text_bytes
 from gptcli.infer.load import Classifier, LanguageModel, load
 from gptcli.infer.quantize import QUANTIZE_CHOICES
-from gptcli.infer.speculative import MAX_DRAFT_TOKENS, Speculation, SpeculationStats, proposer_for
+from gptcli.infer.speculative import SpeculationStats, draft_problems, speculation_for
 from gptcli.infer.session import (
     GenerationSession,
     GenerationSettings,
@@ -121,10 +121,7 @@ class SampleRequest:
             problems.append(f"--precision must be auto, {', '.join(DTYPES)}, got {self.precision}")
         if self.compile not in COMPILE_CHOICES:
             problems.append(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile}")
-        if self.draft is not None and not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
-            problems.append(f"--draft-tokens must be 1..{MAX_DRAFT_TOKENS}, got {self.draft_tokens}")
-        if self.draft is not None and self.num_samples > 1:
-            problems.append("--draft speeds up one sample at a time; use --num-samples 1 (or leave --draft out)")
+        problems += draft_problems(self.draft, self.draft_tokens, self.num_samples)
         if self.draft is not None and self.compile == "on":
             problems.append("--draft and --compile on do not go together (the verification pass has its own "
                             "shape); use --compile off or auto")
@@ -177,10 +174,7 @@ def sample(checkpoint: str | Path | None, request: SampleRequest,
 def _generate(loaded: LanguageModel, request: SampleRequest, on_text: Callable[[int, str], None],
               on_event: EventSink) -> tuple[list[Sample], SpeculationStats | None]:
     device = next(loaded.model.parameters()).device
-    speculation = None
-    if request.draft is not None:
-        speculation = Speculation(proposer_for(request.draft, loaded, device, request.precision, request.quantize),
-                                  request.draft_tokens)
+    speculation = speculation_for(request.draft, request.draft_tokens, loaded, request.precision, request.quantize)
     session = GenerationSession(loaded, speculation)
     prompt = session.prompt(request.prompt, raw=request.raw)
     if prompt.cropped:

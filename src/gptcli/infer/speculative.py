@@ -60,6 +60,11 @@ class SpeculationStats:
     def tokens_per_verification(self) -> float:
         return self.tokens / self.verifications if self.verifications else 0.0
 
+    def summary(self) -> str:
+        """One line for people: `speculation: 62% of 480 proposed tokens accepted, ...`."""
+        return (f"speculation: {self.acceptance_rate:.0%} of {self.proposed} proposed tokens accepted, "
+                f"{self.tokens_per_verification:.2f} tokens per verification")
+
     def as_dict(self) -> dict[str, float]:
         return {"verifications": self.verifications, "proposed": self.proposed, "accepted": self.accepted,
                 "acceptance_rate": self.acceptance_rate, "tokens_per_verification": self.tokens_per_verification}
@@ -154,14 +159,34 @@ class Speculation:
     stats: SpeculationStats = field(default_factory=SpeculationStats)
 
 
-def proposer_for(draft: str, model: LanguageModel, device: torch.device, precision: str, quantize: str
-                 ) -> Proposer:
+def draft_problems(draft: str | None, draft_tokens: int, samples: int = 1) -> list[str]:
+    """What is wrong with `--draft` and `--draft-tokens` for `samples` samples per prompt
+    (nothing without a draft): what sample, chat and eval check before loading anything."""
+    if draft is None:
+        return []
+    problems = []
+    if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        problems.append(f"--draft-tokens must be 1..{MAX_DRAFT_TOKENS}, got {draft_tokens}")
+    if samples > 1:
+        problems.append("--draft speeds up one sample at a time; use --num-samples 1 (or leave --draft out)")
+    return problems
+
+
+def speculation_for(draft: str | None, draft_tokens: int, model: LanguageModel, precision: str, quantize: str
+                    ) -> Speculation | None:
+    """The speculation `--draft` and `--draft-tokens` ask of `model` (None without a draft)."""
+    if draft is None:
+        return None
+    return Speculation(proposer_for(draft, model, precision, quantize), draft_tokens)
+
+
+def proposer_for(draft: str, model: LanguageModel, precision: str, quantize: str) -> Proposer:
     """`--draft`: `ngram` (prompt lookup), or a checkpoint (or HF folder) of a language model
-    with the model's tokenizer and at most its context, loaded as the model is."""
+    with the model's tokenizer and at most its context, loaded as the model is, beside it."""
     if draft == "ngram":
         return PromptLookup()
     try:
-        loaded = load(draft, device, precision, quantize, expect=("lm", "chat"))
+        loaded = load(draft, next(model.model.parameters()).device, precision, quantize, expect=("lm", "chat"))
     except GptcliError as exc:
         raise GptcliError(f"--draft: {exc}") from None
     if loaded.tokenizer.fingerprint() != model.tokenizer.fingerprint():

@@ -26,6 +26,7 @@ from torch import nn
 from gptcli.model import Model
 from gptcli.model.gpt import IGNORE_INDEX
 from gptcli.model.lora import adapters_off
+from gptcli.runtime import eval_mode
 
 _TRUNK = "trunk."
 
@@ -80,13 +81,8 @@ class Reference:
         """`labelled_logprobs` under the starting weights (eval mode: no dropout)."""
         if self.frozen is not None:
             return labelled_logprobs(self.frozen.to(idx.device), idx, labels)
-        was_training = self.trunk.training
-        self.trunk.eval()
-        try:
-            with adapters_off(self.trunk):
-                return labelled_logprobs(self.trunk, idx, labels)
-        finally:
-            self.trunk.train(was_training)
+        with eval_mode(self.trunk), adapters_off(self.trunk):
+            return labelled_logprobs(self.trunk, idx, labels)
 
 
 class TrunkHead(nn.Module):

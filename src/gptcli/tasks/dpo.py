@@ -35,7 +35,7 @@ from gptcli.evals.run_tasks import EvalTasks
 from gptcli.events import EventSink, Notice, ignore
 from gptcli.model import Model
 from gptcli.model.heads import Reference, TrunkHead, labelled_logprobs
-from gptcli.runtime import Distributed, Precision
+from gptcli.runtime import Distributed, Precision, eval_mode
 from gptcli.tasks.answers import answer_rows
 from gptcli.train.preference import PairLosses, PreferenceSettings, pair_losses
 
@@ -175,8 +175,7 @@ class PreferenceModel(TrunkHead):
         """Per row of `idx` (N, T): the summed log-probability of its labelled tokens, and
         their count."""
         picked, rows, _ = labelled_logprobs(self.trunk, idx, labels)  # (K,) each
-        sums = torch.zeros(idx.size(0), device=idx.device).index_add(0, rows, picked)
-        return sums, torch.bincount(rows, minlength=idx.size(0)).float()
+        return _row_sums(picked, rows, idx.size(0)), torch.bincount(rows, minlength=idx.size(0)).float()
 
     def pair_losses(self, idx: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None
                     ) -> tuple[PairLosses, torch.Tensor]:
@@ -184,7 +183,7 @@ class PreferenceModel(TrunkHead):
         logps, counts = self.sequence_logps(idx, labels)  # chosen rows, then rejected
         if reference is None and self.live is not None and self.settings.needs_reference:
             picked, rows, _ = self.live.logprobs(idx, labels)
-            reference = torch.zeros(idx.size(0), device=idx.device).index_add(0, rows, picked)
+            reference = _row_sums(picked, rows, idx.size(0))
         P = idx.size(0) // 2
         ref = (None, None) if reference is None else (reference[:P], reference[P:])
         return pair_losses(logps[:P], logps[P:], counts[:P], counts[P:], self.settings, *ref), logps
@@ -201,6 +200,11 @@ class PreferenceModel(TrunkHead):
         """The mean of each statistic over the training pairs since the last call."""
         means, self.tally = self.tally.means(dist), Tally()
         return means
+
+
+def _row_sums(picked: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) the sum of each row's labelled log-probabilities, from (K,) values and their rows."""
+    return torch.zeros(n, device=picked.device).index_add(0, rows, picked)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -239,13 +243,11 @@ class PreferenceData:
         if not self.settings.needs_reference:
             return None
         head = PreferenceModel(model, self.settings)
-        was_training = model.training
-        model.eval()
         found = []
-        for start in range(0, len(pairs), self.batch_size):
-            logps, _ = head.sequence_logps(*pair_rows(pairs[start:start + self.batch_size], self.pad_id, self.device))
-            found.append(logps.view(2, -1).T)  # (P, 2)
-        model.train(was_training)
+        with eval_mode(model):
+            for start in range(0, len(pairs), self.batch_size):
+                rows = pair_rows(pairs[start:start + self.batch_size], self.pad_id, self.device)
+                found.append(head.sequence_logps(*rows)[0].view(2, -1).T)  # (P, 2)
         return torch.cat(found)
 
     def _batch(self, pairs: list[Pair], reference: torch.Tensor | None, picks) -> dict[str, torch.Tensor]:
@@ -264,15 +266,14 @@ class PreferenceData:
     def validate(self, model: PreferenceModel, precision: Precision) -> dict[str, float]:
         """The mean loss and TRL's statistics over every validation pair (`val_` + name), and
         the scores of train.eval_tasks."""
-        was_training = model.training
-        model.eval()
         tally, loss = Tally(), 0.0
-        for start in range(0, len(self.val), self.batch_size):
-            batch = self._batch(self.val, self.val_reference, range(start, min(start + self.batch_size, len(self.val))))
-            with precision.autocast():
-                result, logps = model.pair_losses(batch["idx"], batch["labels"], batch.get("reference"))
-            tally.add(result, logps)
-            loss += float(result.losses.sum())
-        model.train(was_training)
+        with eval_mode(model):
+            for start in range(0, len(self.val), self.batch_size):
+                picks = range(start, min(start + self.batch_size, len(self.val)))
+                batch = self._batch(self.val, self.val_reference, picks)
+                with precision.autocast():
+                    result, logps = model.pair_losses(batch["idx"], batch["labels"], batch.get("reference"))
+                tally.add(result, logps)
+                loss += float(result.losses.sum())
         return {"val_loss": loss / len(self.val), **{f"val_{name}": value for name, value in tally.means().items()},
                 **self.tasks.scores(getattr(model, "_orig_mod", model).trunk, precision)}

@@ -49,7 +49,7 @@ from gptcli.infer.session import GenerationSession, GenerationSettings, Prompt, 
 from gptcli.model import Model
 from gptcli.model.heads import Reference, TrunkHead, labelled_logprobs
 from gptcli.rewards import BUILT_IN, is_function_name, load_function
-from gptcli.runtime import Distributed, Precision
+from gptcli.runtime import Distributed, Precision, eval_mode
 from gptcli.tasks.answers import answer_rows
 from gptcli.train.policy import PolicySettings, group_advantages, token_losses
 
@@ -63,6 +63,14 @@ class Question(NamedTuple):
     text: str  # the prompt as written (a conversation's last message): what reward functions get
     prompt: Prompt  # its ids as the model reads them
     answer: str
+
+
+class Group(NamedTuple):
+    """A prompt with its group of sampled completions and their weighted rewards (G,)."""
+
+    question: Question
+    samples: list[Sample]
+    totals: torch.Tensor
 
 
 def policy_settings(cfg: GRPOConfig) -> PolicySettings:
@@ -355,16 +363,12 @@ class RolloutData:
 
     def _generate(self, questions: list[Question], settings: GenerationSettings, n: int,
                   seeds: list[int] | None = None) -> list[list[Sample]]:
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
+        with eval_mode(self.policy):
             return self.session.generate_many([q.prompt for q in questions], settings, n,
                                               max_batch=max(n, min(len(questions) * n, MAX_ROWS)), seeds=seeds)
-        finally:
-            self.policy.train(was_training)
 
-    def _groups(self, rollout: int, micro: int, draw: int) -> list[tuple[Question, list[Sample], torch.Tensor]]:
-        """One draw of prompts, each with its group of completions and their rewards (G, F)."""
+    def _groups(self, rollout: int, micro: int, draw: int) -> list[Group]:
+        """One draw of prompts, each with its group of completions and their rewards."""
         questions = [self.train[i] for i in self._picks(rollout, micro, draw)]
         settings = GenerationSettings(self.cfg.max_new_tokens, self.cfg.temperature,
                                       top_p=self.cfg.top_p if self.cfg.top_p < 1 else None)
@@ -374,20 +378,21 @@ class RolloutData:
         self.stats.seconds += time.perf_counter() - started
         values = torch.tensor([[self.scorer.score(q, s.text, len(s.tokens)) for s in group]
                                for q, group in zip(questions, samples)])  # (P, G, F)
-        self._count(values, values @ self.scorer.weights, samples)
-        return list(zip(questions, samples, values))
+        totals = values @ self.scorer.weights  # (P, G)
+        self._count(values, totals, samples)
+        return [Group(*parts) for parts in zip(questions, samples, totals)]
 
     def _rollout(self, rollout: int, micro: int) -> dict[str, torch.Tensor]:
         groups = self._groups(rollout, micro, 0)
         if self.cfg.dynamic_sampling:  # keep the groups that teach something, drawing more to fill the batch
-            informative = [g for g in groups if _differ(g[2] @ self.scorer.weights)]
+            informative = [g for g in groups if _differ(g.totals)]
             for draw in range(1, MAX_DRAWS):
                 if len(informative) >= self.batch_size:
                     break
-                informative += [g for g in self._groups(rollout, micro, draw) if _differ(g[2] @ self.scorer.weights)]
+                informative += [g for g in self._groups(rollout, micro, draw) if _differ(g.totals)]
             groups = informative[:self.batch_size] or groups  # none at all: the flat groups, which change nothing
-        totals = torch.stack([values @ self.scorer.weights for _, _, values in groups])  # (P, G)
-        idx, labels = answer_rows([(q.prompt.ids, _completion(s)) for q, group, _ in groups for s in group],
+        totals = torch.stack([g.totals for g in groups])  # (P, G)
+        idx, labels = answer_rows([(g.question.prompt.ids, _completion(s)) for g in groups for s in g.samples],
                                   self.pad_id, self.device)
         batch = {"idx": idx, "labels": labels,
                  "targets": labels if self.cfg.loss == "dapo" else torch.zeros(len(idx), dtype=torch.long,
@@ -411,12 +416,8 @@ class RolloutData:
     @torch.no_grad()
     def _policy_logprobs(self, idx: torch.Tensor, labels: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
+        with eval_mode(self.policy):
             return labelled_logprobs(self.policy, idx, labels)
-        finally:
-            self.policy.train(was_training)
 
     @torch.no_grad()
     def validate(self, model: torch.nn.Module, precision: Precision) -> dict[str, float]:

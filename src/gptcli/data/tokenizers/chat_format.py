@@ -53,17 +53,11 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     assistant header: what a chat reply continues from. gptcli's own template when the
     tokenizer has its tokens, else the tokenizer's chat template (the rendered text holds
     special tokens, encoded as such)."""
-    special = tokenizer.special_tokens
     if has_chat_template(tokenizer):
-        ids = []
-        for turn in messages:
-            ids += [special[f"<|{turn['role']}|>"], *tokenizer.encode(turn["content"]), special[END]]
-        return ids + [special["<|assistant|>"]]
+        return _replies(tokenizer, messages)[0] + [tokenizer.special_tokens["<|assistant|>"]]
     if tokenizer.chat_template is None:
         raise ValueError("chat_prompt_ids needs a chat tokenizer (see is_chat_model)")
-    text = render_chat(tokenizer.chat_template, messages, add_generation_prompt=True,
-                       special=dict(tokenizer.template_tokens))
-    return tokenizer.encode_with_specials(text)
+    return _rendered(tokenizer, messages, add_generation_prompt=True)
 
 
 def chat_stop_ids(tokenizer: Tokenizer) -> frozenset[int]:
@@ -116,7 +110,8 @@ def _replies(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], lis
     return ids, spans
 
 
-def _rendered(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
-    text = render_chat(tokenizer.chat_template, messages, add_generation_prompt=False,
+def _rendered(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """The ids of `messages` rendered by the tokenizer's chat template (its special tokens as such)."""
+    text = render_chat(tokenizer.chat_template, messages, add_generation_prompt=add_generation_prompt,
                        special=dict(tokenizer.template_tokens))
     return tokenizer.encode_with_specials(text)
