@@ -329,11 +329,12 @@ def stream_completion(host: str, port: int, prompt: str, tokens: int, seed: int,
     return result
 
 
-def start_server(checkpoint: Path, max_batch: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`gptcli serve` on a free loopback port, once it listens; its stderr goes to a file."""
+def start_server(checkpoint: Path, max_batch: int, log_path: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """`gptcli serve` (with `options`) on a free loopback port, once it listens; its stderr
+    goes to a file."""
     with log_path.open("w") as log:
         process = subprocess.Popen([sys.executable, "-m", "gptcli", "serve", "-c", str(checkpoint), "--port", "0",
-                                    "--device", "cpu", "--max-batch", str(max_batch)],
+                                    "--device", "cpu", "--max-batch", str(max_batch), *options],
                                    stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and process.poll() is None:

@@ -4,6 +4,8 @@ The CLI prints a `GptcliError` as a single `error: ...` line and exits with code
 any other exception is a bug and keeps its traceback.
 """
 
+import signal
+
 
 class GptcliError(Exception):
     """A problem with the user's input (config, data, paths, options), not a bug."""
@@ -17,6 +19,11 @@ def shorten(text: str, limit: int = 60) -> str:
     return f"{text[:limit]}... ({len(text):,} characters)"
 
 
+# sysexits.h's EX_TEMPFAIL ("try again later"): the code of a run stopped by SIGTERM or
+# SIGUSR1 after saving, for a job script to requeue on (examples/slurm/train.sbatch).
+REQUEUE_EXIT = 75
+
+
 class Interrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint at `step`."""
 
@@ -28,4 +35,6 @@ class Interrupted(Exception):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
+        """130 for Ctrl-C (SIGINT), as shells report it: a person stopped the run. For a
+        scheduler's SIGTERM or SIGUSR1, REQUEUE_EXIT: saved, run the same command again."""
+        return 130 if self.signum == signal.SIGINT else REQUEUE_EXIT

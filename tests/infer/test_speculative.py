@@ -14,8 +14,9 @@ from conftest import run_cli
 from gptcli.config import ModelConfig
 from gptcli.data.tokenizers.tokenizer import BytesTokenizer, CharTokenizer
 from gptcli.infer.cpu_layout import for_generation
+from gptcli.infer.engine import BatchEngine, Job
 from gptcli.infer.generate import SamplingSettings, generate_tokens
-from gptcli.infer.speculative import ModelDraft, PromptLookup, SpeculationStats, speculative_tokens
+from gptcli.infer.speculative import ModelDraft, PromptLookup, Speculation, SpeculationStats, speculative_tokens
 from gptcli.model.gpt import GPT
 from gptcli.model.heads import GPTClassifier
 from gptcli.store.checkpoint import save_checkpoint
@@ -119,6 +120,54 @@ def test_sampled_tokens_follow_the_models_distribution(proposer):
     expected = [10_000 * exact[s] for s in exact]
     assert math.isclose(sum(expected), 10_000, rel_tol=1e-4)
     assert stats_module.chisquare(observed, expected, sum_check=False).pvalue > 0.01
+
+
+# --- in the batching engine (the server) -------------------------------------------------------
+
+
+def engine_texts(net, jobs, speculation) -> list[str]:
+    """Each job's text when the jobs are submitted together to a 4-row engine."""
+    engine = BatchEngine(net, BYTES, max_batch=4, speculation=speculation)
+    texts = [""] * len(jobs)
+
+    def collect(i):
+        def emit(update):
+            texts[i] += update.text
+        return emit
+
+    engine.run([Job(prompt, new, settings, collect(i), seed=seed) for i, (prompt, new, settings, seed)
+                in enumerate(jobs)])
+    return texts
+
+
+@pytest.mark.parametrize("proposer", ["draft", "ngram"])
+def test_the_engine_speculates_for_a_row_alone_and_gives_the_same_text(proposer):
+    """Three greedy jobs of different lengths (fp64, so batching cannot flip a greedy token):
+    while they share the batch the engine steps them together, once the longest is alone it
+    verifies guesses; every text is the plain engine's, and guesses were checked. Weights
+    scaled up, so that a token at the wrong position changes the text."""
+    net = model(block=128).double()
+    with torch.no_grad():
+        for weight in net.parameters():
+            weight.mul_(3)
+    make = {"draft": lambda: ModelDraft(model(seed=1, layers=1, width=16, block=128).double()),
+            "ngram": PromptLookup}[proposer]
+    greedy_settings = SamplingSettings(temperature=0)
+    jobs = [(BYTES.encode("def add(a, b):\n    return a + b\n\ndef add("), new, greedy_settings, None)
+            for new in (5, 12, 60)]
+    speculation = Speculation(make(), 4)
+    assert engine_texts(net, jobs, speculation) == engine_texts(net, jobs, None)
+    assert speculation.stats.verifications > 0 and speculation.stats.tokens > speculation.stats.verifications
+
+
+def test_a_seeded_sampled_job_alone_draws_what_sample_with_the_draft_draws():
+    """The engine's speculative rounds take the job's generator as `speculative_tokens` does:
+    a seeded request to the server gives `gptcli sample --draft --seed`'s text."""
+    net = model()
+    prompt, settings = BYTES.encode("def f(x):"), SamplingSettings(temperature=1.0, top_k=20)
+    (text,) = engine_texts(net, [(prompt, 30, settings, 5)], Speculation(PromptLookup(), 3))
+    tokens = speculative_tokens(net, prompt, 30, settings, PromptLookup(), 3, torch.Generator().manual_seed(5))
+    assert text == BYTES.decode([int(t) for t in tokens])
 
 
 # --- the command line ----------------------------------------------------------------------------

@@ -505,6 +505,10 @@ def serve(
     device: Device = "auto",
     precision: Precision = "auto",
     quantize: LMQuantize = "none",
+    draft: Annotated[Optional[str], typer.Option(
+        help="Speculative decoding while one request decodes alone: a smaller model with the same tokenizer, "
+             "or `ngram` (prompt lookup); the answers are the model's own.")] = None,
+    draft_tokens: Annotated[int, typer.Option(help="Tokens proposed per verification with --draft (1-16).")] = 4,
 ) -> None:
     """Serve a checkpoint over OpenAI's API (/v1/completions, /v1/chat/completions,
     /v1/classify) with a web page at /.
@@ -517,7 +521,8 @@ def serve(
 
     options = ServeOptions(checkpoint=checkpoint, host=host, port=port, api_key=api_key, model_name=model_name,
                            max_batch=max_batch, max_body_bytes=max_body, device=device, precision=precision,
-                           quantize=quantize, shutdown_timeout=shutdown_timeout)
+                           quantize=quantize, shutdown_timeout=shutdown_timeout, draft=draft,
+                           draft_tokens=draft_tokens)
 
     def ready(url: str) -> None:
         console.print(f"serving at {url} (API: {url}/v1); Ctrl-C to stop", markup=False, highlight=False)

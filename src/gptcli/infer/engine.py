@@ -42,6 +42,7 @@ from gptcli.infer.generate import (
     next_token,
     prefill,
 )
+from gptcli.infer.speculative import Speculation, verify
 from gptcli.model import Model
 from gptcli.model.budget import (
     SAMPLING_BYTES_PER_LOGIT,
@@ -135,8 +136,10 @@ class _Running:
 class BatchEngine:
     """Serves Jobs on `model` from a background thread (`start`, `submit`, `stop`)."""
 
-    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 16):
+    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 16,
+                 speculation: Speculation | None = None):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.speculation = speculation  # used while one row decodes alone (`_speculate`)
         self.context = model.config.block_size
         self.device = next(model.parameters()).device
         self.cache = model.new_kv_cache(max_batch, self.context)  # (S, nkv, L, hs) per layer
@@ -295,8 +298,12 @@ class BatchEngine:
         running.take(tokens.tolist())
 
     def _step(self) -> None:
-        """One token for every active row, each at its own position."""
+        """One token for every active row, each at its own position (or several for a row
+        decoding alone, with speculation)."""
         active = len(self._rows)
+        if self.speculation is not None and active == 1:
+            self._speculate()
+            return
         positions = self._positions[:active]
         furthest = max(r.position for r, _ in self._rows)
         span = min(self.context, (furthest // SPAN_STEP + 1) * SPAN_STEP)
@@ -321,6 +328,27 @@ class BatchEngine:
             running.position += 1
             running.take(tokens.tolist())
         self._positions[:active] += 1
+
+    def _speculate(self) -> None:
+        """Row 0, alone in the batch: the proposer's guesses after its text so far, checked in
+        one pass (speculative.verify), so one step gives one or more tokens. Only alone: at
+        batch 1 a step streams every weight for a single token, which a verification of k + 1
+        positions shares; with more rows the step already shares them, and guesses would be
+        a pass of rows x (k + 1) positions for fewer kept tokens (BENCHMARKS.md measures
+        batch 8). A row's own text is its history: its last token is not yet cached."""
+        running, _ = self._rows[0]
+        spec, job = self.speculation, running.job
+        history = job.prompt + running.texts[0].tokens
+        k = min(spec.k, job.max_new_tokens - running.counts[0] - 1)  # k + 1 tokens at most: within budget and context
+        tokens = verify(self.model, self.cache.rows(0, 1), history, running.position, k, job.settings,
+                        spec.proposer, running.generator, spec.stats)
+        for token in tokens:
+            running.take([token])
+            if running.done:
+                return
+        running.position += len(tokens)
+        self._tokens[0] = tokens[-1]
+        self._positions[0] += len(tokens)
 
     def _drop_finished(self) -> None:
         """Remove the rows of finished and cancelled jobs; fill each hole with the last row

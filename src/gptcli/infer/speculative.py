@@ -249,20 +249,31 @@ def speculative_tokens(model: Model, prompt: list[int], max_new_tokens: int, set
             start = len(history) - context // 2
             prefill(model, cache, torch.tensor([history[start:-1]], device=device))
         room = context - (len(history) - start)  # guesses the cache can still place
-        guesses, guess_probs = proposer.propose(history, min(k, room, max_new_tokens - made - 1), settings,
-                                                generator) if room > 0 and made < max_new_tokens - 1 else ([], None)
-        position = len(history) - 1 - start
-        feed = torch.tensor([[history[-1], *guesses]], device=device)  # (1, k' + 1)
-        span = min(context, ((position + len(guesses)) // SPAN_STEP + 1) * SPAN_STEP)
-        hidden = model.hidden_states(feed, cache.prefix(span),
-                                     torch.arange(position, position + len(guesses) + 1, device=device))
-        tokens = accept(model.logits(hidden[0]), guesses, guess_probs, settings, generator)
-        stats.verifications += bool(guesses)
-        stats.proposed += len(guesses)
-        stats.accepted += len(tokens) - 1
-        stats.tokens += len(tokens) if guesses else 0
-        proposer.keep(len(history) + len(tokens) - 1)  # the kept guesses are right, the rest not
+        tokens = verify(model, cache, history, len(history) - 1 - start, min(k, room, max_new_tokens - made - 1),
+                        settings, proposer, generator, stats)
         for token in tokens[:max_new_tokens - made]:
             yield torch.tensor([token], device=device)
             history.append(token)
             made += 1
+
+
+def verify(model: Model, cache: KVCache, history: list[int], position: int, k: int, settings: SamplingSettings,
+           proposer: Proposer, generator: torch.Generator | None, stats: SpeculationStats) -> list[int]:
+    """One round: up to `k` guesses after `history`, whose last token goes to slot `position`
+    of `cache` (one row, the tokens before it cached), checked in one pass of k' + 1
+    positions. Returns the tokens it gives: the kept guesses and the model's own next one.
+    With k = 0 it is a plain decode step."""
+    guesses, guess_probs = proposer.propose(history, k, settings, generator) if k > 0 else ([], None)
+    device = cache.k[0].device
+    feed = torch.tensor([[history[-1], *guesses]], device=device)  # (1, k' + 1)
+    span = min(cache.length, ((position + len(guesses)) // SPAN_STEP + 1) * SPAN_STEP)
+    hidden = model.hidden_states(feed, cache.prefix(span),
+                                 torch.arange(position, position + len(guesses) + 1, device=device))
+    tokens = accept(model.logits(hidden[0]), guesses, guess_probs, settings, generator)
+    if guesses:
+        stats.verifications += 1
+        stats.proposed += len(guesses)
+        stats.accepted += len(tokens) - 1
+        stats.tokens += len(tokens)
+    proposer.keep(len(history) + len(tokens) - 1)  # the kept guesses are right, the rest not
+    return tokens

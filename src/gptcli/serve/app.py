@@ -1,7 +1,8 @@
 """The HTTP routes of `gptcli serve`: OpenAI's API over a BatchEngine, and the web page.
 
     GET  /                     the chat or completion page (page.html, no external assets)
-    GET  /health               liveness and load: {"status", "model", "running", "waiting", "finished"}
+    GET  /health               liveness and load: {"status", "model", "running", "waiting", "finished"},
+                               and "speculation" with --draft
     GET  /v1/models            the one model served
     POST /v1/completions       text continuations (a base or any language model)
     POST /v1/chat/completions  replies under the checkpoint's chat template
@@ -57,6 +58,7 @@ class Served:
     engine: BatchEngine | None
     api_key: str | None = None
     max_batch: int = 16
+    draft: str | None = None  # what proposes guesses to the engine (a checkpoint or "ngram"), if anything
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -94,11 +96,16 @@ def build_app(served: Served) -> FastAPI:
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         """`running` rows and `waiting` requests now; `finished`: choices ended so far, by
-        reason (stop, length, cancelled, error)."""
+        reason (stop, length, cancelled, error); `speculation` (with --draft): the draft, k,
+        and how its guesses fared so far (verifications happen while one row decodes alone)."""
         engine = served.engine
         running, waiting = engine.load if engine else (0, 0)
-        return {"status": "ok", "model": served.model_id, "running": running, "waiting": waiting,
-                "finished": dict(engine.finished) if engine else {}}
+        health = {"status": "ok", "model": served.model_id, "running": running, "waiting": waiting,
+                  "finished": dict(engine.finished) if engine else {}}
+        if engine and engine.speculation:
+            health["speculation"] = {"draft": served.draft, "draft_tokens": engine.speculation.k,
+                                     **engine.speculation.stats.as_dict()}
+        return health
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gptcli.errors import GptcliError
 from gptcli.infer.quantize import QUANTIZE_CHOICES
+from gptcli.infer.speculative import draft_problems
 from gptcli.runtime import DTYPES
 
 API_KEY_ENV = "GPTCLI_API_KEY"
@@ -39,6 +40,8 @@ class ServeOptions:
     device: str = "auto"
     precision: str = "auto"
     quantize: str = "none"  # none | int8 (infer/quantize.py)
+    draft: str | None = None  # speculative decoding: a draft checkpoint or "ngram" (infer/speculative.py)
+    draft_tokens: int = 4
     shutdown_timeout: float = 10.0
 
     def check(self) -> None:
@@ -55,6 +58,7 @@ class ServeOptions:
             problems.append(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize}")
         if self.shutdown_timeout < 0:
             problems.append(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout}")
+        problems += draft_problems(self.draft, self.draft_tokens)
         if problems:
             raise GptcliError("; ".join(problems))
 
@@ -119,6 +123,7 @@ def load_served(options: ServeOptions, worker: Executor):
     that will run the model."""
     from gptcli.infer.engine import BatchEngine
     from gptcli.infer.load import Classifier, load
+    from gptcli.infer.speculative import speculation_for
     from gptcli.model.budget import check_batch_fits
     from gptcli.serve.app import Served
 
@@ -127,14 +132,17 @@ def load_served(options: ServeOptions, worker: Executor):
     loaded = load(options.checkpoint, options.device, options.precision, options.quantize)
     name = options.model_name or model_id(loaded.path)
     if isinstance(loaded, Classifier):
+        if options.draft is not None:
+            raise GptcliError(f"--draft speeds up generation; {loaded.path} is a classifier: leave --draft out")
         return Served(name, loaded, worker, None, api_key, options.max_batch)
     model = loaded.model
     rows, context = options.max_batch, model.config.block_size
     check_batch_fits(f"--max-batch {rows}", rows, lambda n: BatchEngine.bytes_needed(model, n),
                      f"the KV cache, activations and logits of {rows:,} rows of {context:,} tokens",
                      "lower --max-batch", next(model.parameters()).device)  # before the engine allocates its rows
-    engine = BatchEngine(model, loaded.tokenizer, options.max_batch)
-    return Served(name, loaded, worker, engine, api_key, options.max_batch)
+    speculation = speculation_for(options.draft, options.draft_tokens, loaded, options.precision, options.quantize)
+    engine = BatchEngine(model, loaded.tokenizer, options.max_batch, speculation)
+    return Served(name, loaded, worker, engine, api_key, options.max_batch, draft=options.draft)
 
 
 def model_id(path: Path) -> str:

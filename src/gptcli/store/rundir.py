@@ -60,6 +60,7 @@ from gptcli.store.checkpoint import (
     is_checkpoint,
 )
 from gptcli.store.hf import cached_import, is_hf_dir
+from gptcli.store.launch import relaunch_reason
 
 _OWN_FILES = {MARKER, LOCK_FILE}  # a folder holding only these has no run in it yet
 _STEP = re.compile(r"step-(\d+)")  # a step checkpoint's folder name (merged copies end in -merged)
@@ -194,6 +195,8 @@ def _claim(out_dir: str | Path, resume: bool, overwrite: bool, inputs: list[Path
     try:
         if kind == "run":  # first: a process training there is the clearest answer
             lock = DirLock(path, "another run")
+            if not (resume or overwrite):
+                resume, overwrite = _continued_by_relaunch(path, on_event)
         # Only a resume uses `latest`: only then is a bad pointer worth a note.
         latest = read_pointer(path, LATEST, on_event if resume else ignore) if path.is_dir() else None
         used = path.is_dir() and bool(set(os.listdir(path)) - _OWN_FILES)
@@ -219,6 +222,19 @@ def _claim(out_dir: str | Path, resume: bool, overwrite: bool, inputs: list[Path
                         f"aside; delete it, or move it back if you need it"))
     return RunClaim(path, latest if resume else None, lock, created=created,
                     marked=kind is None and not used, replace=used and overwrite, on_event=on_event)
+
+
+def _continued_by_relaunch(path: Path, on_event: EventSink) -> tuple[bool, bool]:
+    """(resume, overwrite) for a process its launcher started again on its own run
+    (launch.py): resume from the latest checkpoint, or start again if none was saved
+    (the folder holds only that launch's first attempt). (False, False) otherwise."""
+    reason = relaunch_reason(path)
+    if reason is None:
+        return False, False
+    latest = read_pointer(path, LATEST, on_event)
+    on_event(Notice(f"{reason}: " + (f"resuming from {latest.name}" if latest is not None
+                                      else "it saved no checkpoint, so it starts again")))
+    return latest is not None, latest is None
 
 
 def _first_missing(path: Path) -> Path | None:

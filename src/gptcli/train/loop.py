@@ -36,6 +36,7 @@ from gptcli.store.checkpoint import (
     save_checkpoint,
     step_name,
 )
+from gptcli.store.launch import launch_ids
 from gptcli.store.rundir import RunClaim, prune_checkpoints, read_pointer, write_pointer
 from gptcli.store.runlog import RunLog, require_tensorboard, trim_metrics
 from gptcli.train.muon import RUN_SETTINGS
@@ -105,10 +106,6 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
         require_tensorboard()
     model.activation_checkpointing = cfg.activation_checkpointing
     if dist.active and cfg.parallel == "fsdp":
-        if cfg.optimizer == "muon":  # Newton-Schulz orthogonalises a whole matrix, not a shard
-            raise GptcliError("train.optimizer=muon needs whole weight matrices, which "
-                              "train.parallel=fsdp shards over the processes; use train.parallel=ddp "
-                              "(every process holds whole weights) or train.optimizer=adamw")
         shard(model, precision)  # before the optimizer: it must hold the sharded parameters
     optimizer = build_optimizer(model, cfg, device)
     if state.optimizer is not None:
@@ -241,7 +238,8 @@ def train_loop(model: nn.Module, data: TrainData, setup: LoopSetup, state: Train
     log = RunLog(setup.run_dir, enabled=setup.dist.is_main, tensorboard=setup.cfg.tensorboard,
                  started_at=setup.started_at, first_step=state.step, facts={
                      "task": setup.task, "parameters": model.num_params(), "max_steps": setup.cfg.max_steps,
-                     "metric": data.metric, "higher_is_better": data.higher_is_better})
+                     "metric": data.metric, "higher_is_better": data.higher_is_better,
+                     "launch": launch_ids()})
     try:
         state = _train(model, data, setup, state, on_event, log)
     except (Interrupted, KeyboardInterrupt):  # a checkpointed stop, or a second Ctrl-C

@@ -15,6 +15,13 @@ a model's blocks repeat a few shapes, so here the matrices of one shape are stac
 each product is one batched call. At nanoGPT's CPU shape (16 matrices, 4 shapes) that
 halves the optimizer's time (BENCHMARKS.md, "Recipes"), and the difference grows with depth.
 
+Under FSDP each process holds a row shard of every matrix (a DTensor), and Newton-Schulz
+needs the whole matrix: the momentum is kept on the shards (it is elementwise), each
+matrix's update is gathered whole on every process, orthogonalised there (the same
+arithmetic on every process, so the same result), and each process applies the rows of its
+own shard. That is one all-gather per matrix per step, the traffic of the forward's own
+gathers, and the update a single process computes.
+
 The state and parameter groups are torch.optim.Muon's (`momentum_buffer` per parameter;
 `ns_steps`, `ns_coefficients`, `eps` per group, plus `ns_dtype`), so the two read each
 other's state dicts.
@@ -26,6 +33,8 @@ import math
 from collections import defaultdict
 
 import torch
+
+from gptcli.train.parallel import gathered, shard_like
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller Jordan's) quintic
 NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -60,11 +69,12 @@ class Muon(torch.optim.Optimizer):
                 buffers = [self._buffer(p) for p in params]
                 torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])  # m = mu m + (1 - mu) g
                 updates = torch._foreach_lerp(grads, buffers, group["momentum"]) if group["nesterov"] else buffers
-                ortho = orthogonalise(torch.stack(updates), group["ns_coefficients"], group["ns_steps"],
-                                      group["eps"], NS_DTYPES[group["ns_dtype"]])
+                ortho = orthogonalise(torch.stack([gathered(u) for u in updates]), group["ns_coefficients"],
+                                      group["ns_steps"], group["eps"], NS_DTYPES[group["ns_dtype"]])
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
                 scaled_lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
-                torch._foreach_add_(params, list(ortho.to(params[0].dtype).unbind(0)), alpha=-scaled_lr)
+                steps = [shard_like(p, o.to(p.dtype)) for p, o in zip(params, ortho.unbind(0))]
+                torch._foreach_add_(params, steps, alpha=-scaled_lr)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -36,6 +36,16 @@ def gathered(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if _is_dtensor(value) else value
 
 
+def shard_like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """`whole` (a full tensor, the same on every rank) laid out as `param`: for a sharded
+    parameter, this rank's shard of it, cut locally (no communication)."""
+    if not _is_dtensor(param):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+
+
 def _gathered_to_cpu(value: torch.Tensor, keep: bool) -> torch.Tensor | None:
     """Gathered tensors go to the CPU one at a time: a checkpoint never holds more than one
     full tensor on the device beyond the shards. Ranks that do not write (`keep` false)

@@ -1,7 +1,9 @@
-"""Graceful stops: the first SIGINT/SIGTERM asks the training loop to finish its step,
-save and exit; a second SIGINT/SIGTERM stops at once (checkpoints are written atomically,
-so nothing is corrupted either way). Before and after the loop, SIGTERM interrupts like
-Ctrl-C, so a command's cleanup runs."""
+"""Graceful stops: the first SIGINT, SIGTERM or SIGUSR1 asks the training loop to finish
+its step, save and exit; a second one stops at once (checkpoints are written atomically,
+so nothing is corrupted either way). SIGTERM is what a scheduler sends before it takes the
+machine back (and torchrun passes on to its workers), SIGUSR1 what Slurm sends ahead of a
+time limit with `--signal=USR1@SECONDS`. Before and after the loop, SIGTERM interrupts
+like Ctrl-C, so a command's cleanup runs."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from collections.abc import Iterator
 class StopRequest:
     """Context manager that records the first stop signal instead of dying on it."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else []))
 
     def __init__(self) -> None:
         self.signum: int | None = None
