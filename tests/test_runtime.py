@@ -41,3 +41,28 @@ def test_a_config_names_train_device(tmp_path, corpus_dir, capsys):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     code, _out, err = run_cli(["pretrain", str(tmp_path / "tiny.yaml")], capsys)
     assert code == 2 and "error: train.device: 'cuda' asked for" in err
+
+
+def test_processes_that_cannot_connect_get_one_line_naming_the_fix(monkeypatch):
+    """A restarted torchrun group sharing the rendezvous store (pytorch/pytorch#135712), and
+    any other failure to connect: a GptcliError saying what to check, not a gloo trace."""
+    import torch.distributed
+
+    from gptcli.errors import GptcliError
+    from gptcli.runtime import init_distributed
+
+    def refuse(**kwargs):
+        raise RuntimeError("Gloo connectFullMesh failed with [pair.cc:152] timed out connecting\nmore")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    with pytest.raises(GptcliError, match=r"^the processes could not connect \(Gloo connectFullMesh failed .*\); "
+                                          r"check that every node runs the same torchrun command"):
+        init_distributed(torch.device("cpu"))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    with pytest.raises(GptcliError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        init_distributed(torch.device("cpu"))

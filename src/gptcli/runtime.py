@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import torch
 
-from gptcli.errors import GptcliError
+from gptcli.errors import GptcliError, shorten
 
 BF16_MARGIN = 0.9  # on CPU, auto picks bf16 only if a step takes under 90% of fp32's time
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -333,5 +333,22 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        try:
+            torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        except (RuntimeError, torch.distributed.DistError) as exc:
+            raise GptcliError(_join_failure(exc)) from None
     return Distributed(rank, world, local), device
+
+
+def _join_failure(exc: Exception) -> str:
+    """Why the processes could not connect, and what to do. One known cause: torchrun
+    restarting its workers while sharing its rendezvous store with them, where the new
+    workers can read the addresses of the old ones (pytorch/pytorch#135712)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if restarted and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return (f"the restarted processes could not connect ({shorten(first, 200)}); torchrun shares its "
+                f"rendezvous store with its workers, so a restart can read the old workers' addresses: launch "
+                f"torchrun with the environment variable TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    return (f"the processes could not connect ({shorten(first, 200)}); check that every node runs the same "
+            f"torchrun command (--nnodes, --rdzv-endpoint, --rdzv-id) and can reach the others")

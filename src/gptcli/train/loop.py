@@ -259,9 +259,9 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
     if state.scaler:
         scaler.load_state_dict(state.scaler)
     dist = setup.dist
-    step_model = wrap_for_steps(model, dist, setup.cfg.parallel, setup.device)
-    if setup.compile:
-        step_model = torch.compile(step_model)
+    eager = wrap_for_steps(model, dist, setup.cfg.parallel, setup.device)
+    compiled, first_step = setup.compile, state.step  # (a save moves state.step on)
+    step_model = torch.compile(eager) if compiled else eager
     model.train()
     def eval_model() -> nn.Module:
         """Evaluation needs no gradient sync: under DDP the plain module (the same weights on
@@ -288,12 +288,12 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
             except torch.OutOfMemoryError:
                 raise GptcliError(_oom_advice(cfg)) from None
             except Exception as exc:  # compile errors surface at the first call, as many types
-                if step_model is model or step != state.step:
+                if not compiled or step != first_step:
                     raise
                 on_event(Notice(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
                                 f"continuing without compile"))
                 opt.zero_grad(set_to_none=True)
-                step_model = model
+                step_model, compiled = eager, False  # still DDP-wrapped under ddp
                 loss = _forward_backward(step_model, batches, precision, scaler, dist)
             grad_norm = _clip(model, opt, scaler, cfg.grad_clip)
             finite, stop_now = _agree(loss, grad_norm, stop.signum is not None, dist)
