@@ -98,13 +98,14 @@ def follow_umask(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(target: Path) -> Iterator[Path]:
-    """A temporary sibling directory to build `target` in. When the block ends its
-    permissions follow the umask, it is fsynced and moved into place; if the block raises,
-    it is deleted and `target` is untouched. (Killed processes leave `.tmp-<name>-*`
-    siblings, which are never read.)"""
+def staging_dir(target: Path, work: Path | None = None) -> Iterator[Path]:
+    """A temporary sibling directory to build `target` in (`work`, when the caller made it
+    and others have written into it already). When the block ends its permissions follow
+    the umask, it is fsynced and moved into place; if the block raises, it is deleted and
+    `target` is untouched. (Killed processes leave `.tmp-<name>-*` siblings, which are
+    never read.)"""
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = make_unique_dir(target.parent, f".tmp-{target.name}-")
+    work = work or make_unique_dir(target.parent, f".tmp-{target.name}-")
     try:
         yield work
         follow_umask(work)

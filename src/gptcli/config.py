@@ -369,6 +369,15 @@ class TrainConfig:
         "(FSDP2) shards weights, gradients and optimizer state over the processes, for models "
         "that do not fit one device. Ignored in a single process."
     )
+    checkpoint: Literal["full", "sharded"] = _field(
+        "full", "`full`: whole weights and optimizer state in safetensors, gathered on rank 0 under fsdp; "
+        "`sharded`: each process writes its own shards (torch.distributed.checkpoint), nothing gathered. "
+        "Either resumes under any number of processes; `sample`, `eval`, `info` and `export-hf` read both."
+    )
+    async_checkpoint: bool = _field(
+        False, "With `checkpoint: sharded`: write each checkpoint on a thread while training goes on (its "
+        "state is copied aside first); `latest` moves once it is complete."
+    )
     tensorboard: bool = _field(
         False, "Also log every metric for TensorBoard under OUT_DIR/tensorboard (needs the "
         "`tensorboard` package: pip install 'gptcli[tensorboard]')."
@@ -635,6 +644,8 @@ def _train_and_data_problems(t: TrainConfig, d: DataConfig) -> list[str]:
              f"train.eval_tasks[{i}]: generate tasks do not run under train.parallel=fsdp (each decoding step "
              f"would gather every shard); use ddp, or score the checkpoints with gptcli eval --task generate")
     need(bool(d.text_field), "data.text_field: must not be empty")
+    need(not t.async_checkpoint or t.checkpoint == "sharded",
+         "train.async_checkpoint: writes sharded checkpoints; set train.checkpoint=sharded too")
     return problems
 
 

@@ -7,6 +7,9 @@
       trainer.safetensors  optimizer moments and RNG states      (absent in export-only
       trainer.json         step, tokens seen, best val, schedule   checkpoints)
 
+A sharded checkpoint (train.checkpoint: sharded) keeps its weights and optimizer state in
+`sharded/` instead, its weights file holding only the metadata (see sharded.py).
+
 A run directory keeps them under `checkpoints/` next to `latest` and `best`: one-line text
 files naming the checkpoint, replaced atomically. A checkpoint is written under a
 temporary name and renamed into place, so a crash leaves the previous one intact.
@@ -28,7 +31,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gptcli.atomic import staging_dir
+from gptcli.atomic import make_unique_dir, staging_dir
 from gptcli.config import FinetuneRunConfig, config_from_dict
 from gptcli.data.training.labelled import TextReading
 from gptcli.data.tokenizers.tokenizer import Tokenizer, load_tokenizer
@@ -37,6 +40,7 @@ from gptcli.model import DEFAULT_ARCH, Arch, Model, get_arch
 from gptcli.model.heads import GPTClassifier
 from gptcli.model.lora import LoRASpec, apply_lora
 from gptcli.outputs import mark, marked_kind
+from gptcli.store.sharded import is_sharded, load_model_shards
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"  # sha256 and size of every other file, checked on load
@@ -70,6 +74,10 @@ class TrainerState:
     val_sha256: str | None = None  # pretraining: the validation split `gptcli eval` can repeat
     before: dict | None = None  # validation metrics before the first step (finetuning lm)
     last_eval: dict | None = None  # the last evaluation's record: `gptcli info` shows it
+    # A sharded checkpoint's optimizer state stays in its shards until the optimizer exists
+    # (sharded.load_optimizer_shards); its param groups are read from trainer.json.
+    optimizer_shards: Path | None = None
+    optimizer_groups: list[dict] | None = None
 
 
 _RECORDED = ("global_batch", "precision", "val_sha256", "before", "last_eval")  # trainer.json keys
@@ -79,22 +87,38 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def shard_staging(target: str | Path) -> Path:
+    """The temporary directory a sharded checkpoint of `target` is written in (its processes
+    write their shards there, then `save_checkpoint(..., shards=it)` completes it)."""
+    target = Path(target)
+    _remove_stale_staging(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return make_unique_dir(target.parent, f".tmp-{target.name}-")
+
+
+def _remove_stale_staging(target: Path) -> None:
+    for stale in target.parent.glob(f".tmp-{glob.escape(target.name)}-*"):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def save_checkpoint(target: str | Path, model: Model, tokenizer: Tokenizer, config_yaml: str,
                     trainer: TrainerState | None = None,
                     weights: dict[str, torch.Tensor] | None = None, mark_as: str | None = None,
-                    metadata: dict[str, str] | None = None) -> Path:
+                    metadata: dict[str, str] | None = None, shards: Path | None = None) -> Path:
     """Write a checkpoint directory at `target` atomically (temp dir, fsync, rename).
     `weights` (full tensors, e.g. gathered from shards) replace `model.state_dict()`;
     `mark_as` marks a checkpoint that is a command's whole output (see outputs.py);
     `metadata` adds entries to the weights' metadata (a classifier's reading, see
-    classifier_metadata)."""
+    classifier_metadata). `shards`: the `shard_staging` directory whose shards every
+    process has written (sharded.py): the rest is written beside them, with a weights
+    file of metadata only, and the whole moved into place."""
     target = Path(target)
-    for stale in target.parent.glob(f".tmp-{glob.escape(target.name)}-*"):  # left by a killed save
-        shutil.rmtree(stale, ignore_errors=True)
-    with staging_dir(target) as tmp:
+    if shards is None:
+        _remove_stale_staging(target)
+    with staging_dir(target, shards) as tmp:
         tied = _tied_keys(model)
-        weights = {k: v.detach().contiguous() for k, v in (weights or model.state_dict()).items()
-                   if k not in tied}
+        weights = {} if shards is not None else {
+            k: v.detach().contiguous() for k, v in (weights or model.state_dict()).items() if k not in tied}
         labels = getattr(model, "labels", None)  # a classification head names its classes
         extra, metadata = metadata, {
             "format": "gptcli/1",
@@ -152,7 +176,7 @@ def verify_checkpoint(directory: str | Path) -> None:
 def _save_trainer(directory: Path, state: TrainerState) -> None:
     """Optimizer moments and RNG states go to safetensors, the rest to JSON."""
     tensors: dict[str, torch.Tensor] = {}
-    optimizer_json = None
+    optimizer_json = state.optimizer_groups  # the groups alone: the moments are in shards
     if state.optimizer is not None:
         for index, slots in state.optimizer["state"].items():
             for slot, value in slots.items():
@@ -190,7 +214,7 @@ def load_trainer_state(directory: str | Path) -> TrainerState:
         raise GptcliError(f"{directory}: trainer state is missing or unreadable ({exc}); "
                           f"this checkpoint cannot be resumed") from None
     optimizer = None
-    if info["optimizer_param_groups"] is not None:
+    if info["optimizer_param_groups"] is not None and not is_sharded(directory):
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             kind, _, rest = key.partition(".")
@@ -202,6 +226,8 @@ def load_trainer_state(directory: str | Path) -> TrainerState:
     return TrainerState(step=info["step"], tokens_seen=info["tokens_seen"],
                         best_metric=info["best_metric"], evals_since_best=info["evals_since_best"],
                         optimizer=optimizer, scaler=info["scaler"], rng=rng,
+                        optimizer_shards=directory if is_sharded(directory) else None,
+                        optimizer_groups=info["optimizer_param_groups"],
                         **{name: info.get(name) for name in _RECORDED})
 
 
@@ -364,7 +390,11 @@ def build_model(directory: str | Path) -> Model:
 
 
 def load_weights(model: Model, directory: str | Path, device: torch.device | str = "cpu") -> None:
-    """Load a checkpoint's weights into a model built for it; every weight must match."""
+    """Load a checkpoint's weights into a model built for it (and on `device`); every weight
+    must match."""
+    if is_sharded(directory):
+        load_model_shards(model, directory)
+        return
     path = Path(directory) / WEIGHTS
     try:
         weights = load_file(path, device=str(device))

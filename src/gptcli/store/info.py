@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from gptcli.config import RunConfig, load_config
-from gptcli.data.training.mixture import tokens_by_source
 from gptcli.data.tokenizers.tokenizer import load_tokenizer
+from gptcli.data.training.mixture import tokens_by_source
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
 from gptcli.model import get_arch
@@ -37,6 +37,7 @@ from gptcli.store.checkpoint import (
 )
 from gptcli.store.rundir import resolve_checkpoint
 from gptcli.store.runlog import read_metrics
+from gptcli.store.sharded import is_sharded, shard_shapes
 
 _MERGED_SUFFIX = "-merged"  # finetune.py names merged LoRA copies step-NNNNNN-merged
 
@@ -103,8 +104,12 @@ def _weights(checkpoint: Path, problems: list[str]) -> _Weights:
         return _Weights({}, cfg, _parameters_of(cfg), 0)
     if header.problem is not None:
         problems.append(f"{header.problem}; the model cannot be loaded from it")
-    total = sum(math.prod(shape) for shape in header.shapes.values())
-    adapters = sum(math.prod(shape) for name, shape in header.shapes.items() if ".lora_" in name)
+    shapes = header.shapes
+    if is_sharded(checkpoint):  # the weights are in the shards; the file holds their metadata
+        shapes = {n: s for n, s in shard_shapes(checkpoint).items()
+                  if not (cfg.tie_embeddings and n.endswith("lm_head.weight"))}
+    total = sum(math.prod(shape) for shape in shapes.values())
+    adapters = sum(math.prod(shape) for name, shape in shapes.items() if ".lora_" in name)
     return _Weights(header.metadata, cfg, total, adapters)
 
 

@@ -10,9 +10,11 @@ pointers, and events for a progress display. The host syncs with the device only
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -34,11 +36,13 @@ from gptcli.store.checkpoint import (
     LATEST,
     TrainerState,
     save_checkpoint,
+    shard_staging,
     step_name,
 )
 from gptcli.store.launch import launch_ids
 from gptcli.store.rundir import RunClaim, prune_checkpoints, read_pointer, write_pointer
 from gptcli.store.runlog import RunLog, require_tensorboard, trim_metrics
+from gptcli.store.sharded import load_optimizer_shards, save_shards
 from gptcli.train.muon import RUN_SETTINGS
 from gptcli.train.optim import build_optimizer, lr_at
 from gptcli.train.parallel import (
@@ -69,6 +73,22 @@ class TrainData(Protocol):
 
 
 @dataclass
+class _PendingSave:
+    """A sharded checkpoint whose shards are being written (by every process, on a thread
+    when asynchronous); `_finish_save` completes it."""
+
+    staging: Path
+    state: TrainerState  # as it was when the save began
+    future: Future | None  # None: written already
+    new_best: bool
+
+    @property
+    def written(self) -> bool:
+        """This process sees the shards all written (on rank 0: every process's)."""
+        return self.future is None or self.future.done()
+
+
+@dataclass
 class LoopSetup:
     """What the loop needs besides the model and data; built by pretrain/finetune."""
 
@@ -77,7 +97,7 @@ class LoopSetup:
     precision: Precision
     device: torch.device
     run_dir: Path
-    save: Callable[[TrainerState, dict], Path]  # writes a checkpoint (state, full weights)
+    save: Callable[..., Path]  # writes a checkpoint: (state, full weights) or (state, None, shards=staging dir)
     point_to: Callable[[str, Path], None]  # point `latest` / `best` at a checkpoint
     flops_per_token: float
     peak_flops: float  # the device's at the start (MFU's denominator)
@@ -87,6 +107,8 @@ class LoopSetup:
     started_at: float = field(default_factory=time.time)  # when the command began: wall time
     patience: int = 0  # stop after this many evaluations without improvement; 0 never stops
     eval_at_start: bool = False  # evaluate before the first step (finetuning: "before" numbers)
+    save_group: object = None  # the process group async sharded saves use (under torchrun)
+    pending: _PendingSave | None = None  # a sharded checkpoint still being written
 
 
 def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: TrainConfig,
@@ -109,8 +131,13 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
         shard(model, precision)  # before the optimizer: it must hold the sharded parameters
     optimizer = build_optimizer(model, cfg, device)
     if state.optimizer is not None:
-        _check_same_optimizer(state.optimizer, optimizer, cfg.optimizer)
-        restore_moments(optimizer, state.optimizer)
+        _check_same_optimizer(state.optimizer["param_groups"], optimizer, cfg.optimizer)
+        restore_moments(optimizer, lambda: load_optimizer_state(optimizer, state.optimizer))
+    elif state.optimizer_shards is not None:
+        _check_same_optimizer(state.optimizer_groups, optimizer, cfg.optimizer)
+        restore_moments(optimizer, lambda: load_optimizer_shards(model, optimizer, state.optimizer_shards))
+    # Async saves talk over a process group of their own: the steps' collectives run meanwhile.
+    save_group = torch.distributed.new_group(backend="gloo") if cfg.async_checkpoint and dist.active else None
     dist.barrier()  # every rank has checked the run directory before rank 0 changes it
     run_dir = claim.path
     if dist.is_main:
@@ -131,9 +158,10 @@ def prepare_loop(model: nn.Module, data: TrainData, tokenizer: Tokenizer, cfg: T
 
     return LoopSetup(
         cfg=cfg, optimizer=optimizer, precision=precision, device=device, run_dir=run_dir,
-        save=lambda s, weights: save_checkpoint(run_dir / CHECKPOINTS / step_name(s.step), model,
-                                                tokenizer, config_yaml, s, weights=weights,
-                                                metadata=checkpoint_metadata),
+        save=lambda s, weights, shards=None: save_checkpoint(
+            run_dir / CHECKPOINTS / step_name(s.step), model, tokenizer, config_yaml, s, weights=weights,
+            metadata=checkpoint_metadata, shards=shards),
+        save_group=save_group,
         point_to=point_to,
         flops_per_token=model.flops_per_token(), peak_flops=peak_flops(device, precision),
         compile=should_compile(cfg.compile, device), dist=dist, **options,
@@ -296,7 +324,11 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
                 step_model, compiled = eager, False  # still DDP-wrapped under ddp
                 loss = _forward_backward(step_model, batches, precision, scaler, dist)
             grad_norm = _clip(model, opt, scaler, cfg.grad_clip)
-            finite, stop_now = _agree(loss, grad_norm, stop.signum is not None, dist)
+            pending = setup.pending
+            finite, stop_now, written = _agree(loss, grad_norm, stop.signum is not None,
+                                               pending is not None and pending.written, dist)
+            if written:
+                _finish_save(setup, on_event)
             if scaler.is_enabled() or finite:  # the scaler skips bad steps itself
                 scaler.step(opt)
                 scaler.update()
@@ -348,37 +380,40 @@ def _train(model: nn.Module, data: TrainData, setup: LoopSetup, state: TrainerSt
             if done % cfg.save_every == 0 or last or new_best or stop_early or stop_now:
                 path = _save(model, state, done, setup, opt, scaler, new_best, on_event)
                 if stop_now:
+                    _finish_save(setup, on_event)
                     raise Interrupted(stop.signum or signal.SIGTERM, done, str(path))
             interval_start += time.perf_counter() - paused_at  # keep eval and saving out of tokens/s
             if stop_early:
                 break
+    _finish_save(setup, on_event)
     return state
 
 
-def restore_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Load a resumed run's optimizer state, keeping the settings the config gives now
+def restore_moments(optimizer: torch.optim.Optimizer, load: Callable[[], None]) -> None:
+    """Load a resumed run's optimizer state (`load` does, from a full or sharded checkpoint),
+    keeping the settings the config gives now
     (learning-rate scales, momentum, betas, weight decay): loading would put back the
     saved ones, and a changed setting would be reported but silently not used. Settings
     the run chose for itself (Muon's `ns_dtype`, by the machine's speed) stay as saved, so
     the resumed steps compute what the uninterrupted run would."""
     settings = [{k: v for k, v in group.items() if k not in ("params", *RUN_SETTINGS)}
                 for group in optimizer.param_groups]
-    load_optimizer_state(optimizer, saved)
+    load()
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
 
 
-def _check_same_optimizer(saved: dict, built: torch.optim.Optimizer, name: str) -> None:
+def _check_same_optimizer(saved_groups: list[dict], built: torch.optim.Optimizer, name: str) -> None:
     """A resumed run keeps its optimizer: the saved state must hold the moments of the one
     this run built (`name` is train.optimizer; under it, a LoRA run's optimizer is AdamW)."""
-    was, now = _optimizer_kind(saved["param_groups"]), _optimizer_kind(built.param_groups)
-    if was == now and len(saved["param_groups"]) == len(built.param_groups):
+    was, now = _optimizer_kind(saved_groups), _optimizer_kind(built.param_groups)
+    if was == now and len(saved_groups) == len(built.param_groups):
         return
     if was != now and was != name:
         raise GptcliError(f"the run was trained with train.optimizer={was}, so it resumes with "
                           f"it (its saved state holds {was}'s moments); set train.optimizer={was} (drop "
                           f"--set train.optimizer={name}), or start a new run")
-    raise GptcliError(f"the run's saved optimizer state ({len(saved['param_groups'])} parameter groups of "
+    raise GptcliError(f"the run's saved optimizer state ({len(saved_groups)} parameter groups of "
                       f"{was}) does not fit the optimizer this version of gptcli builds for it "
                       f"({len(built.param_groups)} of {now}; since LoRA adapters take AdamW under "
                       f"train.optimizer=muon); start a new run")
@@ -397,17 +432,19 @@ def _clip(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradSc
     return gathered(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 
 
-def _agree(loss: torch.Tensor, grad_norm: torch.Tensor | None, stop_requested: bool,
-           dist: Distributed) -> tuple[bool, bool]:
-    """Whether this step may update the weights, and whether to stop after it, agreed by
-    all ranks (a signal to one rank stops all). One host sync per step: the price of never
+def _agree(loss: torch.Tensor, grad_norm: torch.Tensor | None, stop_requested: bool, save_written: bool,
+           dist: Distributed) -> tuple[bool, bool, bool]:
+    """Whether this step may update the weights, whether to stop after it, and whether a
+    pending checkpoint is written (rank 0's view, which covers every rank's), agreed by all
+    ranks (a signal to one rank stops all). One host sync per step: the price of never
     writing NaN into the model, and so never saving it."""
     bad = ~torch.isfinite(loss)
     if grad_norm is not None:
         bad = bad | ~torch.isfinite(grad_norm)
-    flags = torch.stack([bad.float().cpu(), torch.tensor(float(stop_requested))])
-    bad_anywhere, stop_anywhere = dist.all_reduce(flags, op="max").tolist()
-    return not bad_anywhere, bool(stop_anywhere)
+    flags = torch.stack([bad.float().cpu(), torch.tensor(float(stop_requested)),
+                         torch.tensor(float(save_written and dist.is_main))])
+    bad_anywhere, stop_anywhere, written = dist.all_reduce(flags, op="max").tolist()
+    return not bad_anywhere, bool(stop_anywhere), bool(written)
 
 
 def _oom_advice(cfg: TrainConfig) -> str:
@@ -449,20 +486,69 @@ def _save(model: nn.Module, state: TrainerState, done: int, setup: LoopSetup,
           opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, new_best: bool,
           on_event: EventSink) -> Path:
     """Checkpoint after step `done`, move the pointers, prune; a failed write is a clear
-    error that leaves the previous checkpoint in place. Every rank takes part in gathering
-    the full weights and optimizer state (shards, under fsdp); rank 0 writes them, and all
-    ranks learn whether it could (a failed write stops every rank, none waits forever)."""
-    dist = setup.dist
-    weights = full_state_dict(model, keep=dist.is_main)
+    error that leaves the previous checkpoint in place. Full: every rank takes part in
+    gathering the whole weights and optimizer state (shards, under fsdp) and rank 0 writes
+    them. Sharded: every rank writes its own shards (on a thread, with async_checkpoint:
+    the checkpoint is completed at a later step, `_finish_save`). Returns its path."""
     state.step = done
-    state.optimizer = full_optimizer_state(opt, keep=dist.is_main)
     state.scaler = scaler.state_dict() if scaler.is_enabled() else None
     state.rng = rng_state(setup.device)
+    if setup.cfg.checkpoint == "sharded":
+        return _start_sharded_save(model, state, setup, opt, new_best, on_event)
+    dist = setup.dist
+    weights = full_state_dict(model, keep=dist.is_main)
+    state.optimizer = full_optimizer_state(opt, keep=dist.is_main)
+    path = _publish(setup, done, new_best, on_event, lambda: setup.save(state, weights))
+    state.optimizer = None  # a full copy in host memory until the next save would be waste
+    return path
+
+
+def _start_sharded_save(model: nn.Module, state: TrainerState, setup: LoopSetup, opt: torch.optim.Optimizer,
+                        new_best: bool, on_event: EventSink) -> Path:
+    """Every rank writes its shards into a staging directory rank 0 made; the rest of the
+    checkpoint follows once they are written (now, or later when asynchronous)."""
+    _finish_save(setup, on_event)  # one save at a time
+    dist, target = setup.dist, setup.run_dir / CHECKPOINTS / step_name(state.step)
+    staging, problem = None, None
+    if dist.is_main:
+        try:
+            staging = shard_staging(target)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    staging, problem = dist.from_main((staging, problem))
+    if problem is not None:
+        _save_failed(setup, state.step, problem)
+    snapshot = dataclasses.replace(state, optimizer=None, optimizer_groups=opt.state_dict()["param_groups"])
+    future = save_shards(staging, model, opt, setup.cfg.async_checkpoint, setup.save_group)
+    setup.pending = _PendingSave(staging, snapshot, future, new_best)
+    if future is None:
+        _finish_save(setup, on_event)
+    return target
+
+
+def _finish_save(setup: LoopSetup, on_event: EventSink) -> None:
+    """Complete the pending sharded checkpoint, if there is one (every rank calls this at
+    the same step): wait for this rank's shards, then rank 0 writes the rest, moves it into
+    place and points `latest` at it."""
+    pending, setup.pending = setup.pending, None
+    if pending is None:
+        return
+    if pending.future is not None:
+        pending.future.result()
+    _publish(setup, pending.state.step, pending.new_best, on_event,
+             lambda: setup.save(pending.state, None, shards=pending.staging))
+
+
+def _publish(setup: LoopSetup, done: int, new_best: bool, on_event: EventSink, write: Callable[[], Path]) -> Path:
+    """Rank 0 writes the checkpoint of step `done` (`write`), points `latest` (and `best`)
+    at it and prunes; every rank learns whether it could (a failed write stops every rank,
+    none waits forever)."""
+    dist = setup.dist
     path = setup.run_dir / CHECKPOINTS / step_name(done)
     problem = None
     if dist.is_main:
         try:
-            path = setup.save(state, weights)
+            path = write()
             setup.point_to("latest", path)
             if new_best:
                 setup.point_to("best", path)
@@ -470,16 +556,19 @@ def _save(model: nn.Module, state: TrainerState, done: int, setup: LoopSetup,
                 prune_checkpoints(setup.run_dir, setup.cfg.keep_last)
         except (OSError, SafetensorError) as exc:  # safetensors reports a full disk its own way
             problem = getattr(exc, "strerror", None) or str(exc)
-    state.optimizer = None  # a full copy in host memory until the next save would be waste
     problem = dist.from_main(problem)
     if problem is not None:
-        previous = read_pointer(setup.run_dir, LATEST) if dist.is_main else None
-        then = (f"then continue with --resume (the checkpoint {previous.name} is intact)" if previous
-                else "then start again (no checkpoint of this run was saved)")
-        raise GptcliError(f"could not save the checkpoint of step {done} in {setup.run_dir} "
-                          f"({problem}); free disk space or make the directory writable, {then}")
+        _save_failed(setup, done, problem)
     on_event(CheckpointSaved(str(path), done, best=new_best))
     return path
+
+
+def _save_failed(setup: LoopSetup, done: int, problem: str) -> None:
+    previous = read_pointer(setup.run_dir, LATEST) if setup.dist.is_main else None
+    then = (f"then continue with --resume (the checkpoint {previous.name} is intact)" if previous
+            else "then start again (no checkpoint of this run was saved)")
+    raise GptcliError(f"could not save the checkpoint of step {done} in {setup.run_dir} "
+                      f"({problem}); free disk space or make the directory writable, {then}")
 
 
 def _step_metrics(model: nn.Module, dist: Distributed) -> dict[str, float]:

@@ -58,7 +58,7 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError("Muon updates matrices only: give it 2-D parameters")
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, closure=None) -> None:  # closure: torch's signature (DCP passes None); unused
         for group in self.param_groups:
             by_shape = defaultdict(list)
             for p in group["params"]:
