@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -71,6 +72,8 @@ class Row:
     extra: tuple[str, ...] = ()  # appended to shorten the command (later --set wins)
     skip: str = ""  # why it cannot run here
     data: tuple = ()  # pytest marks for the shared data files it reads
+    processes: int | None = None  # torchrun: processes per node here (the README's GPUs, in CPU processes)
+    nodes: int = 1  # torchrun --nnodes N: started N times on this machine, meeting on 127.0.0.1
 
 
 COMMANDS: dict[str, Row] = {
@@ -170,14 +173,18 @@ COMMANDS: dict[str, Row] = {
     "gptcli eval -c runs/demo": Row(needs=(DEMO,)),
     "gptcli eval -c runs/demo --data notes/ --data 'more/*.md'": Row(needs=(DEMO,)),
     "torchrun --standalone --nproc_per_node 2 -m gptcli pretrain configs/demo.yaml": Row(),
+    # The 8-GPU commands run here as 2 CPU processes per node; the two-node one as two
+    # torchruns meeting on 127.0.0.1 (HOST0 and the port replaced).
     "torchrun --standalone --nproc_per_node 8 -m gptcli pretrain configs/gpt2-124m.yaml --set train.grad_accum=5":
-        Row(skip="needs 8 GPUs"),
-    "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 -m gptcli pretrain "
-    "configs/gpt2-124m.yaml --set train.grad_accum=5": Row(skip="needs two machines with 8 GPUs"),
+        Row(processes=2),
+    "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 --rdzv_id run1 -m gptcli "
+    "pretrain configs/gpt2-124m.yaml --set train.grad_accum=5": Row(processes=1, nodes=2),
+    "torchrun --standalone --nproc_per_node 2 --max_restarts 3 -m gptcli pretrain configs/demo.yaml": Row(),
     "torchrun --standalone --nproc_per_node 8 -m gptcli finetune configs/finetune-classify.yaml":
-        Row(skip="needs 8 GPUs"),
+        Row(needs=(DEMO,), processes=2),
     "torchrun --standalone --nproc_per_node 8 -m gptcli pretrain configs/gpt2-124m.yaml --set "
-    "train.parallel=fsdp --set train.activation_checkpointing=true": Row(skip="needs 8 GPUs"),
+    "train.parallel=fsdp --set train.activation_checkpointing=true --set train.checkpoint=sharded --set "
+    "train.async_checkpoint=true": Row(processes=2),
     # The two fresh-machine commands install the project: CI runs the test one (.ci/run),
     # and their gptcli parts are the DEMO and 'sample --prompt "def "' rows above.
     'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e . && '
@@ -351,19 +358,37 @@ def rows_to_run():
         yield pytest.param(command, marks=marks, id=command[:70])
 
 
+def run_torchrun(command: str, row: Row, cwd: Path, cache: Path) -> tuple[int, str]:
+    """A README torchrun line as `python -m torch.distributed.run`, with its row's process
+    count, started once per node (all on this machine); the first failing node's code."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "GPTCLI_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    words = shlex.split(command)
+    launcher = words[1:words.index("-m")]
+    if row.processes is not None:
+        launcher[launcher.index("--nproc_per_node") + 1] = str(row.processes)
+    if row.nodes > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher[launcher.index("--rdzv_endpoint") + 1] = f"127.0.0.1:{port}"
+    logs = [cwd / f"torchrun-node{n}.log" for n in range(row.nodes)]  # files: a full pipe would block a node
+    nodes = []
+    for log in logs:
+        with log.open("w") as stderr:
+            nodes.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "gptcli",
+                                           *shortened(command)], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=stderr))
+    results = [(node.wait(timeout=300), log.read_text()) for node, log in zip(nodes, logs)]
+    return next(((code, err) for code, err in results if code != 0), results[0])
+
+
 @pytest.mark.parametrize("command", list(rows_to_run()))
 def test_readme_command_runs(command, folders):
     row = COMMANDS[command]
     folder = folders.copy(folders.state(row.needs), f"run-{abs(hash(command))}")
     if command.startswith("torchrun"):
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "GPTCLI_CACHE": str(folders.cache),
-               "OMP_NUM_THREADS": "1"}
-        words = shlex.split(command)
-        module = words.index("-m")
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *words[1:module], "-m",
-                               "gptcli", *shortened(command)], cwd=folder / "repo", env=env,
-                              capture_output=True, text=True, timeout=300)
-        code, err = done.returncode, done.stderr
+        code, err = run_torchrun(command, row, folder / "repo", folders.cache)
     else:
         code, _, err = invoke(shortened(command), folder / "repo", folders.cache)
     assert code == 0, err[-3000:]
