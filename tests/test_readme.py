@@ -51,6 +51,10 @@ GPT2_CLASSIFY = ("gptcli finetune configs/finetune-classify.yaml --set finetune.
                  "--set finetune.long_text=truncate --set out_dir=runs/gpt2-classify")
 
 
+SLOW = (pytest.mark.slow,)  # several processes: run with the slow tests
+# GPT-2 small's configs read a corpus downloaded and tokenized first: here the built-in one.
+ON_STDLIB = ("--set", "data.inputs=[stdlib]", "--set", "data.tokenizer=bytes", "--set", "data.val_fraction=0.05",
+             "--set", "model.block_size=64")
 SERVER = "a server runs until stopped; tests/serve/ start it and check what it answers"
 HUB_MODEL = ("needs a chat model downloaded from the Hub; tests/store/test_hf_llama.py post-trains a small one "
              "made in the test")
@@ -176,15 +180,15 @@ COMMANDS: dict[str, Row] = {
     # The 8-GPU commands run here as 2 CPU processes per node; the two-node one as two
     # torchruns meeting on 127.0.0.1 (HOST0 and the port replaced).
     "torchrun --standalone --nproc_per_node 8 -m gptcli pretrain configs/gpt2-124m.yaml --set train.grad_accum=5":
-        Row(processes=2),
+        Row(processes=2, extra=ON_STDLIB, data=SLOW),
     "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 --rdzv_id run1 -m gptcli "
-    "pretrain configs/gpt2-124m.yaml --set train.grad_accum=5": Row(processes=1, nodes=2),
-    "torchrun --standalone --nproc_per_node 2 --max_restarts 3 -m gptcli pretrain configs/demo.yaml": Row(),
+    "pretrain configs/gpt2-124m.yaml --set train.grad_accum=5": Row(processes=1, nodes=2, extra=ON_STDLIB, data=SLOW),
+    "torchrun --standalone --nproc_per_node 2 --max_restarts 3 -m gptcli pretrain configs/demo.yaml": Row(data=SLOW),
     "torchrun --standalone --nproc_per_node 8 -m gptcli finetune configs/finetune-classify.yaml":
-        Row(needs=(DEMO,), processes=2),
+        Row(needs=(DEMO,), processes=2, data=SLOW),
     "torchrun --standalone --nproc_per_node 8 -m gptcli pretrain configs/gpt2-124m.yaml --set "
     "train.parallel=fsdp --set train.activation_checkpointing=true --set train.checkpoint=sharded --set "
-    "train.async_checkpoint=true": Row(processes=2),
+    "train.async_checkpoint=true": Row(processes=2, extra=ON_STDLIB, data=SLOW),
     # The two fresh-machine commands install the project: CI runs the test one (.ci/run),
     # and their gptcli parts are the DEMO and 'sample --prompt "def "' rows above.
     'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e . && '

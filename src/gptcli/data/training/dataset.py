@@ -62,18 +62,27 @@ def prepare_dataset(cfg: DataConfig, seed: int, on_event: EventSink = ignore,
                     tokenizer: Tokenizer | None = None, dist: Distributed = Distributed()) -> Path:
     """The tokenized directory for `cfg.inputs`: given directly, or made (once) in the cache.
     `tokenizer` (finetuning: the checkpoint's) replaces `cfg.tokenizer` when given. Under
-    torchrun, rank 0 tokenizes while the other ranks wait, then they read its result."""
+    torchrun, rank 0 tokenizes while the other ranks wait, then they read its result (or
+    fail with its error, in one line each); a node that does not share rank 0's cache
+    makes its own."""
     if len(cfg.inputs) == 1 and is_tokenized_dir(cfg.inputs[0]):
         return Path(cfg.inputs[0])
     target = cache_root() / _cache_key(cfg, seed, tokenizer)
-    if not dist.is_main:
-        dist.barrier()
-    if not is_tokenized_dir(target):
-        tokenize_corpus(cfg.inputs, target, tokenizer=tokenizer or cfg.tokenizer,
-                        val_fraction=cfg.val_fraction, seed=seed,
-                        text_field=cfg.jsonl_field, overwrite=True, on_event=on_event)
-    if dist.is_main:
-        dist.barrier()
+    def tokenize() -> None:
+        tokenize_corpus(cfg.inputs, target, tokenizer=tokenizer or cfg.tokenizer, val_fraction=cfg.val_fraction,
+                        seed=seed, text_field=cfg.jsonl_field, overwrite=True, on_event=on_event)
+
+    problem = None
+    if dist.is_main and not is_tokenized_dir(target):
+        try:
+            tokenize()
+        except GptcliError as exc:  # every rank stops with it, none waits forever
+            problem = str(exc)
+    problem = dist.from_main(problem)  # the other ranks wait here for rank 0's verdict
+    if problem is not None:
+        raise GptcliError(problem)
+    if not is_tokenized_dir(target):  # another node, whose cache is not rank 0's
+        tokenize()
     return target
 
 
