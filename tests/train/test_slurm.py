@@ -10,6 +10,7 @@ root; anywhere that cannot be done the tests skip, saying why. About 3 minutes.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -148,6 +149,9 @@ def test_a_job_stopped_before_its_time_limit_is_requeued_and_continues_the_run(s
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert "JobState=COMPLETED" in shown and "Restarts=1" in shown, log[-3000:]
     assert f"requeueing job {job}" in log
+    stopped = re.search(r"stopped by signal 15 at step (\d+); saved", log)  # at a step boundary, not killed
+    assert stopped, log[-3000:]
+    assert f"resuming from step-{int(stopped.group(1)):06d}" in log
     assert f"Slurm requeued job {job} (restart 1): resuming from step-" in log
     straight = submit(tmp_path, "pretrain", str(config(tmp_path, corpus_dir, "straight", 400)))
     assert "JobState=COMPLETED" in wait_until_done(straight)
