@@ -140,3 +140,28 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_never_interrupted(t
     a = load_file(checkpoints / "step-000200" / "model.safetensors")
     b = load_file(tmp_path / "straight" / "checkpoints" / "step-000200" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rendezvous_that_cannot_complete_ends_with_torchruns_timeout(tmp_path, base):
+    """A node whose peer never comes, and two nodes that disagree on --nnodes, end (not hang)
+    once torchrun's join timeout passes, with its RendezvousTimeoutError: the rendezvous is
+    torchrun's, before gptcli starts, so the README names --rdzv_conf join_timeout."""
+    path = write_config(tmp_path / "run.yaml", base)
+    port = free_port()
+
+    def node(nnodes: int) -> subprocess.Popen:
+        return subprocess.Popen([*TORCHRUN, "--nnodes", str(nnodes), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lonely",
+                                 "--rdzv-conf", "join_timeout=5", "-m", "gptcli", "pretrain", str(path)],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+
+    start = time.monotonic()
+    alone = node(2)
+    _, err = alone.communicate(timeout=120)
+    assert alone.returncode != 0 and "RendezvousTimeoutError" in err
+    mismatched = [node(2), node(3)]
+    for n in mismatched:
+        n.communicate(timeout=120)
+    assert all(n.returncode != 0 for n in mismatched)
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "nodes").exists()  # gptcli never started: nothing written
