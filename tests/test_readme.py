@@ -162,6 +162,7 @@ COMMANDS: dict[str, Row] = {
             extra=("-n", "8")),  # the name the full demo's last checkpoint has
     'gptcli sample -p "import " --greedy --json': Row(needs=(DEMO,), extra=("-n", "8")),
     "gptcli serve -c runs/demo": Row(skip=SERVER),
+    "gptcli serve -c runs/demo --draft runs/demo-draft": Row(skip=SERVER),
     DRAFT: Row(),
     'gptcli sample -c runs/demo -p "def " --temperature 0 --draft runs/demo-draft':
         Row(needs=(DEMO, DRAFT), extra=("-n", "8")),

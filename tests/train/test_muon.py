@@ -188,13 +188,13 @@ def test_state_dict_round_trip_continues_bit_identically():
 def test_loading_the_other_optimizers_state_is_refused_by_name():
     adamw = build_optimizer(llama(), TrainConfig(), CPU)
     muon = build_optimizer(llama(), MUON, CPU)
-    _check_same_optimizer(muon.state_dict(), muon, "muon")
-    _check_same_optimizer(adamw.state_dict(), adamw, "adamw")
+    _check_same_optimizer(muon.state_dict()["param_groups"], muon, "muon")
+    _check_same_optimizer(adamw.state_dict()["param_groups"], adamw, "adamw")
     with pytest.raises(GptcliError, match=r"^the run was trained with train.optimizer=muon, so it "
                                           r"resumes with it .*set train.optimizer=muon \(drop --set train.optimizer=adamw"):
-        _check_same_optimizer(muon.state_dict(), adamw, "adamw")
+        _check_same_optimizer(muon.state_dict()["param_groups"], adamw, "adamw")
     with pytest.raises(GptcliError, match=r"train.optimizer=adamw, .*drop --set train.optimizer=muon"):
-        _check_same_optimizer(adamw.state_dict(), muon, "muon")
+        _check_same_optimizer(adamw.state_dict()["param_groups"], muon, "muon")
 
 
 def lora_classifier() -> GPTClassifier:
@@ -211,9 +211,10 @@ def test_a_lora_run_under_muon_resumes_its_adamw_state():
     """Under train.optimizer=muon a LoRA run saves AdamW's moments; resuming it with the same
     config is accepted. State saved when its adapters still took Muon is refused in one line."""
     built = build_optimizer(lora_classifier(), MUON, CPU)
-    _check_same_optimizer(build_optimizer(lora_classifier(), MUON, CPU).state_dict(), built, "muon")
+    _check_same_optimizer(build_optimizer(lora_classifier(), MUON, CPU).state_dict()["param_groups"], built, "muon")
     older = Optimizers([build_optimizer(lora_classifier(), TrainConfig(), CPU),
-                        Muon([nn.Parameter(torch.zeros(4, 4))], lr=0.02, weight_decay=0.0, momentum=0.95)]).state_dict()
+                        Muon([nn.Parameter(torch.zeros(4, 4))], lr=0.02, weight_decay=0.0,
+                                             momentum=0.95)]).state_dict()["param_groups"]
     with pytest.raises(GptcliError, match=r"^the run's saved optimizer state \(3 parameter groups of muon\) does "
                                           r"not fit .*\(2 of adamw; .*start a new run$"):
         _check_same_optimizer(older, built, "muon")
@@ -391,7 +392,7 @@ def test_a_resume_uses_the_configs_settings_not_the_saved_ones():
     saved = copy.deepcopy(first.state_dict())
     changed = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.005, muon_momentum=0.5, weight_decay=0.0)
     second = build_optimizer(model, changed, torch.device("cpu"))
-    restore_moments(second, saved)
+    restore_moments(second, lambda: second.load_state_dict(saved))
     muon_group = second.param_groups[-1]
     assert (muon_group["lr_scale"], muon_group["momentum"], muon_group["weight_decay"]) == (5.0, 0.5, 0.0)
     moments = second.state_dict()["state"]
@@ -452,12 +453,12 @@ def test_a_resumed_run_keeps_its_ns_dtype_and_old_state_keeps_bf16(monkeypatch):
     saved = copy.deepcopy(first.state_dict())
     monkeypatch.setattr(optim, "bf16_matmul_is_fast", lambda device: True)
     second = build_optimizer(model, MUON, CPU)
-    restore_moments(second, saved)
+    restore_moments(second, lambda: second.load_state_dict(saved))
     assert second.param_groups[-1]["ns_dtype"] == "fp32"
     for group in saved["param_groups"]:
         group.pop("ns_dtype", None)
     third = build_optimizer(model, MUON, CPU)
-    restore_moments(third, saved)
+    restore_moments(third, lambda: third.load_state_dict(saved))
     assert third.param_groups[-1]["ns_dtype"] == "bf16"
 
 

@@ -49,6 +49,7 @@ def test_launch_ids_and_reasons(tmp_path):
     assert relaunch_reason(tmp_path / "missing", requeued) is None
 
 
+@pytest.mark.slow  # a subprocess and three runs: about 8 s
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_preempted_job_saves_exits_to_be_requeued_and_the_requeued_job_resumes_exactly(
         tmp_path, corpus_dir, monkeypatch, sig):
