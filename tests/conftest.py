@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -148,3 +149,15 @@ def nan_on_calls(monkeypatch, bad_calls: set[int]) -> None:
         return out
 
     monkeypatch.setattr(GPT, "forward", forward)
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    """A run's logged training loss by step, from its metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def write_json_config(path, cfg: dict):
+    """`cfg` written to `path` as a config file (JSON is YAML); returns the path."""
+    Path(path).write_text(json.dumps(cfg))
+    return path

@@ -14,14 +14,19 @@ from safetensors.torch import load_file, save_file
 
 from gptcli import runtime
 from gptcli.config import SEED_RANGE, FinetuneRunConfig, ModelConfig, config_from_dict
-from gptcli.data.training import dataset as data_module
-from gptcli.data.training.dataset import TokenDataset
 from gptcli.data.tokenized.shards import tokenize_corpus
 from gptcli.data.tokenized.token_files import META_FILE
 from gptcli.data.tokenizers.tokenizer import BytesTokenizer
+from gptcli.data.training import dataset as data_module
+from gptcli.data.training.dataset import TokenDataset
 from gptcli.errors import GptcliError, shorten
 from gptcli.model.gpt import GPT, count_params
-from gptcli.store.checkpoint import build_model, load_model, save_checkpoint, write_manifest
+from gptcli.store.checkpoint import (
+    build_model,
+    load_model,
+    save_checkpoint,
+    write_manifest,
+)
 
 LONG = "x" * 5_000_000  # a value pasted by mistake: 5 MB
 

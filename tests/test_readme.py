@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import GPT2_TIKTOKEN, PY_SNIPPETS, SHARED, needs_gpt2_ranks, needs_shakespeare
+from conftest import (
+    GPT2_TIKTOKEN,
+    PY_SNIPPETS,
+    SHARED,
+    needs_gpt2_ranks,
+    needs_shakespeare,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

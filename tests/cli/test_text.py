@@ -12,8 +12,8 @@ import torch
 from conftest import run_cli, tiny_config
 
 from gptcli.config import ModelConfig
-from gptcli.data.training.labelled import TextReading
 from gptcli.data.tokenizers.tokenizer import BytesTokenizer
+from gptcli.data.training.labelled import TextReading
 from gptcli.evals.classify import DETAILED_CLASSES, classification_metrics
 from gptcli.infer.sample import decode_escapes
 from gptcli.model.gpt import GPT

@@ -10,7 +10,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_TIKTOKEN, nan_on_calls, needs_gpt2_ranks, own_cache, run_cli, tiny_config, write_corpus
+from conftest import (
+    GPT2_TIKTOKEN,
+    nan_on_calls,
+    needs_gpt2_ranks,
+    own_cache,
+    run_cli,
+    tiny_config,
+    write_corpus,
+)
 
 from gptcli.config import FinetuneRunConfig, config_from_dict
 from gptcli.errors import Interrupted

@@ -13,7 +13,6 @@ from tiktoken.load import load_tiktoken_bpe
 
 from gptcli.data.tokenizers.bpe import GPT2_PATTERN, train_bpe, write_tiktoken_file
 
-
 ENGLISH = (
     "The quick brown fox jumps over the lazy dog. "
     "She sells sea shells by the sea shore, and the shells she sells are surely sea shells. "

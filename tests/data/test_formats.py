@@ -16,10 +16,10 @@ zstandard = pytest.importorskip("zstandard")
 
 from gptcli.config import DataConfig, config_from_dict  # noqa: E402
 from gptcli.data.text import corpus, formats  # noqa: E402
-from gptcli.data.training.dataset import TokenDataset  # noqa: E402
 from gptcli.data.text.records import read_records, where  # noqa: E402
 from gptcli.data.tokenized.shards import tokenize_corpus  # noqa: E402
 from gptcli.data.tokenizers.tokenizer import load_tokenizer  # noqa: E402
+from gptcli.data.training.dataset import TokenDataset  # noqa: E402
 from gptcli.errors import GptcliError  # noqa: E402
 
 DOCS = [f"document {i}: héllo wörld 日本語\n" + "line of text\n" * (i % 5) + f"end {i}"

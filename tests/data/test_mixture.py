@@ -6,11 +6,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import own_cache, pretrain_split_and_resumed, run_cli, tiny_config, write_corpus
+from conftest import (
+    own_cache,
+    pretrain_split_and_resumed,
+    run_cli,
+    tiny_config,
+    write_corpus,
+)
 
 from gptcli.config import DataSource, FinetuneRunConfig, config_from_dict
 from gptcli.data.training.dataset import SplitTokens, TokenDataset
-from gptcli.data.training.mixture import Mixture, MixtureSampler, Weights, floor_sum, row_sources, rows_by_source
+from gptcli.data.training.mixture import (
+    Mixture,
+    MixtureSampler,
+    Weights,
+    floor_sum,
+    row_sources,
+    rows_by_source,
+)
 from gptcli.errors import GptcliError
 from gptcli.store.runlog import read_metrics
 from gptcli.tasks.pretrain import pretrain

@@ -15,10 +15,10 @@ import pytest
 from conftest import GPT2_TIKTOKEN, write_corpus
 
 from gptcli.data.tokenized import shards
-from gptcli.data.training.dataset import TokenDataset
 from gptcli.data.tokenized.merge import merge_parts
 from gptcli.data.tokenized.shards import tokenize_corpus
 from gptcli.data.tokenized.token_files import META_FILE, read_meta
+from gptcli.data.training.dataset import TokenDataset
 from gptcli.errors import GptcliError
 
 SMALL_BATCH = 4096  # bytes of text per encoded batch: many batches from a small corpus

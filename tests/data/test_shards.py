@@ -5,10 +5,10 @@ import pytest
 from conftest import GPT2_TIKTOKEN, SHAKESPEARE, needs_gpt2_ranks, needs_shakespeare
 
 from gptcli.data.text import corpus as corpus
-from gptcli.data.training.dataset import TokenDataset
 from gptcli.data.tokenized.shards import tokenize_corpus
 from gptcli.data.tokenized.token_files import read_meta
 from gptcli.data.tokenizers.tokenizer import load_tokenizer
+from gptcli.data.training.dataset import TokenDataset
 from gptcli.errors import GptcliError
 from gptcli.events import Notice
 

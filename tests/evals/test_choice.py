@@ -15,7 +15,13 @@ from serving import random_model
 from gptcli.config import config_from_dict
 from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError
-from gptcli.evals.choice import ChoiceItem, ChoiceResult, choice_tokens, read_items, score_items
+from gptcli.evals.choice import (
+    ChoiceItem,
+    ChoiceResult,
+    choice_tokens,
+    read_items,
+    score_items,
+)
 from gptcli.store.checkpoint import save_checkpoint
 from gptcli.store.runlog import read_metrics
 from gptcli.tasks.pretrain import pretrain

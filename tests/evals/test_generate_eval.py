@@ -12,7 +12,12 @@ import pytest
 from conftest import run_cli
 
 from gptcli.errors import GptcliError
-from gptcli.evals.generation import GenerateRequest, baseline, eval_generate_checkpoint, read_generate_items
+from gptcli.evals.generation import (
+    GenerateRequest,
+    baseline,
+    eval_generate_checkpoint,
+    read_generate_items,
+)
 from gptcli.evals.text_metrics import check_metrics, corpus_score, pass_at_k, score
 from gptcli.infer.load import load
 from gptcli.infer.session import GenerationSession, GenerationSettings

@@ -6,11 +6,17 @@ from serving import random_model
 
 from gptcli.config import FinetuneRunConfig, ModelConfig, config_from_dict, dump_yaml
 from gptcli.data.tokenizers.chat_format import CHAT_TOKENS, END
-from gptcli.data.training.labelled import TextReading
 from gptcli.data.tokenizers.tokenizer import BytesTokenizer
+from gptcli.data.training.labelled import TextReading
 from gptcli.errors import GptcliError
 from gptcli.infer.generate import SamplingSettings, generate_tokens
-from gptcli.infer.load import ChatModel, Classifier, LanguageModel, checkpoint_kind, load
+from gptcli.infer.load import (
+    ChatModel,
+    Classifier,
+    LanguageModel,
+    checkpoint_kind,
+    load,
+)
 from gptcli.infer.session import GenerationSession, GenerationSettings, Prompt
 from gptcli.model.gpt import GPT
 from gptcli.model.heads import GPTClassifier

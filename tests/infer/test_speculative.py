@@ -16,7 +16,13 @@ from gptcli.data.tokenizers.tokenizer import BytesTokenizer, CharTokenizer
 from gptcli.infer.cpu_layout import for_generation
 from gptcli.infer.engine import BatchEngine, Job
 from gptcli.infer.generate import SamplingSettings, generate_tokens
-from gptcli.infer.speculative import ModelDraft, PromptLookup, Speculation, SpeculationStats, speculative_tokens
+from gptcli.infer.speculative import (
+    ModelDraft,
+    PromptLookup,
+    Speculation,
+    SpeculationStats,
+    speculative_tokens,
+)
 from gptcli.model.gpt import GPT
 from gptcli.model.heads import GPTClassifier
 from gptcli.store.checkpoint import save_checkpoint

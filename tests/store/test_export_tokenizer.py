@@ -8,7 +8,12 @@ import torch
 
 from gptcli.config import ModelConfig
 from gptcli.data.tokenizers.bpe import GPT2_PATTERN, train_bpe
-from gptcli.data.tokenizers.tokenizer import BytesTokenizer, CharTokenizer, WithAddedTokens, tiktoken_from_ranks
+from gptcli.data.tokenizers.tokenizer import (
+    BytesTokenizer,
+    CharTokenizer,
+    WithAddedTokens,
+    tiktoken_from_ranks,
+)
 from gptcli.model.gpt import GPT
 from gptcli.store.checkpoint import save_checkpoint
 from gptcli.store.hf import export_hf

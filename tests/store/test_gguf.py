@@ -11,13 +11,18 @@ from conftest import GPT2_TIKTOKEN, needs_gpt2_ranks, run_cli
 
 from gptcli.config import ModelConfig
 from gptcli.data.tokenizers.bpe import GPT2_PATTERN, train_bpe
-from gptcli.data.tokenizers.tokenizer import BytesTokenizer, WithAddedTokens, tiktoken_from_file, tiktoken_from_ranks
+from gptcli.data.tokenizers.chat_format import CHAT_TOKENS
+from gptcli.data.tokenizers.tokenizer import (
+    BytesTokenizer,
+    WithAddedTokens,
+    tiktoken_from_file,
+    tiktoken_from_ranks,
+)
 from gptcli.errors import GptcliError
 from gptcli.infer.generate import SamplingSettings, generate_tokens
 from gptcli.model.gpt import GPT
 from gptcli.store.checkpoint import save_checkpoint
 from gptcli.store.gguf_export import export_gguf
-from gptcli.data.tokenizers.chat_format import CHAT_TOKENS
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'gptcli[gguf]')")
 

@@ -13,10 +13,11 @@ import time
 import pytest
 import torch
 from conftest import nan_on_calls, own_cache, tiny_config, write_corpus
+from conftest import step_losses as losses
 
 from gptcli.config import config_from_dict
-from gptcli.data.training.dataset import TokenDataset
 from gptcli.data.tokenized.shards import tokenize_corpus
+from gptcli.data.training.dataset import TokenDataset
 from gptcli.errors import REQUEUE_EXIT, GptcliError, Interrupted
 from gptcli.events import Notice
 from gptcli.model.gpt import GPT
@@ -24,12 +25,6 @@ from gptcli.store import checkpoint as checkpoint_module
 from gptcli.store.checkpoint import load_model
 from gptcli.store.rundir import read_pointer, resolve_checkpoint
 from gptcli.tasks.pretrain import pretrain
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
 
 SAVER = textwrap.dedent("""
     import sys, torch

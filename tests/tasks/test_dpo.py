@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import pretrained_base
 
-from gptcli.config import FinetuneRunConfig, config_from_dict
+from gptcli.config import FinetuneRunConfig, ModelConfig, config_from_dict
 from gptcli.data.text.records import numbered
 from gptcli.data.tokenizers.chat_format import CHAT_TOKENS, END
 from gptcli.data.tokenizers.tokenizer import BytesTokenizer, WithAddedTokens
@@ -20,7 +20,6 @@ from gptcli.errors import GptcliError
 from gptcli.events import StepLogged
 from gptcli.infer.load import checkpoint_kind
 from gptcli.model.gpt import GPT, IGNORE_INDEX
-from gptcli.config import ModelConfig
 from gptcli.store.rundir import resolve_checkpoint
 from gptcli.tasks.dpo import STATS, PreferenceModel, fitting, pair_rows, read_pairs
 from gptcli.tasks.finetune import finetune

@@ -12,7 +12,13 @@ import pytest
 import torch
 from conftest import pretrained_base, run_cli
 
-from gptcli.config import FinetuneRunConfig, GRPOConfig, RewardConfig, config_from_dict
+from gptcli.config import (
+    FinetuneRunConfig,
+    GRPOConfig,
+    ModelConfig,
+    RewardConfig,
+    config_from_dict,
+)
 from gptcli.data.text.records import numbered
 from gptcli.data.tokenizers.tokenizer import BytesTokenizer
 from gptcli.errors import GptcliError
@@ -20,10 +26,17 @@ from gptcli.events import StepLogged
 from gptcli.infer.load import checkpoint_kind, language_model
 from gptcli.infer.session import GenerationSession, GenerationSettings
 from gptcli.model.gpt import GPT
-from gptcli.config import ModelConfig
 from gptcli.store.rundir import resolve_checkpoint
 from gptcli.tasks.finetune import finetune
-from gptcli.tasks.grpo import Question, RolloutData, RolloutStats, Scorer, _completion, fitting, read_questions
+from gptcli.tasks.grpo import (
+    Question,
+    RolloutData,
+    RolloutStats,
+    Scorer,
+    _completion,
+    fitting,
+    read_questions,
+)
 
 BYTES = BytesTokenizer()
 

@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import own_cache, pretrain_split_and_resumed, run_cli, tiny_config, write_corpus
+from conftest import (
+    own_cache,
+    pretrain_split_and_resumed,
+    run_cli,
+    tiny_config,
+    write_corpus,
+)
 from safetensors.torch import load_file
 
 from gptcli.config import config_from_dict

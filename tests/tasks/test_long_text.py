@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from gptcli.config import FinetuneRunConfig, ModelConfig, config_from_dict, dump_yaml
-from gptcli.data.training.labelled import TextReading, encode_windows, pad_windows, window_starts
 from gptcli.data.tokenizers.tokenizer import BytesTokenizer
+from gptcli.data.training.labelled import (
+    TextReading,
+    encode_windows,
+    pad_windows,
+    window_starts,
+)
 from gptcli.errors import GptcliError
 from gptcli.evals.classify import predict_probs
 from gptcli.infer.load import Classifier, load

@@ -4,6 +4,7 @@ import shutil
 import pytest
 import torch
 from conftest import pretrain_split_and_resumed, tiny_config
+from conftest import step_losses as losses
 
 from gptcli.config import config_from_dict, load_config
 from gptcli.errors import GptcliError
@@ -11,11 +12,6 @@ from gptcli.events import CheckpointSaved, EvalDone, RunStarted, StepLogged
 from gptcli.store.checkpoint import load_model, load_trainer_state
 from gptcli.store.rundir import read_pointer, resolve_checkpoint
 from gptcli.tasks.pretrain import pretrain
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def test_loss_falls_and_run_dir_layout(tmp_path, corpus_dir):

@@ -5,12 +5,17 @@ import json
 import shutil
 
 import pytest
-
 from conftest import PY_SNIPPETS, run_cli, tiny_config
+
 from gptcli.config import FinetuneRunConfig, config_from_dict
 from gptcli.data.training.dataset import STREAMS
 from gptcli.errors import GptcliError
-from gptcli.store.checkpoint import TrainerState, load_trainer_state, read_model_config, read_trainer_json
+from gptcli.store.checkpoint import (
+    TrainerState,
+    load_trainer_state,
+    read_model_config,
+    read_trainer_json,
+)
 from gptcli.store.rundir import read_pointer
 from gptcli.tasks.finetune import finetune
 from gptcli.tasks.pretrain import pretrain

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 import torch.distributed as dist
+from conftest import step_losses as losses
 from conftest import tiny_config
+from conftest import write_json_config as write_config
 
 from gptcli.config import config_from_dict
 from gptcli.tasks.pretrain import pretrain
@@ -23,16 +25,6 @@ def torchrun(args, cwd, nproc=2):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "gptcli", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def write_config(path, cfg):
-    path.write_text(json.dumps(cfg))  # JSON is YAML
-    return path
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import step_losses as losses
 from conftest import tiny_config
+from conftest import write_json_config as write_config
 from safetensors.torch import load_file
 
 from gptcli.config import config_from_dict
@@ -53,16 +55,6 @@ def two_nodes(args: list[str], cwd: Path, nproc: int = 1) -> list[subprocess.Com
         out, err = node.communicate(timeout=300)
         done.append(subprocess.CompletedProcess(command, node.returncode, out, err))
     return done
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def write_config(path, cfg):
-    path.write_text(json.dumps(cfg))  # JSON is YAML
-    return path
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 from conftest import tiny_config
 from safetensors.torch import load_file
 from test_distributed import losses, torchrun, write_config
+from torch import nn
 
 from gptcli.config import ModelConfig, TrainConfig, config_from_dict
 from gptcli.errors import GptcliError

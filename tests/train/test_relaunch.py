@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from conftest import step_losses as losses
 from conftest import tiny_config
 
 from gptcli.config import config_from_dict
@@ -30,11 +31,6 @@ def no_launcher(monkeypatch):
     """The tests run under no launcher, whatever the machine running them runs under."""
     for name in LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def test_launch_ids_and_reasons(tmp_path):

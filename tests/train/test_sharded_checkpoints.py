@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import run_cli, tiny_config
+from conftest import step_losses as losses
 from safetensors.torch import load_file
 
 from gptcli.config import config_from_dict
@@ -22,11 +23,6 @@ from gptcli.tasks.pretrain import pretrain
 
 SAVES = {"full": {}, "sharded": {"checkpoint": "sharded"},
          "async": {"checkpoint": "sharded", "async_checkpoint": True}}
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def config(corpus_dir, out_dir, save="full", **train):

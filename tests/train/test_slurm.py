@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import step_losses as losses
 from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,11 +113,6 @@ def wait_until_done(job: str) -> str:
             return shown
         time.sleep(1)
     raise AssertionError(f"job {job} did not end: {job_state(job)}")
-
-
-def losses(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def config(tmp_path: Path, corpus_dir, name: str, steps: int) -> Path:
