@@ -1,7 +1,9 @@
 """One batch-1 linear layer on the CPU: torch's weight-only int8 kernel, which
 `--quantize int8` uses, against fbgemm's dynamic int8 kernel (int8 weights with one scale
-per output channel, activations quantized on the fly: W8A8), at GPT-2 124M's layer shapes.
-Evidence for where a faster int8 decode would come from (BENCHMARKS.md, issue 18).
+per output channel, activations quantized on the fly: W8A8), and, when torchao is installed,
+torchao's weight-only int8 (`Int8WeightOnlyConfig`) and dynamic W8A8
+(`Int8DynamicActivationInt8WeightConfig`) layers, at GPT-2 124M's layer shapes. Evidence
+for where a faster int8 decode would come from (BENCHMARKS.md, issues 18 and 30).
 
     python benchmarks/bench_int8_kernels.py [--calls 300] [--write]
 """
@@ -9,6 +11,7 @@ Evidence for where a faster int8 decode would come from (BENCHMARKS.md, issue 18
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 import warnings
 
@@ -48,25 +51,48 @@ def dynamic_w8a8(weight: torch.Tensor):
         return quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear: per_channel_dynamic_qconfig})
 
 
+def torchao_layer(weight: torch.Tensor, config_name: str):
+    """A linear layer quantized by torchao's `quantize_` with the named config (bf16
+    activations for weight-only, as gptcli's int8 runs; fp32 for W8A8)."""
+    import torchao.quantization as tq
+
+    dtype = torch.bfloat16 if config_name == "Int8WeightOnlyConfig" else torch.float32
+    linear = torch.nn.Linear(weight.size(1), weight.size(0), bias=False).to(dtype)
+    linear.weight.data = weight.to(dtype)
+    tq.quantize_(linear, getattr(tq, config_name)())
+    return lambda x: linear(x.to(dtype))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    lines = ["### int8 kernels at batch 1, one linear layer (issue 18)", "", describe_machine(), "",
+    has_torchao = importlib.util.find_spec("torchao") is not None
+    torchao_columns = ["torchao weight-only int8", "torchao dynamic W8A8"] if has_torchao else []
+    lines = ["### int8 kernels at batch 1, one linear layer (issues 18, 30)", "", describe_machine(), "",
              f"`python benchmarks/bench_int8_kernels.py --calls {args.calls}`: time per call, one row of "
-             f"fp32 input; weights read per second counts one byte per weight.", "",
-             "| in × out | torch `_weight_int8pack_mm` (weight-only) | fbgemm dynamic (W8A8) | fbgemm faster by |",
-             "|---|---|---|---|"]
+             f"input; weights read per second counts one byte per weight."
+             + ("" if has_torchao else " (torchao not installed: its columns left out)"), "",
+             "| in × out | torch `_weight_int8pack_mm` (weight-only: gptcli) | fbgemm dynamic (W8A8) | "
+             + "".join(f"{c} | " for c in torchao_columns) + "best against gptcli's |",
+             "|---|---|---|" + "---|" * len(torchao_columns) + "---|"]
+
+    def cell(us: float, weights: int) -> str:
+        return f"{us:.0f} µs ({weights / us / 1e3:.0f} GB/s)"
+
     with torch.no_grad():
         for n_in, n_out in SHAPES:
             weight = torch.randn(n_out, n_in)
             x = torch.randn(1, n_in)
-            packed, dynamic = weight_only(weight), dynamic_w8a8(weight)
-            a, b = microseconds(lambda: packed(x), args.calls), microseconds(lambda: dynamic(x), args.calls)
-            lines.append(f"| {n_in} × {n_out} | {a:.0f} µs ({weight.numel() / a / 1e3:.0f} GB/s) | "
-                         f"{b:.0f} µs ({weight.numel() / b / 1e3:.0f} GB/s) | {a / b:.2f}× |")
+            layers = [weight_only(weight), dynamic_w8a8(weight)]
+            if has_torchao:
+                layers += [torchao_layer(weight, "Int8WeightOnlyConfig"),
+                           torchao_layer(weight, "Int8DynamicActivationInt8WeightConfig")]
+            times = [microseconds(lambda layer=layer: layer(x), args.calls) for layer in layers]
+            lines.append(f"| {n_in} × {n_out} | " + " | ".join(cell(t, weight.numel()) for t in times)
+                         + f" | {times[0] / min(times[1:]):.2f}× |")
     publish("\n".join(lines) + "\n", args.write)
 
 
