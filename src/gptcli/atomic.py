@@ -97,6 +97,12 @@ def follow_umask(root: Path) -> None:
             os.chmod(path, wanted)
 
 
+def new_staging_dir(target: Path) -> Path:
+    """An empty hidden sibling of `target` (`.tmp-<name>-*`) to build it in."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return make_unique_dir(target.parent, f".tmp-{target.name}-")
+
+
 @contextlib.contextmanager
 def staging_dir(target: Path, work: Path | None = None) -> Iterator[Path]:
     """A temporary sibling directory to build `target` in (`work`, when the caller made it
@@ -104,8 +110,7 @@ def staging_dir(target: Path, work: Path | None = None) -> Iterator[Path]:
     the umask, it is fsynced and moved into place; if the block raises, it is deleted and
     `target` is untouched. (Killed processes leave `.tmp-<name>-*` siblings, which are
     never read.)"""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = work or make_unique_dir(target.parent, f".tmp-{target.name}-")
+    work = work or new_staging_dir(target)
     try:
         yield work
         follow_umask(work)

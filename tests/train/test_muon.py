@@ -297,23 +297,30 @@ def test_ddp_with_muon_keeps_the_ranks_identical(tmp_path, llama_base):
     assert rank0.keys() == rank1.keys()
     for name, value in rank0.items():  # every step kept the two copies bit-identical
         assert torch.equal(rank1[name], value), name
-    # The same global batch in one process: the same losses, up to Muon's bf16
-    # orthogonalisation of gradients that were summed in another order.
+    saved = _muon_run_matches_one_process(tmp_path, llama_base)
+    # Rank 0's checkpoint holds exactly its weights.
+    assert saved.keys() == rank0.keys()  # untied: lm_head is a tensor of its own
+    for name, value in saved.items():
+        assert torch.equal(value, rank0[name]), name
+
+
+def _muon_run_matches_one_process(tmp_path, llama_base) -> dict[str, torch.Tensor]:
+    """The two-process Muon run in tmp_path/two against one process with the same global
+    batch: the same losses and weights, up to Muon's bf16 orthogonalisation of gradients
+    that were summed in another order; it learns; its checkpoint holds Muon's state.
+    Returns the two-process run's saved weights."""
     one = _single_process(tmp_path, llama_base)
     two, single = losses(tmp_path / "two"), losses(one)
     assert sorted(two) == list(range(1, 7))
     assert max(abs(two[s] - single[s]) for s in two) < 2e-3
     assert two[6] < two[1] - 0.1  # it learns
-    # Rank 0's checkpoint holds exactly its weights, and Muon's state.
     checkpoint = tmp_path / "two" / "checkpoints" / "step-000006"
     trained = load_trainer_state(checkpoint).optimizer
     assert ["ns_steps" in g for g in trained["param_groups"]] == [False, False, True]
     saved = load_file(checkpoint / "model.safetensors")
-    assert saved.keys() == rank0.keys()  # untied: lm_head is a tensor of its own
-    for name, value in saved.items():
-        assert torch.equal(value, rank0[name]), name
     reference = load_file(one / "checkpoints" / "step-000006" / "model.safetensors")
     assert max((reference[n] - saved[n]).abs().max().item() for n in saved) < 2e-2
+    return saved
 
 
 @pytest.mark.slow
@@ -326,17 +333,7 @@ def test_fsdp_with_muon_computes_the_single_process_update(tmp_path, llama_base)
     done = torchrun(["pretrain", write_config(tmp_path / "two.yaml", llama_base)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes (fsdp)" in done.stderr
-    one = _single_process(tmp_path, llama_base)
-    two, single = losses(tmp_path / "two"), losses(one)
-    assert sorted(two) == list(range(1, 7))
-    assert max(abs(two[s] - single[s]) for s in two) < 2e-3
-    assert two[6] < two[1] - 0.1  # it learns
-    checkpoint = tmp_path / "two" / "checkpoints" / "step-000006"
-    trained = load_trainer_state(checkpoint).optimizer
-    assert ["ns_steps" in g for g in trained["param_groups"]] == [False, False, True]
-    saved = load_file(checkpoint / "model.safetensors")
-    reference = load_file(one / "checkpoints" / "step-000006" / "model.safetensors")
-    assert max((reference[n] - saved[n]).abs().max().item() for n in saved) < 2e-2
+    _muon_run_matches_one_process(tmp_path, llama_base)
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gptcli.atomic import make_unique_dir, staging_dir
+from gptcli.atomic import new_staging_dir, staging_dir
 from gptcli.config import FinetuneRunConfig, config_from_dict
 from gptcli.data.training.labelled import TextReading
 from gptcli.data.tokenizers.tokenizer import Tokenizer, load_tokenizer
@@ -92,8 +92,7 @@ def shard_staging(target: str | Path) -> Path:
     write their shards there, then `save_checkpoint(..., shards=it)` completes it)."""
     target = Path(target)
     _remove_stale_staging(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return make_unique_dir(target.parent, f".tmp-{target.name}-")
+    return new_staging_dir(target)
 
 
 def _remove_stale_staging(target: Path) -> None:
@@ -213,8 +212,8 @@ def load_trainer_state(directory: str | Path) -> TrainerState:
     except (OSError, ValueError, SafetensorError) as exc:
         raise GptcliError(f"{directory}: trainer state is missing or unreadable ({exc}); "
                           f"this checkpoint cannot be resumed") from None
-    optimizer = None
-    if info["optimizer_param_groups"] is not None and not is_sharded(directory):
+    optimizer, sharded = None, is_sharded(directory)
+    if info["optimizer_param_groups"] is not None and not sharded:
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             kind, _, rest = key.partition(".")
@@ -226,7 +225,7 @@ def load_trainer_state(directory: str | Path) -> TrainerState:
     return TrainerState(step=info["step"], tokens_seen=info["tokens_seen"],
                         best_metric=info["best_metric"], evals_since_best=info["evals_since_best"],
                         optimizer=optimizer, scaler=info["scaler"], rng=rng,
-                        optimizer_shards=directory if is_sharded(directory) else None,
+                        optimizer_shards=directory if sharded else None,
                         optimizer_groups=info["optimizer_param_groups"],
                         **{name: info.get(name) for name in _RECORDED})
 

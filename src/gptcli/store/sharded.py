@@ -108,4 +108,3 @@ def shard_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
     metadata = FileSystemReader(str(Path(directory) / SHARDS)).read_metadata()
     return {key.removeprefix("model."): tuple(entry.size) for key, entry in metadata.state_dict_metadata.items()
             if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
-

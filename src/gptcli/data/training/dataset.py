@@ -68,6 +68,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, on_event: EventSink = ignore,
     if len(cfg.inputs) == 1 and is_tokenized_dir(cfg.inputs[0]):
         return Path(cfg.inputs[0])
     target = cache_root() / _cache_key(cfg, seed, tokenizer)
+
     def tokenize() -> None:
         tokenize_corpus(cfg.inputs, target, tokenizer=tokenizer or cfg.tokenizer, val_fraction=cfg.val_fraction,
                         seed=seed, text_field=cfg.jsonl_field, overwrite=True, on_event=on_event)
